@@ -1,0 +1,46 @@
+"""rotfn: rotations and quantizers for PyTorch models, as pure functions over tensors and specs.
+
+Example:
+    >>> import torch, rotfn
+    >>> R = rotfn.hadamard(4096, seed=0)
+    >>> x = torch.randn(8, 4096)
+    >>> y = rotfn.rotate_qdq(x, R, rotfn.mxfp4(), back=True)   # R^T Q(x R)
+    >>> y.shape
+    torch.Size([8, 4096])
+"""
+
+from rotfn import dispatch, errors
+from rotfn.functional import dequantize, qdq, quantize, rotate, rotate_back, rotate_qdq
+from rotfn.qtensor import QTensor
+from rotfn.specs import (
+    FP8,
+    MX,
+    NVFP4,
+    Format,
+    IntQ,
+    Rotation,
+    ScaleRule,
+    format_from_dict,
+    fp8,
+    from_matrix,
+    hadamard,
+    intq,
+    mxfp4,
+    mxfp8,
+    nvfp4,
+    orthogonal,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # rotations
+    "Rotation", "hadamard", "orthogonal", "from_matrix",
+    # formats
+    "Format", "ScaleRule", "MX", "NVFP4", "IntQ", "FP8", "mxfp4", "mxfp8", "nvfp4", "intq", "fp8",
+    "format_from_dict", "QTensor",
+    # tensor functions
+    "rotate", "rotate_back", "qdq", "quantize", "dequantize", "rotate_qdq",
+    # modules
+    "dispatch", "errors",
+]

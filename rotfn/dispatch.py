@@ -1,0 +1,103 @@
+"""The one place that chooses between the torch reference and the Triton kernels.
+
+``backend="torch"`` always runs :mod:`rotfn.ops`. ``backend="triton"`` runs
+:mod:`rotfn.kernels` or raises :class:`rotfn.errors.BackendUnavailableError`
+(never a silent fallback). ``backend="auto"`` picks Triton for CUDA tensors
+when the kernels can serve the call, the reference otherwise.
+
+:func:`trace` records which backend each op ran on, so tests can prove a fast
+path was taken::
+
+    with rotfn.dispatch.trace() as ran:
+        rotfn.qdq(x, rotfn.mxfp4())
+    assert ran == [("qdq", "torch")]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from rotfn import ops
+from rotfn.errors import BackendUnavailableError, message
+
+__all__ = ["BACKENDS", "select", "trace", "kernels_available"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+_REFERENCE: dict[str, Callable] = {
+    "rotate": ops.rotate,
+    "rotate_qdq": ops.rotate_qdq,
+    "qdq": ops.qdq,
+    "quantize": ops.quantize,
+    "dequantize": ops.dequantize,
+}
+
+_trace: contextvars.ContextVar[list | None] = contextvars.ContextVar("rotfn_dispatch_trace", default=None)
+
+
+def _load_kernels():
+    """The kernels module, or the reason it cannot be used."""
+    try:
+        return importlib.import_module("rotfn.kernels"), None
+    except ImportError as err:
+        return None, f"{err}"
+
+
+def kernels_available() -> bool:
+    """True when :mod:`rotfn.kernels` imports (Triton installed and rotfn ships kernels)."""
+    return _load_kernels()[0] is not None
+
+
+def select(fn: str, op: str, backend: str, x: torch.Tensor, **spec) -> Callable:
+    """Return the implementation of ``op`` for this call and record the choice.
+
+    Args:
+        fn: public function name, for error messages.
+        op: one of ``rotate``, ``rotate_qdq``, ``qdq``, ``quantize``, ``dequantize``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (already validated).
+        x: the input tensor (or a codes tensor for ``dequantize``): its device decides ``"auto"``.
+        spec: the rotation / format of the call, so kernels can say whether they serve it.
+
+    Raises:
+        BackendUnavailableError: ``backend="triton"`` and the kernels cannot run this call.
+    """
+    chosen, impl = "torch", _REFERENCE[op]
+    if backend != "torch":
+        kernels, why = _load_kernels()
+        if kernels is not None:
+            why = kernels.unsupported(op, x, **spec)
+        if why is None and (backend == "triton" or x.is_cuda):
+            chosen, impl = "triton", getattr(kernels, op)
+        elif backend == "triton":
+            raise BackendUnavailableError(
+                message(fn, "backend", "a backend that can run this call", f"'triton' ({why})",
+                        "use backend='auto' or backend='torch'")
+            )
+    record = _trace.get()
+    if record is not None:
+        record.append((op, chosen))
+    return impl
+
+
+@contextlib.contextmanager
+def trace() -> Iterator[list[tuple[str, str]]]:
+    """Collect ``(op, backend)`` pairs of every dispatched call inside the block.
+
+    Example:
+        >>> import torch, rotfn
+        >>> with rotfn.dispatch.trace() as ran:
+        ...     _ = rotfn.rotate(torch.ones(4), rotfn.hadamard(4))
+        >>> ran
+        [('rotate', 'torch')]
+    """
+    record: list[tuple[str, str]] = []
+    token = _trace.set(record)
+    try:
+        yield record
+    finally:
+        _trace.reset(token)

@@ -1,0 +1,60 @@
+"""Reference rotations: ``x @ R`` and ``x @ R.T`` for a :class:`rotfn.Rotation`, never densifying Hadamards.
+
+Legend: ``x`` is ``[..., n]``; ``R = blockdiag(T, ..., T) @ diag(s)`` with ``b x b``
+tile ``T`` (see :mod:`rotfn.specs.rotation`). Math in fp32 (fp64 for fp64 inputs),
+cast back once. Hadamard tiles go through the FWHT (``O(n log b)``); other
+tiles are a ``b x b`` matmul per block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rotfn.ops.hadamard import hadamard_apply
+from rotfn.ops.quant import qdq
+from rotfn.specs.formats import Format
+from rotfn.specs.rotation import Rotation
+
+__all__ = ["rotate", "rotate_back", "rotate_qdq", "compute_dtype"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype rotations compute in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _apply(x: torch.Tensor, r: Rotation) -> torch.Tensor:
+    """``x @ r.matrix()`` in x's (compute) dtype."""
+    s = r.sign_vector(x.dtype, x.device)
+    if r.transposed and s is not None:  # R.T = diag(s) @ blockdiag(T.T)
+        x = x * s
+    lead, b = x.shape[:-1], r.tile
+    blocks = x.reshape(*lead, r.n // b, b)
+    if r.kind == "hadamard":
+        blocks = hadamard_apply(blocks, r.factor, transpose=r.transposed)
+    else:
+        blocks = blocks @ r.tile_matrix(x.dtype, x.device)
+    x = blocks.reshape(*lead, r.n)
+    if not r.transposed and s is not None:  # R = blockdiag(T) @ diag(s)
+        x = x * s
+    return x
+
+
+def rotate(x: torch.Tensor, r: Rotation) -> torch.Tensor:
+    """``x @ R`` along the last dim (reference; validated by :func:`rotfn.rotate`)."""
+    return _apply(x.to(compute_dtype(x.dtype)), r).to(x.dtype)
+
+
+def rotate_back(x: torch.Tensor, r: Rotation) -> torch.Tensor:
+    """``x @ R.T``, the inverse of :func:`rotate` (reference)."""
+    return rotate(x, r.T)
+
+
+def rotate_qdq(x: torch.Tensor, r: Rotation, fmt: Format, back: bool) -> torch.Tensor:
+    """``qdq(rotate(x, R))``, and with ``back`` then ``rotate_back`` (reference).
+
+    The rotated values are rounded to x's dtype before quantizing, exactly as the
+    unfused composition ``qdq(rotate(x, R), fmt)`` does.
+    """
+    y = qdq(rotate(x, r), fmt)
+    return rotate_back(y, r) if back else y

@@ -1,0 +1,358 @@
+"""Number-format specs: frozen values that say how a tensor is quantized.
+
+The bit-level rules are in ``docs/formats.md`` (from the OCP MX v1.0 spec and
+NVIDIA's NVFP4 description); the reference math is in :mod:`rotfn.ops.quant`.
+Every format quantizes along the last dim in scale groups of ``group``
+elements (``None``: one group per row, or the whole tensor for ``fp8("tensor")``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+from rotfn.errors import FormatError, SpecError, message
+
+__all__ = [
+    "Format",
+    "ScaleRule",
+    "MX",
+    "NVFP4",
+    "IntQ",
+    "FP8",
+    "mxfp4",
+    "mxfp8",
+    "nvfp4",
+    "intq",
+    "fp8",
+    "format_from_dict",
+    "FORMAT_VERSION",
+]
+
+FORMAT_VERSION = 1
+
+
+class ScaleRule(str, enum.Enum):
+    """How an MX block's power-of-two scale exponent ``e`` is chosen from the block amax ``a``.
+
+    ``e_a`` is the unbiased exponent read from the fp32 bits of ``a`` (-127 for
+    zero and subnormals), ``emax`` the element's largest exponent (2 for E2M1,
+    8 for E4M3). The byte stored is ``clamp(e, -127, 127) + 127``.
+    """
+
+    FLOOR = "floor"
+    """``e = e_a - emax`` (OCP MX v1.0 section 6.3). The block max may saturate."""
+    EVEN = "even"
+    """Round ``a`` to the element's mantissa width first (add half an ulp to the
+    fp32 bits, clear the mantissa), then as FLOOR. Lowest MSE of the three."""
+    RCEIL = "rceil"
+    """``d = a * fp32(1 / max_elem)``; ``e`` = exponent of d, plus one if d has any
+    mantissa bit set: the scale rounded up to a power of two, nothing saturates."""
+
+
+class Format:
+    """Base of all format specs: a name, a scale group and a dict round trip."""
+
+    name: str
+    block: int | None
+
+    @property
+    def group(self) -> int | None:
+        """Elements per scale along the last dim (None: a whole row, or the whole tensor)."""
+        return self.block
+
+    @property
+    def bits(self) -> int:
+        """Bits per element code."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        """A JSON-safe dict; :func:`format_from_dict` rebuilds an equal spec.
+
+        Example:
+            >>> import rotfn
+            >>> f = rotfn.mxfp4("rceil")
+            >>> rotfn.format_from_dict(f.to_dict()) == f
+            True
+        """
+        fields = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            fields[f.name] = value.value if isinstance(value, enum.Enum) else value
+        return {"version": FORMAT_VERSION, "name": self.name, **fields}
+
+
+@dataclasses.dataclass(frozen=True)
+class MX(Format):
+    """OCP microscaling: blocks of 32 elements sharing one E8M0 (power of two) scale.
+
+    Attributes:
+        element: ``"e2m1"`` (MXFP4) or ``"e4m3"`` (MXFP8).
+        scale_rule: a :class:`ScaleRule`.
+        block: elements per scale (32 in the spec).
+    """
+
+    element: str = "e2m1"
+    scale_rule: ScaleRule = ScaleRule.FLOOR
+    block: int = 32
+
+    @property
+    def name(self) -> str:
+        return "mxfp4" if self.element == "e2m1" else "mxfp8"
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.element == "e2m1" else 8
+
+    def __repr__(self) -> str:
+        return f"{self.name}(scale_rule={self.scale_rule.value!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class NVFP4(Format):
+    """NVFP4: E2M1 elements, one E4M3 scale per 16, one fp32 global scale.
+
+    Attributes:
+        global_scale: ``"tensor"`` (amax of the finite values / (448 * 6)), a
+            positive float used as is, or None (global scale 1).
+        block: elements per block scale (16).
+    """
+
+    global_scale: str | float | None = "tensor"
+    block: int = 16
+    name = "nvfp4"
+
+    @property
+    def bits(self) -> int:
+        return 4
+
+    def __repr__(self) -> str:
+        return f"nvfp4(global_scale={self.global_scale!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class IntQ(Format):
+    """Integer quantization with an fp32 scale per group (and a zero point if asymmetric).
+
+    Attributes:
+        bits: 2..8.
+        block: group size along the last dim, or None for one group per row.
+        symmetric: symmetric (signed codes) or asymmetric (unsigned codes + zero point).
+        clip: symmetric only: the scale covers ``clip * amax`` (values beyond saturate).
+    """
+
+    bits: int = 4
+    block: int | None = None
+    symmetric: bool = True
+    clip: float = 1.0
+    name = "intq"
+
+    def __repr__(self) -> str:
+        extra = "" if self.symmetric else ", symmetric=False"
+        extra += "" if self.clip == 1.0 else f", clip={self.clip}"
+        return f"intq({self.bits}, group={self.block}{extra})"
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8(Format):
+    """FP8 E4M3 with an fp32 scale ``amax / 448`` per tensor or per row.
+
+    Attributes:
+        granularity: ``"tensor"``; ``"channel"`` (rows of a weight ``[out, in]``) and
+            ``"token"`` (rows of an activation ``[..., n]``) both take one scale per
+            row of the last dim.
+    """
+
+    granularity: str = "tensor"
+    name = "fp8"
+    block = None
+
+    @property
+    def bits(self) -> int:
+        return 8
+
+    def __repr__(self) -> str:
+        return f"fp8({self.granularity!r})"
+
+
+def _rule(fn: str, scale_rule) -> ScaleRule:
+    try:
+        return ScaleRule(scale_rule)
+    except ValueError:
+        choices = [r.value for r in ScaleRule]
+        raise FormatError(message(fn, "scale_rule", f"one of {choices}", repr(scale_rule), "use 'floor' (OCP)")) from None
+
+
+def mxfp4(scale_rule: str | ScaleRule = "floor") -> MX:
+    """MXFP4: E2M1 elements in blocks of 32 with an E8M0 scale (OCP MX v1.0).
+
+    ``y = E2M1_RNE(x * 2^-e) * 2^e`` per block, ``e`` from :class:`ScaleRule`.
+
+    Args:
+        scale_rule: ``"floor"`` (OCP, default), ``"even"`` or ``"rceil"``.
+
+    Returns:
+        A frozen :class:`MX` spec.
+
+    Raises:
+        FormatError: unknown scale rule.
+
+    Example:
+        >>> import torch, rotfn
+        >>> rotfn.qdq(torch.tensor([7.0] + [0.0] * 31), rotfn.mxfp4())[0]
+        tensor(6.)
+
+    References:
+        OCP Microscaling Formats (MX) v1.0, section 6.3; Rouhani et al. 2023 (arXiv 2310.10537).
+    """
+    return MX("e2m1", _rule("mxfp4", scale_rule))
+
+
+def mxfp8(scale_rule: str | ScaleRule = "floor") -> MX:
+    """MXFP8: E4M3 elements in blocks of 32 with an E8M0 scale (OCP MX v1.0).
+
+    Args:
+        scale_rule: ``"floor"`` (OCP, default), ``"even"`` or ``"rceil"``.
+
+    Returns:
+        A frozen :class:`MX` spec.
+
+    Raises:
+        FormatError: unknown scale rule.
+
+    Example:
+        >>> import rotfn
+        >>> rotfn.mxfp8()
+        mxfp8(scale_rule='floor')
+    """
+    return MX("e4m3", _rule("mxfp8", scale_rule))
+
+
+def nvfp4(global_scale: str | float | None = "tensor") -> NVFP4:
+    """NVFP4: E2M1 elements, E4M3 scale per 16 elements, fp32 global scale.
+
+    ``s_b = E4M3(clamp(amax_b / 6 / s_g, 2^-9, 448))``,
+    ``y = E2M1_RNE(clamp(x / (s_b s_g), -6, 6)) * s_b * s_g``.
+
+    Args:
+        global_scale: ``"tensor"`` (``amax / 2688`` over the finite values; 1 for an
+            all-zero tensor), a positive finite float, or None (1).
+
+    Returns:
+        A frozen :class:`NVFP4` spec.
+
+    Raises:
+        FormatError: any other global_scale.
+
+    Example:
+        >>> import rotfn
+        >>> rotfn.nvfp4(None)
+        nvfp4(global_scale=None)
+    """
+    ok = global_scale is None or global_scale == "tensor" or (
+        isinstance(global_scale, (int, float)) and not isinstance(global_scale, bool)
+        and math.isfinite(global_scale) and global_scale > 0
+    )
+    if not ok:
+        raise FormatError(
+            message("nvfp4", "global_scale", "'tensor', None or a positive finite float", repr(global_scale))
+        )
+    return NVFP4(float(global_scale) if isinstance(global_scale, int) else global_scale)
+
+
+def intq(bits: int, *, group: int | None = None, symmetric: bool = True, clip: float = 1.0) -> IntQ:
+    """Integer quantization of 2..8 bits per group of the last dim.
+
+    Symmetric: ``s = clip * amax / (2^(b-1) - 1)``, ``q = clamp(RNE(x / s), -2^(b-1), 2^(b-1) - 1)``.
+    Asymmetric: the range ``[min(x_min, 0), max(x_max, 0)]`` (so zero is exact, as in
+    GPTQ), ``s = range / (2^b - 1)``, ``z = RNE(-min / s)``, ``q = clamp(RNE(x / s) + z, 0, 2^b - 1)``.
+    ``y = (q - z) * s``; an all-zero group has ``s = 1``.
+
+    Args:
+        bits: bits per element, 2..8.
+        group: elements per scale along the last dim, or None for one per row.
+        symmetric: signed codes (True) or unsigned codes with a zero point.
+        clip: symmetric only, in (0, 1]: shrink the range to ``clip * amax``.
+
+    Returns:
+        A frozen :class:`IntQ` spec.
+
+    Raises:
+        FormatError: bits outside 2..8, group < 1, clip outside (0, 1], clip with symmetric=False.
+
+    Example:
+        >>> import torch, rotfn
+        >>> rotfn.qdq(torch.tensor([0.1, -0.7, 0.35]), rotfn.intq(4))
+        tensor([ 0.1000, -0.7000,  0.4000])
+    """
+    fn = "intq"
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise FormatError(message(fn, "bits", "an int in 2..8", repr(bits)))
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
+        raise FormatError(message(fn, "group", "a positive int or None", repr(group), "e.g. group=128"))
+    if not isinstance(symmetric, bool):
+        raise FormatError(message(fn, "symmetric", "a bool", repr(symmetric)))
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip <= 1:
+        raise FormatError(message(fn, "clip", "a float in (0, 1]", repr(clip)))
+    if not symmetric and clip != 1.0:
+        raise FormatError(message(fn, "clip", "1.0 for symmetric=False", clip, "clip the range yourself or use symmetric=True"))
+    return IntQ(bits, group, symmetric, float(clip))
+
+
+_GRANULARITIES = ("tensor", "channel", "token")
+
+
+def fp8(granularity: str = "tensor") -> FP8:
+    """FP8 E4M3 with ``s = amax / 448``: ``y = E4M3_RNE(x / s) * s``.
+
+    Args:
+        granularity: ``"tensor"`` (one scale), ``"channel"`` or ``"token"`` (one per row of the last dim).
+
+    Returns:
+        A frozen :class:`FP8` spec.
+
+    Raises:
+        FormatError: unknown granularity.
+
+    Example:
+        >>> import rotfn
+        >>> rotfn.fp8("token")
+        fp8('token')
+    """
+    if granularity not in _GRANULARITIES:
+        raise FormatError(message("fp8", "granularity", f"one of {_GRANULARITIES}", repr(granularity)))
+    return FP8(granularity)
+
+
+_FACTORIES = {
+    "mxfp4": lambda d: mxfp4(d["scale_rule"]),
+    "mxfp8": lambda d: mxfp8(d["scale_rule"]),
+    "nvfp4": lambda d: nvfp4(d["global_scale"]),
+    "intq": lambda d: intq(d["bits"], group=d["block"], symmetric=d["symmetric"], clip=d["clip"]),
+    "fp8": lambda d: fp8(d["granularity"]),
+}
+
+
+def format_from_dict(d: dict) -> Format:
+    """Rebuild a format spec from :meth:`Format.to_dict` output.
+
+    Raises:
+        SpecError: not a dict, unknown version or name, missing or invalid fields.
+    """
+    fn = "format_from_dict"
+    if not isinstance(d, dict):
+        raise SpecError(message(fn, "d", "a dict from Format.to_dict()", type(d).__name__))
+    if d.get("version") != FORMAT_VERSION:
+        raise SpecError(message(fn, "d['version']", str(FORMAT_VERSION), d.get("version")))
+    if d.get("name") not in _FACTORIES:
+        raise SpecError(message(fn, "d['name']", f"one of {sorted(_FACTORIES)}", repr(d.get("name"))))
+    try:
+        fmt = _FACTORIES[d["name"]](d)
+    except KeyError as err:
+        raise SpecError(message(fn, "d", f"the fields of a {d['name']} spec", f"missing {err}")) from None
+    except FormatError as err:
+        raise SpecError(str(err)) from None
+    if fmt.to_dict() != d:
+        raise SpecError(message(fn, "d", "the fields of Format.to_dict()", d, "re-create it with to_dict()"))
+    return fmt

@@ -1,0 +1,30 @@
+"""Public hypothesis strategies and assertion helpers for checking rotfn compositions.
+
+Needs the ``hypothesis`` package (``pip install rotfn[test]``).
+
+Example:
+    >>> from hypothesis import given
+    >>> import rotfn, rotfn.testing as rt
+    >>> @given(rt.rotations(64), rt.tensors(64))
+    ... def test_inverse(R, x):
+    ...     rt.assert_inverse(x, R)
+    >>> test_inverse()
+"""
+
+from rotfn.testing.asserts import assert_bits_equal, assert_inverse, assert_orthogonal, assert_qdq_laws, bits
+from rotfn.testing.strategies import (
+    DISTRIBUTIONS,
+    ROTATION_KINDS,
+    formats,
+    hadamard_orders,
+    make_tensor,
+    rotations,
+    seeds,
+    tensors,
+)
+
+__all__ = [
+    "seeds", "hadamard_orders", "rotations", "formats", "tensors", "make_tensor",
+    "DISTRIBUTIONS", "ROTATION_KINDS",
+    "assert_bits_equal", "assert_orthogonal", "assert_inverse", "assert_qdq_laws", "bits",
+]

@@ -1,0 +1,94 @@
+"""Assertion helpers for rotations and quantizers, with reports that show where and by how much."""
+
+from __future__ import annotations
+
+import torch
+
+from rotfn.functional import qdq, rotate, rotate_back
+from rotfn.specs.formats import MX, IntQ, Format
+from rotfn.specs.rotation import Rotation
+
+__all__ = ["assert_bits_equal", "assert_orthogonal", "assert_inverse", "assert_qdq_laws", "bits"]
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a tensor as a same-width integer tensor (NaNs compare by payload)."""
+    return t.contiguous().view(_INT_VIEW[t.element_size()])
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, *, name: str = "tensor", show: int = 5) -> None:
+    """Assert two tensors are identical bit for bit (dtype, shape and every bit, -0 and NaN included).
+
+    Raises:
+        AssertionError: listing the number of mismatches and the first ``show`` with index and both values.
+
+    Example:
+        >>> import torch
+        >>> assert_bits_equal(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0]))
+    """
+    if actual.dtype != expected.dtype or actual.shape != expected.shape:
+        raise AssertionError(
+            f"{name}: dtype/shape differ: {actual.dtype}{tuple(actual.shape)} vs {expected.dtype}{tuple(expected.shape)}"
+        )
+    diff = bits(actual.cpu()) != bits(expected.cpu())
+    if diff.any():
+        idx = diff.nonzero()[:show]
+        a, e = actual.cpu(), expected.cpu()
+        rows = [f"  at {tuple(i.tolist())}: {a[tuple(i)].float().item()!r} vs {e[tuple(i)].float().item()!r}" for i in idx]
+        raise AssertionError(f"{name}: {int(diff.sum())} of {diff.numel()} elements differ in bits\n" + "\n".join(rows))
+
+
+def assert_orthogonal(r: Rotation, *, atol: float = 1e-12, rows: int = 8, dense_max: int = 2048) -> None:
+    """Assert ``R @ R.T == I`` in float64 within ``atol``.
+
+    For ``n <= dense_max`` the dense matrix is checked; above that, ``rows`` rows
+    of R (obtained by rotating basis vectors, spread over the whole range) are
+    checked for orthonormality against each other and for ``rotate_back``
+    returning the basis vectors, so huge orders cost ``O(rows * n log n)``.
+
+    Raises:
+        AssertionError: with the largest deviation found.
+    """
+    n = r.n
+    if n <= dense_max:
+        m = r.matrix()
+        err = (m @ m.T - torch.eye(n, dtype=torch.float64)).abs().max().item()
+    else:
+        pick = torch.linspace(0, n - 1, rows, dtype=torch.float64).round().long().unique()
+        basis = torch.zeros(len(pick), n, dtype=torch.float64)
+        basis[torch.arange(len(pick)), pick] = 1.0
+        some_rows = rotate(basis, r)
+        err = max(
+            (some_rows @ some_rows.T - torch.eye(len(pick), dtype=torch.float64)).abs().max().item(),
+            (rotate_back(some_rows, r) - basis).abs().max().item(),
+        )
+    if not err <= atol:
+        raise AssertionError(f"{r!r} is not orthogonal: max |R R^T - I| = {err:.3g} > {atol:g}")
+
+
+def assert_inverse(x: torch.Tensor, r: Rotation, *, atol: float | None = None) -> None:
+    """Assert ``rotate_back(rotate(x, R), R) == x`` within ``atol`` (default by dtype, relative to max |x|)."""
+    default = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+    tol = (default[x.dtype] if atol is None else atol) * max(1.0, x.abs().max().item())
+    err = (rotate_back(rotate(x, r), r).double() - x.double()).abs().max().item()
+    if not err <= tol:
+        raise AssertionError(f"rotate_back(rotate(x, R), R) != x for {r!r}: max error {err:.3g} > {tol:.3g}")
+
+
+def assert_qdq_laws(x: torch.Tensor, fmt: Format) -> None:
+    """Assert the laws every quantizer obeys on finite ``x``.
+
+    Shape and dtype preserved; the input untouched; idempotent for MX formats and
+    symmetric/asymmetric intq without clipping (``qdq(qdq(x)) == qdq(x)`` bit for bit).
+
+    Raises:
+        AssertionError: naming the law that failed.
+    """
+    before = x.clone()
+    y = qdq(x, fmt)
+    assert y.shape == x.shape and y.dtype == x.dtype, f"{fmt!r}: qdq changed shape/dtype"
+    assert_bits_equal(x, before, name=f"{fmt!r}: input after qdq")
+    if isinstance(fmt, MX) or (isinstance(fmt, IntQ) and fmt.clip == 1.0):
+        assert_bits_equal(qdq(y, fmt), y, name=f"{fmt!r}: qdq(qdq(x)) vs qdq(x)")

@@ -1,0 +1,161 @@
+"""Hypothesis strategies for rotations, formats and tensors.
+
+Hypothesis owns all randomness: tensors are built from a *drawn seed* with a
+``torch.Generator``, never from the global RNG, so every failure shrinks and
+replays. Sizes are capped by arguments so test suites stay fast.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+from rotfn.ops.hadamard import constructible_orders
+from rotfn.specs import formats as F
+from rotfn.specs.rotation import Rotation, from_matrix, hadamard, orthogonal
+
+__all__ = ["seeds", "hadamard_orders", "rotations", "formats", "tensors", "DISTRIBUTIONS", "ROTATION_KINDS"]
+
+#: Kinds drawn by :func:`rotations`. "signed" is the random-sign Hadamard ``H @ diag(s)``.
+ROTATION_KINDS = ("hadamard", "signed", "orthogonal", "matrix")
+#: Distributions drawn by :func:`tensors`.
+DISTRIBUTIONS = ("normal", "laplace", "student_t", "outliers")
+
+
+def seeds() -> st.SearchStrategy[int]:
+    """Seeds for ``torch.Generator.manual_seed`` and rotation specs."""
+    return st.integers(min_value=0, max_value=2**32 - 1)
+
+
+def hadamard_orders(max_n: int = 1 << 15, min_n: int = 1) -> st.SearchStrategy[int]:
+    """Orders n in [min_n, max_n] for which ``rotfn.hadamard(n)`` can be built (shrinks to small n)."""
+    orders = [n for n in constructible_orders(1 << 15) if min_n <= n <= max_n]
+    return st.sampled_from(orders)
+
+
+@st.composite
+def rotations(
+    draw,
+    n: int | None = None,
+    *,
+    kinds: tuple[str, ...] = ROTATION_KINDS,
+    max_n: int = 256,
+    blocks: bool = True,
+    transposed: bool = True,
+) -> Rotation:
+    """Rotation specs of every kind, optionally block-diagonal and transposed.
+
+    Args:
+        n: fixed size, or None to draw one (<= max_n, constructible for Hadamard kinds).
+        kinds: subset of :data:`ROTATION_KINDS`.
+        max_n: cap on a drawn n (and on the tile of dense kinds).
+        blocks: also draw block-diagonal rotations (tile = a divisor of n).
+        transposed: also draw ``R.T`` specs.
+
+    Example:
+        >>> from hypothesis import given
+        >>> import rotfn, rotfn.testing as rt
+        >>> @given(rt.rotations(64))
+        ... def test(R):
+        ...     assert R.n == 64
+        >>> test()
+    """
+    kind = draw(st.sampled_from(kinds))
+    is_hadamard = kind in ("hadamard", "signed")
+    if n is None:
+        n = draw(hadamard_orders(max_n) if is_hadamard else st.integers(1, max_n))
+    tiles = [n]
+    if blocks:
+        tiles += [b for b in range(1, n) if n % b == 0 and (not is_hadamard or b in constructible_orders(1 << 15))]
+    tile = draw(st.sampled_from(sorted(tiles, reverse=True)))
+    block = None if tile == n else tile
+    seed = draw(seeds())
+    if kind == "hadamard":
+        r = hadamard(n, block=block)
+    elif kind == "signed":
+        r = hadamard(n, block=block, seed=seed)
+    elif kind == "orthogonal":
+        r = orthogonal(n, block=block, seed=seed)
+    else:
+        r = from_matrix(orthogonal(tile, seed=seed).matrix(), n=n)
+    return r.T if transposed and draw(st.booleans()) else r
+
+
+@st.composite
+def formats(draw, names: tuple[str, ...] = ("mxfp4", "mxfp8", "nvfp4", "intq", "fp8")) -> F.Format:
+    """Format specs with every option drawn (scale rules, global scales, bits, groups, clip).
+
+    intq groups are drawn from (None, 16, 32); pair with tensors whose last dim is a multiple of 32.
+    """
+    name = draw(st.sampled_from(names))
+    if name in ("mxfp4", "mxfp8"):
+        return getattr(F, name)(draw(st.sampled_from([r.value for r in F.ScaleRule])))
+    if name == "nvfp4":
+        return F.nvfp4(draw(st.sampled_from(["tensor", None, 0.01, 1.0])))
+    if name == "fp8":
+        return F.fp8(draw(st.sampled_from(["tensor", "channel", "token"])))
+    symmetric = draw(st.booleans())
+    clip = draw(st.sampled_from([1.0, 0.9])) if symmetric else 1.0
+    return F.intq(draw(st.integers(2, 8)), group=draw(st.sampled_from([None, 16, 32])), symmetric=symmetric, clip=clip)
+
+
+def _sample(dist: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """float64 samples of a unit-scale distribution from generator ``gen``."""
+    if dist == "normal":
+        return torch.randn(shape, generator=gen, dtype=torch.float64)
+    u = torch.rand(shape, generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    if dist == "laplace":
+        return -torch.sign(u - 0.5) * torch.log1p(-2 * (u - 0.5).abs())
+    if dist == "student_t":  # 3 degrees of freedom: z / sqrt(chi2_3 / 3)
+        z = torch.randn(shape, generator=gen, dtype=torch.float64)
+        chi2 = torch.randn((*shape, 3), generator=gen, dtype=torch.float64).square().sum(-1)
+        return z / torch.sqrt(chi2 / 3)
+    # "outliers": Gaussian with a few channels (last-dim positions) 20-100x larger, as in LLM activations
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    hot = torch.rand(shape[-1], generator=gen, dtype=torch.float64) < 0.03
+    gain = 20 + 80 * torch.rand(shape[-1], generator=gen, dtype=torch.float64)
+    return x * torch.where(hot, gain, 1.0)
+
+
+def make_tensor(dist: str, shape: tuple[int, ...], seed: int, *, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+    """A seeded tensor of a distribution in :data:`DISTRIBUTIONS` (deterministic for a seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (_sample(dist, shape, gen) * scale).to(dtype)
+
+
+@st.composite
+def tensors(
+    draw,
+    n: int | st.SearchStrategy[int],
+    *,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+    max_rows: int = 4,
+    max_lead_dims: int = 2,
+    dists: tuple[str, ...] = DISTRIBUTIONS,
+    scale_exponents: tuple[int, int] = (-8, 8),
+) -> torch.Tensor:
+    """Tensors ``[..., n]`` built from a drawn seed, shape, dtype, distribution and power-of-two scale.
+
+    Args:
+        n: last dim, or a strategy for it.
+        dtypes: dtypes to draw from.
+        max_rows: cap on each leading dim.
+        max_lead_dims: 0..max_lead_dims leading dims.
+        dists: distributions to draw from (see :data:`DISTRIBUTIONS`).
+        scale_exponents: inclusive range k of the overall scale ``2^k``.
+
+    Example:
+        >>> from hypothesis import given
+        >>> import torch, rotfn.testing as rt
+        >>> @given(rt.tensors(32, dtypes=(torch.bfloat16,)))
+        ... def test(x):
+        ...     assert x.shape[-1] == 32 and x.dtype == torch.bfloat16
+        >>> test()
+    """
+    last = draw(n) if isinstance(n, st.SearchStrategy) else n
+    lead = tuple(draw(st.lists(st.integers(1, max_rows), max_size=max_lead_dims)))
+    k = draw(st.integers(*scale_exponents))
+    return make_tensor(
+        draw(st.sampled_from(dists)), (*lead, last), draw(seeds()),
+        dtype=draw(st.sampled_from(dtypes)), scale=2.0**k,
+    )

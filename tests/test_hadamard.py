@@ -1,0 +1,113 @@
+"""Hadamard constructions: every factor exact, every model width buildable, orthogonality up to 2^15."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import rotfn
+import rotfn.testing as rt
+from rotfn.errors import OrderError
+from rotfn.ops import hadamard as had
+from rotfn.ops import williamson
+
+ISSUE_FACTORS = [12, 20, 28, 36, 40, 44, 52, 60, 92, 108, 116, 140, 148, 156, 172]
+
+# real model widths -> the factor K rotfn must pick (n = K * 2^m, smallest constructible K)
+MODEL_WIDTHS = {
+    64: 1, 128: 1, 2048: 1, 3584: 28, 4096: 1, 5120: 20, 8192: 1, 11008: 172, 13824: 108,
+    14336: 28, 18944: 148, 27648: 108, 28672: 28, 29568: 924,
+}
+
+
+@pytest.mark.parametrize("k", ISSUE_FACTORS)
+def test_issue_factor_orders_are_hadamard(k):
+    h = had.hadamard_dense(k, had.choose_factor(k)) * math.sqrt(k)
+    torch.testing.assert_close(h.abs(), torch.ones(k, k, dtype=torch.float64), rtol=0, atol=1e-13)
+    signs = h.sign()
+    assert torch.equal(signs @ signs.T, k * torch.eye(k, dtype=torch.float64))
+
+
+def test_every_factor_rotfn_uses_is_exactly_hadamard():
+    factors = sorted({had.choose_factor(n) for n in had.constructible_orders()})
+    assert factors[-1] <= had.MAX_FACTOR
+    for k in factors:
+        h = had.factor_matrix(k)
+        assert set(h.unique().tolist()) <= {-1.0, 1.0}, k
+        assert torch.equal(h @ h.T, k * torch.eye(k, dtype=torch.float64)), k
+
+
+@pytest.mark.parametrize("k", sorted(williamson.ORDERS))
+def test_williamson_sequences_are_symmetric_with_zero_paf(k):
+    rows = williamson.WILLIAMSON_SEQUENCES[k // 4]
+    m = k // 4
+    seqs = [torch.tensor([1 if c == "+" else -1 for c in row]) for row in rows]
+    for s in seqs:
+        assert len(s) == m and torch.equal(s[1:], s[1:].flip(0))
+    for shift in range(1, m):
+        assert sum(int((s * s.roll(-shift)).sum()) for s in seqs) == 0
+
+
+def test_paley_constructions_cover_both_families():
+    assert had._construction(12) is had._paley1  # q = 11 = 3 mod 4
+    assert had._construction(36) is had._paley2  # q = 17 = 1 mod 4
+    assert had._construction(52) is williamson.williamson_hadamard
+    assert not had.can_build_factor(668)  # an order no construction here reaches (667 = 23 * 29, 333 = 9 * 37)
+
+
+@pytest.mark.parametrize("n,k", sorted(MODEL_WIDTHS.items()))
+def test_model_widths(n, k):
+    r = rotfn.hadamard(n, seed=0)
+    assert r.factor == k and r.n == n
+    rt.assert_orthogonal(r, atol=1e-12)
+
+
+def test_paley1_factor_is_not_symmetric_and_transpose_is_used():
+    r = rotfn.hadamard(12 * 4)  # Paley I factor: I + S with S skew
+    m = r.matrix()
+    assert not torch.equal(m, m.T)
+    x = torch.randn(3, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rotfn.rotate_back(x, r), x @ m.T, rtol=0, atol=1e-13)
+
+
+@given(rt.hadamard_orders(1 << 15), st.booleans())
+def test_orthogonal_for_every_constructible_order(n, signed):
+    rt.assert_orthogonal(rotfn.hadamard(n, seed=7 if signed else None), atol=1e-12)
+
+
+@given(rt.hadamard_orders(2048), rt.seeds())
+def test_fwht_path_equals_dense_matmul(n, seed):
+    r = rotfn.hadamard(n, seed=seed)
+    x = rt.make_tensor("normal", (3, n), seed, dtype=torch.float64)
+    torch.testing.assert_close(rotfn.rotate(x, r), x @ r.matrix(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotfn.rotate_back(x, r), x @ r.matrix().T, rtol=0, atol=1e-12)
+
+
+@given(st.integers(0, 12), rt.seeds())
+def test_fwht_is_sylvester(m, seed):
+    n = 2**m
+    x = rt.make_tensor("normal", (2, n), seed, dtype=torch.float64)
+    sylvester = torch.ones(1, 1, dtype=torch.float64)
+    for _ in range(m):
+        sylvester = torch.kron(sylvester, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
+    torch.testing.assert_close(had.fwht(x), x @ sylvester, rtol=0, atol=1e-9 * n)
+
+
+@pytest.mark.parametrize("n", [3, 6, 10, 14, 22, 668 * 8, 100003])
+def test_unbuildable_orders_raise_with_a_suggestion(n):
+    with pytest.raises(OrderError, match=r"hadamard: argument 'n'.*fix: use (block=|rotfn.orthogonal)"):
+        rotfn.hadamard(n)
+
+
+def test_unbuildable_order_suggests_a_block_that_works():
+    with pytest.raises(OrderError, match="block=512") as info:
+        rotfn.hadamard(668 * 512)
+    assert isinstance(info.value, ValueError)
+    assert rotfn.hadamard(668 * 512, block=512).block == 512
+
+
+def test_unbuildable_block_names_block():
+    with pytest.raises(OrderError, match="argument 'block'"):
+        rotfn.hadamard(24, block=6)

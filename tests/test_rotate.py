@@ -1,0 +1,92 @@
+"""rotate / rotate_back: equal x @ R and x @ R.T, invert each other, never touch the input, differentiate."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import rotfn
+import rotfn.testing as rt
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@st.composite
+def rotation_and_input(draw, dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16), max_n=128):
+    r = draw(rt.rotations(max_n=max_n))
+    x = draw(rt.tensors(r.n, dtypes=dtypes, scale_exponents=(-4, 4)))
+    return r, x
+
+
+@given(rotation_and_input())
+def test_rotate_equals_dense_matmul(case):
+    r, x = case
+    before = x.clone()
+    y = rotfn.rotate(x, r)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    rt.assert_bits_equal(x, before, name="input after rotate")
+    expected = (x.double() @ r.matrix()).to(x.dtype)
+    scale = max(1.0, x.abs().max().item())
+    torch.testing.assert_close(y.double(), expected.double(), rtol=0, atol=TOL[x.dtype] * scale * 4)
+
+
+@given(rotation_and_input())
+def test_rotate_back_inverts_rotate(case):
+    r, x = case
+    rt.assert_inverse(x, r)
+    torch.testing.assert_close(
+        rotfn.rotate_back(x, r).double(), (x.double() @ r.matrix().T).to(x.dtype).double(),
+        rtol=0, atol=TOL[x.dtype] * max(1.0, x.abs().max().item()) * 4,
+    )
+
+
+@given(rotation_and_input(dtypes=(torch.float64,)))
+def test_rotate_with_transpose_spec_is_rotate_back(case):
+    r, x = case
+    assert torch.equal(rotfn.rotate(x, r.T), rotfn.rotate_back(x, r))
+
+
+@pytest.mark.parametrize("shape", [(64,), (0, 64), (2, 3, 64), (1, 1, 1, 64)])
+def test_any_leading_shape(shape):
+    r = rotfn.hadamard(64, seed=0)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    y = rotfn.rotate(x, r)
+    assert y.shape == x.shape
+    if x.numel():
+        torch.testing.assert_close(y.reshape(-1, 64), x.reshape(-1, 64) @ r.matrix(torch.float32), rtol=0, atol=1e-5)
+
+
+def test_non_contiguous_input():
+    r = rotfn.hadamard(32, seed=0)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0)).T  # [8, 32], strided
+    assert not x.is_contiguous()
+    torch.testing.assert_close(rotfn.rotate(x, r), x.contiguous() @ r.matrix(torch.float32), rtol=0, atol=1e-5)
+
+
+def test_half_precision_computes_in_fp32():
+    r = rotfn.hadamard(256, seed=0)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    expected = (x.float() @ r.matrix(torch.float32)).to(torch.bfloat16)
+    # one rounding at the end: at most one bf16 ulp away from the fp32 result rounded once
+    assert (rotfn.rotate(x, r).float() - expected.float()).abs().max() <= 2**-7 * expected.float().abs().max()
+
+
+@given(rt.rotations(max_n=64), rt.seeds())
+def test_gradient_of_rotate_is_rotate_back(r, seed):
+    x = rt.make_tensor("normal", (3, r.n), seed, dtype=torch.float64).requires_grad_()
+    g = rt.make_tensor("normal", (3, r.n), seed + 1, dtype=torch.float64)
+    (rotfn.rotate(x, r) * g).sum().backward()
+    torch.testing.assert_close(x.grad, rotfn.rotate_back(g, r), rtol=0, atol=1e-12)
+
+
+def test_torch_func_grad_and_vmap():
+    r = rotfn.hadamard(32, seed=1)
+    x = torch.randn(5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grad = torch.func.grad(lambda v: (rotfn.rotate(v, r) * w).sum())(x[0])
+    torch.testing.assert_close(grad, r.matrix() @ w, rtol=0, atol=1e-12)
+    batched = torch.func.vmap(lambda v: rotfn.rotate(v, r))(x)
+    torch.testing.assert_close(batched, x @ r.matrix(), rtol=0, atol=1e-12)
+    # second order: the backward is itself differentiable
+    hvp = torch.autograd.functional.hessian(lambda v: rotfn.rotate(v, r).pow(2).sum(), x[0])
+    torch.testing.assert_close(hvp, 2 * torch.eye(32, dtype=torch.float64), rtol=0, atol=1e-12)
