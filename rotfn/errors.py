@@ -15,6 +15,7 @@ from __future__ import annotations
 
 __all__ = [
     "RotfnError",
+    "ArgumentError",
     "ShapeError",
     "DTypeError",
     "RotationError",
@@ -49,6 +50,10 @@ def message(fn: str, arg: str, expected: str, got: object, fix: str | None = Non
 
 class RotfnError(Exception):
     """Base class of every error rotfn raises on purpose."""
+
+
+class ArgumentError(RotfnError, ValueError):
+    """An argument outside its allowed set of values (e.g. an unknown ``backend``)."""
 
 
 class ShapeError(RotfnError, ValueError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from rotfn import dispatch
-from rotfn.errors import DTypeError, FormatError, RotationError, ShapeError, message
+from rotfn.errors import ArgumentError, DTypeError, FormatError, RotationError, ShapeError, message
 from rotfn.qtensor import QTensor
 from rotfn.specs.formats import FP8, Format
 from rotfn.specs.rotation import Rotation
@@ -60,7 +60,7 @@ def _check_format(fn: str, x: torch.Tensor, fmt) -> None:
 
 def _check_backend(fn: str, backend) -> None:
     if backend not in dispatch.BACKENDS:
-        raise ValueError(message(fn, "backend", f"one of {dispatch.BACKENDS}", repr(backend)))
+        raise ArgumentError(message(fn, "backend", f"one of {dispatch.BACKENDS}", repr(backend)))
 
 
 # ----- autograd wrappers (torch.func compatible) -------------------------------
@@ -292,7 +292,7 @@ def rotate_qdq(
     _check_rotation("rotate_qdq", x, R)
     _check_format("rotate_qdq", x, fmt)
     if not isinstance(back, bool):
-        raise TypeError(message("rotate_qdq", "back", "a bool", repr(back)))
+        raise DTypeError(message("rotate_qdq", "back", "a bool", repr(back)))
     _check_backend("rotate_qdq", backend)
     impl = dispatch.select("rotate_qdq", "rotate_qdq", backend, x, rotation=R, fmt=fmt, back=back)
     return _RotateQDQ.apply(x, impl, R, fmt, back, backend)

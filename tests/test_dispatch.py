@@ -1,0 +1,44 @@
+"""One dispatch point: the choice is observable, and an explicit backend never falls back."""
+
+import pytest
+import torch
+
+import rotfn
+from rotfn.errors import BackendUnavailableError
+
+X = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+R = rotfn.hadamard(64, seed=0)
+FMT = rotfn.mxfp4()
+
+CALLS = {
+    "rotate": lambda backend: rotfn.rotate(X, R, backend=backend),
+    "qdq": lambda backend: rotfn.qdq(X, FMT, backend=backend),
+    "quantize": lambda backend: rotfn.quantize(X, FMT, backend=backend),
+    "rotate_qdq": lambda backend: rotfn.rotate_qdq(X, R, FMT, backend=backend),
+    "dequantize": lambda backend: rotfn.dequantize(rotfn.quantize(X, FMT, backend="torch"), backend=backend),
+}
+
+
+@pytest.mark.parametrize("op", sorted(CALLS))
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_cpu_tensors_run_the_reference_and_trace_says_so(op, backend):
+    with rotfn.dispatch.trace() as ran:
+        CALLS[op](backend)
+    assert ran[-1] == (op, "torch")
+
+
+@pytest.mark.parametrize("op", sorted(CALLS))
+@pytest.mark.skipif(rotfn.dispatch.kernels_available(), reason="kernels present: covered by kernel tests")
+def test_triton_without_kernels_raises_instead_of_falling_back(op):
+    with rotfn.dispatch.trace() as ran, pytest.raises(BackendUnavailableError, match="backend"):
+        CALLS[op]("triton")
+    assert all(backend != "triton" for _, backend in ran)
+
+
+def test_trace_is_scoped():
+    with rotfn.dispatch.trace() as outer:
+        rotfn.rotate(X, R)
+        with rotfn.dispatch.trace() as inner:
+            rotfn.qdq(X, FMT)
+    assert outer == [("rotate", "torch")] and inner == [("qdq", "torch")]
+    rotfn.rotate(X, R)  # outside any trace: nothing recorded, nothing raised
