@@ -42,6 +42,17 @@ def _groups(x32: torch.Tensor, group: int | None) -> torch.Tensor:
     return x32.reshape(*x32.shape[:-1], n // g, g)
 
 
+def _div(a: torch.Tensor, b: float) -> torch.Tensor:
+    """Correctly rounded ``a / b`` on every device.
+
+    ``tensor / python_scalar`` on CUDA multiplies by the rounded reciprocal (1 ulp
+    off for b = 6, 448, 7, ...); dividing by a tensor is a true IEEE division there
+    and on CPU, so the reference gives the same bits everywhere (and kernels must
+    divide, not multiply by a reciprocal).
+    """
+    return a / torch.full_like(a, b)
+
+
 def _amax_all(x32: torch.Tensor) -> torch.Tensor:
     return x32.abs().amax() if x32.numel() else x32.new_zeros(())
 
@@ -70,7 +81,7 @@ def nvfp4_global_scale(x32: torch.Tensor, fmt: NVFP4) -> torch.Tensor:
     """
     if fmt.global_scale == "tensor":
         finite_abs = torch.where(torch.isfinite(x32), x32.abs(), 0.0)
-        s = _amax_all(finite_abs) / (E4M3_MAX * E2M1_MAX)
+        s = _div(_amax_all(finite_abs), E4M3_MAX * E2M1_MAX)
         return torch.where(s > 0, s, 1.0)
     value = 1.0 if fmt.global_scale is None else fmt.global_scale
     return torch.tensor(value, dtype=torch.float32, device=x32.device)
@@ -107,7 +118,7 @@ def _quantize_nvfp4(x32: torch.Tensor, fmt: NVFP4) -> QTensor:
     xg = _groups(x32, fmt.block)
     amax = xg.abs().amax(-1)
     finite = torch.isfinite(amax)
-    s_b = e4m3_round((amax / E2M1_MAX / s_g).clamp(E4M3_MIN_SUBNORMAL, E4M3_MAX))
+    s_b = e4m3_round((_div(amax, E2M1_MAX) / s_g).clamp(E4M3_MIN_SUBNORMAL, E4M3_MAX))
     s_b = torch.where(finite, s_b.float(), torch.nan).to(torch.float8_e4m3fn)
     v = (xg / (s_b.float() * s_g)[..., None]).clamp(-E2M1_MAX, E2M1_MAX)
     codes = pack_nibbles(torch.where(finite[..., None], e2m1_encode(v), 0).flatten(-2))
@@ -125,14 +136,14 @@ def _quantize_intq(x32: torch.Tensor, fmt: IntQ) -> QTensor:
     if fmt.symmetric:
         qmax = 2 ** (fmt.bits - 1) - 1
         amax = xg.abs().amax(-1)
-        s = amax * torch.tensor(fmt.clip, dtype=torch.float32) / qmax
+        s = _div(amax * torch.tensor(fmt.clip, dtype=torch.float32), qmax)
         s = torch.where(amax == 0, 1.0, s)
         q = torch.round(xg / s[..., None]).clamp(-qmax - 1, qmax)
         zero = None
     else:
         levels = 2**fmt.bits - 1
         lo, hi = xg.amin(-1).clamp(max=0.0), xg.amax(-1).clamp(min=0.0)
-        s = (hi - lo) / levels
+        s = _div(hi - lo, levels)
         s = torch.where(s == 0, 1.0, s)
         z = torch.where(finite, torch.round(-lo / s), 0.0)
         q = (torch.round(xg / s[..., None]) + z[..., None]).clamp(0, levels)
@@ -163,7 +174,7 @@ def _quantize_fp8(x32: torch.Tensor, fmt: FP8) -> QTensor:
     per_row = fmt.granularity != "tensor"
     amax = x32.abs().amax(-1, keepdim=True) if per_row else _amax_all(x32)
     finite = torch.isfinite(amax)
-    s = torch.where(amax == 0, 1.0, amax / E4M3_MAX)
+    s = torch.where(amax == 0, 1.0, _div(amax, E4M3_MAX))
     s = torch.where(finite, s, torch.nan)
     codes = torch.where(finite, e4m3_round(x32 / s).float(), 0.0).to(torch.float8_e4m3fn)
     return QTensor(codes, s, x32.shape, x32.dtype, fmt)
