@@ -70,8 +70,11 @@ def mx_scale_exponent(amax: torch.Tensor, fmt: MX) -> torch.Tensor:
         e = fp32_exponent(bits.view(torch.float32)) - emax
     else:  # RCEIL
         d = amax * torch.tensor(1.0 / max_elem, dtype=torch.float32)
-        e = fp32_exponent(d) + ((d.view(torch.int32) & 0x7FFFFF) != 0).to(torch.int32)
-    return e.clamp(-127, 127)
+        bits = d.view(torch.int32)
+        e = fp32_exponent(d) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+        # a subnormal d rounds up to 2^-127 (bits <= 0x400000) or 2^-126
+        e = torch.where(bits < 0x800000, torch.where(bits > 0x400000, -126, -127).to(torch.int32), e)
+    return e.clamp(-127, 127).to(torch.int32)
 
 
 def nvfp4_global_scale(x32: torch.Tensor, fmt: NVFP4) -> torch.Tensor:

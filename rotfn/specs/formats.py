@@ -48,7 +48,8 @@ class ScaleRule(str, enum.Enum):
     fp32 bits, clear the mantissa), then as FLOOR. Lowest MSE of the three."""
     RCEIL = "rceil"
     """``d = a * fp32(1 / max_elem)``; ``e`` = exponent of d, plus one if d has any
-    mantissa bit set: the scale rounded up to a power of two, nothing saturates."""
+    mantissa bit set: the scale rounded up to a power of two, nothing saturates
+    (a subnormal d rounds up to 2^-127 or 2^-126 the same way)."""
 
 
 class Format:
