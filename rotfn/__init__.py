@@ -9,8 +9,10 @@ Example:
     torch.Size([8, 4096])
 """
 
-from rotfn import dispatch, errors
+from rotfn import apply, dispatch, errors, plans, transforms
+from rotfn.apply import call, params
 from rotfn.functional import dequantize, qdq, quantize, rotate, rotate_back, rotate_qdq
+from rotfn.plans import FoldedParams, Plan, fold
 from rotfn.qtensor import QTensor
 from rotfn.specs import (
     FP8,
@@ -30,6 +32,7 @@ from rotfn.specs import (
     nvfp4,
     orthogonal,
 )
+from rotfn.transforms import Where, chain, where
 
 __version__ = "0.1.0"
 
@@ -41,6 +44,8 @@ __all__ = [
     "format_from_dict", "QTensor",
     # tensor functions
     "rotate", "rotate_back", "qdq", "quantize", "dequantize", "rotate_qdq",
+    # parameter dicts and models
+    "params", "call", "fold", "FoldedParams", "Plan", "where", "Where", "chain",
     # modules
-    "dispatch", "errors",
+    "dispatch", "errors", "transforms", "plans", "apply",
 ]

@@ -23,6 +23,10 @@ __all__ = [
     "FormatError",
     "SpecError",
     "BackendUnavailableError",
+    "SelectionError",
+    "FamilyError",
+    "PlanError",
+    "FoldError",
     "message",
 ]
 
@@ -82,3 +86,22 @@ class SpecError(RotfnError, ValueError):
 
 class BackendUnavailableError(RotfnError, RuntimeError):
     """An explicitly requested backend cannot run this call; rotfn never falls back silently."""
+
+
+class SelectionError(RotfnError, KeyError):
+    """A ``where=`` filter or a parameter name matches no key; the message lists the closest keys."""
+
+    def __str__(self) -> str:  # KeyError would print the message inside quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class FamilyError(RotfnError, ValueError):
+    """The model's family has no adapter (the message lists the supported families)."""
+
+
+class PlanError(RotfnError, ValueError):
+    """A plan does not fit the model or params it is used with, or cannot be exact there."""
+
+
+class FoldError(PlanError):
+    """Params and plan disagree on what was folded: folding twice, or calling unfolded params."""

@@ -2,7 +2,13 @@
 
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
+
+# Without a GPU, Triton kernels run on CPU tensors through the interpreter; it must be
+# switched on before rotfn.kernels is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile(
     "ci", max_examples=40, deadline=None, derandomize=True, print_blob=True,

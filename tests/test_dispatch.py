@@ -28,11 +28,14 @@ def test_cpu_tensors_run_the_reference_and_trace_says_so(op, backend):
 
 
 @pytest.mark.parametrize("op", sorted(CALLS))
-@pytest.mark.skipif(rotfn.dispatch.kernels_available(), reason="kernels present: covered by kernel tests")
-def test_triton_without_kernels_raises_instead_of_falling_back(op):
-    with rotfn.dispatch.trace() as ran, pytest.raises(BackendUnavailableError, match="backend"):
+def test_triton_without_kernels_raises_instead_of_falling_back(op, monkeypatch):
+    """Without an importable rotfn.kernels (no triton), an explicit backend="triton" raises."""
+    monkeypatch.setattr(rotfn.dispatch, "_load_kernels", lambda: (None, "No module named 'triton'"))
+    assert not rotfn.dispatch.kernels_available()
+    with rotfn.dispatch.trace() as ran, pytest.raises(BackendUnavailableError, match="No module named 'triton'"):
         CALLS[op]("triton")
     assert all(backend != "triton" for _, backend in ran)
+    CALLS[op]("auto")  # auto still runs, on the reference
 
 
 def test_trace_is_scoped():

@@ -29,7 +29,10 @@ from rotfn.ops.pack import pack_nibbles, unpack_nibbles
 from rotfn.qtensor import QTensor
 from rotfn.specs.formats import FP8, MX, NVFP4, Format, IntQ, ScaleRule
 
-__all__ = ["quantize", "dequantize", "qdq", "mx_scale_exponent", "nvfp4_global_scale"]
+__all__ = [
+    "quantize", "dequantize", "qdq",
+    "mx_scale_exponent", "nvfp4_global_scale", "nvfp4_global_from_amax", "intq_params", "fp8_scale",
+]
 
 # element facts per MX element type: (largest exponent, mantissa bits, largest value)
 _MX_ELEMENT = {"e2m1": (2, 1, E2M1_MAX), "e4m3": (8, 3, E4M3_MAX)}
@@ -83,11 +86,40 @@ def nvfp4_global_scale(x32: torch.Tensor, fmt: NVFP4) -> torch.Tensor:
     ``"tensor"``: ``amax / 2688`` over the finite values (1 when that is 0); a float: itself; None: 1.
     """
     if fmt.global_scale == "tensor":
-        finite_abs = torch.where(torch.isfinite(x32), x32.abs(), 0.0)
-        s = _div(_amax_all(finite_abs), E4M3_MAX * E2M1_MAX)
-        return torch.where(s > 0, s, 1.0)
+        return nvfp4_global_from_amax(_amax_all(torch.where(torch.isfinite(x32), x32.abs(), 0.0)))
     value = 1.0 if fmt.global_scale is None else fmt.global_scale
     return torch.tensor(value, dtype=torch.float32, device=x32.device)
+
+
+def nvfp4_global_from_amax(finite_amax: torch.Tensor) -> torch.Tensor:
+    """``s_g = amax / (448 * 6)`` from the amax of the finite values, 1 when that is 0."""
+    s = _div(finite_amax, E4M3_MAX * E2M1_MAX)
+    return torch.where(s > 0, s, 1.0)
+
+
+def intq_params(
+    fmt: IntQ, amax: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, finite: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale ``s`` (and zero point ``z``, float) of intq groups from their statistics.
+
+    ``amax = max |x|``, ``lo = min(x_min, 0)``, ``hi = max(x_max, 0)``, ``finite``: the
+    group holds no NaN/Inf. A non-finite group gets ``s = NaN`` and ``z = 0``.
+    """
+    if fmt.symmetric:
+        s = _div(amax * torch.tensor(fmt.clip, dtype=torch.float32), 2 ** (fmt.bits - 1) - 1)
+        s = torch.where(amax == 0, 1.0, s)
+        z = None
+    else:
+        s = _div(hi - lo, 2**fmt.bits - 1)
+        s = torch.where(s == 0, 1.0, s)
+        z = torch.where(finite, torch.round(-lo / s), 0.0)
+    return torch.where(finite, s, torch.nan), z
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """``s = amax / 448`` (1 for a zero group, NaN for a non-finite one)."""
+    s = torch.where(amax == 0, 1.0, _div(amax, E4M3_MAX))
+    return torch.where(torch.isfinite(amax), s, torch.nan)
 
 
 def _quantize_mx(x32: torch.Tensor, fmt: MX) -> QTensor:
@@ -136,27 +168,19 @@ def _dequantize_nvfp4(q: QTensor) -> torch.Tensor:
 def _quantize_intq(x32: torch.Tensor, fmt: IntQ) -> QTensor:
     xg = _groups(x32, fmt.block)
     finite = torch.isfinite(xg).all(-1)
+    lo, hi = xg.amin(-1).clamp(max=0.0), xg.amax(-1).clamp(min=0.0)
+    s, z = intq_params(fmt, xg.abs().amax(-1), lo, hi, finite)
     if fmt.symmetric:
         qmax = 2 ** (fmt.bits - 1) - 1
-        amax = xg.abs().amax(-1)
-        s = _div(amax * torch.tensor(fmt.clip, dtype=torch.float32), qmax)
-        s = torch.where(amax == 0, 1.0, s)
         q = torch.round(xg / s[..., None]).clamp(-qmax - 1, qmax)
-        zero = None
     else:
-        levels = 2**fmt.bits - 1
-        lo, hi = xg.amin(-1).clamp(max=0.0), xg.amax(-1).clamp(min=0.0)
-        s = _div(hi - lo, levels)
-        s = torch.where(s == 0, 1.0, s)
-        z = torch.where(finite, torch.round(-lo / s), 0.0)
-        q = (torch.round(xg / s[..., None]) + z[..., None]).clamp(0, levels)
-        zero = z.to(torch.uint8)
-    s = torch.where(finite, s, torch.nan)
+        q = (torch.round(xg / s[..., None]) + z[..., None]).clamp(0, 2**fmt.bits - 1)
     q = torch.where(finite[..., None], q, 0.0).flatten(-2)
     if fmt.bits <= 4:
         codes = pack_nibbles(q.to(torch.int8).view(torch.uint8) & 0xF)
     else:
         codes = q.to(torch.int8 if fmt.symmetric else torch.uint8)
+    zero = None if z is None else z.to(torch.uint8)
     return QTensor(codes, s, x32.shape, x32.dtype, fmt, zero_points=zero)
 
 
@@ -176,10 +200,8 @@ def _dequantize_intq(q: QTensor) -> torch.Tensor:
 def _quantize_fp8(x32: torch.Tensor, fmt: FP8) -> QTensor:
     per_row = fmt.granularity != "tensor"
     amax = x32.abs().amax(-1, keepdim=True) if per_row else _amax_all(x32)
-    finite = torch.isfinite(amax)
-    s = torch.where(amax == 0, 1.0, _div(amax, E4M3_MAX))
-    s = torch.where(finite, s, torch.nan)
-    codes = torch.where(finite, e4m3_round(x32 / s).float(), 0.0).to(torch.float8_e4m3fn)
+    s = fp8_scale(amax)
+    codes = torch.where(torch.isfinite(s), e4m3_round(x32 / s).float(), 0.0).to(torch.float8_e4m3fn)
     return QTensor(codes, s, x32.shape, x32.dtype, fmt)
 
 
@@ -198,8 +220,13 @@ def quantize(x: torch.Tensor, fmt: Format) -> QTensor:
 
 
 def dequantize(q: QTensor, dtype: torch.dtype) -> torch.Tensor:
-    """Decode a :class:`QTensor` to ``dtype`` (fp32 math, one cast at the end)."""
-    return _DEQUANTIZE[type(q.format)](q).reshape(q.shape).to(dtype)
+    """Decode a :class:`QTensor` to ``dtype`` (fp32 math, one cast at the end).
+
+    Every NaN in the output is the canonical quiet NaN (``0x7FC00000`` before the
+    cast), whatever sign the product of a NaN scale and a code would carry.
+    """
+    y = _DEQUANTIZE[type(q.format)](q).reshape(q.shape)
+    return torch.where(torch.isnan(y), torch.nan, y).to(dtype)
 
 
 def qdq(x: torch.Tensor, fmt: Format) -> torch.Tensor:

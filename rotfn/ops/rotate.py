@@ -1,6 +1,6 @@
 """Reference rotations: ``x @ R`` and ``x @ R.T`` for a :class:`rotfn.Rotation`, never densifying Hadamards.
 
-Legend: ``x`` is ``[..., n]``; ``R = blockdiag(T, ..., T) @ diag(s)`` with ``b x b``
+Legend: ``x`` is ``[..., n]``; ``R = diag(s) @ blockdiag(T, ..., T)`` with ``b x b``
 tile ``T`` (see :mod:`rotfn.specs.rotation`). Math in fp32 (fp64 for fp64 inputs),
 cast back once. Hadamard tiles go through the FWHT (``O(n log b)``); other
 tiles are a ``b x b`` matmul per block.
@@ -26,7 +26,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _apply(x: torch.Tensor, r: Rotation) -> torch.Tensor:
     """``x @ r.matrix()`` in x's (compute) dtype."""
     s = r.sign_vector(x.dtype, x.device)
-    if r.transposed and s is not None:  # R.T = diag(s) @ blockdiag(T.T)
+    if not r.transposed and s is not None:  # R = diag(s) @ blockdiag(T): signs first
         x = x * s
     lead, b = x.shape[:-1], r.tile
     blocks = x.reshape(*lead, r.n // b, b)
@@ -35,7 +35,7 @@ def _apply(x: torch.Tensor, r: Rotation) -> torch.Tensor:
     else:
         blocks = blocks @ r.tile_matrix(x.dtype, x.device)
     x = blocks.reshape(*lead, r.n)
-    if not r.transposed and s is not None:  # R = blockdiag(T) @ diag(s)
+    if r.transposed and s is not None:  # R.T = blockdiag(T.T) @ diag(s): signs last
         x = x * s
     return x
 

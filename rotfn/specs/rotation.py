@@ -2,13 +2,18 @@
 
 A :class:`Rotation` describes an orthogonal ``n x n`` matrix
 
-    R = blockdiag(T, T, ..., T) @ diag(s)        (n / b copies of the b x b tile T)
+    R = diag(s) @ blockdiag(T, T, ..., T)        (n / b copies of the b x b tile T)
 
 where ``T`` is a normalized Hadamard matrix, a Haar-random orthogonal matrix or a
 user matrix, and ``s`` is an optional +-1 sign vector of length ``n`` (the
-random-sign Hadamard ``H @ diag(s)``). ``R.T`` is the spec of the transpose,
-which is the inverse: ``diag(s) @ blockdiag(T.T, ...)``. Nothing here assumes
-``T`` symmetric.
+random-sign Hadamard). ``R.T`` is the spec of the transpose, which is the
+inverse: ``blockdiag(T.T, ...) @ diag(s)``. Nothing here assumes ``T`` symmetric.
+
+Why the signs come first: rotfn uses row vectors, ``x' = x @ R = (x * s) @ H``,
+so the signs scramble the input *before* the mixing. This is the operator QuaRot
+and QuIP write as ``H diag(s)`` acting on column vectors. Signs applied after the
+mixing (``(x @ H) * s``) would leave the error of every sign-symmetric quantizer
+(MX, NVFP4, symmetric intq, FP8) exactly unchanged.
 
 Specs compare and hash by value, print compactly, and round-trip through
 :meth:`Rotation.to_dict` / :meth:`Rotation.from_dict` (JSON-safe).
@@ -101,7 +106,7 @@ class Rotation:
         full = torch.block_diag(*([t] * (self.n // self.tile)))
         s = self.sign_vector()
         if s is not None:
-            full = full * s[None, :]
+            full = s[:, None] * full
         return (full.T if self.transposed else full).to(dtype=dtype, device=device, copy=True)
 
     # ----- printing and serialization -----------------------------------
@@ -286,16 +291,18 @@ def _check_spec(spec: Rotation, fn: str) -> None:
 def hadamard(n: int, *, block: int | None = None, seed: int | None = None) -> Rotation:
     """A normalized Hadamard rotation of order n, optionally block-diagonal and random-signed.
 
-    ``R = blockdiag(H_b / sqrt(b), ...) @ diag(s)`` where ``H_b = H_K (x) H_{2^m}``
+    ``R = diag(s) @ blockdiag(H_b / sqrt(b), ...)`` where ``H_b = H_K (x) H_{2^m}``
     (Sylvester for ``b = 2^m``; ``K`` from Paley I, Paley II or the Williamson
     table) and ``s`` is all ones, or for ``seed=int`` a +-1 vector drawn from a
-    seeded CPU generator (same bits on every device). ``R`` is orthogonal; with
-    signs (or a Paley I factor) it is **not** symmetric, so its inverse is ``R.T``.
+    seeded CPU generator (same bits on every device), so ``x @ R = (x * s) @ H``:
+    the random signs act before the mixing (QuaRot's ``H diag(s)`` on column
+    vectors). ``R`` is orthogonal; with signs (or a Paley I or Williamson factor)
+    it is **not** symmetric, so its inverse is ``R.T``.
 
     Args:
         n: size of the rotated (last) dimension.
         block: tile size b dividing n for a block-diagonal rotation; None = full.
-        seed: int for the random-sign variant ``H @ diag(s)``; None = no signs.
+        seed: int for the random-sign variant ``diag(s) @ H``; None = no signs.
 
     Returns:
         A frozen :class:`Rotation`.

@@ -23,8 +23,24 @@ from rotfn.testing.strategies import (
     tensors,
 )
 
+from rotfn.testing.models import (
+    FAMILY_NAMES,
+    ExactRMSNorm,
+    RotationFactory,
+    assert_equivalent,
+    make_config,
+    model_configs,
+    relative_error,
+    rotation_factories,
+    tiny_model,
+    token_inputs,
+)
+
 __all__ = [
     "seeds", "hadamard_orders", "rotations", "formats", "tensors", "make_tensor",
     "DISTRIBUTIONS", "ROTATION_KINDS",
     "assert_bits_equal", "assert_orthogonal", "assert_inverse", "assert_qdq_laws", "bits",
+    # models
+    "model_configs", "make_config", "tiny_model", "token_inputs", "rotation_factories", "RotationFactory",
+    "assert_equivalent", "relative_error", "ExactRMSNorm", "FAMILY_NAMES",
 ]

@@ -16,7 +16,7 @@ from rotfn.specs.rotation import Rotation, from_matrix, hadamard, orthogonal
 
 __all__ = ["seeds", "hadamard_orders", "rotations", "formats", "tensors", "DISTRIBUTIONS", "ROTATION_KINDS"]
 
-#: Kinds drawn by :func:`rotations`. "signed" is the random-sign Hadamard ``H @ diag(s)``.
+#: Kinds drawn by :func:`rotations`. "signed" is the random-sign Hadamard ``diag(s) @ H``.
 ROTATION_KINDS = ("hadamard", "signed", "orthogonal", "matrix")
 #: Distributions drawn by :func:`tensors`.
 DISTRIBUTIONS = ("normal", "laplace", "student_t", "outliers")

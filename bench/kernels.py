@@ -1,0 +1,92 @@
+"""GPU benchmark of the fused kernels against a plain copy, the eager reference and torch.compile.
+
+Run on a CUDA machine: ``python bench/kernels.py`` (``--quick`` for one shape).
+Prints one table; effective bandwidth = bytes read + written (nominal, the same
+for every implementation of one op) / median time. Targets (issue "Triton
+kernels"): fused block rotate+qdq >= 90% of copy bandwidth and >= 2x faster than
+torch.compile of the reference; quantize >= 85% of the bound for its bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import triton
+
+import rotfn
+from rotfn import ops
+
+SHAPES = [(4096, 4096), (16384, 4096), (8192, 14336)]
+FORMATS = {
+    "mxfp4": rotfn.mxfp4(), "mxfp4-rceil": rotfn.mxfp4("rceil"), "mxfp8": rotfn.mxfp8(),
+    "nvfp4": rotfn.nvfp4(), "nvfp4-fixed": rotfn.nvfp4(None), "int4-g32": rotfn.intq(4, group=32),
+    "int8-row": rotfn.intq(8), "fp8-token": rotfn.fp8("token"),
+}
+BLOCKS = (16, 32, 64, 128, 256)
+
+
+def bench(fn, reps_ms=200) -> float:
+    """Median milliseconds of ``fn`` (CUDA events, after warm-up)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=reps_ms, return_mode="median")
+
+
+def row(cells, widths):
+    return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one shape, block 32 only")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA device", file=sys.stderr)
+        return 2
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    widths = (12, 12, 6, 9, 9, 9, 9, 9, 9, 8, 8)
+    lines = [row(("shape", "op", "block", "copy TB/s", "eager", "compile", "rotfn", "rotfn ms", "copy ms",
+                  "%copy", "xcomp"), widths)]
+    compiled = {}
+    for m, n in shapes:
+        x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        nbytes = 2 * x.numel() * x.element_size()
+        out = torch.empty_like(x)
+        t_copy = bench(lambda: out.copy_(x))
+        copy_bw = nbytes / t_copy / 1e9
+        for name, fmt in FORMATS.items():
+            blocks = BLOCKS if (name in ("mxfp4", "nvfp4-fixed") and not args.quick) else (32,)
+            for b in blocks:
+                r = rotfn.hadamard(n, block=b, seed=0)
+                t_k = bench(lambda: rotfn.rotate_qdq(x, r, fmt, backend="triton"))
+                t_e = t_c = float("nan")
+                if b == 32:
+                    t_e = bench(lambda: ops.rotate_qdq(x, r, fmt, False), reps_ms=50)
+                    if not args.no_compile:
+                        key = (name, b)
+                        try:
+                            if key not in compiled:
+                                compiled[key] = torch.compile(lambda v, r=r, f=fmt: ops.rotate_qdq(v, r, f, False))
+                            t_c = bench(lambda: compiled[key](x))
+                        except Exception as err:  # report, do not hide: the table shows "fail"
+                            print(f"torch.compile failed for {name}: {type(err).__name__}: {err}"[:300])
+                bw = lambda t: f"{nbytes / t / 1e9:.2f}" if t == t else "-"  # noqa: E731
+                lines.append(row((f"{m}x{n}", f"rqdq {name}", b, f"{copy_bw:.2f}", bw(t_e), bw(t_c), bw(t_k),
+                                  f"{t_k:.3f}", f"{t_copy:.3f}", f"{100 * t_copy / t_k:.0f}%",
+                                  f"{t_c / t_k:.1f}" if t_c == t_c else "-"), widths))
+        for name, fmt in FORMATS.items():
+            q = rotfn.quantize(x, fmt, backend="triton")
+            qbytes = x.numel() * 2 + q.nbytes
+            t_q = bench(lambda: rotfn.quantize(x, fmt, backend="triton"))
+            bound = qbytes / (copy_bw * 1e9) * 1e3
+            lines.append(row((f"{m}x{n}", f"quant {name}", "-", f"{copy_bw:.2f}", "-", "-",
+                              f"{qbytes / t_q / 1e9:.2f}", f"{t_q:.3f}", f"{bound:.3f}", f"{100 * bound / t_q:.0f}%",
+                              "-"), widths))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Fused Triton kernels: block rotation (tensor-core tile) + quantization in one pass.
+
+Legend: ``x`` is viewed as ``[M, N]`` (rows = all leading dims). Every program
+handles a ``[BM, C]`` tile whose width ``C`` spans whole rotation blocks (``B``)
+and whole scale groups (``G``). Three kernels share the tile helpers:
+
+* :func:`rotate_kernel`: ``x @ R`` per block;
+* :func:`stats_kernel`: pass 1 of formats whose scale covers a whole row or the
+  whole tensor: per-row / per-tensor ``max|x|``, ``max(x, 0)``, ``max(-x, 0)`` and a
+  NaN/Inf flag, accumulated with integer atomics on the (non-negative) float bits;
+* :func:`quant_kernel`: rotate, quantize, then either store the dequantized
+  values (optionally rotated back) or the packed codes and per-group scales.
+
+A rotation is the sign vector, then ``x @ T`` per ``B``-block on the tensor cores
+(for a transposed spec: ``T.T``, then the signs), times ``1/sqrt(B)`` for +-1
+Hadamard tiles, and is rounded to x's dtype exactly where the unfused
+``rotfn.rotate`` would round it. The quantizers are :mod:`rotfn.ops.quant` line by
+line (``div_rn`` for every division, scales from bits), so codes, scales and
+values equal the torch reference's bit for bit on the same rotated input.
+"""
+
+import triton
+import triton.language as tl
+
+from rotfn.kernels.numbers import e2m1_code, e2m1_value, e4m3_byte, e4m3_value, exp2_exact, fp32_exponent, rint
+
+# FMT codes: 0 none, 1 MXFP4, 2 MXFP8, 3 NVFP4, 4 intq symmetric, 5 intq asymmetric, 6 FP8.
+# SCOPE codes: scale groups inside the tile, one scale per row, one per tensor.
+GROUP = tl.constexpr(0)
+ROW = tl.constexpr(1)
+TENSOR = tl.constexpr(2)
+
+
+@triton.jit
+def _nan():
+    return tl.full([], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rotate_tile(v, cols, t_ptr, tlo_ptr, s_ptr, BM: tl.constexpr, C: tl.constexpr, B: tl.constexpr,
+                 TWO: tl.constexpr, SIGN_FIRST: tl.constexpr, HAS_SIGNS: tl.constexpr, TSCALE: tl.constexpr,
+                 PREC: tl.constexpr):
+    """``(v * s) @ blockdiag(T)`` (signs first), or ``(v @ blockdiag(T.T)) * s`` for a transposed spec; fp32."""
+    if HAS_SIGNS:
+        s = tl.load(s_ptr + cols)
+    if SIGN_FIRST and HAS_SIGNS:
+        v = (v.to(tl.float32) * s[None, :]).to(v.dtype)  # a sign flip is exact in any dtype
+    rb = tl.arange(0, B)
+    vr = tl.reshape(v, [BM * C // B, B])
+    acc = tl.dot(vr, tl.load(t_ptr + rb[:, None] * B + rb[None, :]), input_precision=PREC, out_dtype=tl.float32)
+    if TWO:  # hi + lo parts of a dense tile in half precision
+        acc += tl.dot(vr, tl.load(tlo_ptr + rb[:, None] * B + rb[None, :]), input_precision=PREC,
+                      out_dtype=tl.float32)
+    acc = tl.reshape(acc, [BM, C]) * TSCALE
+    if (not SIGN_FIRST) and HAS_SIGNS:
+        acc = acc * s[None, :]
+    return acc
+
+
+@triton.jit
+def _load_rotated(x_ptr, rows, cols, rmask, stride_x, t_ptr, tlo_ptr, s_ptr,
+                  ROT: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, B: tl.constexpr, TWO: tl.constexpr,
+                  SIGN_FIRST: tl.constexpr, HAS_SIGNS: tl.constexpr, TSCALE: tl.constexpr, PREC: tl.constexpr):
+    """The ``[BM, C]`` tile of ``rotate(x, R)`` as fp32 (already rounded to x's dtype), and x itself."""
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=rmask[:, None], other=0.0)
+    if ROT:
+        v = _rotate_tile(x, cols, t_ptr, tlo_ptr, s_ptr, BM, C, B, TWO, SIGN_FIRST, HAS_SIGNS, TSCALE, PREC)
+        v = v.to(x.dtype).to(tl.float32)
+    else:
+        v = x.to(tl.float32)
+    return v, x
+
+
+@triton.jit
+def _mx_exponent(amax, RULE: tl.constexpr, EMAX: tl.constexpr, MBITS: tl.constexpr, INV_MAX: tl.constexpr):
+    """Clamped int32 scale exponent of MX blocks (ScaleRule: 0 floor, 1 even, 2 rceil)."""
+    if RULE == 0:
+        e = fp32_exponent(amax) - EMAX
+    elif RULE == 1:
+        r = (amax.to(tl.int32, bitcast=True) + (1 << (22 - MBITS))) & -8388608
+        e = fp32_exponent(r.to(tl.float32, bitcast=True)) - EMAX
+    else:
+        d = amax * INV_MAX
+        dbits = d.to(tl.int32, bitcast=True)
+        e = fp32_exponent(d) + ((dbits & 0x7FFFFF) != 0).to(tl.int32)
+        e = tl.where(dbits < 0x800000, tl.where(dbits > 0x400000, -126, -127), e)
+    return tl.minimum(tl.maximum(e, -127), 127)
+
+
+@triton.jit
+def _quantize_tile(vg, rows, rmask, rowscale_ptr, gscale_ptr,
+                   FMT: tl.constexpr, RULE: tl.constexpr, BITS: tl.constexpr, SCOPE: tl.constexpr,
+                   CLIP: tl.constexpr, EMAX: tl.constexpr, MBITS: tl.constexpr, INV_MAX: tl.constexpr):
+    """Quantize fp32 groups ``vg [BM, NG, G]``.
+
+    Returns ``(y, code, scale, zero, bad)``: dequantized values, int32 codes, the
+    per-group scale as stored (a byte for MX/NVFP4, fp32 for intq), the zero point
+    (asymmetric intq), and the NaN/Inf group mask ``[BM, NG]``.
+    """
+    bad = tl.max(((vg.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000).to(tl.int32), axis=2) > 0
+    amax = tl.max(tl.abs(vg), axis=2)
+    z = amax * 0.0
+    if SCOPE != GROUP:  # row / tensor scales come from pass 1, derived on the host by the reference
+        if SCOPE == ROW:
+            sidx = rows
+        else:
+            sidx = rows * 0
+        s = tl.load(rowscale_ptr + sidx * 2, mask=rmask, other=1.0)[:, None]
+        z = tl.load(rowscale_ptr + sidx * 2 + 1, mask=rmask, other=0.0)[:, None]
+        bad = s != s
+    if FMT == 1 or FMT == 2:
+        e = _mx_exponent(amax, RULE, EMAX, MBITS, INV_MAX)
+        scaled = vg * exp2_exact(-e)[:, :, None]
+        if FMT == 1:
+            code = e2m1_code(scaled)
+            val = e2m1_value(code)
+        else:
+            val = e4m3_value(scaled)
+            code = e4m3_byte(val)
+        y = val * exp2_exact(e)[:, :, None]
+        scale = tl.where(bad, 255, e + 127)
+    elif FMT == 3:
+        s_g = tl.load(gscale_ptr)
+        s_b = e4m3_value(tl.minimum(tl.maximum(tl.math.div_rn(tl.math.div_rn(amax, 6.0), s_g), 0.001953125), 448.0))
+        scaled = tl.minimum(tl.maximum(tl.math.div_rn(vg, (s_b * s_g)[:, :, None]), -6.0), 6.0)
+        code = e2m1_code(scaled)
+        y = (e2m1_value(code) * s_b[:, :, None]) * s_g
+        scale = tl.where(bad, 0x7F, e4m3_byte(s_b))
+    elif FMT == 4 or FMT == 5:
+        if SCOPE == GROUP:
+            if FMT == 4:
+                s = tl.math.div_rn(amax * CLIP, (1 << (BITS - 1)) - 1.0)
+                s = tl.where(amax == 0, 1.0, s)
+            else:
+                lo = tl.minimum(tl.min(vg, axis=2), 0.0)
+                s = tl.math.div_rn(tl.maximum(tl.max(vg, axis=2), 0.0) - lo, (1 << BITS) - 1.0)
+                s = tl.where(s == 0, 1.0, s)
+                z = tl.where(bad, 0.0, rint(tl.math.div_rn(-lo, s)))
+            s = tl.where(bad, _nan(), s)
+        q = rint(tl.math.div_rn(vg, s[:, :, None]))
+        if FMT == 4:
+            q = tl.minimum(tl.maximum(q, -(1 << (BITS - 1)) * 1.0), (1 << (BITS - 1)) - 1.0)
+            y = q * s[:, :, None]
+        else:
+            q = tl.minimum(tl.maximum(q + z[:, :, None], 0.0), (1 << BITS) - 1.0)
+            y = (q - z[:, :, None]) * s[:, :, None]
+        code = q.to(tl.int32) & 0xFF  # two's complement byte; nibble packing keeps the low 4 bits
+        scale = s
+    else:  # FP8, one scale per row or tensor
+        val = e4m3_value(tl.math.div_rn(vg, s[:, :, None]))
+        code = e4m3_byte(val)
+        y = val * s[:, :, None]
+        scale = s
+    code = tl.where(bad[:, :, None], 0, code)
+    y = tl.where(bad[:, :, None] | (y != y), _nan(), y)  # canonical NaN, as the reference
+    return y, code, scale, z, bad
+
+
+@triton.jit(do_not_specialize=["M"])  # one compiled kernel for every token count
+def rotate_kernel(x_ptr, y_ptr, t_ptr, tlo_ptr, s_ptr, M, N, stride_x,
+                  BM: tl.constexpr, C: tl.constexpr, B: tl.constexpr, TWO: tl.constexpr,
+                  SIGN_FIRST: tl.constexpr, HAS_SIGNS: tl.constexpr, TSCALE: tl.constexpr, PREC: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * C + tl.arange(0, C)
+    rmask = rows < M
+    v, x = _load_rotated(x_ptr, rows, cols, rmask, stride_x, t_ptr, tlo_ptr, s_ptr,
+                         True, BM, C, B, TWO, SIGN_FIRST, HAS_SIGNS, TSCALE, PREC)
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], v.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit(do_not_specialize=["M"])
+def stats_kernel(x_ptr, stats_ptr, t_ptr, tlo_ptr, s_ptr, M, N, stride_x,
+                 ROT: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, B: tl.constexpr, TWO: tl.constexpr,
+                 SIGN_FIRST: tl.constexpr, HAS_SIGNS: tl.constexpr, TSCALE: tl.constexpr, PREC: tl.constexpr,
+                 SCOPE: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * C + tl.arange(0, C)
+    rmask = rows < M
+    v, x = _load_rotated(x_ptr, rows, cols, rmask, stride_x, t_ptr, tlo_ptr, s_ptr,
+                         ROT, BM, C, B, TWO, SIGN_FIRST, HAS_SIGNS, TSCALE, PREC)
+    bad_el = (v.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
+    amax = tl.max(tl.where(bad_el, 0.0, tl.abs(v)), axis=1)
+    pos = tl.max(tl.where(bad_el, 0.0, tl.maximum(v, 0.0)), axis=1)
+    neg = tl.max(tl.where(bad_el, 0.0, tl.maximum(-v, 0.0)), axis=1)
+    bad = tl.max(bad_el.to(tl.int32), axis=1)
+    if SCOPE == ROW:
+        base = stats_ptr + rows * 4
+        tl.atomic_max(base, amax.to(tl.int32, bitcast=True), mask=rmask)
+        tl.atomic_max(base + 1, pos.to(tl.int32, bitcast=True), mask=rmask)
+        tl.atomic_max(base + 2, neg.to(tl.int32, bitcast=True), mask=rmask)
+        tl.atomic_max(base + 3, bad, mask=rmask)
+    else:  # rows past M were loaded as zeros, so they cannot raise a maximum
+        tl.atomic_max(stats_ptr, tl.max(amax, axis=0).to(tl.int32, bitcast=True))
+        tl.atomic_max(stats_ptr + 1, tl.max(pos, axis=0).to(tl.int32, bitcast=True))
+        tl.atomic_max(stats_ptr + 2, tl.max(neg, axis=0).to(tl.int32, bitcast=True))
+        tl.atomic_max(stats_ptr + 3, tl.max(bad, axis=0))
+
+
+@triton.jit(do_not_specialize=["M"])
+def quant_kernel(
+    x_ptr, y_ptr, codes_ptr, scales_ptr, zeros_ptr, rowscale_ptr, gscale_ptr,
+    t_ptr, tlo_ptr, tb_ptr, tblo_ptr, s_ptr, M, N, stride_x,
+    STORE_CODES: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
+    ROT: tl.constexpr, B: tl.constexpr, TWO: tl.constexpr, SIGN_FIRST: tl.constexpr, HAS_SIGNS: tl.constexpr,
+    TSCALE: tl.constexpr, BACK: tl.constexpr, BACK_SIGN_FIRST: tl.constexpr, PREC: tl.constexpr,
+    FMT: tl.constexpr, RULE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr, SCOPE: tl.constexpr,
+    CLIP: tl.constexpr, EMAX: tl.constexpr, MBITS: tl.constexpr, INV_MAX: tl.constexpr,
+):
+    pid_n = tl.program_id(1)
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = pid_n * C + tl.arange(0, C)
+    rmask = rows < M
+    v, x = _load_rotated(x_ptr, rows, cols, rmask, stride_x, t_ptr, tlo_ptr, s_ptr,
+                         ROT, BM, C, B, TWO, SIGN_FIRST, HAS_SIGNS, TSCALE, PREC)
+    y, code, scale, z, bad = _quantize_tile(tl.reshape(v, [BM, NG, G]), rows, rmask, rowscale_ptr, gscale_ptr,
+                                            FMT, RULE, BITS, SCOPE, CLIP, EMAX, MBITS, INV_MAX)
+    if not STORE_CODES:
+        y = tl.reshape(y, [BM, C])
+        if BACK:  # R.T: the transposed tile, with the signs on the other side
+            y = _rotate_tile(y.to(x.dtype), cols, tb_ptr, tblo_ptr, s_ptr, BM, C, B, TWO, BACK_SIGN_FIRST,
+                             HAS_SIGNS, TSCALE, PREC)
+        tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
+    else:
+        code = tl.reshape(code, [BM, C])
+        if BITS <= 4:
+            lo, hi = tl.split(tl.reshape(code, [BM, C // 2, 2]))
+            pc = pid_n * (C // 2) + tl.arange(0, C // 2)
+            tl.store(codes_ptr + rows[:, None] * (N // 2) + pc[None, :],
+                     ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8), mask=rmask[:, None])
+        else:
+            tl.store(codes_ptr + rows[:, None] * N + cols[None, :], code.to(tl.uint8), mask=rmask[:, None])
+        if SCOPE == GROUP:
+            offs = rows[:, None] * (N // G) + pid_n * NG + tl.arange(0, NG)[None, :]
+            tl.store(scales_ptr + offs, scale.to(scales_ptr.dtype.element_ty), mask=rmask[:, None])
+            if FMT == 5:
+                tl.store(zeros_ptr + offs, z.to(tl.uint8), mask=rmask[:, None])

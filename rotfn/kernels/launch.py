@@ -1,0 +1,252 @@
+"""Host launchers: same signatures as :mod:`rotfn.ops`, Triton underneath.
+
+Each launcher flattens ``x`` to ``[M, N]`` (copying only if the last dim is
+strided), picks the tile layout, runs pass 1 (statistics) where a format's scale
+covers a whole row or tensor, runs the fused kernel, and restores the shape.
+Row- and tensor-wide scales are derived from the pass-1 statistics with the
+reference's own formulas (:func:`rotfn.ops.quant.intq_params` and friends), so
+they cannot drift from the spec.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+
+from rotfn.kernels.fused import GROUP, ROW, TENSOR, quant_kernel, rotate_kernel, stats_kernel
+from rotfn.ops import quant as ref
+from rotfn.qtensor import QTensor
+from rotfn.specs.formats import FP8, MX, NVFP4, Format, IntQ
+from rotfn.specs.rotation import Rotation
+
+__all__ = ["rotate", "rotate_qdq", "qdq", "quantize", "unsupported", "INTERPRET"]
+
+#: True when kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1 at import).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TILES = (16, 32, 64, 128, 256)
+_MAX_C = 1024
+_TILE_ELEMENTS = 4096
+_PREC = "ieee"  # fp32 inputs: exact fp32 products (half inputs ignore it)
+
+
+def _fmt_code(fmt: Format | None) -> int:
+    if fmt is None:
+        return 0
+    if isinstance(fmt, MX):
+        return 1 if fmt.element == "e2m1" else 2
+    if isinstance(fmt, NVFP4):
+        return 3
+    if isinstance(fmt, IntQ):
+        return 4 if fmt.symmetric else 5
+    return 6
+
+
+def _scope(fmt: Format | None) -> int:
+    if isinstance(fmt, (MX, NVFP4)) or (isinstance(fmt, IntQ) and fmt.group is not None):
+        return GROUP.value
+    if isinstance(fmt, FP8) and fmt.granularity == "tensor":
+        return TENSOR.value
+    return ROW.value if fmt is not None else GROUP.value
+
+
+def _layout(n: int, rotation: Rotation | None, fmt: Format | None) -> tuple[int, int, int] | str:
+    """(C, G, BM) for a row of n, or the reason no tile fits."""
+    b = rotation.tile if rotation is not None else 1
+    grouped = fmt is not None and _scope(fmt) == GROUP.value
+    g = fmt.group if grouped else 1
+    if g & (g - 1):
+        return f"scale group {g} is not a power of two"
+    c = max(b, g, 2)
+    while c < 64 and n % (2 * c) == 0:
+        c *= 2
+    if n % c or c > _MAX_C:
+        return f"last dim {n} does not split into tiles of {c} (<= {_MAX_C})"
+    bm = max(_TILE_ELEMENTS // c, 16 * b // c if rotation is not None else 1, 1)
+    return c, (g if grouped else c), bm
+
+
+def unsupported(op: str, x: torch.Tensor, *, rotation=None, fmt=None, back=False) -> str | None:
+    """Why the kernels cannot run this call, or None when they can."""
+    if op == "dequantize":
+        return "no dequantize kernel (the reference decodes in one elementwise pass on any device)"
+    if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
+        return f"x is on {x.device}: kernels need a CUDA tensor (or TRITON_INTERPRET=1 set before import for CPU)"
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype}: kernels take float16, bfloat16 and float32"
+    if x.numel() == 0:
+        return "x is empty"
+    if rotation is not None and rotation.tile not in _TILES:
+        return f"rotation tile {rotation.tile}: kernels serve block rotations with tiles {_TILES}"
+    if rotation is not None and rotation.tile == 256 and x.dtype == torch.float32:
+        return "float32 with a 256 tile: the fp32 tile alone needs 256 KiB of shared memory (use tile <= 128)"
+    layout = _layout(x.shape[-1], rotation, fmt)
+    return layout if isinstance(layout, str) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _tiles(rotation: Rotation, dtype: torch.dtype, device: torch.device):
+    """(T, T_lo, T_back, T_back_lo, scale, two) for the kernel's dot products.
+
+    Power-of-two Hadamard tiles are passed as exact +-1 matrices (scale 1/sqrt(b)
+    applied in fp32); other tiles in half precision are split into hi + lo parts
+    (two dots) so the rotation keeps ~16 bits of the matrix, not 8.
+    """
+    fwd = rotation.tile_matrix()
+    if rotation.kind == "hadamard":
+        fwd, scale = torch.sign(fwd), 1.0 / math.sqrt(rotation.tile)
+    else:
+        scale = 1.0
+    two = dtype != torch.float32 and rotation.kind != "hadamard"
+
+    def parts(t):
+        hi = t.to(dtype)
+        lo = (t - hi.double()).to(dtype) if two else hi
+        return hi.to(device).contiguous(), lo.to(device).contiguous()
+
+    return (*parts(fwd), *parts(fwd.T.contiguous()), scale, two)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _rotation_args(x2: torch.Tensor, rotation: Rotation | None) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+    """Pointer and constexpr arguments that describe the rotation to every kernel, and the back tiles."""
+    if rotation is None:
+        dummy = x2.new_empty(1)
+        return dict(t_ptr=dummy, tlo_ptr=dummy, s_ptr=dummy.float(), ROT=False, B=1, TWO=False, SIGN_FIRST=False,
+                    HAS_SIGNS=False, TSCALE=1.0), (dummy, dummy)
+    t, tlo, tb, tblo, tscale, two = _tiles(rotation, x2.dtype, x2.device)
+    signs = rotation.sign_vector(torch.float32, x2.device)
+    args = dict(t_ptr=t, tlo_ptr=tlo, s_ptr=signs if signs is not None else t.new_empty(1, dtype=torch.float32),
+                ROT=True, B=rotation.tile, TWO=two, SIGN_FIRST=not rotation.transposed, HAS_SIGNS=signs is not None,
+                TSCALE=tscale)
+    return args, (tb, tblo)
+
+
+def _format_args(fmt: Format | None, scope: int) -> dict:
+    """Constexpr arguments that describe the format to the quant kernel."""
+    element = 2 if isinstance(fmt, MX) and fmt.element == "e2m1" else 8
+    return dict(
+        FMT=_fmt_code(fmt), RULE=["floor", "even", "rceil"].index(fmt.scale_rule.value) if isinstance(fmt, MX) else 0,
+        BITS=fmt.bits, SCOPE=scope, CLIP=fmt.clip if isinstance(fmt, IntQ) else 1.0,
+        EMAX=element, MBITS=1 if element == 2 else 3, INV_MAX=1.0 / (6.0 if element == 2 else 448.0),
+    )
+
+
+def _pass1(x2, rotation, fmt):
+    """Row/tensor scales (``[scopes, 2]``: s, z) and the NVFP4 global scale, from one statistics pass."""
+    scope = _scope(fmt)
+    if isinstance(fmt, NVFP4):
+        if fmt.global_scale != "tensor":
+            return None, ref.nvfp4_global_scale(x2[:0].float(), fmt).reshape(1)
+        scope = TENSOR.value
+    elif scope == GROUP.value:
+        return None, None
+    scopes = x2.shape[0] if scope == ROW.value else 1
+    stats = torch.zeros(scopes, 4, dtype=torch.int32, device=x2.device)
+    m, n = x2.shape
+    c, _, bm = _layout(n, rotation, fmt)
+    rot, _ = _rotation_args(x2, rotation)
+    stats_kernel[(triton.cdiv(m, bm), n // c)](x2, stats, M=m, N=n, stride_x=x2.stride(0), BM=bm, C=c,
+                                               PREC=_PREC, SCOPE=scope, **rot)
+    amax, pos, neg = stats[:, :3].view(torch.float32).unbind(-1)
+    finite = stats[:, 3] == 0
+    if isinstance(fmt, NVFP4):
+        return None, ref.nvfp4_global_from_amax(amax[0]).reshape(1)
+    if isinstance(fmt, FP8):
+        s, z = ref.fp8_scale(torch.where(finite, amax, torch.inf)), None
+    else:
+        s, z = ref.intq_params(fmt, amax, -neg, pos, finite)
+    rowscale = torch.stack([s, torch.zeros_like(s) if z is None else z], dim=-1).contiguous()
+    return rowscale, None
+
+
+def _quant(x2, rotation, fmt, *, back=False, out=None, codes=None, scales=None, zeros=None):
+    """Run pass 1 if the format needs it, then the quant kernel; returns the pass-1 (rowscale, gscale)."""
+    m, n = x2.shape
+    c, g, bm = _layout(n, rotation, fmt)
+    rowscale, gscale = _pass1(x2, rotation, fmt)
+    rot, (tb, tblo) = _rotation_args(x2, rotation)
+    dummy = x2.new_empty(1, dtype=torch.float32)
+    pick = lambda t: dummy if t is None else t  # noqa: E731
+    quant_kernel[(triton.cdiv(m, bm), n // c)](
+        x2, pick(out), pick(codes), pick(scales), pick(zeros), pick(rowscale), pick(gscale),
+        tb_ptr=tb, tblo_ptr=tblo, M=m, N=n, stride_x=x2.stride(0),
+        STORE_CODES=codes is not None, BM=bm, C=c, BACK=back, BACK_SIGN_FIRST=not rot["SIGN_FIRST"], PREC=_PREC,
+        G=g, NG=c // g, **rot, **_format_args(fmt, _scope(fmt)),
+    )
+    return rowscale, gscale
+
+
+def rotate(x: torch.Tensor, r: Rotation) -> torch.Tensor:
+    """``x @ R`` for block rotations (tile 16..256), in x's dtype."""
+    x2 = _flat(x)
+    m, n = x2.shape
+    out = torch.empty_like(x2)
+    c, _, bm = _layout(n, r, None)
+    rot, _ = _rotation_args(x2, r)
+    del rot["ROT"]
+    rotate_kernel[(triton.cdiv(m, bm), n // c)](x2, out, M=m, N=n, stride_x=x2.stride(0), BM=bm, C=c, PREC=_PREC,
+                                                **rot)
+    return out.reshape(x.shape)
+
+
+def rotate_qdq(x: torch.Tensor, r: Rotation | None, fmt: Format, back: bool) -> torch.Tensor:
+    """``qdq(rotate(x, R), fmt)`` (then ``rotate_back`` with ``back``) in one fused pass (two for row/tensor scales)."""
+    x2 = _flat(x)
+    out = torch.empty_like(x2)
+    _quant(x2, r, fmt, back=back, out=out)
+    return out.reshape(x.shape)
+
+
+def qdq(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """``dequantize(quantize(x, fmt))`` in one pass (two for row/tensor scales)."""
+    return rotate_qdq(x, None, fmt, False)
+
+
+def quantize(x: torch.Tensor, fmt: Format) -> QTensor:
+    """Packed codes and scales written directly by the kernel; same layout and bits as the reference."""
+    x2 = _flat(x)
+    m, n = x2.shape
+    lead = x.shape[:-1]
+    code_cols = n // 2 if fmt.bits <= 4 else n
+    codes = torch.empty(m, code_cols, dtype=torch.uint8, device=x.device)
+    scope = _scope(fmt)
+    scales = zeros = None
+    if scope == GROUP.value:
+        scale_dtype = torch.float32 if isinstance(fmt, IntQ) else torch.uint8
+        scales = torch.empty(m, n // fmt.group, dtype=scale_dtype, device=x.device)
+        if isinstance(fmt, IntQ) and not fmt.symmetric:
+            zeros = torch.empty(m, n // fmt.group, dtype=torch.uint8, device=x.device)
+    rowscale, gscale = _quant(x2, None, fmt, codes=codes, scales=scales, zeros=zeros)
+    codes = codes.reshape(*lead, code_cols)
+    global_scale = None
+    if isinstance(fmt, MX):
+        scales = scales.view(torch.float8_e8m0fnu).reshape(*lead, -1)
+        if fmt.element == "e4m3":
+            codes = codes.view(torch.float8_e4m3fn)
+    elif isinstance(fmt, NVFP4):
+        scales = scales.view(torch.float8_e4m3fn).reshape(*lead, -1)
+        global_scale = gscale.reshape(())
+    elif isinstance(fmt, IntQ):
+        if scope == ROW.value:
+            scales = rowscale[:, 0].reshape(*lead, 1).contiguous()
+            if not fmt.symmetric:
+                zeros = rowscale[:, 1].to(torch.uint8).reshape(*lead, 1)
+        else:
+            scales = scales.reshape(*lead, -1)
+            zeros = None if zeros is None else zeros.reshape(*lead, -1)
+        if fmt.bits > 4 and fmt.symmetric:
+            codes = codes.view(torch.int8)
+    else:
+        codes = codes.view(torch.float8_e4m3fn)
+        scales = rowscale[:, 0].reshape(*lead, 1).contiguous() if scope == ROW.value else rowscale[0, 0].clone()
+    return QTensor(codes, scales, x.shape, x.dtype, fmt, global_scale=global_scale, zero_points=zeros)
+

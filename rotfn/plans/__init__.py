@@ -1,0 +1,26 @@
+"""Placements as data: which rotation and quantizer goes where in a model.
+
+* :func:`per_linear`: QuIP / AutoRound style, ``x @ R`` online and ``W @ R`` folded at each linear.
+* :func:`quarot`: R1 (residual, folded with norm fusion), R2 (per head on V/O), R3 (online on
+  Q/K after RoPE), R4 (online before down_proj, folded into it).
+* :class:`Plan`: the frozen, printable, serializable result; :data:`FAMILIES`: the model-family adapters.
+
+Example:
+    >>> import torch, rotfn
+    >>> m = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    >>> plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(8, seed=1))
+    >>> rotfn.plans.Plan.from_dict(plan.to_dict()) == plan
+    True
+"""
+
+from rotfn.plans._build import per_linear, quarot
+from rotfn.plans._families import FAMILIES, Family, MoE, family_for
+from rotfn.plans._fold import FoldedParams, fold, folded_with
+from rotfn.plans._plan import ONLINE_KINDS, NormFusion, Online, Plan, WeightRotation, signature
+
+__all__ = [
+    "Plan", "WeightRotation", "NormFusion", "Online", "ONLINE_KINDS", "signature",
+    "per_linear", "quarot",
+    "FAMILIES", "Family", "MoE", "family_for",
+    "fold", "FoldedParams", "folded_with",
+]

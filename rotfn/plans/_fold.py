@@ -1,0 +1,150 @@
+"""fold: bake a plan's weight side into a params dict, once, and remember that it was done."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from rotfn.errors import FoldError, PlanError, message
+from rotfn.plans._plan import Plan, signature
+from rotfn.transforms._core import check_params
+
+__all__ = ["fold", "FoldedParams", "folded_with", "check_fold_state"]
+
+_MARK = "_rotfn_folded_with"  # attribute fold sets on every tensor it creates
+
+
+class FoldedParams(dict):
+    """A params dict made by :func:`rotfn.fold`; ``.plan`` is the plan that was folded in.
+
+    Every tensor fold wrote also carries that plan, so a plain ``dict(folded)``
+    is still recognised as folded (folding it again is an error, not a second rotation).
+    Params known to be folded by other means (e.g. loaded back from a file or a
+    model's state) are declared so by wrapping them: ``FoldedParams(params, plan)``.
+
+    Example:
+        >>> import torch, rotfn
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(4))
+        >>> m.load_state_dict(rotfn.fold(rotfn.params(m), plan), strict=False)  # bake the weights into the model
+        <All keys matched successfully>
+        >>> out = rotfn.call(m, FoldedParams(rotfn.params(m), plan), plan, torch.ones(1, 4))
+    """
+
+    def __init__(self, data: Mapping, plan: Plan):
+        super().__init__(data)
+        self.plan = plan
+
+    def __repr__(self) -> str:
+        return f"FoldedParams({len(self)} tensors, plan={self.plan!r})"
+
+    def __reduce__(self):
+        return (FoldedParams, (dict(self), self.plan))
+
+
+def folded_with(params: Mapping) -> Plan | None:
+    """The plan ``params`` were folded with, or None for unfolded params.
+
+    Raises:
+        FoldError: the tensors come from folds with different plans.
+
+    Example:
+        >>> import torch
+        >>> folded_with({"w": torch.ones(1)}) is None
+        True
+    """
+    if isinstance(params, FoldedParams):
+        return params.plan
+    found: list[Plan] = []
+    for t in params.values():
+        p = getattr(t, _MARK, None)
+        if p is not None and not any(p is q or p == q for q in found):
+            found.append(p)
+    if len(found) > 1:
+        raise FoldError(message("fold", "params", "tensors folded with one plan", f"tensors from {len(found)} plans",
+                                "fold the original rotfn.params(model) once"))
+    return found[0] if found else None
+
+
+def check_fold_state(fn: str, params: Mapping, plan: Plan | None) -> None:
+    """Raise FoldError unless ``params`` are folded exactly as ``plan`` needs (for :func:`rotfn.call`)."""
+    prior = folded_with(params)
+    if plan is None:
+        if prior is not None:
+            raise FoldError(message(fn, "plan", "the plan these params were folded with", "None",
+                                    f"pass plan=params.plan ({prior!r})"))
+        return
+    if prior is None:
+        if plan.needs_fold:
+            raise FoldError(message(fn, "params", "params folded with this plan", "unfolded params",
+                                    "params = rotfn.fold(params, plan) first"))
+    elif prior != plan:
+        raise FoldError(message(fn, "params", f"params folded with {plan!r}", f"params folded with {prior!r}",
+                                "fold the original params with the plan you call with"))
+
+
+def fold(params: Mapping[str, torch.Tensor], plan: Plan) -> FoldedParams:
+    """Apply a plan's weight side to a params dict: norm fusions, rotations, weight qdq.
+
+    ``W' = qdq((W diag(g)) @ R_in)`` with output-side ``R_out.T @ W'`` and
+    ``b' = b @ R_out`` per the plan's entries (see :meth:`Plan.transform`), every
+    touched tensor computed in float64 and cast back to its dtype once. Tied keys
+    keep one shared tensor unless the plan unties them. The input dict and its
+    tensors are not modified.
+
+    Args:
+        params: ``{name: Tensor}`` from :func:`rotfn.params` (all parameters and buffers).
+        plan: a :class:`rotfn.plans.Plan` built for the same model.
+
+    Returns:
+        A :class:`FoldedParams` (a dict) whose ``.plan`` is ``plan``.
+
+    Raises:
+        DTypeError: params not a dict of tensors. PlanError: plan not a Plan, built for
+        another model, or changing tied keys differently. FoldError: params already folded.
+        ShapeError / SelectionError: an entry does not fit a tensor.
+
+    Example:
+        >>> import torch, rotfn
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        >>> plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(4))
+        >>> folded = rotfn.fold(rotfn.params(m), plan)
+        >>> folded.plan is plan
+        True
+    """
+    fn = "fold"
+    check_params(fn, params)
+    if not isinstance(plan, Plan):
+        raise PlanError(message(fn, "plan", "a rotfn.plans.Plan", type(plan).__name__,
+                                "build one with rotfn.plans.per_linear(model, ...) or rotfn.plans.quarot(model, ...)"))
+    prior = folded_with(params)
+    if prior is not None:
+        raise FoldError(message(fn, "params", "params not folded yet", f"params already folded with {prior!r}",
+                                "fold the original rotfn.params(model) once; folding again would rotate twice"))
+    sig = signature((k, tuple(t.shape)) for k, t in params.items())
+    if sig != plan.signature:
+        raise PlanError(message(fn, "plan", f"a plan for params with signature {sig}",
+                                f"a plan for {plan.model} (signature {plan.signature})",
+                                "build the plan from the model these params come from, with params = rotfn.params(model)"))
+    touched = [k for k in plan.touched() if k in params]
+    work = dict(params)
+    for k in touched:
+        work[k] = params[k].to(torch.float64)
+    out = plan.transform()._apply(work)
+    for k in touched:
+        t = out[k].to(params[k].dtype)
+        if t is params[k]:  # never hand back (and mark) a caller's tensor
+            t = t.clone()
+        setattr(t, _MARK, plan)
+        out[k] = t
+    untied = set(plan.untied)
+    for group in plan.tied:
+        kept = [n for n in group if n not in untied and n in out]
+        for name in kept[1:]:
+            a, b = out[kept[0]], out[name]
+            if a is not b and not (a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)):
+                raise PlanError(message(fn, "plan", f"a plan that changes the tied keys {kept} identically or unties them",
+                                        "different results", "untie them in the plan (Plan.untied)"))
+            out[name] = a
+    return FoldedParams(out, plan)

@@ -1,0 +1,299 @@
+"""The Plan value: where rotations, norm fusions and quantizers go in one model, as data.
+
+A plan has a weight side (folded offline by :func:`rotfn.fold`) and an online
+side (applied by :func:`rotfn.call` for one call):
+
+* :class:`WeightRotation`: one parameter key, one :class:`rotfn.Rotation`, one side
+  (``"input"``: ``W @ R``; ``"output"``: ``R.T @ W`` and ``b @ R``), optionally per
+  head and on a span of rows;
+* :class:`NormFusion`: a norm scale folded into the linears that read it;
+* weight qdq: ``weights`` (a format) on the keys in ``quantized``;
+* :class:`Online`: at a module, ``x -> qdq(x @ R, fmt)`` on a linear's input
+  (``"linear"``), on queries and keys after RoPE (``"qk"``), or inside fused
+  experts (``"experts_in"``, ``"experts_down"``).
+
+Plans are frozen, compare by value, print as a table (``print(plan)``) and round
+trip through :meth:`Plan.to_dict` / :meth:`Plan.from_dict` (JSON-safe; rotations
+are stored once each in a table).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from collections.abc import Iterable
+
+from rotfn.errors import SpecError, message
+from rotfn.specs.formats import Format, format_from_dict
+from rotfn.specs.rotation import Rotation
+from rotfn.transforms._core import Chain, chain, fuse_norm, qdq_weights, rotate_input, rotate_output
+from rotfn.transforms._where import Where
+
+__all__ = ["Plan", "WeightRotation", "NormFusion", "Online", "signature", "PLAN_VERSION", "ONLINE_KINDS"]
+
+PLAN_VERSION = 1
+ONLINE_KINDS = ("linear", "qk", "experts_in", "experts_down")
+_SIDES = ("input", "output")
+
+
+def signature(shapes: Iterable[tuple[str, tuple[int, ...]]]) -> str:
+    """A short hash of parameter and buffer names with their shapes (not dtypes or values).
+
+    Two models (or a model and its params dict) agree on it when they have the
+    same architecture and sizes, so a plan built for one fits the other.
+
+    Example:
+        >>> signature([("w", (2, 3))]) == signature([("w", (2, 3))]) != signature([("w", (3, 2))])
+        True
+    """
+    text = "\n".join(f"{name}:{tuple(shape)}" for name, shape in sorted(shapes))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRotation:
+    """Rotate one parameter offline.
+
+    Attributes:
+        key: parameter key, e.g. ``"model.layers.0.self_attn.q_proj.weight"``.
+        rotation: the :class:`rotfn.Rotation`.
+        side: ``"input"`` (``W @ R``, last dim) or ``"output"`` (``R.T @ W`` on dim -2, ``b @ R`` for 1-D).
+        per_head: rotate each consecutive chunk of ``rotation.n`` (attention heads).
+        span: ``(start, stop)`` of the rotated dim, or None for all of it.
+        role: a label for printing (``"R1"``, ``"R2"``, ``"per_linear"``, ...).
+    """
+
+    key: str
+    rotation: Rotation
+    side: str
+    per_head: bool = False
+    span: tuple[int, int] | None = None
+    role: str = ""
+
+    def transform(self):
+        """The :mod:`rotfn.transforms` primitive that applies this entry."""
+        where = Where.names([self.key])
+        if self.side == "input":
+            return rotate_input(self.rotation, where, per_head=self.per_head)
+        return rotate_output(self.rotation, where, per_head=self.per_head, span=self.span)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormFusion:
+    """Fold the norm scale ``norm`` (and LayerNorm bias ``bias``) into the weights ``into``."""
+
+    norm: str
+    into: tuple[str, ...]
+    bias: str | None = None
+
+    def transform(self):
+        """The :func:`rotfn.transforms.fuse_norm` primitive that applies this entry."""
+        return fuse_norm(self.norm, Where.names(self.into), bias=self.bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class Online:
+    """An activation-side transform ``x -> qdq(x @ R, fmt)`` applied during :func:`rotfn.call`.
+
+    Attributes:
+        site: module name (a linear, an attention module, or a fused experts module).
+        kind: ``"linear"`` (the linear's input), ``"qk"`` (queries and keys after RoPE),
+            ``"experts_in"`` / ``"experts_down"`` (inputs of the fused experts' gate_up / down).
+        rotation: a :class:`rotfn.Rotation` or None.
+        fmt: a format for activation qdq after the rotation, or None.
+        role: a label for printing.
+    """
+
+    site: str
+    kind: str
+    rotation: Rotation | None = None
+    fmt: Format | None = None
+    role: str = ""
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Plan:
+    """Which rotation, norm fusion and quantizer goes where in one model.
+
+    Build one with :func:`rotfn.plans.per_linear` or :func:`rotfn.plans.quarot`;
+    apply it with :func:`rotfn.fold` (weight side) and :func:`rotfn.call` (online side).
+
+    Attributes:
+        method: ``"per_linear"`` or ``"quarot"``.
+        family: the model family adapter used (``"llama"``, ...), or None.
+        model: the model class name the plan was built for.
+        signature: hash of the model's parameter names and shapes (see :func:`signature`).
+        weight: weight-side rotations, folded by :func:`rotfn.fold`.
+        norms: norm fusions, folded first.
+        online: activation-side transforms, applied by :func:`rotfn.call`.
+        weights: format of the weight qdq folded last, or None.
+        quantized: keys whose weights are fake-quantized with ``weights``.
+        acts: the activation format the online entries use, or None (for printing; entries carry it).
+        tied: groups of keys that share one tensor in the model.
+        untied: keys the plan gives their own tensor (their tie is broken, see ``notes``).
+        notes: human-readable facts about the plan (ties broken, layers skipped, exactness).
+    """
+
+    method: str
+    family: str | None
+    model: str
+    signature: str
+    weight: tuple[WeightRotation, ...] = ()
+    norms: tuple[NormFusion, ...] = ()
+    online: tuple[Online, ...] = ()
+    weights: Format | None = None
+    quantized: tuple[str, ...] = ()
+    acts: Format | None = None
+    tied: tuple[tuple[str, ...], ...] = ()
+    untied: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    # ----- derived ------------------------------------------------------------
+    @property
+    def needs_fold(self) -> bool:
+        """True when the plan changes weights, so :func:`rotfn.call` needs folded params."""
+        return bool(self.weight or self.norms or self.quantized)
+
+    def touched(self) -> tuple[str, ...]:
+        """Every key the weight side reads and writes, in first-use order."""
+        keys: dict[str, None] = {}
+        for n in self.norms:
+            keys.update(dict.fromkeys((n.norm, *n.into)))
+            if n.bias is not None:
+                keys[n.bias] = None
+                keys.update(dict.fromkeys(k.removesuffix("weight") + "bias" for k in n.into))
+        keys.update(dict.fromkeys(w.key for w in self.weight))
+        keys.update(dict.fromkeys(self.quantized))
+        return tuple(keys)
+
+    def transform(self) -> Chain:
+        """The weight side as one :func:`rotfn.chain`: norm fusions, then rotations, then weight qdq.
+
+        Norm scales are fused before rotating (``W diag(g) R``); input- and
+        output-side rotations of one weight commute; qdq comes last.
+        """
+        parts = [n.transform() for n in self.norms] + [w.transform() for w in self.weight]
+        if self.quantized:
+            parts.append(qdq_weights(self.weights, Where.names(self.quantized)))
+        return chain(*parts)
+
+    # ----- printing -------------------------------------------------------------
+    def __repr__(self) -> str:
+        parts = [self.method, f"family={self.family}", f"model={self.model}",
+                 f"{len(self.weight)} weight rotations", f"{len(self.norms)} norm fusions", f"{len(self.online)} online"]
+        if self.weights is not None:
+            parts.append(f"weights={self.weights!r}")
+        if self.acts is not None:
+            parts.append(f"acts={self.acts!r}")
+        if self.untied:
+            parts.append(f"untied={list(self.untied)}")
+        return f"Plan({', '.join(parts)})"
+
+    def __str__(self) -> str:
+        lines = [repr(self)]
+        roles = collections.Counter((w.role, w.side, w.rotation) for w in self.weight)
+        for (role, side, r), count in roles.items():
+            lines.append(f"  weight  {role or '-':<10} {side:<6} {r!r} x{count}")
+        if self.norms:
+            lines.append(f"  norms   {len(self.norms)} fused (scale -> following linears, scale set to 1)")
+        kinds = collections.Counter((o.role, o.kind, o.rotation, o.fmt) for o in self.online)
+        for (role, kind, r, f), count in kinds.items():
+            lines.append(f"  online  {role or '-':<10} {kind:<12} {r!r} fmt={f!r} x{count}")
+        if self.quantized:
+            lines.append(f"  qdq     {self.weights!r} on {len(self.quantized)} weights")
+        lines += [f"  note    {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    # ----- serialization ----------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-safe dict; :meth:`from_dict` rebuilds an equal plan.
+
+        Example:
+            >>> import rotfn
+            >>> p = Plan("quarot", "llama", "M", "0" * 16, weight=(WeightRotation("w", rotfn.hadamard(4), "input"),))
+            >>> Plan.from_dict(p.to_dict()) == p
+            True
+        """
+        table: list[Rotation] = []
+
+        def ref(r: Rotation | None) -> int | None:
+            if r is None:
+                return None
+            if r not in table:
+                table.append(r)
+            return table.index(r)
+
+        weight = [{"key": w.key, "rotation": ref(w.rotation), "side": w.side, "per_head": w.per_head,
+                   "span": None if w.span is None else list(w.span), "role": w.role} for w in self.weight]
+        online = [{"site": o.site, "kind": o.kind, "rotation": ref(o.rotation),
+                   "fmt": None if o.fmt is None else o.fmt.to_dict(), "role": o.role} for o in self.online]
+        return {
+            "version": PLAN_VERSION,
+            "method": self.method,
+            "family": self.family,
+            "model": self.model,
+            "signature": self.signature,
+            "rotations": [r.to_dict() for r in table],
+            "weight": weight,
+            "norms": [{"norm": n.norm, "into": list(n.into), "bias": n.bias} for n in self.norms],
+            "online": online,
+            "weights": None if self.weights is None else self.weights.to_dict(),
+            "quantized": list(self.quantized),
+            "acts": None if self.acts is None else self.acts.to_dict(),
+            "tied": [list(g) for g in self.tied],
+            "untied": list(self.untied),
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        """Rebuild a plan from :meth:`to_dict` output.
+
+        Raises:
+            SpecError: unknown version, missing keys, or malformed entries.
+        """
+        fn = "Plan.from_dict"
+        if not isinstance(d, dict):
+            raise SpecError(message(fn, "d", "a dict from Plan.to_dict()", type(d).__name__))
+        if d.get("version") != PLAN_VERSION:
+            raise SpecError(message(fn, "d['version']", str(PLAN_VERSION), d.get("version"), "rebuild the plan with this rotfn"))
+        fields = ("method", "family", "model", "signature", "rotations", "weight", "norms", "online", "weights",
+                  "quantized", "acts", "tied", "untied", "notes")
+        missing = [f for f in fields if f not in d]
+        if missing:
+            raise SpecError(message(fn, "d", "all keys of Plan.to_dict()", f"missing {missing}"))
+        try:
+            table = [Rotation.from_dict(r) for r in d["rotations"]]
+
+            def rot(i):
+                return None if i is None else table[i]
+
+            def fmt(f):
+                return None if f is None else format_from_dict(f)
+
+            weight = tuple(
+                WeightRotation(w["key"], rot(w["rotation"]), w["side"], w["per_head"],
+                               None if w["span"] is None else tuple(w["span"]), w["role"])
+                for w in d["weight"]
+            )
+            norms = tuple(NormFusion(n["norm"], tuple(n["into"]), n["bias"]) for n in d["norms"])
+            online = tuple(Online(o["site"], o["kind"], rot(o["rotation"]), fmt(o["fmt"]), o["role"]) for o in d["online"])
+            plan = cls(
+                method=d["method"], family=d["family"], model=d["model"], signature=d["signature"], weight=weight,
+                norms=norms, online=online, weights=fmt(d["weights"]), quantized=tuple(d["quantized"]),
+                acts=fmt(d["acts"]), tied=tuple(tuple(g) for g in d["tied"]), untied=tuple(d["untied"]),
+                notes=tuple(d["notes"]),
+            )
+        except SpecError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise SpecError(message(fn, "d", "well-formed entries as written by Plan.to_dict()", repr(err))) from None
+        bad_side = [w.key for w in plan.weight if w.side not in _SIDES or w.rotation is None]
+        bad_kind = [o.site for o in plan.online if o.kind not in ONLINE_KINDS]
+        if bad_side or bad_kind:
+            raise SpecError(message(fn, "d", f"sides in {_SIDES} and online kinds in {ONLINE_KINDS}",
+                                    f"bad entries {bad_side + bad_kind}"))
+        if plan.quantized and plan.weights is None:
+            raise SpecError(message(fn, "d['weights']", "a format when 'quantized' lists keys", None))
+        return plan

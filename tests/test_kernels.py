@@ -1,0 +1,222 @@
+"""Triton kernels against the torch reference: quantization bit for bit, rotation within ulps.
+
+On CPU these run under Triton's interpreter (``TRITON_INTERPRET=1``, set in
+conftest.py) on small shapes; on a GPU the same tests run on CUDA tensors, with
+bf16 and larger shapes added.
+"""
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import rotfn
+import rotfn.testing as rt
+
+kernels = pytest.importorskip("rotfn.kernels", reason="triton is not installed")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# the interpreter's bf16 arithmetic is unreliable: bf16 only on the GPU
+DTYPES = (torch.float32, torch.float16, torch.bfloat16) if CUDA else (torch.float32, torch.float16)
+ROWS = st.integers(1, 300 if CUDA else 5)
+FORMATS = [
+    rotfn.mxfp4(), rotfn.mxfp4("even"), rotfn.mxfp4("rceil"), rotfn.mxfp8(), rotfn.mxfp8("rceil"),
+    rotfn.nvfp4(), rotfn.nvfp4(None), rotfn.nvfp4(0.05),
+    rotfn.intq(4, group=32), rotfn.intq(4, group=16, symmetric=False), rotfn.intq(8, group=128),
+    rotfn.intq(4), rotfn.intq(8, symmetric=False), rotfn.intq(3, clip=0.9),
+    rotfn.fp8(), rotfn.fp8("token"), rotfn.fp8("channel"),
+]
+TILES = (16, 32, 64, 128, 256)
+
+
+def _rotation(kind, n, tile, seed):
+    block = None if tile == n else tile
+    if kind == "hadamard":
+        return rotfn.hadamard(n, block=block)
+    if kind == "signed":
+        return rotfn.hadamard(n, block=block, seed=seed)
+    if kind == "orthogonal":
+        return rotfn.orthogonal(n, block=block, seed=seed)
+    return rotfn.from_matrix(rotfn.orthogonal(tile, seed=seed).matrix(), n=n)
+
+
+@st.composite
+def inputs(draw, n_choices=(256,), dists=rt.DISTRIBUTIONS):
+    n = draw(st.sampled_from(n_choices))
+    shape = (draw(ROWS), n) if draw(st.booleans()) else (2, draw(st.integers(1, 3)), n)
+    x = rt.make_tensor(draw(st.sampled_from(dists)), shape, draw(rt.seeds()), dtype=draw(st.sampled_from(DTYPES)),
+                       scale=2.0 ** draw(st.integers(-6, 6)))
+    return x.to(DEVICE)
+
+
+def _edge_cases(dtype):
+    """Blocks of zeros, NaN, +-Inf, subnormals, +-max, ties: one row each, 256 wide."""
+    big = torch.finfo(dtype).max
+    rows = torch.zeros(8, 256)
+    rows[1, :32] = torch.nan
+    rows[2, 40] = torch.inf
+    rows[3, 70] = -torch.inf
+    rows[4] = 2.0**-130 if dtype == torch.float32 else 2.0**-20
+    rows[5, ::2] = big
+    rows[5, 1::2] = -big
+    rows[6] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0]).repeat(32)
+    rows[7] = -rows[6]
+    return rows.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=repr)
+@settings(max_examples=6 if not CUDA else 25)
+@given(x=inputs())
+def test_qdq_and_quantize_are_bit_exact(fmt, x):
+    rt.assert_bits_equal(rotfn.qdq(x, fmt, backend="triton"), rotfn.qdq(x, fmt, backend="torch"), name="qdq")
+    qk, qr = rotfn.quantize(x, fmt, backend="triton"), rotfn.quantize(x, fmt, backend="torch")
+    rt.assert_bits_equal(qk.codes, qr.codes, name="codes")
+    rt.assert_bits_equal(qk.scales, qr.scales, name="scales")
+    for name in ("global_scale", "zero_points"):
+        a, b = getattr(qk, name), getattr(qr, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            rt.assert_bits_equal(a, b, name=name)
+    rt.assert_bits_equal(rotfn.dequantize(qk), rotfn.qdq(x, fmt, backend="torch"), name="dequantize(quantize)")
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=repr)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_edge_cases_are_bit_exact(fmt, dtype):
+    x = _edge_cases(dtype)
+    rt.assert_bits_equal(rotfn.qdq(x, fmt, backend="triton"), rotfn.qdq(x, fmt, backend="torch"))
+    qk, qr = rotfn.quantize(x, fmt, backend="triton"), rotfn.quantize(x, fmt, backend="torch")
+    rt.assert_bits_equal(qk.codes, qr.codes, name="codes")
+    rt.assert_bits_equal(qk.scales, qr.scales, name="scales")
+
+
+def _ulps(a, b):
+    """Distance in units of the last place of a's dtype."""
+    eps = torch.finfo(a.dtype).eps
+    scale = torch.maximum(a.double().abs(), b.double().abs()).clamp(min=torch.finfo(a.dtype).tiny)
+    return ((a.double() - b.double()).abs() / (scale * eps)).nan_to_num(0.0)
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "signed", "orthogonal", "matrix"])
+@pytest.mark.parametrize("tile", TILES)
+@settings(max_examples=4 if not CUDA else 15)
+@given(x=inputs(), seed=rt.seeds(), transposed=st.booleans())
+def test_block_rotation_within_ulps(kind, tile, x, seed, transposed):
+    assume(not (tile == 256 and x.dtype == torch.float32))  # refused by the kernels (shared memory), tested below
+    r = _rotation(kind, 256, tile, seed)
+    r = r.T if transposed else r
+    with rotfn.dispatch.trace() as ran:
+        got = rotfn.rotate(x, r, backend="triton")
+    assert ran == [("rotate", "triton")]
+    ref = rotfn.rotate(x, r, backend="torch")
+    # rounding of the fp32 accumulation, then one rounding to x's dtype: a few ulps of the row's scale
+    row_max = ref.double().abs().amax(-1, keepdim=True)
+    tol = 8 * torch.finfo(x.dtype).eps * row_max + (1e-6 if x.dtype == torch.float32 else 0) * row_max
+    assert bool(((got.double() - ref.double()).abs() <= tol).all()), float((got.double() - ref.double()).abs().max())
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=repr)
+@settings(max_examples=4 if not CUDA else 15)
+@given(x=inputs(), seed=rt.seeds(), kind=st.sampled_from(["signed", "orthogonal"]), tile=st.sampled_from(TILES))
+def test_fused_rotate_qdq_is_qdq_of_the_kernel_rotation(fmt, x, seed, kind, tile):
+    """Every difference from the reference comes from the rotation, never from the quantizer:
+    the fused kernel equals the reference qdq of the kernel's own rotation, bit for bit, and
+    that rotation is within ulps of the reference (test above)."""
+    assume(not (tile == 256 and x.dtype == torch.float32))
+    r = _rotation(kind, 256, tile, seed)
+    rotated = rotfn.rotate(x, r, backend="triton")
+    fused = rotfn.rotate_qdq(x, r, fmt, backend="triton")
+    rt.assert_bits_equal(fused, rotfn.qdq(rotated, fmt, backend="torch"), name="fused vs qdq(kernel rotation)")
+    back = rotfn.rotate_qdq(x, r, fmt, back=True, backend="triton")
+    expected = rotfn.rotate_back(fused, r, backend="torch")
+    ok = (back.double() - expected.double()).abs() <= 8 * torch.finfo(x.dtype).eps * expected.double().abs().amax(
+        -1, keepdim=True
+    )
+    assert bool((ok | (back.isnan() & expected.isnan())).all())
+
+
+@pytest.mark.parametrize("fmt", [rotfn.mxfp4(), rotfn.mxfp4("rceil"), rotfn.mxfp8(), rotfn.nvfp4(None)], ids=repr)
+@settings(max_examples=4 if not CUDA else 15)
+@given(x=inputs(), seed=rt.seeds())
+def test_fused_mismatches_sit_next_to_rounding_ties(fmt, x, seed):
+    """Against the full reference, a fused MX / fixed-scale NVFP4 value may differ only where the
+    reference rotation lies within a few ulps of a decision point (a grid midpoint, or a power
+    of two that moves a block scale)."""
+    r = rotfn.hadamard(256, block=32, seed=seed)
+    fused = rotfn.rotate_qdq(x, r, fmt, backend="triton")
+    expected = rotfn.rotate_qdq(x, r, fmt, backend="torch")
+    bad = rt.bits(fused) != rt.bits(expected)
+    if not bad.any():
+        return
+    rot_ref = rotfn.rotate(x, r, backend="torch")
+    rot_ker = rotfn.rotate(x, r, backend="triton")
+    # a mismatch needs the two rotations to differ in the element itself or in its scale group
+    group = fmt.group
+    diff_el = rt.bits(rot_ref) != rt.bits(rot_ker)
+    diff_group = diff_el.reshape(*x.shape[:-1], -1, group).any(-1, keepdim=True).expand(
+        *x.shape[:-1], -1, group).reshape(x.shape)
+    assert bool((diff_el | diff_group)[bad].all()), "a quantizer mismatch without a rotation difference"
+    assert float(_ulps(rot_ref, rot_ker)[diff_el].max()) <= 8
+
+
+@pytest.mark.skipif(not CUDA, reason="the interpreter does not compile")
+def test_no_recompile_across_token_counts():
+    r = rotfn.hadamard(256, block=32, seed=0)
+    kernel = kernels.launch.quant_kernel
+    rotfn.rotate_qdq(torch.randn(64, 256, device="cuda"), r, rotfn.mxfp4(), backend="triton")
+    before = sum(len(c) for c in kernel.device_caches.values()) if hasattr(kernel, "device_caches") else None
+    for m in (1, 7, 16, 33, 100, 257, 4096):
+        rotfn.rotate_qdq(torch.randn(m, 256, device="cuda"), r, rotfn.mxfp4(), backend="triton")
+    if before is None:
+        pytest.skip("this triton exposes no kernel cache to count")
+    assert sum(len(c) for c in kernel.device_caches.values()) == before
+
+
+def test_gradients_through_kernels():
+    r = rotfn.hadamard(64, seed=1)
+    x = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    g = torch.randn(4, 64, device=DEVICE)
+    (rotfn.rotate(x, r, backend="triton") * g).sum().backward()
+    torch.testing.assert_close(x.grad, rotfn.rotate_back(g, r, backend="torch"), rtol=0, atol=1e-5)
+    x.grad = None
+    (rotfn.rotate_qdq(x, r, rotfn.mxfp4(), backend="triton") * g).sum().backward()
+    torch.testing.assert_close(x.grad, rotfn.rotate_back(g, r, backend="torch"), rtol=0, atol=1e-5)
+    x.grad = None
+    (rotfn.qdq(x, rotfn.nvfp4(), backend="triton") * g).sum().backward()
+    assert torch.equal(x.grad, g)
+
+
+UNSUPPORTED = [
+    (lambda: rotfn.rotate(torch.zeros(2, 96, device=DEVICE), rotfn.hadamard(96), backend="triton"), "tile 96"),
+    (lambda: rotfn.rotate(torch.zeros(2, 512, device=DEVICE), rotfn.hadamard(512), backend="triton"), "tile 512"),
+    (lambda: rotfn.rotate(torch.zeros(2, 256, device=DEVICE), rotfn.hadamard(256), backend="triton"), "float32"),
+    (lambda: rotfn.qdq(torch.zeros(2, 64, device=DEVICE, dtype=torch.float64), rotfn.mxfp4(), backend="triton"),
+     "float64"),
+    (lambda: rotfn.qdq(torch.zeros(2, 48, device=DEVICE), rotfn.intq(4, group=48), backend="triton"),
+     "not a power of two"),
+    (lambda: rotfn.dequantize(rotfn.quantize(torch.zeros(2, 64), rotfn.mxfp4()), backend="triton"), "dequantize"),
+]
+
+
+@pytest.mark.parametrize("call,why", UNSUPPORTED, ids=[w for _, w in UNSUPPORTED])
+def test_unservable_calls_raise_instead_of_falling_back(call, why):
+    with pytest.raises(rotfn.errors.BackendUnavailableError, match=why):
+        call()
+
+
+def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setattr(kernels.launch, "INTERPRET", False)
+    with pytest.raises(rotfn.errors.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        rotfn.qdq(torch.zeros(2, 64), rotfn.mxfp4(), backend="triton")
+    with rotfn.dispatch.trace() as ran:
+        rotfn.qdq(torch.zeros(2, 64), rotfn.mxfp4(), backend="auto")
+    assert ran == [("qdq", "torch")]
+
+
+@pytest.mark.skipif(not CUDA, reason="auto picks Triton only for CUDA tensors")
+def test_auto_picks_triton_on_cuda():
+    with rotfn.dispatch.trace() as ran:
+        rotfn.rotate_qdq(torch.randn(8, 256, device="cuda"), rotfn.hadamard(256, block=32), rotfn.mxfp4())
+        rotfn.rotate(torch.randn(8, 4096, device="cuda"), rotfn.hadamard(4096))  # full size: not yet a kernel
+    assert ran == [("rotate_qdq", "triton"), ("rotate", "torch")]
