@@ -38,7 +38,8 @@ def row(cells, widths):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one shape, block 32 only")
+    parser.add_argument("--quick", action="store_true", help="the first shape only")
+    parser.add_argument("--sweep", action="store_true", help="all block sizes for mxfp4 and nvfp4-fixed")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -46,9 +47,11 @@ def main(argv=None) -> int:
         return 2
     shapes = SHAPES[:1] if args.quick else SHAPES
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    widths = (12, 12, 6, 9, 9, 9, 9, 9, 9, 8, 8)
-    lines = [row(("shape", "op", "block", "copy TB/s", "eager", "compile", "rotfn", "rotfn ms", "copy ms",
-                  "%copy", "xcomp"), widths)]
+    widths = (12, 18, 6, 9, 9, 9, 9, 9, 9, 8, 8)
+    def emit(cells):
+        print(row(cells, widths), flush=True)
+
+    emit(("shape", "op", "block", "copy TB/s", "eager", "compile", "rotfn", "rotfn ms", "bound ms", "%copy", "xcomp"))
     compiled = {}
     for m, n in shapes:
         x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
         t_copy = bench(lambda: out.copy_(x))
         copy_bw = nbytes / t_copy / 1e9
         for name, fmt in FORMATS.items():
-            blocks = BLOCKS if (name in ("mxfp4", "nvfp4-fixed") and not args.quick) else (32,)
+            blocks = BLOCKS if (name in ("mxfp4", "nvfp4-fixed") and args.sweep) else (32,)
             for b in blocks:
                 r = rotfn.hadamard(n, block=b, seed=0)
                 t_k = bench(lambda: rotfn.rotate_qdq(x, r, fmt, backend="triton"))
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
                 if b == 32:
                     t_e = bench(lambda: ops.rotate_qdq(x, r, fmt, False), reps_ms=50)
                     if not args.no_compile:
-                        key = (name, b)
+                        key = (name, b, m, n)
                         try:
                             if key not in compiled:
                                 compiled[key] = torch.compile(lambda v, r=r, f=fmt: ops.rotate_qdq(v, r, f, False))
@@ -73,18 +76,15 @@ def main(argv=None) -> int:
                         except Exception as err:  # report, do not hide: the table shows "fail"
                             print(f"torch.compile failed for {name}: {type(err).__name__}: {err}"[:300])
                 bw = lambda t: f"{nbytes / t / 1e9:.2f}" if t == t else "-"  # noqa: E731
-                lines.append(row((f"{m}x{n}", f"rqdq {name}", b, f"{copy_bw:.2f}", bw(t_e), bw(t_c), bw(t_k),
-                                  f"{t_k:.3f}", f"{t_copy:.3f}", f"{100 * t_copy / t_k:.0f}%",
-                                  f"{t_c / t_k:.1f}" if t_c == t_c else "-"), widths))
+                emit((f"{m}x{n}", f"rqdq {name}", b, f"{copy_bw:.2f}", bw(t_e), bw(t_c), bw(t_k), f"{t_k:.3f}",
+                      f"{t_copy:.3f}", f"{100 * t_copy / t_k:.0f}%", f"{t_c / t_k:.1f}" if t_c == t_c else "-"))
         for name, fmt in FORMATS.items():
             q = rotfn.quantize(x, fmt, backend="triton")
             qbytes = x.numel() * 2 + q.nbytes
             t_q = bench(lambda: rotfn.quantize(x, fmt, backend="triton"))
-            bound = qbytes / (copy_bw * 1e9) * 1e3
-            lines.append(row((f"{m}x{n}", f"quant {name}", "-", f"{copy_bw:.2f}", "-", "-",
-                              f"{qbytes / t_q / 1e9:.2f}", f"{t_q:.3f}", f"{bound:.3f}", f"{100 * bound / t_q:.0f}%",
-                              "-"), widths))
-    print("\n".join(lines))
+            bound = qbytes * t_copy / nbytes  # ms to move these bytes at the copy's rate
+            emit((f"{m}x{n}", f"quant {name}", "-", f"{copy_bw:.2f}", "-", "-", f"{qbytes / t_q / 1e9:.2f}",
+                  f"{t_q:.3f}", f"{bound:.3f}", f"{100 * bound / t_q:.0f}%", "-"))
     return 0
 
 

@@ -5,7 +5,8 @@ Prints two tables:
 * rotations: for each width n the construction ``n = K * 2^m`` of ``rotfn.hadamard(n)``,
   its orthogonality (float64) and the round-trip error ``rotate_back(rotate(x))`` (float32);
 * formats: the SQNR of ``qdq(x)`` with no rotation, with a full random-sign Hadamard
-  and with a block-32 random-sign Hadamard, on seeded heavy-tailed activations.
+  and with a block-32 random-sign Hadamard, on seeded activations (Gaussian, heavy-tailed,
+  Gaussian with outlier channels).
 
 Run it with ``python -m rotfn demo`` (or ``rotfn demo``, ``python -m rotfn.demo``).
 Needs the test extras (``pip install rotfn[test]``) for :mod:`rotfn.testing`.
@@ -177,14 +178,19 @@ def sqnr_rows(dist: str, *, shape: tuple[int, int] = (256, 4096), seed: int = 0,
     return out
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse ``type`` accepting ints >= minimum, with a readable error otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -196,8 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     Returns:
         The same parser.
     """
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the sign vectors (default 0)")
-    parser.add_argument("--rows", type=_positive_int, default=256,
+    parser.add_argument("--seed", type=_int_at_least(0), default=0,
+                        help="seed of the data and the sign vectors (default 0)")
+    parser.add_argument("--rows", type=_int_at_least(1), default=256,
                         help="rows of the [rows, 4096] activations of the format table (default 256)")
     return parser
 

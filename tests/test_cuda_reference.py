@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-@settings(max_examples=150)
+@settings(max_examples=40)
 @given(rt.formats(), rt.tensors(st.sampled_from([32, 64, 256]), dtypes=DTYPES, max_rows=8))
 def test_quantizers_match_cpu_bit_for_bit(fmt, x):
     cpu = rotfn.quantize(x, fmt, backend="torch")
@@ -23,7 +23,7 @@ def test_quantizers_match_cpu_bit_for_bit(fmt, x):
     rt.assert_bits_equal(rotfn.qdq(x.cuda(), fmt, backend="torch"), rotfn.qdq(x, fmt), name="qdq")
 
 
-@settings(max_examples=100)
+@settings(max_examples=30)
 @given(rt.rotations(max_n=512), rt.seeds(), st.sampled_from(DTYPES))
 def test_rotations_match_cpu(r, seed, dtype):
     x = rt.make_tensor("student_t", (4, r.n), seed, dtype=dtype)

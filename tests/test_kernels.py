@@ -66,7 +66,7 @@ def _edge_cases(dtype):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=repr)
-@settings(max_examples=6 if not CUDA else 25)
+@settings(max_examples=6 if not CUDA else 10)
 @given(x=inputs())
 def test_qdq_and_quantize_are_bit_exact(fmt, x):
     rt.assert_bits_equal(rotfn.qdq(x, fmt, backend="triton"), rotfn.qdq(x, fmt, backend="torch"), name="qdq")
@@ -100,7 +100,7 @@ def _ulps(a, b):
 
 @pytest.mark.parametrize("kind", ["hadamard", "signed", "orthogonal", "matrix"])
 @pytest.mark.parametrize("tile", TILES)
-@settings(max_examples=4 if not CUDA else 15)
+@settings(max_examples=4 if not CUDA else 6)
 @given(x=inputs(), seed=rt.seeds(), transposed=st.booleans())
 def test_block_rotation_within_ulps(kind, tile, x, seed, transposed):
     assume(not (tile == 256 and x.dtype == torch.float32))  # refused by the kernels (shared memory), tested below
@@ -117,7 +117,7 @@ def test_block_rotation_within_ulps(kind, tile, x, seed, transposed):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=repr)
-@settings(max_examples=4 if not CUDA else 15)
+@settings(max_examples=4 if not CUDA else 6)
 @given(x=inputs(), seed=rt.seeds(), kind=st.sampled_from(["signed", "orthogonal"]), tile=st.sampled_from(TILES))
 def test_fused_rotate_qdq_is_qdq_of_the_kernel_rotation(fmt, x, seed, kind, tile):
     """Every difference from the reference comes from the rotation, never from the quantizer:
@@ -137,7 +137,7 @@ def test_fused_rotate_qdq_is_qdq_of_the_kernel_rotation(fmt, x, seed, kind, tile
 
 
 @pytest.mark.parametrize("fmt", [rotfn.mxfp4(), rotfn.mxfp4("rceil"), rotfn.mxfp8(), rotfn.nvfp4(None)], ids=repr)
-@settings(max_examples=4 if not CUDA else 15)
+@settings(max_examples=4 if not CUDA else 6)
 @given(x=inputs(), seed=rt.seeds())
 def test_fused_mismatches_sit_next_to_rounding_ties(fmt, x, seed):
     """Against the full reference, a fused MX / fixed-scale NVFP4 value may differ only where the

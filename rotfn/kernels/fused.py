@@ -1,8 +1,11 @@
 """Fused Triton kernels: block rotation (tensor-core tile) + quantization in one pass.
 
-Legend: ``x`` is viewed as ``[M, N]`` (rows = all leading dims). Every program
-handles a ``[BM, C]`` tile whose width ``C`` spans whole rotation blocks (``B``)
-and whole scale groups (``G``). Three kernels share the tile helpers:
+Legend: ``x`` is viewed as ``[M, N]`` (rows = all leading dims) and cut into
+*chunks* of ``W`` consecutive elements of a row, ``W`` spanning whole rotation
+blocks (``B``) and whole scale groups (``G``); chunk ``k`` is row ``k // (N / W)``.
+Every program handles ``BR`` consecutive chunks, a ``[BR, W]`` tile that is one
+contiguous stretch of memory for a contiguous ``x``. Three kernels share the
+tile helpers:
 
 * :func:`rotate_kernel`: ``x @ R`` per block;
 * :func:`stats_kernel`: pass 1 of formats whose scale covers a whole row or the
@@ -37,34 +40,49 @@ def _nan():
 
 
 @triton.jit
-def _rotate_tile(v, cols, t_ptr, tlo_ptr, s_ptr, BM: tl.constexpr, C: tl.constexpr, B: tl.constexpr,
+def _rotate_tile(v, cols, t_ptr, tlo_ptr, s_ptr, BR: tl.constexpr, W: tl.constexpr, B: tl.constexpr,
                  TWO: tl.constexpr, SIGN_FIRST: tl.constexpr, HAS_SIGNS: tl.constexpr, TSCALE: tl.constexpr,
                  PREC: tl.constexpr):
-    """``(v * s) @ blockdiag(T)`` (signs first), or ``(v @ blockdiag(T.T)) * s`` for a transposed spec; fp32."""
+    """``(v * s) @ blockdiag(T)`` (signs first), or ``(v @ blockdiag(T.T)) * s`` for a transposed spec; fp32.
+
+    ``v`` is a ``[BR, W]`` tile in x's dtype and ``cols`` its ``[BR, W]`` column indices (for the signs).
+    """
     if HAS_SIGNS:
         s = tl.load(s_ptr + cols)
     if SIGN_FIRST and HAS_SIGNS:
-        v = (v.to(tl.float32) * s[None, :]).to(v.dtype)  # a sign flip is exact in any dtype
+        v = (v.to(tl.float32) * s).to(v.dtype)  # a sign flip is exact in any dtype
     rb = tl.arange(0, B)
-    vr = tl.reshape(v, [BM * C // B, B])
-    acc = tl.dot(vr, tl.load(t_ptr + rb[:, None] * B + rb[None, :]), input_precision=PREC, out_dtype=tl.float32)
+    if W != B:
+        v = tl.reshape(v, [BR * W // B, B])
+    acc = tl.dot(v, tl.load(t_ptr + rb[:, None] * B + rb[None, :]), input_precision=PREC, out_dtype=tl.float32)
     if TWO:  # hi + lo parts of a dense tile in half precision
-        acc += tl.dot(vr, tl.load(tlo_ptr + rb[:, None] * B + rb[None, :]), input_precision=PREC,
+        acc += tl.dot(v, tl.load(tlo_ptr + rb[:, None] * B + rb[None, :]), input_precision=PREC,
                       out_dtype=tl.float32)
-    acc = tl.reshape(acc, [BM, C]) * TSCALE
+    if W != B:
+        acc = tl.reshape(acc, [BR, W])
+    acc = acc * TSCALE
     if (not SIGN_FIRST) and HAS_SIGNS:
-        acc = acc * s[None, :]
+        acc = acc * s
     return acc
 
 
 @triton.jit
-def _load_rotated(x_ptr, rows, cols, rmask, stride_x, t_ptr, tlo_ptr, s_ptr,
-                  ROT: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, B: tl.constexpr, TWO: tl.constexpr,
+def _chunks(CPR, stride_x, BR: tl.constexpr, W: tl.constexpr):
+    """Chunk ids of this program, their rows, and the ``[BR, W]`` input offsets and column indices."""
+    k = tl.program_id(0) * BR + tl.arange(0, BR)
+    row = k // CPR
+    cols = ((k - row * CPR) * W)[:, None] + tl.arange(0, W)[None, :]
+    return k, row, row[:, None] * stride_x + cols, cols
+
+
+@triton.jit
+def _load_rotated(x_ptr, offs, cols, kmask, t_ptr, tlo_ptr, s_ptr,
+                  ROT: tl.constexpr, BR: tl.constexpr, W: tl.constexpr, B: tl.constexpr, TWO: tl.constexpr,
                   SIGN_FIRST: tl.constexpr, HAS_SIGNS: tl.constexpr, TSCALE: tl.constexpr, PREC: tl.constexpr):
-    """The ``[BM, C]`` tile of ``rotate(x, R)`` as fp32 (already rounded to x's dtype), and x itself."""
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=rmask[:, None], other=0.0)
+    """The ``[BR, W]`` tile of ``rotate(x, R)`` as fp32 (already rounded to x's dtype), and x itself."""
+    x = tl.load(x_ptr + offs, mask=kmask[:, None], other=0.0)
     if ROT:
-        v = _rotate_tile(x, cols, t_ptr, tlo_ptr, s_ptr, BM, C, B, TWO, SIGN_FIRST, HAS_SIGNS, TSCALE, PREC)
+        v = _rotate_tile(x, cols, t_ptr, tlo_ptr, s_ptr, BR, W, B, TWO, SIGN_FIRST, HAS_SIGNS, TSCALE, PREC)
         v = v.to(x.dtype).to(tl.float32)
     else:
         v = x.to(tl.float32)
@@ -88,25 +106,25 @@ def _mx_exponent(amax, RULE: tl.constexpr, EMAX: tl.constexpr, MBITS: tl.constex
 
 
 @triton.jit
-def _quantize_tile(vg, rows, rmask, rowscale_ptr, gscale_ptr,
+def _quantize_tile(vg, row, kmask, rowscale_ptr, gscale_ptr,
                    FMT: tl.constexpr, RULE: tl.constexpr, BITS: tl.constexpr, SCOPE: tl.constexpr,
                    CLIP: tl.constexpr, EMAX: tl.constexpr, MBITS: tl.constexpr, INV_MAX: tl.constexpr):
-    """Quantize fp32 groups ``vg [BM, NG, G]``.
+    """Quantize fp32 groups ``vg [BR, NG, G]``.
 
     Returns ``(y, code, scale, zero, bad)``: dequantized values, int32 codes, the
     per-group scale as stored (a byte for MX/NVFP4, fp32 for intq), the zero point
-    (asymmetric intq), and the NaN/Inf group mask ``[BM, NG]``.
+    (asymmetric intq), and the NaN/Inf group mask ``[BR, NG]``.
     """
     bad = tl.max(((vg.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000).to(tl.int32), axis=2) > 0
     amax = tl.max(tl.abs(vg), axis=2)
     z = amax * 0.0
     if SCOPE != GROUP:  # row / tensor scales come from pass 1, derived on the host by the reference
         if SCOPE == ROW:
-            sidx = rows
+            sidx = row
         else:
-            sidx = rows * 0
-        s = tl.load(rowscale_ptr + sidx * 2, mask=rmask, other=1.0)[:, None]
-        z = tl.load(rowscale_ptr + sidx * 2 + 1, mask=rmask, other=0.0)[:, None]
+            sidx = row * 0
+        s = tl.load(rowscale_ptr + sidx * 2, mask=kmask, other=1.0)[:, None]
+        z = tl.load(rowscale_ptr + sidx * 2 + 1, mask=kmask, other=0.0)[:, None]
         bad = s != s
     if FMT == 1 or FMT == 2:
         e = _mx_exponent(amax, RULE, EMAX, MBITS, INV_MAX)
@@ -156,81 +174,79 @@ def _quantize_tile(vg, rows, rmask, rowscale_ptr, gscale_ptr,
     return y, code, scale, z, bad
 
 
-@triton.jit(do_not_specialize=["M"])  # one compiled kernel for every token count
-def rotate_kernel(x_ptr, y_ptr, t_ptr, tlo_ptr, s_ptr, M, N, stride_x,
-                  BM: tl.constexpr, C: tl.constexpr, B: tl.constexpr, TWO: tl.constexpr,
+@triton.jit(do_not_specialize=["K"])  # one compiled kernel for every token count
+def rotate_kernel(x_ptr, y_ptr, t_ptr, tlo_ptr, s_ptr, K, CPR, stride_x,
+                  BR: tl.constexpr, W: tl.constexpr, B: tl.constexpr, TWO: tl.constexpr,
                   SIGN_FIRST: tl.constexpr, HAS_SIGNS: tl.constexpr, TSCALE: tl.constexpr, PREC: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * C + tl.arange(0, C)
-    rmask = rows < M
-    v, x = _load_rotated(x_ptr, rows, cols, rmask, stride_x, t_ptr, tlo_ptr, s_ptr,
-                         True, BM, C, B, TWO, SIGN_FIRST, HAS_SIGNS, TSCALE, PREC)
-    tl.store(y_ptr + rows[:, None] * N + cols[None, :], v.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
+    k, row, offs, cols = _chunks(CPR, stride_x, BR, W)
+    kmask = k < K
+    v, x = _load_rotated(x_ptr, offs, cols, kmask, t_ptr, tlo_ptr, s_ptr,
+                         True, BR, W, B, TWO, SIGN_FIRST, HAS_SIGNS, TSCALE, PREC)
+    out = k[:, None] * W + tl.arange(0, W)[None, :]
+    tl.store(y_ptr + out, v.to(y_ptr.dtype.element_ty), mask=kmask[:, None])
 
 
-@triton.jit(do_not_specialize=["M"])
-def stats_kernel(x_ptr, stats_ptr, t_ptr, tlo_ptr, s_ptr, M, N, stride_x,
-                 ROT: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, B: tl.constexpr, TWO: tl.constexpr,
+@triton.jit(do_not_specialize=["K"])
+def stats_kernel(x_ptr, stats_ptr, t_ptr, tlo_ptr, s_ptr, K, CPR, stride_x,
+                 ROT: tl.constexpr, BR: tl.constexpr, W: tl.constexpr, B: tl.constexpr, TWO: tl.constexpr,
                  SIGN_FIRST: tl.constexpr, HAS_SIGNS: tl.constexpr, TSCALE: tl.constexpr, PREC: tl.constexpr,
                  SCOPE: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * C + tl.arange(0, C)
-    rmask = rows < M
-    v, x = _load_rotated(x_ptr, rows, cols, rmask, stride_x, t_ptr, tlo_ptr, s_ptr,
-                         ROT, BM, C, B, TWO, SIGN_FIRST, HAS_SIGNS, TSCALE, PREC)
+    k, row, offs, cols = _chunks(CPR, stride_x, BR, W)
+    kmask = k < K
+    v, x = _load_rotated(x_ptr, offs, cols, kmask, t_ptr, tlo_ptr, s_ptr,
+                         ROT, BR, W, B, TWO, SIGN_FIRST, HAS_SIGNS, TSCALE, PREC)
     bad_el = (v.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
     amax = tl.max(tl.where(bad_el, 0.0, tl.abs(v)), axis=1)
     pos = tl.max(tl.where(bad_el, 0.0, tl.maximum(v, 0.0)), axis=1)
     neg = tl.max(tl.where(bad_el, 0.0, tl.maximum(-v, 0.0)), axis=1)
     bad = tl.max(bad_el.to(tl.int32), axis=1)
     if SCOPE == ROW:
-        base = stats_ptr + rows * 4
-        tl.atomic_max(base, amax.to(tl.int32, bitcast=True), mask=rmask)
-        tl.atomic_max(base + 1, pos.to(tl.int32, bitcast=True), mask=rmask)
-        tl.atomic_max(base + 2, neg.to(tl.int32, bitcast=True), mask=rmask)
-        tl.atomic_max(base + 3, bad, mask=rmask)
-    else:  # rows past M were loaded as zeros, so they cannot raise a maximum
+        base = stats_ptr + row * 4
+        tl.atomic_max(base, amax.to(tl.int32, bitcast=True), mask=kmask)
+        tl.atomic_max(base + 1, pos.to(tl.int32, bitcast=True), mask=kmask)
+        tl.atomic_max(base + 2, neg.to(tl.int32, bitcast=True), mask=kmask)
+        tl.atomic_max(base + 3, bad, mask=kmask)
+    else:  # chunks past K were loaded as zeros, so they cannot raise a maximum
         tl.atomic_max(stats_ptr, tl.max(amax, axis=0).to(tl.int32, bitcast=True))
         tl.atomic_max(stats_ptr + 1, tl.max(pos, axis=0).to(tl.int32, bitcast=True))
         tl.atomic_max(stats_ptr + 2, tl.max(neg, axis=0).to(tl.int32, bitcast=True))
         tl.atomic_max(stats_ptr + 3, tl.max(bad, axis=0))
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["K"])
 def quant_kernel(
     x_ptr, y_ptr, codes_ptr, scales_ptr, zeros_ptr, rowscale_ptr, gscale_ptr,
-    t_ptr, tlo_ptr, tb_ptr, tblo_ptr, s_ptr, M, N, stride_x,
-    STORE_CODES: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
+    t_ptr, tlo_ptr, tb_ptr, tblo_ptr, s_ptr, K, CPR, stride_x,
+    STORE_CODES: tl.constexpr, BR: tl.constexpr, W: tl.constexpr,
     ROT: tl.constexpr, B: tl.constexpr, TWO: tl.constexpr, SIGN_FIRST: tl.constexpr, HAS_SIGNS: tl.constexpr,
     TSCALE: tl.constexpr, BACK: tl.constexpr, BACK_SIGN_FIRST: tl.constexpr, PREC: tl.constexpr,
-    FMT: tl.constexpr, RULE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr, SCOPE: tl.constexpr,
-    CLIP: tl.constexpr, EMAX: tl.constexpr, MBITS: tl.constexpr, INV_MAX: tl.constexpr,
+    FMT: tl.constexpr, RULE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr,
+    SCOPE: tl.constexpr, CLIP: tl.constexpr, EMAX: tl.constexpr, MBITS: tl.constexpr, INV_MAX: tl.constexpr,
 ):
-    pid_n = tl.program_id(1)
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = pid_n * C + tl.arange(0, C)
-    rmask = rows < M
-    v, x = _load_rotated(x_ptr, rows, cols, rmask, stride_x, t_ptr, tlo_ptr, s_ptr,
-                         ROT, BM, C, B, TWO, SIGN_FIRST, HAS_SIGNS, TSCALE, PREC)
-    y, code, scale, z, bad = _quantize_tile(tl.reshape(v, [BM, NG, G]), rows, rmask, rowscale_ptr, gscale_ptr,
+    k, row, offs, cols = _chunks(CPR, stride_x, BR, W)
+    kmask = k < K
+    v, x = _load_rotated(x_ptr, offs, cols, kmask, t_ptr, tlo_ptr, s_ptr,
+                         ROT, BR, W, B, TWO, SIGN_FIRST, HAS_SIGNS, TSCALE, PREC)
+    y, code, scale, z, bad = _quantize_tile(tl.reshape(v, [BR, NG, G]), row, kmask, rowscale_ptr, gscale_ptr,
                                             FMT, RULE, BITS, SCOPE, CLIP, EMAX, MBITS, INV_MAX)
     if not STORE_CODES:
-        y = tl.reshape(y, [BM, C])
+        y = tl.reshape(y, [BR, W])
         if BACK:  # R.T: the transposed tile, with the signs on the other side
-            y = _rotate_tile(y.to(x.dtype), cols, tb_ptr, tblo_ptr, s_ptr, BM, C, B, TWO, BACK_SIGN_FIRST,
+            y = _rotate_tile(y.to(x.dtype), cols, tb_ptr, tblo_ptr, s_ptr, BR, W, B, TWO, BACK_SIGN_FIRST,
                              HAS_SIGNS, TSCALE, PREC)
-        tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
+        out = k[:, None] * W + tl.arange(0, W)[None, :]
+        tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=kmask[:, None])
     else:
-        code = tl.reshape(code, [BM, C])
+        code = tl.reshape(code, [BR, W])
         if BITS <= 4:
-            lo, hi = tl.split(tl.reshape(code, [BM, C // 2, 2]))
-            pc = pid_n * (C // 2) + tl.arange(0, C // 2)
-            tl.store(codes_ptr + rows[:, None] * (N // 2) + pc[None, :],
-                     ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8), mask=rmask[:, None])
+            lo, hi = tl.split(tl.reshape(code, [BR, W // 2, 2]))
+            out = k[:, None] * (W // 2) + tl.arange(0, W // 2)[None, :]
+            tl.store(codes_ptr + out, ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8), mask=kmask[:, None])
         else:
-            tl.store(codes_ptr + rows[:, None] * N + cols[None, :], code.to(tl.uint8), mask=rmask[:, None])
+            out = k[:, None] * W + tl.arange(0, W)[None, :]
+            tl.store(codes_ptr + out, code.to(tl.uint8), mask=kmask[:, None])
         if SCOPE == GROUP:
-            offs = rows[:, None] * (N // G) + pid_n * NG + tl.arange(0, NG)[None, :]
-            tl.store(scales_ptr + offs, scale.to(scales_ptr.dtype.element_ty), mask=rmask[:, None])
+            out = k[:, None] * NG + tl.arange(0, NG)[None, :]
+            tl.store(scales_ptr + out, scale.to(scales_ptr.dtype.element_ty), mask=kmask[:, None])
             if FMT == 5:
-                tl.store(zeros_ptr + offs, z.to(tl.uint8), mask=rmask[:, None])
+                tl.store(zeros_ptr + out, z.to(tl.uint8), mask=kmask[:, None])

@@ -29,7 +29,8 @@ __all__ = ["rotate", "rotate_qdq", "qdq", "quantize", "unsupported", "INTERPRET"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TILES = (16, 32, 64, 128, 256)
-_MAX_C = 1024
+_MIN_W = 32  # chunks narrower than this are widened (when n allows) for longer contiguous runs
+_MAX_W = 1024
 _TILE_ELEMENTS = 4096
 _PREC = "ieee"  # fp32 inputs: exact fp32 products (half inputs ignore it)
 
@@ -55,19 +56,20 @@ def _scope(fmt: Format | None) -> int:
 
 
 def _layout(n: int, rotation: Rotation | None, fmt: Format | None) -> tuple[int, int, int] | str:
-    """(C, G, BM) for a row of n, or the reason no tile fits."""
+    """(W, G, BR) for rows of n: chunk width, scale group inside a chunk, chunks per program; or why none fits."""
     b = rotation.tile if rotation is not None else 1
     grouped = fmt is not None and _scope(fmt) == GROUP.value
     g = fmt.group if grouped else 1
     if g & (g - 1):
         return f"scale group {g} is not a power of two"
-    c = max(b, g, 2)
-    while c < 64 and n % (2 * c) == 0:
-        c *= 2
-    if n % c or c > _MAX_C:
-        return f"last dim {n} does not split into tiles of {c} (<= {_MAX_C})"
-    bm = max(_TILE_ELEMENTS // c, 16 * b // c if rotation is not None else 1, 1)
-    return c, (g if grouped else c), bm
+    w = max(b, g, 2)
+    # widen short chunks for longer contiguous runs; row/tensor scopes go wide (fewer pass-1 atomics)
+    widest = _MIN_W if grouped or fmt is None else _MAX_W
+    while w < widest and n % (2 * w) == 0:
+        w *= 2
+    if n % w or w > _MAX_W:
+        return f"last dim {n} does not split into chunks of {w} (<= {_MAX_W})"
+    return w, (g if grouped else w), max(_TILE_ELEMENTS // w, 16)
 
 
 def unsupported(op: str, x: torch.Tensor, *, rotation=None, fmt=None, back=False) -> str | None:
@@ -90,7 +92,7 @@ def unsupported(op: str, x: torch.Tensor, *, rotation=None, fmt=None, back=False
 
 @functools.lru_cache(maxsize=64)
 def _tiles(rotation: Rotation, dtype: torch.dtype, device: torch.device):
-    """(T, T_lo, T_back, T_back_lo, scale, two) for the kernel's dot products.
+    """(T, T_lo, T_back, T_back_lo, scale, two, signs) for the kernel's dot products, cached on the device.
 
     Power-of-two Hadamard tiles are passed as exact +-1 matrices (scale 1/sqrt(b)
     applied in fp32); other tiles in half precision are split into hi + lo parts
@@ -108,7 +110,8 @@ def _tiles(rotation: Rotation, dtype: torch.dtype, device: torch.device):
         lo = (t - hi.double()).to(dtype) if two else hi
         return hi.to(device).contiguous(), lo.to(device).contiguous()
 
-    return (*parts(fwd), *parts(fwd.T.contiguous()), scale, two)
+    signs = rotation.sign_vector(torch.float32, device)
+    return (*parts(fwd), *parts(fwd.T.contiguous()), scale, two, signs)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -122,8 +125,7 @@ def _rotation_args(x2: torch.Tensor, rotation: Rotation | None) -> tuple[dict, t
         dummy = x2.new_empty(1)
         return dict(t_ptr=dummy, tlo_ptr=dummy, s_ptr=dummy.float(), ROT=False, B=1, TWO=False, SIGN_FIRST=False,
                     HAS_SIGNS=False, TSCALE=1.0), (dummy, dummy)
-    t, tlo, tb, tblo, tscale, two = _tiles(rotation, x2.dtype, x2.device)
-    signs = rotation.sign_vector(torch.float32, x2.device)
+    t, tlo, tb, tblo, tscale, two, signs = _tiles(rotation, x2.dtype, x2.device)
     args = dict(t_ptr=t, tlo_ptr=tlo, s_ptr=signs if signs is not None else t.new_empty(1, dtype=torch.float32),
                 ROT=True, B=rotation.tile, TWO=two, SIGN_FIRST=not rotation.transposed, HAS_SIGNS=signs is not None,
                 TSCALE=tscale)
@@ -140,22 +142,29 @@ def _format_args(fmt: Format | None, scope: int) -> dict:
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _fixed_global_scale(fmt: NVFP4, device: torch.device) -> torch.Tensor:
+    """A given (or unit) NVFP4 global scale as a 1-element device tensor, made once (no copy per call)."""
+    return ref.nvfp4_global_scale(torch.empty(0, device=device), fmt).reshape(1)
+
+
 def _pass1(x2, rotation, fmt):
     """Row/tensor scales (``[scopes, 2]``: s, z) and the NVFP4 global scale, from one statistics pass."""
     scope = _scope(fmt)
     if isinstance(fmt, NVFP4):
         if fmt.global_scale != "tensor":
-            return None, ref.nvfp4_global_scale(x2[:0].float(), fmt).reshape(1)
+            return None, _fixed_global_scale(fmt, x2.device)
         scope = TENSOR.value
     elif scope == GROUP.value:
         return None, None
     scopes = x2.shape[0] if scope == ROW.value else 1
     stats = torch.zeros(scopes, 4, dtype=torch.int32, device=x2.device)
     m, n = x2.shape
-    c, _, bm = _layout(n, rotation, fmt)
+    w, _, br = _layout(n, rotation, fmt)
     rot, _ = _rotation_args(x2, rotation)
-    stats_kernel[(triton.cdiv(m, bm), n // c)](x2, stats, M=m, N=n, stride_x=x2.stride(0), BM=bm, C=c,
-                                               PREC=_PREC, SCOPE=scope, **rot)
+    chunks = m * (n // w)
+    stats_kernel[(triton.cdiv(chunks, br),)](x2, stats, K=chunks, CPR=n // w, stride_x=x2.stride(0), BR=br, W=w,
+                                             PREC=_PREC, SCOPE=scope, **rot)
     amax, pos, neg = stats[:, :3].view(torch.float32).unbind(-1)
     finite = stats[:, 3] == 0
     if isinstance(fmt, NVFP4):
@@ -171,16 +180,17 @@ def _pass1(x2, rotation, fmt):
 def _quant(x2, rotation, fmt, *, back=False, out=None, codes=None, scales=None, zeros=None):
     """Run pass 1 if the format needs it, then the quant kernel; returns the pass-1 (rowscale, gscale)."""
     m, n = x2.shape
-    c, g, bm = _layout(n, rotation, fmt)
+    w, g, br = _layout(n, rotation, fmt)
+    chunks = m * (n // w)
     rowscale, gscale = _pass1(x2, rotation, fmt)
     rot, (tb, tblo) = _rotation_args(x2, rotation)
     dummy = x2.new_empty(1, dtype=torch.float32)
     pick = lambda t: dummy if t is None else t  # noqa: E731
-    quant_kernel[(triton.cdiv(m, bm), n // c)](
+    quant_kernel[(triton.cdiv(chunks, br),)](
         x2, pick(out), pick(codes), pick(scales), pick(zeros), pick(rowscale), pick(gscale),
-        tb_ptr=tb, tblo_ptr=tblo, M=m, N=n, stride_x=x2.stride(0),
-        STORE_CODES=codes is not None, BM=bm, C=c, BACK=back, BACK_SIGN_FIRST=not rot["SIGN_FIRST"], PREC=_PREC,
-        G=g, NG=c // g, **rot, **_format_args(fmt, _scope(fmt)),
+        tb_ptr=tb, tblo_ptr=tblo, K=chunks, CPR=n // w, stride_x=x2.stride(0),
+        STORE_CODES=codes is not None, BR=br, W=w, BACK=back, BACK_SIGN_FIRST=not rot["SIGN_FIRST"], PREC=_PREC,
+        G=g, NG=w // g, **rot, **_format_args(fmt, _scope(fmt)),
     )
     return rowscale, gscale
 
@@ -190,11 +200,12 @@ def rotate(x: torch.Tensor, r: Rotation) -> torch.Tensor:
     x2 = _flat(x)
     m, n = x2.shape
     out = torch.empty_like(x2)
-    c, _, bm = _layout(n, r, None)
+    w, _, br = _layout(n, r, None)
     rot, _ = _rotation_args(x2, r)
     del rot["ROT"]
-    rotate_kernel[(triton.cdiv(m, bm), n // c)](x2, out, M=m, N=n, stride_x=x2.stride(0), BM=bm, C=c, PREC=_PREC,
-                                                **rot)
+    chunks = m * (n // w)
+    rotate_kernel[(triton.cdiv(chunks, br),)](x2, out, K=chunks, CPR=n // w, stride_x=x2.stride(0), BR=br, W=w,
+                                              PREC=_PREC, **rot)
     return out.reshape(x.shape)
 
 
