@@ -102,13 +102,17 @@ def _sqnr(x, y):
     return 10 * torch.log10(x.double().square().sum() / (x.double() - y.double()).square().sum()).item()
 
 
+def _sqnr_without_and_with_rotation(dist, fmt, seed):
+    """SQNR (dB) of qdq(x) and of R^T qdq(x R) for a seeded [64, 1024] tensor and R = hadamard(1024, seed)."""
+    x = rt.make_tensor(dist, (64, 1024), seed)
+    r = rotfn.hadamard(1024, seed=seed)
+    return _sqnr(x, rotfn.qdq(x, fmt)), _sqnr(x, rotfn.rotate_qdq(x, r, fmt, back=True))
+
+
 @settings(max_examples=8)
 @given(rt.seeds(), st.sampled_from(["student_t", "outliers"]))
 def test_rotation_lowers_mxfp4_error_on_heavy_tails(seed, dist):
-    x = rt.make_tensor(dist, (64, 1024), seed)
-    r = rotfn.hadamard(1024, seed=seed)
-    plain = _sqnr(x, rotfn.qdq(x, rotfn.mxfp4()))
-    rotated = _sqnr(x, rotfn.rotate_qdq(x, r, rotfn.mxfp4(), back=True))
+    plain, rotated = _sqnr_without_and_with_rotation(dist, rotfn.mxfp4(), seed)
     assert rotated > plain + 1.0, (plain, rotated)
 
 
@@ -116,20 +120,14 @@ def test_rotation_lowers_mxfp4_error_on_heavy_tails(seed, dist):
 @given(rt.seeds())
 def test_rotation_can_raise_nvfp4_error_on_outlier_channels(seed):
     """NVFP4's fine E4M3 block scales already isolate outlier channels; rotation spreads them (FORMATS.md)."""
-    x = rt.make_tensor("outliers", (64, 1024), seed)
-    r = rotfn.hadamard(1024, seed=seed)
-    plain = _sqnr(x, rotfn.qdq(x, rotfn.nvfp4()))
-    rotated = _sqnr(x, rotfn.rotate_qdq(x, r, rotfn.nvfp4(), back=True))
+    plain, rotated = _sqnr_without_and_with_rotation("outliers", rotfn.nvfp4(), seed)
     assert rotated < plain - 1.0, (plain, rotated)
 
 
 @settings(max_examples=8)
 @given(rt.seeds())
 def test_rotation_keeps_gaussian_error(seed):
-    x = rt.make_tensor("normal", (64, 1024), seed)
-    r = rotfn.hadamard(1024, seed=seed)
-    plain = _sqnr(x, rotfn.qdq(x, rotfn.mxfp4()))
-    rotated = _sqnr(x, rotfn.rotate_qdq(x, r, rotfn.mxfp4(), back=True))
+    plain, rotated = _sqnr_without_and_with_rotation("normal", rotfn.mxfp4(), seed)
     assert abs(rotated - plain) < 0.3, (plain, rotated)
 
 
