@@ -340,6 +340,11 @@ def format_from_dict(d: dict) -> Format:
 
     Raises:
         SpecError: not a dict, unknown version or name, missing or invalid fields.
+
+    Example:
+        >>> import rotfn
+        >>> rotfn.format_from_dict({"version": 1, "name": "fp8", "granularity": "token"})
+        fp8('token')
     """
     fn = "format_from_dict"
     if not isinstance(d, dict):

@@ -14,7 +14,13 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a tensor as a same-width integer tensor (NaNs compare by payload)."""
+    """The raw bits of a tensor as a same-width integer tensor (NaNs compare by payload).
+
+    Example:
+        >>> import torch
+        >>> bits(torch.tensor([1.0, -0.0]))
+        tensor([ 1065353216, -2147483648], dtype=torch.int32)
+    """
     return t.contiguous().view(_INT_VIEW[t.element_size()])
 
 
@@ -57,6 +63,10 @@ def assert_orthogonal(r: Rotation, *, atol: float = 1e-12, rows: int = 8, dense_
 
     Raises:
         AssertionError: with the largest deviation found.
+
+    Example:
+        >>> import rotfn
+        >>> assert_orthogonal(rotfn.hadamard(11008, seed=0))   # 11008 > dense_max: sampled rows
     """
     n = r.n
     if n <= dense_max:
@@ -76,7 +86,12 @@ def assert_orthogonal(r: Rotation, *, atol: float = 1e-12, rows: int = 8, dense_
 
 
 def assert_inverse(x: torch.Tensor, r: Rotation, *, atol: float | None = None) -> None:
-    """Assert ``rotate_back(rotate(x, R), R) == x`` within ``atol`` (default by dtype, relative to max |x|)."""
+    """Assert ``rotate_back(rotate(x, R), R) == x`` within ``atol`` (default by dtype, relative to max |x|).
+
+    Example:
+        >>> import torch, rotfn
+        >>> assert_inverse(torch.randn(3, 64, dtype=torch.bfloat16), rotfn.orthogonal(64, seed=0))
+    """
     default = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
     tol = (default[x.dtype] if atol is None else atol) * max(1.0, x.abs().max().item())
     err = (rotate_back(rotate(x, r), r).double() - x.double()).abs().max().item()
@@ -96,6 +111,10 @@ def assert_qdq_laws(x: torch.Tensor, fmt: Format) -> None:
 
     Raises:
         AssertionError: naming the law that failed.
+
+    Example:
+        >>> import torch, rotfn
+        >>> assert_qdq_laws(torch.randn(4, 64), rotfn.mxfp4("even"))
     """
     before = x.clone()
     y = qdq(x, fmt)

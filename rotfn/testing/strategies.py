@@ -23,12 +23,29 @@ DISTRIBUTIONS = ("normal", "laplace", "student_t", "outliers")
 
 
 def seeds() -> st.SearchStrategy[int]:
-    """Seeds for ``torch.Generator.manual_seed`` and rotation specs."""
+    """Seeds for ``torch.Generator.manual_seed`` and rotation specs.
+
+    Example:
+        >>> from hypothesis import given
+        >>> @given(seeds())
+        ... def test(seed):
+        ...     assert 0 <= seed < 2**32
+        >>> test()
+    """
     return st.integers(min_value=0, max_value=2**32 - 1)
 
 
 def hadamard_orders(max_n: int = 1 << 15, min_n: int = 1) -> st.SearchStrategy[int]:
-    """Orders n in [min_n, max_n] for which ``rotfn.hadamard(n)`` can be built (shrinks to small n)."""
+    """Orders n in [min_n, max_n] for which ``rotfn.hadamard(n)`` can be built (shrinks to small n).
+
+    Example:
+        >>> from hypothesis import given
+        >>> import rotfn
+        >>> @given(hadamard_orders(4096))
+        ... def test(n):
+        ...     assert rotfn.hadamard(n).n == n
+        >>> test()
+    """
     orders = [n for n in constructible_orders(1 << 15) if min_n <= n <= max_n]
     return st.sampled_from(orders)
 
@@ -86,6 +103,14 @@ def formats(draw, names: tuple[str, ...] = ("mxfp4", "mxfp8", "nvfp4", "intq", "
     """Format specs with every option drawn (scale rules, global scales, bits, groups, clip).
 
     intq groups are drawn from (None, 16, 32); pair with tensors whose last dim is a multiple of 32.
+
+    Example:
+        >>> from hypothesis import given
+        >>> import rotfn
+        >>> @given(formats(), tensors(64))
+        ... def test(fmt, x):
+        ...     assert rotfn.qdq(x, fmt).shape == x.shape
+        >>> test()
     """
     name = draw(st.sampled_from(names))
     if name in ("mxfp4", "mxfp8"):
@@ -118,7 +143,13 @@ def _sample(dist: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Te
 
 
 def make_tensor(dist: str, shape: tuple[int, ...], seed: int, *, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-    """A seeded tensor of a distribution in :data:`DISTRIBUTIONS` (deterministic for a seed)."""
+    """A seeded tensor of a distribution in :data:`DISTRIBUTIONS` (deterministic for a seed).
+
+    Example:
+        >>> import torch
+        >>> torch.equal(make_tensor("student_t", (2, 8), 7), make_tensor("student_t", (2, 8), 7))
+        True
+    """
     gen = torch.Generator().manual_seed(seed)
     return (_sample(dist, shape, gen) * scale).to(dtype)
 
