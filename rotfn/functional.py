@@ -13,7 +13,7 @@ import torch
 from rotfn import dispatch
 from rotfn.errors import ArgumentError, DTypeError, FormatError, RotationError, ShapeError, message
 from rotfn.qtensor import QTensor
-from rotfn.specs.formats import FP8, Format
+from rotfn.specs.formats import Format
 from rotfn.specs.rotation import Rotation
 
 __all__ = ["rotate", "rotate_back", "qdq", "quantize", "dequantize", "rotate_qdq", "FLOAT_DTYPES"]
