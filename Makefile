@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:  make demo   /   make test
 # Each creates .venv, installs torch==2.13.0 first (a CPU wheel; never a multi-GB CUDA
-# build), then rotfn with its test extras. Re-runs skip the install unless pyproject.toml changed.
+# build), then rotfn with its test and demo extras. Re-runs skip the install unless pyproject.toml changed.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.rotfn-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,demo]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -14,6 +14,7 @@ from rotfn.apply import call, params
 from rotfn.functional import dequantize, qdq, quantize, rotate, rotate_back, rotate_qdq
 from rotfn.plans import FoldedParams, Plan, fold
 from rotfn.qtensor import QTensor
+from rotfn._report import LayerReport, Report, report
 from rotfn.specs import (
     FP8,
     MX,
@@ -46,6 +47,8 @@ __all__ = [
     "rotate", "rotate_back", "qdq", "quantize", "dequantize", "rotate_qdq",
     # parameter dicts and models
     "params", "call", "fold", "FoldedParams", "Plan", "where", "Where", "chain",
+    # measuring a plan
+    "report", "Report", "LayerReport",
     # modules
     "dispatch", "errors", "transforms", "plans", "apply",
 ]

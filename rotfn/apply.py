@@ -36,7 +36,7 @@ from rotfn.plans._plan import Plan, signature
 from rotfn.transforms._core import check_params
 from rotfn.transforms._where import Where
 
-__all__ = ["params", "call", "describe", "ModelInfo", "ATTENTION_NAMES", "EXPERTS_NAME"]
+__all__ = ["params", "call", "describe", "check_plan", "check_keys", "ModelInfo", "ATTENTION_NAMES", "EXPERTS_NAME"]
 
 #: Attention implementations rotfn registers with transformers, by the implementation they wrap.
 ATTENTION_NAMES = {"sdpa": "rotfn_sdpa", "eager": "rotfn_eager"}
@@ -161,6 +161,25 @@ def describe(model: nn.Module, *, fn: str = "describe") -> ModelInfo:
         tied=tied, linears=tuple(linears), experts=tuple(experts), output_embedding=out_emb,
         signature=signature(shapes.items()),
     )
+
+
+def check_plan(fn: str, info: ModelInfo, plan: Plan) -> None:
+    """Raise PlanError unless ``plan`` was built for the model ``info`` describes (same names and shapes)."""
+    if plan.signature != info.signature:
+        raise PlanError(message(fn, "plan", f"a plan built for this model ({info.cls}, signature {info.signature})",
+                                f"a plan for {plan.model} (signature {plan.signature})",
+                                "build the plan from this model with rotfn.plans.*"))
+
+
+def check_keys(fn: str, info: ModelInfo, params: dict) -> None:
+    """Raise SelectionError unless ``params`` has exactly the keys of the model ``info`` describes."""
+    missing = [k for k in info.shapes if k not in params]
+    extra = [k for k in params if k not in info.shapes]
+    if missing or extra:
+        close = Where.names(missing or extra).closest(info.shapes if extra else params)
+        raise SelectionError(message(fn, "params", f"exactly the {len(info.shapes)} keys of rotfn.params(model)",
+                                     f"missing {missing[:5]}, unexpected {extra[:5]}",
+                                     f"build params with rotfn.params(model); close keys: {close}"))
 
 
 # ----- online transforms -----------------------------------------------------------
@@ -401,18 +420,10 @@ def call(model: nn.Module, params: dict[str, torch.Tensor], plan: Plan | None, *
         raise PlanError(message(fn, "plan", "a rotfn.plans.Plan or None", type(plan).__name__,
                                 "build one with rotfn.plans.per_linear(model, ...) or rotfn.plans.quarot(model, ...)"))
     info = describe(model, fn=fn)
-    if plan is not None and plan.signature != info.signature:
-        raise PlanError(message(fn, "plan", f"a plan built for this model ({info.cls}, signature {info.signature})",
-                                f"a plan for {plan.model} (signature {plan.signature})",
-                                "build the plan from this model with rotfn.plans.*"))
+    if plan is not None:
+        check_plan(fn, info, plan)
     check_fold_state(fn, params, plan)
-    missing = [k for k in info.shapes if k not in params]
-    extra = [k for k in params if k not in info.shapes]
-    if missing or extra:
-        close = Where.names(missing or extra).closest(info.shapes if extra else params)
-        raise SelectionError(message(fn, "params", f"exactly the {len(info.shapes)} keys of rotfn.params(model)",
-                                     f"missing {missing[:5]}, unexpected {extra[:5]}",
-                                     f"build params with rotfn.params(model); close keys: {close}"))
+    check_keys(fn, info, params)
     flat = dict(params)
     untied = set(plan.untied) if plan is not None else set()
     _tie_fix(fn, flat, info.tied, untied)

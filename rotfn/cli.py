@@ -20,7 +20,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 _EPILOG = """examples:
-  rotfn demo              Hadamard rotations at model widths, SQNR of each format with and without rotation
+  rotfn demo              W4A4 plans on all-MiniLM-L6-v2 (offline), QuaRot equivalence, Hadamard and format tables
   rotfn demo --rows 64    the same on fewer activation rows (faster)
   python -m rotfn demo    the same without the console script
 """
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     demo_parser = commands.add_parser(
         "demo",
-        help="print rotfn's main job on built-in data (seconds on a CPU)",
+        help="print rotfn's main job on an embedded real model and built-in data (seconds on a CPU)",
         description=demo.__doc__.splitlines()[0],
         epilog="example:\n  rotfn demo --seed 1",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,0 +1,332 @@
+"""report: per-layer quantization error of a plan's formats, with and without the plan's rotations.
+
+For every ``nn.Linear`` the plan quantizes, :func:`report` measures the
+signal-to-quantization-noise ratio ``SQNR = 10 log10(sum x^2 / sum (x - qdq(x))^2)``
+in dB (higher is better) of
+
+* the weight ``W`` under the plan's weight format: ``W`` as it is ("none") and
+  ``W'`` as :func:`rotfn.fold` leaves it without qdq ("rotated": ``W @ R``, ``R.T @ W``,
+  norm scales fused), and
+* the linear's input ``x`` under the plan's activation format: ``x`` in the original
+  model ("none") and ``x'`` as it reaches the linear in the rotated, unquantized model
+  ("rotated": after the folded rotations and the online ``x @ R``).
+
+A rotation is orthogonal, so ``|x' - qdq(x')| = |x'R^T - qdq(x')R^T|``: the two columns
+measure the same error in two bases and can be compared directly. Rotation spreads
+outlier channels over a whole group (a gain), but it can also mix an outlier back into
+groups that small-group formats such as NVFP4 had isolated (a loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import statistics
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from rotfn._table import format_table
+from rotfn.apply import call, check_keys, check_plan, describe
+from rotfn.errors import ArgumentError, FoldError, PlanError, RotfnError, message
+from rotfn.functional import qdq
+from rotfn.plans._fold import fold, folded_with
+from rotfn.plans._plan import Plan
+from rotfn.specs.formats import Format
+from rotfn.transforms._core import check_params
+
+__all__ = ["report", "Report", "LayerReport", "sqnr_db", "HURT_DB"]
+
+#: A layer counts as hurt by rotation when its SQNR drops by more than this (dB): smaller changes are sampling noise.
+HURT_DB = 0.1
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)`` from the two energies ``sum x^2`` and ``sum (x - y)^2``; ``inf`` for zero noise.
+
+    Example:
+        >>> sqnr_db(100.0, 1.0), sqnr_db(1.0, 0.0)
+        (20.0, inf)
+    """
+    if noise == 0:
+        return math.inf
+    return -math.inf if signal == 0 else 10 * math.log10(signal / noise)
+
+
+def _energies(x: torch.Tensor, fmt: Format) -> tuple[float, float]:
+    """``(sum x^2, sum (x - qdq(x, fmt))^2)`` in float64."""
+    x64 = x.detach().double()
+    return x64.square().sum().item(), (x64 - qdq(x.detach(), fmt).double()).square().sum().item()
+
+
+def _gain(plain: float | None, rotated: float | None) -> float | None:
+    if plain is None or rotated is None or math.isinf(plain) or math.isinf(rotated):
+        return None
+    return rotated - plain
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    """One quantized linear: SQNR (dB) of its weight and of its input, without and with the plan's rotations.
+
+    Attributes:
+        layer: the linear's module name.
+        in_features: its input size.
+        weight_plain, weight_rotated: SQNR of ``qdq(W, weights)`` / ``qdq(W', weights)``, or None when the
+            plan does not quantize this weight.
+        act_plain, act_rotated: SQNR of ``qdq(x, acts)`` / ``qdq(x', acts)`` over every call of the linear on
+            the inputs, or None when the plan does not quantize this input.
+    """
+
+    layer: str
+    in_features: int
+    weight_plain: float | None
+    weight_rotated: float | None
+    act_plain: float | None
+    act_rotated: float | None
+
+    @property
+    def weight_gain(self) -> float | None:
+        """``weight_rotated - weight_plain`` in dB (positive: rotation helps), or None."""
+        return _gain(self.weight_plain, self.weight_rotated)
+
+    @property
+    def act_gain(self) -> float | None:
+        """``act_rotated - act_plain`` in dB (positive: rotation helps), or None."""
+        return _gain(self.act_plain, self.act_rotated)
+
+    def to_dict(self) -> dict:
+        """The row as a plain dict, gains included."""
+        return {**dataclasses.asdict(self), "weight_gain": self.weight_gain, "act_gain": self.act_gain}
+
+
+def _cell(value: float | None, sign: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.2f}" if sign else f"{value:.2f}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What :func:`rotfn.report` measured: one :class:`LayerReport` per quantized linear, in model order.
+
+    ``print(report)`` shows an aligned table and a summary; :meth:`to_dict` gives plain data.
+
+    Attributes:
+        rows: the per-layer measurements.
+        weights: the plan's weight format, or None.
+        acts: the plan's activation format, or None.
+        plan: ``repr`` of the plan measured.
+        notes: facts about the measurement (sites not covered, layers that did not run).
+    """
+
+    rows: tuple[LayerReport, ...]
+    weights: Format | None
+    acts: Format | None
+    plan: str
+    notes: tuple[str, ...] = ()
+
+    def summary(self) -> dict:
+        """Median gains (dB) and the layers where rotation lowers the SQNR, for weights and activations.
+
+        Returns:
+            ``{"layers", "median_weight_gain", "median_act_gain", "weight_hurt", "act_hurt"}``;
+            a median is None when nothing was measured; ``*_hurt`` list the layers whose gain is below
+            ``-HURT_DB``.
+        """
+        out: dict = {"layers": len(self.rows)}
+        for side in ("weight", "act"):
+            gains = [(r.layer, g) for r in self.rows if (g := getattr(r, f"{side}_gain")) is not None]
+            out[f"median_{side}_gain"] = statistics.median(g for _, g in gains) if gains else None
+            out[f"{side}_hurt"] = [name for name, g in gains if g < -HURT_DB]
+        return out
+
+    def summary_line(self) -> str:
+        """The summary in one line, e.g. ``"12 layers; median gain: weights +0.41 dB, acts +1.93 dB; ..."``."""
+        s = self.summary()
+        gains = f"weights {_cell(s['median_weight_gain'], True)} dB, acts {_cell(s['median_act_gain'], True)} dB"
+        parts = [f"{s['layers']} layers; median gain from rotation: {gains}"]
+        for side, label in (("weight", "weights"), ("act", "acts")):
+            hurt = s[f"{side}_hurt"]
+            if hurt:
+                shown = ", ".join(hurt[:3]) + (f", ... ({len(hurt)} in all)" if len(hurt) > 3 else "")
+                parts.append(f"rotation hurts {label} (< -{HURT_DB} dB) on {len(hurt)}: {shown}")
+        if not s["weight_hurt"] and not s["act_hurt"]:
+            parts.append(f"rotation hurts no layer by more than {HURT_DB} dB")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict:
+        """Plain data: formats as their ``to_dict``, rows as dicts, the summary and the notes."""
+        return {
+            "weights": None if self.weights is None else self.weights.to_dict(),
+            "acts": None if self.acts is None else self.acts.to_dict(),
+            "plan": self.plan,
+            "rows": [r.to_dict() for r in self.rows],
+            "summary": self.summary(),
+            "notes": list(self.notes),
+        }
+
+    def __str__(self) -> str:
+        header = ["layer", "in", "W none", "W rot", "W gain", "x none", "x rot", "x gain"]
+        cells = [[r.layer, r.in_features, _cell(r.weight_plain), _cell(r.weight_rotated), _cell(r.weight_gain, True),
+                  _cell(r.act_plain), _cell(r.act_rotated), _cell(r.act_gain, True)] for r in self.rows]
+        lines = [f"SQNR in dB (higher is better): weights {self.weights!r}, acts {self.acts!r}; plan {self.plan}",
+                 format_table(header, cells), self.summary_line()]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ----- measuring ---------------------------------------------------------------------
+def _rotations_only(plan: Plan) -> Plan:
+    """The plan without any qdq: its folded rotations and norm fusions and its online rotations."""
+    online = tuple(dataclasses.replace(o, fmt=None) for o in plan.online if o.rotation is not None)
+    return dataclasses.replace(plan, online=online, weights=None, quantized=(), acts=None)
+
+
+def _linear_name(key: str) -> str:
+    return key.removesuffix("weight").removesuffix(".")
+
+
+@contextlib.contextmanager
+def _capture(model: nn.Module, sites: Mapping[str, Format], energies: dict[str, list[float]]):
+    """Add ``(sum x^2, sum (x - qdq(x))^2)`` of each site's input to ``energies[site]`` while the block runs.
+
+    Forward hooks, not pre-hooks: a forward hook gets the input after every pre-hook,
+    so it sees ``x @ R`` when :func:`rotfn.call` installs its online pre-hooks. The
+    hooks return None (the output is left alone) and are removed on the way out.
+    """
+    def hook(site: str, fmt: Format):
+        def record(module, args, output):
+            signal, noise = _energies(args[0], fmt)
+            energies[site][0] += signal
+            energies[site][1] += noise
+            energies[site][2] += 1
+
+        return record
+
+    handles = []
+    try:
+        for site, fmt in sites.items():
+            handles.append(model.get_submodule(site).register_forward_hook(hook(site, fmt)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run(model: nn.Module, params, plan: Plan | None, inputs) -> None:
+    with torch.no_grad():
+        if isinstance(inputs, Mapping):
+            call(model, params, plan, **inputs)
+        else:
+            call(model, params, plan, *(inputs if isinstance(inputs, tuple) else (inputs,)))
+
+
+def _check_inputs(fn: str, inputs) -> None:
+    ok = isinstance(inputs, (torch.Tensor, tuple)) or (
+        isinstance(inputs, Mapping) and all(isinstance(k, str) for k in inputs))
+    if not ok:
+        raise ArgumentError(message(fn, "inputs", "a tensor (the first argument), a tuple of positional arguments or "
+                                    "a dict of keyword arguments", type(inputs).__name__,
+                                    "pass e.g. tokenizer(texts, return_tensors='pt') or input_ids"))
+
+
+def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inputs) -> Report:
+    """Measure, per quantized linear, the SQNR of the plan's weight and activation formats with and without its rotations.
+
+    Runs the model twice through :func:`rotfn.call` on ``inputs``: with ``params`` and no
+    plan, and with ``params`` folded by the plan's rotations alone (no qdq) and its online
+    rotations. Linear inputs are captured by forward hooks for each run and quantized with
+    the plan's activation format; weights are quantized with its weight format before and
+    after the fold. Both runs compute the same function, so the "rotated" columns say what
+    the plan's rotations do to the quantization error of the same activations.
+
+    Args:
+        model: the ``nn.Module`` the plan was built for, in eval mode (no dropout); not modified.
+        params: ``rotfn.params(model)`` (unfolded); not modified.
+        plan: a :class:`rotfn.plans.Plan` with a weight format, an activation format or both.
+        inputs: a tensor ``model(inputs)``, a tuple ``model(*inputs)`` or a dict ``model(**inputs)``.
+
+    Returns:
+        A frozen :class:`Report` (``print`` it, or read ``rows`` / ``to_dict()``).
+
+    Raises:
+        ArgumentError: model not an ``nn.Module`` or in training mode; inputs of the wrong type or
+            rejected by the model. DTypeError / SelectionError: params not ``rotfn.params(model)``.
+        PlanError: plan not a Plan, built for another model, or quantizing no linear.
+        FoldError: params already folded.
+
+    Example:
+        >>> import torch, rotfn
+        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+        >>> fmt = rotfn.mxfp4()
+        >>> plan = rotfn.plans.per_linear(m, rotation=lambda n: rotfn.hadamard(n, seed=0), weights=fmt, acts=fmt)
+        >>> r = rotfn.report(m, rotfn.params(m), plan, torch.randn(16, 64))
+        >>> [row.layer for row in r.rows], r.rows[0].act_plain > 10
+        (['0', '2'], True)
+    """
+    fn = "report"
+    info = describe(model, fn=fn)
+    if model.training:
+        raise ArgumentError(message(fn, "model", "a model in eval mode (dropout off, so both runs see the same "
+                                    "activations)", "a model in training mode", "call model.eval() first"))
+    check_params(fn, params)
+    if not isinstance(plan, Plan):
+        raise PlanError(message(fn, "plan", "a rotfn.plans.Plan", type(plan).__name__,
+                                "build one with rotfn.plans.per_linear(model, ...) or rotfn.plans.quarot(model, ...)"))
+    check_plan(fn, info, plan)
+    prior = folded_with(params)
+    if prior is not None:
+        raise FoldError(message(fn, "params", "unfolded params (report folds the plan's rotations itself)",
+                                f"params folded with {prior!r}", "pass rotfn.params(model)"))
+    check_keys(fn, info, params)
+    _check_inputs(fn, inputs)
+
+    linears = dict(info.linears)
+    act_sites = {o.site: o.fmt for o in plan.online if o.kind == "linear" and o.fmt is not None and o.site in linears}
+    weight_keys = {_linear_name(k): k for k in plan.quantized if _linear_name(k) in linears and k.endswith("weight")}
+    if not act_sites and not weight_keys:
+        raise PlanError(message(fn, "plan", "a plan that quantizes linears (weights= or acts= a format)",
+                                repr(plan), "build it with e.g. rotfn.plans.per_linear(model, rotation=..., "
+                                "weights=rotfn.mxfp4(), acts=rotfn.mxfp4())"))
+    notes = []
+    other = sorted({o.site for o in plan.online if o.fmt is not None and o.site not in act_sites}
+                   | {k for k in plan.quantized if _linear_name(k) not in weight_keys})
+    if other:
+        notes.append(f"quantized sites that are not nn.Linear are not reported: {other[:4]}")
+
+    rotations = _rotations_only(plan)
+    rotated_params = fold(params, rotations) if rotations.needs_fold else params
+    plain_e = {site: [0.0, 0.0, 0] for site in act_sites}
+    rotated_e = {site: [0.0, 0.0, 0] for site in act_sites}
+    with _capture(model, act_sites, plain_e):
+        try:
+            _run(model, params, None, inputs)
+        except RotfnError:
+            raise
+        except Exception as err:  # the model rejected the inputs: say so in rotfn's terms
+            raise ArgumentError(message(fn, "inputs", f"inputs {info.cls} accepts",
+                                        f"{type(err).__name__}: {str(err)[:200]}",
+                                        "pass what model(...) takes, as a tensor, tuple or dict")) from err
+    with _capture(model, act_sites, rotated_e):
+        _run(model, rotated_params, rotations, inputs)
+
+    idle = [s for s, (_, _, calls) in plain_e.items() if calls == 0]
+    if idle:
+        notes.append(f"linears that did not run on these inputs (no activation SQNR): {idle[:4]}")
+    rows = []
+    for name, n in info.linears:
+        if name not in act_sites and name not in weight_keys:
+            continue
+        w_plain = w_rot = a_plain = a_rot = None
+        if name in weight_keys:
+            key = weight_keys[name]
+            w_plain = sqnr_db(*_energies(params[key], plan.weights))
+            w_rot = sqnr_db(*_energies(rotated_params[key], plan.weights))
+        if name in act_sites and plain_e[name][2]:
+            a_plain, a_rot = sqnr_db(*plain_e[name][:2]), sqnr_db(*rotated_e[name][:2])
+        rows.append(LayerReport(name, n, w_plain, w_rot, a_plain, a_rot))
+    acts = plan.acts if plan.acts is not None else next(iter(act_sites.values()), None)
+    return Report(tuple(rows), plan.weights if weight_keys else None, acts, repr(plan), tuple(notes))
