@@ -55,6 +55,7 @@ def _scope(fmt: Format | None) -> int:
     return ROW.value if fmt is not None else GROUP.value
 
 
+@functools.lru_cache(maxsize=256)  # asked by unsupported(), pass 1 and the main launch of every call
 def _layout(n: int, rotation: Rotation | None, fmt: Format | None) -> tuple[int, int, int] | str:
     """(W, G, BR) for rows of n: chunk width, scale group inside a chunk, chunks per program; or why none fits."""
     b = rotation.tile if rotation is not None else 1
