@@ -4,7 +4,8 @@ Run on a CUDA machine: ``python bench/kernels.py`` (``--quick`` for one shape).
 Prints one table; effective bandwidth = bytes read + written (nominal, the same
 for every implementation of one op) / median time. Targets (issue "Triton
 kernels"): fused block rotate+qdq >= 90% of copy bandwidth and >= 2x faster than
-torch.compile of the reference; quantize >= 85% of the bound for its bytes.
+torch.compile of the reference; quantize >= 85% of the bound for its bytes;
+full-size online Hadamard (n = 4096, 14336) >= 75% of copy.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="the first shape only")
     parser.add_argument("--sweep", action="store_true", help="all block sizes for mxfp4 and nvfp4-fixed")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
+    parser.add_argument("--fwht", action="store_true", help="only the full-size Hadamard rows")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA device", file=sys.stderr)
@@ -59,6 +61,28 @@ def main(argv=None) -> int:
         out = torch.empty_like(x)
         t_copy = bench(lambda: out.copy_(x))
         copy_bw = nbytes / t_copy / 1e9
+        def compare(label, block, kernel, reference, key):
+            t_k = bench(kernel)
+            t_e = bench(reference, reps_ms=50)
+            t_c = float("nan")
+            if not args.no_compile:
+                try:
+                    if key not in compiled:
+                        compiled[key] = torch.compile(reference)
+                    t_c = bench(compiled[key])
+                except Exception as err:  # report, do not hide: the table shows "-"
+                    print(f"torch.compile failed for {label}: {type(err).__name__}: {err}"[:300])
+            bw = lambda t: f"{nbytes / t / 1e9:.2f}" if t == t else "-"  # noqa: E731
+            emit((f"{m}x{n}", label, block, f"{copy_bw:.2f}", bw(t_e), bw(t_c), bw(t_k), f"{t_k:.3f}",
+                  f"{t_copy:.3f}", f"{100 * t_copy / t_k:.0f}%", f"{t_c / t_k:.1f}" if t_c == t_c else "-"))
+
+        full = rotfn.hadamard(n, seed=0)  # full-size online Hadamard (FWHT kernel)
+        compare("rot H_n", n, lambda: rotfn.rotate(x, full, backend="triton"),
+                lambda: ops.rotate(x, full), ("rot", m, n))
+        compare("rqdq H_n mxfp4", n, lambda: rotfn.rotate_qdq(x, full, FORMATS["mxfp4"], backend="triton"),
+                lambda: ops.rotate_qdq(x, full, FORMATS["mxfp4"], False), ("rqdq-full", m, n))
+        if args.fwht:
+            continue
         for name, fmt in FORMATS.items():
             blocks = BLOCKS if (name in ("mxfp4", "nvfp4-fixed") and args.sweep) else (32,)
             for b in blocks:

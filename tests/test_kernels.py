@@ -98,6 +98,22 @@ def _ulps(a, b):
     return ((a.double() - b.double()).abs() / (scale * eps)).nan_to_num(0.0)
 
 
+# large Hadamard blocks K * 2^m (the FWHT kernel): (n, block); the GPU adds the model widths
+FWHT_SIZES = [(512, None), (192, None), (448, None), (1536, None), (2048, 512), (256, None), (6144, None),
+              (32768, None)] + ([(4096, None), (11008, None), (14336, None), (28672, None), (8192, 4096)] if CUDA else [])
+
+
+def _close_to_reference(got, ref, dtype):
+    """Within the fp32 accumulation's rounding plus one rounding to dtype: a few ulps of the row's scale.
+
+    fp32 sums run in another order than the reference's (up to 172 terms in a Hadamard factor
+    stage), so fp32 gets a few dozen fp32 ulps of the row's largest value on top.
+    """
+    row_max = ref.double().abs().amax(-1, keepdim=True)
+    tol = 8 * torch.finfo(dtype).eps * row_max + (4e-6 if dtype == torch.float32 else 0) * row_max
+    return bool(((got.double() - ref.double()).abs() <= tol).all())
+
+
 @pytest.mark.parametrize("kind", ["hadamard", "signed", "orthogonal", "matrix"])
 @pytest.mark.parametrize("tile", TILES)
 @settings(max_examples=4 if not CUDA else 6)
@@ -110,10 +126,38 @@ def test_block_rotation_within_ulps(kind, tile, x, seed, transposed):
         got = rotfn.rotate(x, r, backend="triton")
     assert ran == [("rotate", "triton")]
     ref = rotfn.rotate(x, r, backend="torch")
-    # rounding of the fp32 accumulation, then one rounding to x's dtype: a few ulps of the row's scale
-    row_max = ref.double().abs().amax(-1, keepdim=True)
-    tol = 8 * torch.finfo(x.dtype).eps * row_max + (1e-6 if x.dtype == torch.float32 else 0) * row_max
-    assert bool(((got.double() - ref.double()).abs() <= tol).all()), float((got.double() - ref.double()).abs().max())
+    assert _close_to_reference(got, ref, x.dtype), float((got.double() - ref.double()).abs().max())
+
+
+@pytest.mark.parametrize("n,block", FWHT_SIZES, ids=[f"{n}/{b}" for n, b in FWHT_SIZES])
+@settings(max_examples=3 if not CUDA else 5, deadline=None)
+@given(seed=rt.seeds(), signed=st.booleans(), transposed=st.booleans(), dtype=st.sampled_from(DTYPES),
+       rows=st.integers(1, 3 if not CUDA else 70), dist=st.sampled_from(rt.DISTRIBUTIONS))
+def test_large_hadamard_rotation_within_ulps(n, block, seed, signed, transposed, dtype, rows, dist):
+    r = rotfn.hadamard(n, block=block, seed=seed if signed else None)
+    r = r.T if transposed else r
+    x = rt.make_tensor(dist, (rows, n), seed, dtype=dtype).to(DEVICE)
+    with rotfn.dispatch.trace() as ran:
+        got = rotfn.rotate(x, r, backend="triton")
+    assert ran == [("rotate", "triton")]
+    ref = rotfn.rotate(x, r, backend="torch")
+    assert _close_to_reference(got, ref, dtype), float((got.double() - ref.double()).abs().max())
+    back = rotfn.rotate_back(got, r, backend="triton")
+    assert _close_to_reference(back, x, dtype)  # rotate_back(rotate(x)) == x within the roundings
+
+
+@pytest.mark.parametrize("fmt", [rotfn.mxfp4(), rotfn.nvfp4(), rotfn.intq(4, group=32), rotfn.fp8("token")], ids=repr)
+@pytest.mark.parametrize("n", [512, 1536] + ([4096, 14336] if CUDA else []))
+@settings(max_examples=2 if not CUDA else 4, deadline=None)
+@given(x_seed=rt.seeds(), seed=rt.seeds(), dtype=st.sampled_from(DTYPES))
+def test_large_hadamard_rotate_qdq_is_qdq_of_the_kernel_rotation(fmt, n, x_seed, seed, dtype):
+    r = rotfn.hadamard(n, seed=seed)
+    x = rt.make_tensor("normal", (3, n), x_seed, dtype=dtype).to(DEVICE)
+    rotated = rotfn.rotate(x, r, backend="triton")
+    fused = rotfn.rotate_qdq(x, r, fmt, backend="triton")
+    rt.assert_bits_equal(fused, rotfn.qdq(rotated, fmt, backend="torch"), name="rotate_qdq vs qdq(kernel rotation)")
+    back = rotfn.rotate_qdq(x, r, fmt, back=True, backend="triton")
+    rt.assert_bits_equal(back, rotfn.rotate_back(fused, r, backend="triton"), name="back")
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=repr)
@@ -188,9 +232,14 @@ def test_gradients_through_kernels():
 
 
 UNSUPPORTED = [
-    (lambda: rotfn.rotate(torch.zeros(2, 96, device=DEVICE), rotfn.hadamard(96), backend="triton"), "tile 96"),
-    (lambda: rotfn.rotate(torch.zeros(2, 512, device=DEVICE), rotfn.hadamard(512), backend="triton"), "tile 512"),
-    (lambda: rotfn.rotate(torch.zeros(2, 256, device=DEVICE), rotfn.hadamard(256), backend="triton"), "float32"),
+    (lambda: rotfn.rotate(torch.zeros(2, 96, device=DEVICE), rotfn.hadamard(96), backend="triton"), "96 = 12\\*8"),
+    (lambda: rotfn.rotate(torch.zeros(2, 512, device=DEVICE), rotfn.orthogonal(512, seed=0), backend="triton"),
+     "tile 512"),
+    (lambda: rotfn.rotate(torch.zeros(2, 344, device=DEVICE), rotfn.hadamard(344), backend="triton"), "172\\*2"),
+    (lambda: rotfn.rotate(torch.zeros(1, 65536, device=DEVICE), rotfn.hadamard(65536), backend="triton"),
+     "up to 32768"),
+    (lambda: rotfn.rotate(torch.zeros(2, 256, device=DEVICE), rotfn.orthogonal(256, seed=0), backend="triton"),
+     "float32"),
     (lambda: rotfn.qdq(torch.zeros(2, 64, device=DEVICE, dtype=torch.float64), rotfn.mxfp4(), backend="triton"),
      "float64"),
     (lambda: rotfn.qdq(torch.zeros(2, 48, device=DEVICE), rotfn.intq(4, group=48), backend="triton"),
@@ -218,5 +267,6 @@ def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
 def test_auto_picks_triton_on_cuda():
     with rotfn.dispatch.trace() as ran:
         rotfn.rotate_qdq(torch.randn(8, 256, device="cuda"), rotfn.hadamard(256, block=32), rotfn.mxfp4())
-        rotfn.rotate(torch.randn(8, 4096, device="cuda"), rotfn.hadamard(4096))  # full size: not yet a kernel
-    assert ran == [("rotate_qdq", "triton"), ("rotate", "torch")]
+        rotfn.rotate(torch.randn(8, 4096, device="cuda"), rotfn.hadamard(4096))  # the FWHT kernel
+        rotfn.rotate(torch.randn(8, 4096, device="cuda"), rotfn.orthogonal(4096, seed=0))  # no dense 4096 kernel
+    assert ran == [("rotate_qdq", "triton"), ("rotate", "triton"), ("rotate", "torch")]

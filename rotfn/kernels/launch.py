@@ -18,7 +18,9 @@ import torch
 import triton
 
 from rotfn.kernels.fused import GROUP, ROW, TENSOR, quant_kernel, rotate_kernel, stats_kernel
+from rotfn.kernels.fwht import hadamard_kernel
 from rotfn.ops import quant as ref
+from rotfn.ops.hadamard import factor_matrix
 from rotfn.qtensor import QTensor
 from rotfn.specs.formats import FP8, MX, NVFP4, Format, IntQ
 from rotfn.specs.rotation import Rotation
@@ -33,6 +35,11 @@ _MIN_W = 32  # chunks narrower than this are widened (when n allows) for longer 
 _MAX_W = 1024
 _TILE_ELEMENTS = 4096
 _PREC = "ieee"  # fp32 inputs: exact fp32 products (half inputs ignore it)
+_FWHT_MAX = 32768  # largest Hadamard block of the FWHT kernel (one block in registers per program)
+_FWHT_MAX_ELEMENTS = 32768  # registers: one padded block [KP, 2^m] per program
+_FWHT_KC = 32  # output rows of the K x K factor stage per chunk
+_FWHT_ELEMENTS = 4096  # blocks smaller than this are batched, several per program
+_RADIX_BITS = 7  # the reference FWHT's largest radix, 2^7 (rotfn.ops.hadamard)
 
 
 def _fmt_code(fmt: Format | None) -> int:
@@ -83,12 +90,47 @@ def unsupported(op: str, x: torch.Tensor, *, rotation=None, fmt=None, back=False
         return f"dtype {x.dtype}: kernels take float16, bfloat16 and float32"
     if x.numel() == 0:
         return "x is empty"
-    if rotation is not None and rotation.tile not in _TILES:
-        return f"rotation tile {rotation.tile}: kernels serve block rotations with tiles {_TILES}"
-    if rotation is not None and rotation.tile == 256 and x.dtype == torch.float32:
-        return "float32 with a 256 tile: the fp32 tile alone needs 256 KiB of shared memory (use tile <= 128)"
-    layout = _layout(x.shape[-1], rotation, fmt)
+    path = _path(rotation, x.dtype)
+    if path not in ("tile", "fwht", None):
+        return path
+    layout = _layout(x.shape[-1], rotation if path == "tile" else None, fmt)
     return layout if isinstance(layout, str) else None
+
+
+def _path(rotation: Rotation | None, dtype: torch.dtype) -> str | None:
+    """Which kernel rotates: ``"tile"`` (fused tensor-core tile), ``"fwht"`` (large Hadamard), or why none can."""
+    if rotation is None:
+        return None
+    if rotation.tile in _TILES and not (rotation.tile == 256 and dtype == torch.float32):
+        return "tile"
+    if rotation.kind == "hadamard":
+        plan = _fwht_plan(rotation.tile, rotation.factor)
+        return "fwht" if not isinstance(plan, str) else plan
+    if rotation.tile == 256:
+        return "float32 with a dense 256 tile: the fp32 tile alone needs 256 KiB of shared memory (use tile <= 128)"
+    return f"rotation tile {rotation.tile}: kernels serve dense tiles {_TILES} and Hadamard blocks K*2^m"
+
+
+@functools.lru_cache(maxsize=256)
+def _fwht_plan(b: int, k: int) -> tuple[int, int, int, int, int] | str:
+    """``(K, KP, R1, R2, R3)`` of the FWHT kernel for a Hadamard block ``b = K * 2^m``, or why it cannot serve it.
+
+    The radices split the ``m`` bits like the reference FWHT (balanced passes of at most
+    ``2^7``); each must be at least 16 (the tensor cores' smallest GEMM side).
+    """
+    p = b // k
+    m = p.bit_length() - 1
+    passes = max(1, -(-m // _RADIX_BITS))
+    bits = [(m * (i + 1)) // passes - (m * i) // passes for i in range(passes)]
+    kp = 1 if k == 1 else max(16, 1 << (k - 1).bit_length())
+    if b > _FWHT_MAX:
+        return f"Hadamard block {b}: the FWHT kernel serves blocks up to {_FWHT_MAX}"
+    if min(bits) < 4 or (k == 1 and passes == 1):
+        return f"Hadamard block {b} = {k}*{p}: the FWHT kernel needs 2^m >= 16 in every radix (and b > 128 for K = 1)"
+    if kp * p > _FWHT_MAX_ELEMENTS:
+        return f"Hadamard block {b} = {k}*{p}: padded to {kp}*{p} > {_FWHT_MAX_ELEMENTS} elements per program"
+    r1, r2, r3 = [1 << t for t in bits] + [1] * (3 - passes)
+    return k, kp, r1, r2, r3
 
 
 @functools.lru_cache(maxsize=64)
@@ -196,9 +238,49 @@ def _quant(x2, rotation, fmt, *, back=False, out=None, codes=None, scales=None, 
     return rowscale, gscale
 
 
+@functools.lru_cache(maxsize=32)
+def _factor(k: int, kp: int, device: torch.device) -> torch.Tensor:
+    """The +-1 factor ``H_K`` zero-padded to ``KP x KP`` (fp32, on the device; cached)."""
+    a = torch.zeros(kp, kp, dtype=torch.float32)
+    a[:k, :k] = factor_matrix(k)
+    return a.to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _sylvester_table(device: torch.device) -> torch.Tensor:
+    """The +-1 Sylvester ``H_128`` in bfloat16 (exact), on the device; every radix reads its top-left corner."""
+    i = torch.arange(128)
+    parity = torch.zeros(128, 128, dtype=torch.int64)
+    for bit in range(7):
+        parity ^= ((i[:, None] & i[None, :]) >> bit) & 1
+    return (1 - 2 * parity).to(torch.bfloat16).to(device)
+
+
+def _fwht_rotate(x2: torch.Tensor, r: Rotation) -> torch.Tensor:
+    """``x2 @ R`` for a Hadamard rotation with large blocks (:mod:`rotfn.kernels.fwht`)."""
+    m, n = x2.shape
+    k, kp, r1, r2, r3 = _fwht_plan(r.tile, r.factor)
+    out = torch.empty_like(x2)
+    signs = r.sign_vector(torch.float32, x2.device)
+    a = _factor(k, kp, x2.device) if k > 1 else x2.new_empty(1, dtype=torch.float32)
+    size = kp * r1 * r2 * r3
+    rows = max(1, _FWHT_ELEMENTS // size)  # small blocks: several per program
+    blocks = m * (n // r.tile)
+    hadamard_kernel[(triton.cdiv(blocks, rows),)](
+        x2, out, _sylvester_table(x2.device), a, a if signs is None else signs, blocks, n // r.tile, x2.stride(0),
+        ROWS=rows, K=k, KP=kp, KC=min(kp, _FWHT_KC), R1=r1, R2=r2, R3=r3, SCALE=1.0 / math.sqrt(r.tile),
+        HAS_SIGNS=signs is not None, SIGN_FIRST=not r.transposed, TRANSPOSE=r.transposed,
+        PARTS=1 if INTERPRET else 3 if x2.dtype == torch.float32 else 2,
+        num_warps=4 if rows * size <= 2048 else 8 if rows * size <= 8192 else 16,
+    )
+    return out
+
+
 def rotate(x: torch.Tensor, r: Rotation) -> torch.Tensor:
-    """``x @ R`` for block rotations (tile 16..256), in x's dtype."""
+    """``x @ R`` in x's dtype: block rotations with tiles 16..256, Hadamard blocks ``K * 2^m`` up to 32768."""
     x2 = _flat(x)
+    if _path(r, x.dtype) == "fwht":
+        return _fwht_rotate(x2, r).reshape(x.shape)
     m, n = x2.shape
     out = torch.empty_like(x2)
     w, _, br = _layout(n, r, None)
@@ -211,8 +293,16 @@ def rotate(x: torch.Tensor, r: Rotation) -> torch.Tensor:
 
 
 def rotate_qdq(x: torch.Tensor, r: Rotation | None, fmt: Format, back: bool) -> torch.Tensor:
-    """``qdq(rotate(x, R), fmt)`` (then ``rotate_back`` with ``back``) in one fused pass (two for row/tensor scales)."""
+    """``qdq(rotate(x, R), fmt)`` (then ``rotate_back`` with ``back``) in one fused pass (two for row/tensor scales).
+
+    Large Hadamard blocks (the FWHT kernel) run as rotate, qdq, rotate back: the
+    same roundings as the fused tile path, one pass more each way.
+    """
     x2 = _flat(x)
+    if _path(r, x.dtype) == "fwht":
+        y = torch.empty_like(x2)
+        _quant(_fwht_rotate(x2, r), None, fmt, out=y)
+        return (_fwht_rotate(y, r.T) if back else y).reshape(x.shape)
     out = torch.empty_like(x2)
     _quant(x2, r, fmt, back=back, out=out)
     return out.reshape(x.shape)
