@@ -9,12 +9,13 @@ Example:
     torch.Size([8, 4096])
 """
 
-from rotfn import apply, dispatch, errors, plans, transforms
+from rotfn import apply, dispatch, errors, io, learn, plans, transforms
+from rotfn._report import LayerReport, Report, report
 from rotfn.apply import call, params
 from rotfn.functional import dequantize, qdq, quantize, rotate, rotate_back, rotate_qdq
+from rotfn.io import export_hf, fold_checkpoint, load, load_hf, save
 from rotfn.plans import FoldedParams, Plan, fold
 from rotfn.qtensor import QTensor
-from rotfn._report import LayerReport, Report, report
 from rotfn.specs import (
     FP8,
     MX,
@@ -47,8 +48,10 @@ __all__ = [
     "rotate", "rotate_back", "qdq", "quantize", "dequantize", "rotate_qdq",
     # parameter dicts and models
     "params", "call", "fold", "FoldedParams", "Plan", "where", "Where", "chain",
+    # checkpoints
+    "save", "load", "export_hf", "load_hf", "fold_checkpoint",
     # measuring a plan
     "report", "Report", "LayerReport",
     # modules
-    "dispatch", "errors", "transforms", "plans", "apply",
+    "dispatch", "errors", "transforms", "plans", "apply", "io", "learn",
 ]

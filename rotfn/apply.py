@@ -394,16 +394,18 @@ def call(model: nn.Module, params: dict[str, torch.Tensor], plan: Plan | None, *
         params: ``{name: Tensor}`` for every parameter and buffer (see :func:`rotfn.params`);
             folded with ``plan`` when the plan changes weights.
         plan: a :class:`rotfn.plans.Plan`, or None for a plain functional call.
-        *args, **kwargs: the model's inputs.
+        *args: the model's positional inputs.
+        **kwargs: the model's keyword inputs.
 
     Returns:
         Whatever ``model(*args, **kwargs)`` returns.
 
     Raises:
-        ArgumentError: model not an ``nn.Module``. DTypeError: params not a dict of tensors.
-        SelectionError: params miss or add keys. PlanError: plan for another model, or an
-        attention implementation other than sdpa/eager with R3. FoldError: params not folded
-        with this plan (or folded with another).
+        ArgumentError: model not an ``nn.Module``.
+        DTypeError: params not a dict of tensors.
+        SelectionError: params miss or add keys.
+        PlanError: plan for another model, or an attention implementation other than sdpa/eager with R3.
+        FoldError: params not folded with this plan (or folded with another).
 
     Example:
         >>> import torch, rotfn

@@ -1,29 +1,229 @@
-"""The ``rotfn`` command: ``rotfn demo`` (also ``python -m rotfn demo``).
+"""The ``rotfn`` command: ``rotfn fold``, ``rotfn inspect``, ``rotfn report``, ``rotfn demo`` (also ``python -m rotfn``).
 
-Each subcommand's parser sets ``func``, which takes the parsed arguments and
-returns the exit code: 0 ok, 1 the command failed (e.g. a missing optional
-dependency), 2 usage error.
+Subcommands:
+
+* ``rotfn fold SRC DST --plan quarot --r1 hadamard --r2 hadamard``: fold a plan into a
+  Hugging Face checkpoint directory on disk, streaming (:func:`rotfn.fold_checkpoint`);
+* ``rotfn inspect PATH``: what a rotfn file (:func:`rotfn.save`) or an HF directory holds:
+  plan, rotations, formats, tensors, bytes, dtypes;
+* ``rotfn report DIR --format mxfp4``: the per-layer SQNR table of :func:`rotfn.report` for a
+  ``per_linear`` plan on the directory's model;
+* ``rotfn demo``: rotfn's main job on an embedded real model (see :mod:`rotfn.demo`).
+
+Exit codes, for scripts:
+
+* 0: success (also ``--help``);
+* 1: the command failed: a rotfn error (bad checkpoint, plan that does not fit, ...), a file
+  system error or a missing optional dependency; one line on stderr says what and how to fix it;
+* 2: usage error: no or unknown command, unknown option, bad or conflicting values (usage on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import rotfn
 from rotfn import demo
+from rotfn.errors import RotfnError
 
-__all__ = ["build_parser", "main", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "WEIGHT_FORMATS", "build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
+#: Format names the ``--weights`` / ``--format`` options take, and the specs they stand for.
+WEIGHT_FORMATS = {
+    "mxfp4": rotfn.mxfp4(), "mxfp8": rotfn.mxfp8(), "nvfp4": rotfn.nvfp4(),
+    "int4": rotfn.intq(4, group=32), "int8": rotfn.intq(8), "fp8": rotfn.fp8("channel"),
+}
+_ROTATIONS = ("hadamard", "orthogonal", "none")
+#: A sentence for ``rotfn report`` when the directory has no tokenizer (or with --random).
+TEXT = ("Rotations spread the outliers of weights and activations over many channels, "
+        "so a coarse number format loses less of the signal.")
+
 _EPILOG = """examples:
-  rotfn demo              W4A4 plans on all-MiniLM-L6-v2 (offline), QuaRot equivalence, Hadamard and format tables
-  rotfn demo --rows 64    the same on fewer activation rows (faster)
-  python -m rotfn demo    the same without the console script
+  rotfn fold llama-3-8b llama-3-8b-quarot --plan quarot --r1 hadamard --r2 hadamard
+  rotfn inspect llama-3-8b-quarot
+  rotfn report llama-3-8b --format mxfp4 --block 32
+  rotfn demo --rows 64
+
+exit codes: 0 ok, 1 the command failed (message on stderr), 2 usage error
 """
+
+
+def _rotation_factory(kind: str, seed: int, block: int | None) -> Callable | None:
+    """``n -> Rotation`` for a rotation named on the command line, or None for ``"none"``."""
+    if kind == "none":
+        return None
+    if kind == "hadamard":
+        return lambda n: rotfn.hadamard(n, block=block, seed=seed)
+    return lambda n: rotfn.orthogonal(n, seed=seed, block=block)
+
+
+def _usage(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.error(text)  # prints usage and the text on stderr, exits 2
+
+
+# ----- rotfn fold ---------------------------------------------------------------------------------
+def _fold_plan(args: argparse.Namespace) -> Callable:
+    """``model -> Plan`` from the fold options (seeds: R1 seed, R2 seed + 1, R3 seed + 2, R4 seed + 3)."""
+    weights = None if args.weights is None else WEIGHT_FORMATS[args.weights]
+    r1, r2, r3, r4 = (_rotation_factory(k, args.seed + i, args.block) for i, k in enumerate(
+        (args.r1, args.r2, args.r3, args.r4)))
+    if args.plan == "per_linear":
+        return lambda model: rotfn.plans.per_linear(model, rotation=r1, weights=weights)
+    return lambda model: rotfn.plans.quarot(model, r1=r1, r2=r2, r3=r3, r4=r4, weights=weights)
+
+
+def _run_fold(args: argparse.Namespace) -> int:
+    from rotfn.io._hf import read_rotfn_json
+
+    if args.plan == "per_linear" and (args.r2, args.r3, args.r4) != ("none",) * 3:
+        _usage(args.parser, "--r2/--r3/--r4 are quarot's; per_linear takes its rotation from --r1")
+    if args.r1 == "none" and args.r2 == args.r3 == args.r4 == "none" and args.weights is None:
+        _usage(args.parser, "nothing to fold: give a rotation (--r1 ...) or --weights")
+    stats = rotfn.fold_checkpoint(args.src, _fold_plan(args), args.dst, max_shard_size=args.max_shard_size,
+                                  overwrite=args.overwrite, progress=not args.quiet)
+    plan = read_rotfn_json(args.dst)
+    print(f"folded {args.src} -> {args.dst}: {stats.tensors} tensors written in {stats.shards} shards"
+          + (f" ({stats.shards_skipped} kept from an interrupted run)" if stats.shards_skipped else "")
+          + f", {_size(stats.bytes_written)} in {stats.seconds:.1f} s")
+    print(plan)
+    if plan.online:
+        print(f"note: {len(plan.online)} online transforms (R3/R4) are not in the weights: load with "
+              "rotfn.load_hf(dst) and run with rotfn.call", file=sys.stderr)
+    return EXIT_OK
+
+
+# ----- rotfn inspect ------------------------------------------------------------------------------
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**8 else f"{nbytes / 1e6:.2f} MB" if nbytes >= 10**4 else f"{nbytes} B"
+
+
+def _dtypes(counts: collections.Counter) -> str:
+    return ", ".join(f"{str(d).removeprefix('torch.')} x{n}" for d, n in counts.most_common())
+
+
+def _inspect_file(path: str) -> int:
+    import safetensors
+
+    from rotfn.errors import CheckpointError, message
+    from rotfn.io._encode import decode_plan
+    from rotfn.io._file import METADATA_KEY
+    from rotfn.io._shard import read_header
+
+    entries, metadata, _ = read_header(path, fn="inspect")
+    if METADATA_KEY not in metadata:
+        raise CheckpointError(message("inspect", "path", "a rotfn file (written by rotfn.save) or a checkpoint directory",
+                                      f"{path!r}, a safetensors file without rotfn metadata",
+                                      "inspect the directory that holds it, or read it with safetensors"))
+    doc = json.loads(metadata[METADATA_KEY])
+    params = doc.get("params", [])
+    kinds = collections.Counter(p.get("kind") for p in params)
+    print(f"rotfn file {path} (format {doc.get('format')} v{doc.get('version')}, folded: {doc.get('folded')})")
+    print(f"params: {len(params)} ({', '.join(f'{k} x{n}' for k, n in kinds.items())}); stored tensors: {len(entries)}, "
+          f"{_size(sum(e.nbytes for e in entries))} ({_dtypes(collections.Counter(e.dtype for e in entries))})")
+    formats = collections.Counter(rotfn.format_from_dict(p["format"]) for p in params if p.get("kind") == "qtensor")
+    for fmt, n in formats.items():
+        print(f"  QTensor {fmt!r} x{n}")
+    if doc.get("plan") is None:
+        print("plan: none")
+        return EXIT_OK
+    names = [ref[k] for ref in doc.get("rotation_tensors", []) for k in ("signs", "tile") if ref.get(k)]
+    with safetensors.safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in names}
+    plan = decode_plan(doc, tensors, fn="inspect", arg="path", source=path)
+    print(plan)
+    return EXIT_OK
+
+
+def _inspect_dir(path: str) -> int:
+    from rotfn.io._checkpoint import inventory
+    from rotfn.io._hf import read_rotfn_json
+    from rotfn.io._stream import MARKER
+
+    ckpt = inventory(path, fn="inspect", arg="path")
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    keys = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings", "dtype", "torch_dtype")
+    print(f"Hugging Face checkpoint {path}")
+    if os.path.exists(os.path.join(path, MARKER)):
+        print("  INCOMPLETE: an interrupted rotfn fold is writing this directory; rerun the same `rotfn fold` to finish it")
+    print("config: " + ", ".join(f"{k}={config[k]}" for k in keys if k in config))
+    per_file = collections.defaultdict(list)
+    for file, entry in ckpt.tensors.values():
+        per_file[file].append(entry)
+    for file in ckpt.files:
+        entries = per_file[file]
+        print(f"  {file}: {len(entries)} tensors, {_size(sum(e.nbytes for e in entries))}")
+    dtypes = collections.Counter(e.dtype for _, e in ckpt.tensors.values())
+    print(f"tensors: {len(ckpt.tensors)} in {len(ckpt.files)} files, {_size(ckpt.nbytes)} ({_dtypes(dtypes)})")
+    plan = read_rotfn_json(path)
+    print("plan: none (rotfn.json absent: not folded by rotfn)" if plan is None else f"plan (folded, rotfn.json):\n{plan}")
+    return EXIT_OK
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from rotfn.errors import CheckpointError, message
+
+    path = args.path
+    if os.path.isdir(path):
+        return _inspect_dir(path)
+    if os.path.isfile(path):
+        return _inspect_file(path)
+    raise CheckpointError(message("inspect", "path", "a rotfn file or a checkpoint directory", repr(path),
+                                  "check the path"))
+
+
+# ----- rotfn report -------------------------------------------------------------------------------
+def _token_ids(directory: str, count: int, seed: int, random_ids: bool, vocab: int):
+    """``[1, count]`` token ids: the built-in text through the directory's tokenizer, or seeded random ids."""
+    import torch
+
+    if not random_ids:
+        try:
+            import transformers
+
+            tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+            ids = tokenizer(" ".join([TEXT] * (1 + count // 8)), return_tensors="pt")["input_ids"][:, :count]
+            return ids, "the built-in text through the directory's tokenizer"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, count), generator=generator), f"random token ids (seed {seed})"
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import torch
+
+    from rotfn.errors import FoldError, message
+    from rotfn.io._checkpoint import inventory
+    from rotfn.io._hf import read_rotfn_json
+
+    inventory(args.dir, fn="report", arg="dir")  # a readable checkpoint, before transformers loads it
+    prior = read_rotfn_json(args.dir)
+    if prior is not None:
+        raise FoldError(message("report", "dir", "an unfolded checkpoint (report applies the rotations itself)",
+                                f"one folded with {prior!r}", "run it on the original checkpoint"))
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.dir, local_files_only=True, dtype=torch.float32).eval()
+    fmt = WEIGHT_FORMATS[args.format]
+    plan = rotfn.plans.per_linear(model, rotation=_rotation_factory(args.rotation, args.seed, args.block),
+                                  weights=fmt, acts=fmt)
+    ids, what = _token_ids(args.dir, args.tokens, args.seed, args.random, model.config.vocab_size)
+    shape = f"{args.block} x {args.block} blocks" if args.block else "full size"
+    print(f"{args.dir}: per_linear {args.rotation} rotation ({shape}, seed {args.seed}), {fmt!r} weights and "
+          f"activations, on {ids.shape[1]} tokens of {what}")
+    print(rotfn.report(model, rotfn.params(model), plan, ids))
+    return EXIT_OK
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -36,6 +236,34 @@ def _run_demo(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
 
+# ----- the parser ---------------------------------------------------------------------------------
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return value
+
+
+def _subparser(commands, name: str, help_text: str, epilog: str, func) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=func, parser=parser)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``rotfn`` command, one subparser per subcommand.
 
@@ -45,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     Example:
         >>> build_parser().parse_args(["demo", "--seed", "3"]).seed
         3
+        >>> build_parser().parse_args(["fold", "a", "b", "--r2", "hadamard"]).r2
+        'hadamard'
     """
     parser = argparse.ArgumentParser(
         prog="rotfn",
@@ -53,14 +283,54 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    demo_parser = commands.add_parser(
-        "demo",
-        help="print rotfn's main job on an embedded real model and built-in data (seconds on a CPU)",
-        description=demo.__doc__.splitlines()[0],
-        epilog="example:\n  rotfn demo --seed 1",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    demo.add_arguments(demo_parser).set_defaults(func=_run_demo)
+    formats = ", ".join(f"{k} = {v!r}" for k, v in WEIGHT_FORMATS.items())
+
+    fold = _subparser(commands, "fold", "fold a rotation plan into a Hugging Face checkpoint directory, streaming",
+                      "examples:\n"
+                      "  rotfn fold llama llama-quarot --plan quarot --r1 hadamard --r2 hadamard\n"
+                      "  rotfn fold llama llama-w4 --plan per_linear --r1 hadamard --block 32 --weights mxfp4\n"
+                      "  rotfn fold llama llama-quarot --plan quarot --r1 orthogonal --seed 7 --overwrite\n\n"
+                      "An interrupted fold leaves DST marked incomplete (.rotfn-incomplete); rerun the same command "
+                      "to finish it.\nSeeds: R1 uses --seed, R2 --seed + 1, R3 --seed + 2, R4 --seed + 3.\n"
+                      f"Formats: {formats}.", _run_fold)
+    fold.add_argument("src", metavar="SRC", help="checkpoint directory (config.json + safetensors)")
+    fold.add_argument("dst", metavar="DST", help="output directory (created; resumed if an earlier fold was interrupted)")
+    fold.add_argument("--plan", choices=("quarot", "per_linear"), default="quarot", help="plan builder (default quarot)")
+    fold.add_argument("--r1", choices=_ROTATIONS, default="hadamard",
+                      help="quarot: residual rotation R1; per_linear: the rotation of every linear input (default hadamard)")
+    for name, what in (("--r2", "per head on V and O"), ("--r3", "online on Q and K"), ("--r4", "before down_proj")):
+        fold.add_argument(name, choices=_ROTATIONS, default="none", help=f"quarot only: {what} (default none)")
+    fold.add_argument("--seed", type=_seed, default=0, help="seed of the random signs / orthogonal matrices (default 0)")
+    fold.add_argument("--block", type=_positive, default=None, help="block-diagonal rotations with B x B blocks")
+    fold.add_argument("--weights", choices=tuple(WEIGHT_FORMATS), default=None, help="fake-quantize the folded weights")
+    fold.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MiB (default 5GB)")
+    fold.add_argument("--overwrite", action="store_true", help="replace a complete checkpoint in DST")
+    fold.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    inspect = _subparser(commands, "inspect", "show what a rotfn file or a Hugging Face checkpoint directory holds",
+                         "examples:\n  rotfn inspect model.safetensors    a file written by rotfn.save\n"
+                         "  rotfn inspect llama-quarot          config, shards, tensors, dtypes and the rotfn.json plan",
+                         _run_inspect)
+    inspect.add_argument("path", metavar="FILE_OR_DIR", help="a rotfn file or a checkpoint directory")
+
+    report = _subparser(commands, "report", "per-layer SQNR of a format with and without rotation on a checkpoint's model",
+                        "examples:\n  rotfn report llama --format mxfp4\n"
+                        "  rotfn report llama --format nvfp4 --rotation hadamard --block 16 --tokens 64 --random\n\n"
+                        "The model is loaded in float32; tokens come from the directory's tokenizer on a built-in "
+                        "text, or are random ids.\n"
+                        f"Formats: {formats}.", _run_report)
+    report.add_argument("dir", metavar="DIR", help="an unfolded checkpoint directory")
+    report.add_argument("--format", choices=tuple(WEIGHT_FORMATS), default="mxfp4",
+                        help="weight and activation format (default mxfp4)")
+    report.add_argument("--rotation", choices=_ROTATIONS[:2], default="hadamard", help="rotation (default hadamard)")
+    report.add_argument("--block", type=_positive, default=None, help="block-diagonal rotation with B x B blocks")
+    report.add_argument("--seed", type=_seed, default=0, help="seed of the signs and of random ids (default 0)")
+    report.add_argument("--tokens", type=_positive, default=32, help="tokens to run (default 32)")
+    report.add_argument("--random", action="store_true", help="random token ids even if the directory has a tokenizer")
+
+    demo_parser = _subparser(commands, "demo", "print rotfn's main job on an embedded real model and built-in data "
+                             "(seconds on a CPU)", "example:\n  rotfn demo --seed 1", _run_demo)
+    demo.add_arguments(demo_parser)
     return parser
 
 
@@ -71,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name; None reads ``sys.argv``.
 
     Returns:
-        The exit code: 0 on success (and for ``--help``), 1 when the command failed,
+        The exit code: 0 on success (and for ``--help``), 1 when the command failed (a rotfn
+        error, a file system error or a missing optional dependency; message on stderr),
         2 on a usage error (no or unknown command, unknown option, bad value; message on stderr).
 
     Example:
@@ -87,4 +358,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("rotfn: error: a command is required (e.g. rotfn demo)", file=sys.stderr)
         return EXIT_USAGE
-    return args.func(args)
+    try:
+        return args.func(args)
+    except SystemExit as stop:  # a usage error found after parsing (parser.error)
+        return EXIT_USAGE if stop.code is None else int(stop.code)
+    except RotfnError as err:
+        print(f"rotfn {args.command}: {err}", file=sys.stderr)
+    except ModuleNotFoundError as err:
+        print(f"rotfn {args.command}: needs the Python package {err.name!r}; fix: pip install 'rotfn[hf]'", file=sys.stderr)
+    except OSError as err:
+        print(f"rotfn {args.command}: {err}", file=sys.stderr)
+    return EXIT_FAILED

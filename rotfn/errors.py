@@ -27,6 +27,8 @@ __all__ = [
     "FamilyError",
     "PlanError",
     "FoldError",
+    "CheckpointError",
+    "CheckpointWarning",
     "message",
 ]
 
@@ -105,3 +107,13 @@ class PlanError(RotfnError, ValueError):
 
 class FoldError(PlanError):
     """Params and plan disagree on what was folded: folding twice, or calling unfolded params."""
+
+
+class CheckpointError(RotfnError, ValueError):
+    """A file or directory is not a readable rotfn checkpoint (not rotfn, unknown version, missing,
+    mismatched, corrupted or truncated data), or params cannot be written to one."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint loads, but with a caveat worth knowing (e.g. plain transformers would skip its
+    online transforms; a random rotation's stored matrix differs from what this torch regenerates)."""

@@ -279,7 +279,11 @@ def rotate_qdq(
         Tensor of x's shape, dtype and device.
 
     Raises:
-        DTypeError, ShapeError, RotationError, FormatError, BackendUnavailableError.
+        DTypeError: x not floating, or back not a bool.
+        ShapeError: ``x.shape[-1] != R.n``, or n not divisible by the format's group.
+        RotationError: R not a Rotation.
+        FormatError: fmt not a format spec.
+        BackendUnavailableError: ``backend="triton"`` cannot run this call.
 
     Example:
         >>> import torch, rotfn

@@ -214,9 +214,12 @@ def quarot(
 
     Args:
         model: a transformers ``*ForCausalLM`` of a supported family (see :data:`rotfn.plans.FAMILIES`).
-        r1, r2, r3, r4: each a :class:`rotfn.Rotation` of the right size, a function
-            ``n -> Rotation`` (needed for R4 when down projections differ in size, as in MoE),
-            or None to leave that position out.
+        r1: R1 (hidden size): a :class:`rotfn.Rotation` of the right size, a function
+            ``n -> Rotation``, or None to leave that position out (as for r2, r3, r4).
+        r2: R2 (head_dim), as r1.
+        r3: R3 (head_dim), as r1.
+        r4: R4 (the down projections' input size), as r1; a function ``n -> Rotation`` is
+            needed when down projections differ in size, as in MoE.
         weights: weight format, or None.
         acts: activation format, or None.
 

@@ -8,9 +8,9 @@ import torch
 
 from rotfn.errors import FoldError, PlanError, message
 from rotfn.plans._plan import Plan, signature
-from rotfn.transforms._core import check_params
+from rotfn.transforms._core import RotateFn, Transform, check_params
 
-__all__ = ["fold", "FoldedParams", "folded_with", "check_fold_state"]
+__all__ = ["fold", "fold_tensors", "FoldedParams", "folded_with", "check_fold_state"]
 
 _MARK = "_rotfn_folded_with"  # attribute fold sets on every tensor it creates
 
@@ -84,6 +84,33 @@ def check_fold_state(fn: str, params: Mapping, plan: Plan | None) -> None:
                                 "fold the original params with the plan you call with"))
 
 
+def fold_tensors(params: Mapping[str, torch.Tensor], plan: Plan,
+                 rotate_fns: Mapping[Transform, RotateFn] | None = None) -> dict[str, torch.Tensor]:
+    """The math of :func:`fold` alone: touched tensors to float64, ``plan.transform()``, each cast back once.
+
+    No checks, no fold marks, no tie merging (that is :func:`fold`). Differentiable in
+    ``params``; ``rotate_fns`` maps some of the plan's rotation transforms to a stand-in for
+    ``rotate(x, R)`` (see :meth:`rotfn.transforms.Chain._apply`), which is how :mod:`rotfn.learn`
+    differentiates through the plan's own entries with respect to a rotation matrix.
+
+    Example:
+        >>> import torch, rotfn
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        >>> plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(4))
+        >>> p = rotfn.params(m)
+        >>> torch.equal(fold_tensors(p, plan)["0.weight"], rotfn.fold(p, plan)["0.weight"])
+        True
+    """
+    touched = [k for k in plan.touched() if k in params]
+    work = dict(params)
+    for k in touched:
+        work[k] = params[k].to(torch.float64)
+    out = plan.transform()._apply(work, rotate_fns)
+    for k in touched:
+        out[k] = out[k].to(params[k].dtype)
+    return out
+
+
 def fold(params: Mapping[str, torch.Tensor], plan: Plan) -> FoldedParams:
     """Apply a plan's weight side to a params dict: norm fusions, rotations, weight qdq.
 
@@ -101,9 +128,11 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan) -> FoldedParams:
         A :class:`FoldedParams` (a dict) whose ``.plan`` is ``plan``.
 
     Raises:
-        DTypeError: params not a dict of tensors. PlanError: plan not a Plan, built for
-        another model, or changing tied keys differently. FoldError: params already folded.
-        ShapeError / SelectionError: an entry does not fit a tensor.
+        DTypeError: params not a dict of tensors.
+        PlanError: plan not a Plan, built for another model, or changing tied keys differently.
+        FoldError: params already folded.
+        ShapeError: an entry does not fit a tensor's shape.
+        SelectionError: an entry names a key params do not have.
 
     Example:
         >>> import torch, rotfn
@@ -127,13 +156,11 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan) -> FoldedParams:
         raise PlanError(message(fn, "plan", f"a plan for params with signature {sig}",
                                 f"a plan for {plan.model} (signature {plan.signature})",
                                 "build the plan from the model these params come from, with params = rotfn.params(model)"))
-    touched = [k for k in plan.touched() if k in params]
-    work = dict(params)
-    for k in touched:
-        work[k] = params[k].to(torch.float64)
-    out = plan.transform()._apply(work)
-    for k in touched:
-        t = out[k].to(params[k].dtype)
+    out = fold_tensors(params, plan)
+    for k in plan.touched():
+        if k not in params:
+            continue
+        t = out[k]
         if t is params[k]:  # never hand back (and mark) a caller's tensor
             t = t.clone()
         setattr(t, _MARK, plan)

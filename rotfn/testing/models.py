@@ -292,8 +292,10 @@ def assert_equivalent(model, params_a, plan_a, params_b, plan_b, inputs, *, rtol
 
     Args:
         model: the ``nn.Module``.
-        params_a, plan_a: the reference (e.g. ``rotfn.params(model), None``).
-        params_b, plan_b: the candidate (e.g. ``rotfn.fold(p, plan), plan``).
+        params_a: the reference params (e.g. ``rotfn.params(model)``).
+        plan_a: the reference plan (e.g. None).
+        params_b: the candidate params (e.g. ``rotfn.fold(p, plan)``).
+        plan_b: the candidate plan (e.g. ``plan``).
         inputs: a tensor (first positional argument), a tuple of positional arguments, or a dict of keyword arguments.
         rtol: the largest allowed relative error.
 

@@ -22,7 +22,7 @@ written. Math is float64, cast back to each tensor's dtype once per transform
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -43,8 +43,12 @@ from rotfn.transforms._where import Where, where
 
 __all__ = [
     "Transform", "RotateInput", "RotateOutput", "FuseNorm", "QDQWeights", "Chain",
-    "rotate_input", "rotate_output", "fuse_norm", "qdq_weights", "chain", "check_params",
+    "rotate_input", "rotate_output", "fuse_norm", "qdq_weights", "chain", "check_params", "RotateFn",
 ]
+
+
+#: ``rotate_fn(x, R) -> x @ R`` on the last dim: :func:`rotfn.rotate` or a stand-in for it.
+RotateFn = Callable[[torch.Tensor, Rotation], torch.Tensor]
 
 
 def check_params(fn: str, params, arg: str = "params") -> None:
@@ -67,8 +71,12 @@ def _key(fn: str, params: Mapping, key: str) -> torch.Tensor:
 
 
 def _rotate_dim(fn: str, key: str, t: torch.Tensor, r: Rotation, dim: int, per_head: bool,
-                span: tuple[int, int] | None) -> torch.Tensor:
-    """Rotate dim ``dim`` of ``t`` (or its ``span``) by ``r``, per head if asked; float64 math, t's dtype out."""
+                span: tuple[int, int] | None, rotate_fn: RotateFn = rotate) -> torch.Tensor:
+    """Rotate dim ``dim`` of ``t`` (or its ``span``) by ``r``, per head if asked; float64 math, t's dtype out.
+
+    ``rotate_fn(x, r)`` computes ``x @ R`` on the last dim (default :func:`rotfn.rotate`); a
+    replacement, e.g. a differentiable matrix for :mod:`rotfn.learn`, gets the same cutting.
+    """
     if t.dtype not in FLOAT_DTYPES:
         raise DTypeError(message(fn, f"params[{key!r}]", "a floating tensor", t.dtype))
     x = t.movedim(dim, -1)
@@ -87,7 +95,7 @@ def _rotate_dim(fn: str, key: str, t: torch.Tensor, r: Rotation, dim: int, per_h
         )
     lead = x.shape[:-1]
     part = x[..., lo:hi].to(torch.float64)
-    part = rotate(part.reshape(*lead, m // r.n, r.n), r).reshape(*lead, m).to(t.dtype)
+    part = rotate_fn(part.reshape(*lead, m // r.n, r.n), r).reshape(*lead, m).to(t.dtype)
     if span is not None:
         part = torch.cat([x[..., :lo], part, x[..., hi:]], dim=-1)
     return part.movedim(-1, dim).contiguous()
@@ -158,10 +166,10 @@ class RotateInput(Transform):
     per_head: bool = False
     name = "rotate_input"
 
-    def _apply(self, params):
+    def _apply(self, params, rotate_fn: RotateFn = rotate):
         out = dict(params)
         for key in self.where.select(params, fn=self.name):
-            out[key] = _rotate_dim(self.name, key, params[key], self.rotation, -1, self.per_head, None)
+            out[key] = _rotate_dim(self.name, key, params[key], self.rotation, -1, self.per_head, None, rotate_fn)
         return out
 
     def inverse(self) -> RotateInput:
@@ -182,12 +190,12 @@ class RotateOutput(Transform):
     span: tuple[int, int] | None = None
     name = "rotate_output"
 
-    def _apply(self, params):
+    def _apply(self, params, rotate_fn: RotateFn = rotate):
         out = dict(params)
         for key in self.where.select(params, fn=self.name):
             t = params[key]
             dim = -2 if t.ndim >= 2 else -1
-            out[key] = _rotate_dim(self.name, key, t, self.rotation, dim, self.per_head, self.span)
+            out[key] = _rotate_dim(self.name, key, t, self.rotation, dim, self.per_head, self.span, rotate_fn)
         return out
 
     def inverse(self) -> RotateOutput:
@@ -269,10 +277,13 @@ class Chain(Transform):
     transforms: tuple[Transform, ...]
     name = "chain"
 
-    def _apply(self, params):
+    def _apply(self, params, rotate_fns: Mapping[Transform, RotateFn] | None = None):
+        """Apply each transform in order; ``rotate_fns`` maps some of the rotation transforms
+        (:class:`RotateInput` / :class:`RotateOutput`) to a replacement for ``rotate(x, R)``."""
         out = dict(params)
         for t in self.transforms:
-            out = t._apply(out)
+            rotate_fn = rotate_fns.get(t) if rotate_fns else None
+            out = t._apply(out) if rotate_fn is None else t._apply(out, rotate_fn)
         return out
 
     def inverse(self) -> Chain:
@@ -303,8 +314,9 @@ def rotate_input(R: Rotation, where: Where | str | tuple, *, per_head: bool = Fa
         A frozen :class:`RotateInput`; call it on a params dict to get a new dict.
 
     Raises:
-        RotationError: R not a Rotation. ArgumentError: bad where or per_head.
-        When called: SelectionError (no key matches), ShapeError (size mismatch).
+        RotationError: R not a Rotation.
+        ArgumentError: bad where or per_head. When the transform is called:
+            SelectionError (no key matches) or ShapeError (size mismatch).
 
     Example:
         >>> import torch, rotfn
@@ -340,7 +352,9 @@ def rotate_output(
         A frozen :class:`RotateOutput`.
 
     Raises:
-        RotationError, ArgumentError; when called SelectionError, ShapeError.
+        RotationError: R not a Rotation.
+        ArgumentError: bad where, per_head or span. When the transform is called:
+            SelectionError (where matches no key) or ShapeError (a tensor that does not fit R).
 
     Example:
         >>> import torch, rotfn
@@ -374,8 +388,9 @@ def fuse_norm(norm: str, into: Where | str | tuple, *, bias: str | None = None) 
         A frozen :class:`FuseNorm`.
 
     Raises:
-        ArgumentError: bad arguments. When called: SelectionError, ShapeError,
-        PlanError (a LayerNorm bias but a linear without bias).
+        ArgumentError: bad arguments. When the transform is called: SelectionError
+            (no such key), ShapeError (sizes differ) or PlanError (a LayerNorm bias but a
+            linear without bias).
 
     Example:
         >>> import torch, rotfn
@@ -403,7 +418,8 @@ def qdq_weights(fmt: Format, where: Where | str | tuple) -> QDQWeights:
         A frozen :class:`QDQWeights`.
 
     Raises:
-        FormatError: fmt not a format. When called: SelectionError, ShapeError.
+        FormatError: fmt not a format. When the transform is called: SelectionError
+            (no key matches) or ShapeError (last dim not divisible by the format's group).
 
     Example:
         >>> import torch, rotfn

@@ -1,0 +1,551 @@
+"""Streaming fold of a sharded Hugging Face checkpoint: a plan's weight side baked in, one tensor piece at a time.
+
+:func:`fold_checkpoint` reads ``src_dir``'s safetensors tensor by tensor (memory-mapped
+with :func:`safetensors.safe_open`), folds each with the part of the plan that writes it
+(:mod:`rotfn.io._keyfold`: the same float64 code :func:`rotfn.fold` runs, so the bits
+are the same) and streams it into output shards (:class:`rotfn.io._shard.ShardWriter`).
+Memory stays at a few pieces of the largest tensors, not the model: large tensors are
+folded in pieces of about :data:`PIECE_ELEMENTS` elements, the mapped source pages are
+released every :data:`MAP_BUDGET` bytes by reopening the file, and only the small tensors
+other keys read (norm scales) are kept, until their last reader is done.
+
+The output directory is built in place and is, at every moment, either complete or
+marked incomplete:
+
+1. ``.rotfn-incomplete`` (JSON: a hash of the job, the shards already finished) is
+   written first and removed last;
+2. each shard is written to a temporary sibling, fsynced and renamed
+   (``model-0000i-of-0000n.safetensors``, or ``model.safetensors`` for one), then
+   recorded in the marker;
+3. then ``model.safetensors.index.json``, the source's small files (tokenizer,
+   generation config, ...), ``rotfn.json`` (the plan, see :func:`rotfn.io._hf.write_rotfn_json`;
+   its presence says the weights are folded with it) and ``config.json`` last
+   (``tie_word_embeddings`` set to false when the plan unties the embeddings).
+
+A rerun of the same job resumes: shards recorded in the marker, with the recorded size and
+modification time and the expected header, are kept; any other job restarts cleanly.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import safetensors
+import torch
+from tqdm.auto import tqdm
+
+from rotfn.apply import check_plan, describe
+from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError, message
+from rotfn.io._atomic import write_atomic, write_text_atomic
+from rotfn.io._checkpoint import INDEX, SINGLE, Checkpoint, inventory, is_weight_file, skeleton
+from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _shard_bytes, _shards, read_rotfn_json, write_rotfn_json
+from rotfn.io._keyfold import KeyFold, fold_piece, key_fold, piece_cuts
+from rotfn.io._shard import ShardWriter, TensorEntry, header_bytes
+from rotfn.plans._plan import Plan
+
+__all__ = ["COPY_PIECE_BYTES", "MAP_BUDGET", "MARKER", "PIECE_ELEMENTS", "FoldStats", "fold_checkpoint"]
+
+#: The file that marks an output directory as incomplete (see the module docstring).
+MARKER = ".rotfn-incomplete"
+#: Elements per piece of a folded tensor: 2 MiB of float64 per temporary, so the FWHT passes stay in cache
+#: (on the 2-core machine 256Ki elements folded ~20% faster than 64Ki or 1Mi).
+PIECE_ELEMENTS = 1 << 18
+#: Bytes per piece of a tensor the plan leaves unchanged (copied as it is).
+COPY_PIECE_BYTES = 64 << 20
+#: Source bytes read through one memory map before it is reopened (mapped pages count as resident memory).
+MAP_BUDGET = 256 << 20
+_MARKER_FORMAT = "rotfn-fold-progress"
+_MARKER_VERSION = 1
+
+
+@dataclasses.dataclass
+class FoldStats:
+    """What one :func:`fold_checkpoint` call did.
+
+    Attributes:
+        tensors: tensors written by this call.
+        shards: output shards in the checkpoint.
+        shards_skipped: shards an earlier, interrupted run had finished (kept, not rewritten).
+        bytes_read: ``{source file: bytes of tensor data read}`` (each tensor once: the sum is the data of the shards).
+        reads: ``{source tensor: times its data was read}``.
+        opens: ``{source file: times it was opened}`` (memory maps are reopened every :data:`MAP_BUDGET` bytes).
+        bytes_written: tensor bytes written by this call.
+        peak_held_bytes: most bytes of tensors the fold held at once: the cached tensors other keys
+            read, the source piece, its folded result, and an output being assembled.
+        peak_rss_bytes: the process's peak resident memory during the call (Linux ``VmHWM`` after a
+            reset through ``/proc/self/clear_refs``), or None where that cannot be measured.
+        seconds: wall time.
+    """
+
+    tensors: int = 0
+    shards: int = 0
+    shards_skipped: int = 0
+    bytes_read: Counter = dataclasses.field(default_factory=Counter)
+    reads: Counter = dataclasses.field(default_factory=Counter)
+    opens: Counter = dataclasses.field(default_factory=Counter)
+    bytes_written: int = 0
+    peak_held_bytes: int = 0
+    peak_rss_bytes: int | None = None
+    seconds: float = 0.0
+
+
+# ----- reading -------------------------------------------------------------------------------
+class _Reader:
+    """Source tensors, or parts along one dim, as memory-mapped views; one open file at a time, reopened
+    every ``MAP_BUDGET`` bytes so the pages it mapped stop counting as the process's memory."""
+
+    def __init__(self, ckpt: Checkpoint, stats: FoldStats):
+        self.ckpt, self.stats = ckpt, stats
+        self._file: str | None = None
+        self._handle = None
+        self._mapped = 0
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor ``name`` (or its ``rows``) as a view of the mapped file."""
+        file, _ = self.ckpt.tensors[name]
+        if file != self._file or self._mapped >= MAP_BUDGET:
+            self.close()
+            self._handle = safetensors.safe_open(os.path.join(self.ckpt.dir, file), framework="pt")
+            self._file, self._mapped = file, 0
+            self.stats.opens[file] += 1
+        t = self._handle.get_tensor(name) if rows is None else self._handle.get_slice(name)[rows]
+        nbytes = t.numel() * t.element_size()
+        self._mapped += nbytes
+        self.stats.bytes_read[file] += nbytes
+        if rows is None or not rows.start:
+            self.stats.reads[name] += 1
+        return t
+
+    def close(self) -> None:
+        self._handle = self._file = None
+
+
+# ----- the job -------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Out:
+    """One output tensor: its key, the source tensor holding its unfolded data, its fold."""
+
+    key: str
+    source: str
+    entry: TensorEntry
+    fold: KeyFold
+
+
+def _resolve_plan(fn: str, plan, model) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    if callable(plan):
+        built = plan(model)
+        if isinstance(built, Plan):
+            return built
+        raise PlanError(message(fn, "plan", "a function model -> rotfn.Plan", f"one returning {type(built).__name__}"))
+    raise PlanError(message(fn, "plan", "a rotfn.Plan, or a function model -> Plan (it gets the checkpoint's skeleton)",
+                            type(plan).__name__, "pass e.g. lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(4096, seed=0))"))
+
+
+def _tie_signature(kf: KeyFold) -> tuple:
+    """What a fold does to a key, without the key's name: equal for two tied keys that stay one tensor."""
+    p = kf.plan
+    if p is None:
+        return ()
+    return (tuple((w.rotation, w.side, w.per_head, w.span) for w in p.weight), tuple((n.norm, n.bias) for n in p.norms),
+            bool(p.quantized))
+
+
+def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan) -> list[_Out]:
+    """The output tensors in read order, each with its source; checks names and shapes against the model."""
+    info = describe(model, fn=fn)
+    check_plan(fn, info, plan)
+    state = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    tied = {k: g for g in info.tied for k in g}
+    extra = [k for k in ckpt.tensors if k not in state]
+    missing = [k for k in state if k not in ckpt.tensors and not any(m in ckpt.tensors for m in tied.get(k, ()))]
+    wrong = [f"{k}: {list(e.shape)} (model {list(state[k])})" for k, (_, e) in ckpt.tensors.items()
+             if k in state and e.shape != state[k]]
+    if extra or missing or wrong:
+        raise CheckpointError(message(
+            fn, "src_dir", f"the tensor names and shapes of {info.cls} built from its config.json",
+            f"{len(missing)} missing {missing[:3]}, {len(extra)} unexpected {extra[:3]}, {len(wrong)} of other shape {wrong[:2]}",
+            "fold a checkpoint saved by transformers for this config (fused MoE experts are not supported)"))
+    shapes = {k: tuple(s) for k, s in info.shapes.items()}
+    untied = set(plan.untied)
+    for group in info.tied:  # as rotfn.fold: names that stay one tensor must be changed alike
+        kept = [k for k in group if k not in untied]
+        if len({_tie_signature(key_fold(plan, k, shapes)) for k in kept}) > 1:
+            raise PlanError(message(fn, "plan", f"a plan that changes the tied keys {kept} identically or unties them",
+                                    "different changes", "untie them in the plan (Plan.untied)"))
+    outs: list[_Out] = []
+    for name, (_, entry) in ckpt.tensors.items():
+        outs.append(_Out(name, name, entry, key_fold(plan, name, shapes)))
+        outs += [_Out(other, name, dataclasses.replace(entry, name=other), key_fold(plan, other, shapes))
+                 for other in tied.get(name, ()) if other in untied and other not in ckpt.tensors]
+    return outs
+
+
+def _layout(outs: list[_Out], limit: int) -> list[tuple[str, list[_Out]]]:
+    """Output shards as :func:`rotfn.export_hf` cuts them: in order, at most ``limit`` bytes (a larger tensor alone)."""
+    by_key = {o.key: o for o in outs}
+    sizes = {o.key: torch.empty(o.entry.shape, dtype=o.entry.dtype, device="meta") for o in outs}
+    groups = [[by_key[k] for k in keys] for keys in _shards(sizes, limit)]
+    if len(groups) == 1:
+        return [(SINGLE, groups[0])]
+    return [(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def _job_hash(ckpt: Checkpoint, plan: Plan, shards: list[tuple[str, list[_Out]]]) -> str:
+    files = [(f, os.stat(os.path.join(ckpt.dir, f)).st_size, os.stat(os.path.join(ckpt.dir, f)).st_mtime_ns)
+             for f in ckpt.files]
+    layout = [(name, [(o.key, o.source) for o in group]) for name, group in shards]
+    text = json.dumps({"plan": plan.to_dict(), "source": [os.path.abspath(ckpt.dir), files], "layout": layout},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ----- the output directory ---------------------------------------------------------------------
+def _ours(name: str) -> bool:
+    """Files a fold writes (or left half-written): weights, index, config, rotfn.json, temporaries."""
+    return (is_weight_file(name) or name in ("config.json", ROTFN_JSON, ROTFN_TENSORS)
+            or (name.startswith(".") and name.endswith(".tmp")))
+
+
+def _read_marker(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(doc, dict) and doc.get("format") == _MARKER_FORMAT and doc.get("version") == _MARKER_VERSION
+    return doc if ok and isinstance(doc.get("done"), dict) else None
+
+
+def _prepare_dst(fn: str, dst: str, job: str, overwrite: bool) -> dict:
+    """Make ``dst`` a directory marked incomplete for ``job``; returns the marker (its ``done`` shards kept on resume)."""
+    os.makedirs(dst, exist_ok=True)
+    marker_path = os.path.join(dst, MARKER)
+    names = os.listdir(dst)
+    marker = _read_marker(marker_path) if MARKER in names else None
+    if marker is not None and marker.get("job") == job:
+        for name in names:  # an interrupted shard's temporary file
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.remove(os.path.join(dst, name))
+        return marker
+    if names and MARKER not in names and not overwrite:
+        raise CheckpointError(message(fn, "dst_dir", "a new or empty directory, or one an interrupted fold left",
+                                      f"{dst!r} holding {len(names)} files (e.g. {sorted(names)[:3]})",
+                                      "pass overwrite=True to replace its checkpoint, or choose another dst_dir"))
+    marker = {"format": _MARKER_FORMAT, "version": _MARKER_VERSION, "job": job, "done": {},
+              "note": "rotfn.fold_checkpoint is writing this directory (or was interrupted): rerun it to finish"}
+    write_text_atomic(marker_path, json.dumps(marker))
+    for name in names:  # a restart: nothing of an earlier job or checkpoint may look like part of this one
+        if _ours(name) and os.path.isfile(os.path.join(dst, name)):
+            os.remove(os.path.join(dst, name))
+    return marker
+
+
+def _shard_done(dst: str, name: str, group: list[_Out], marker: dict) -> bool:
+    """True when an earlier run of this job finished shard ``name`` and it is unchanged since."""
+    path, record = os.path.join(dst, name), marker["done"].get(name)
+    if not isinstance(record, dict) or not os.path.isfile(path):
+        return False
+    prefix, placed = header_bytes([o.entry for o in group], {"format": "pt"})
+    st = os.stat(path)
+    if st.st_size != len(prefix) + placed[-1].end or st.st_mtime_ns != record.get("mtime_ns"):
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(prefix)) == prefix
+
+
+def _config_text(src: str, plan: Plan) -> str:
+    with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    if any(set(g) & set(plan.untied) for g in plan.tied):
+        config["tie_word_embeddings"] = False
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def _copy_small_files(src: str, dst: str) -> None:
+    """Tokenizer, generation config, README...: every regular file but weights, config.json and rotfn's own."""
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if os.path.isfile(path) and not _ours(name) and name != MARKER:
+            write_atomic(os.path.join(dst, name), lambda tmp, path=path: shutil.copyfile(path, tmp))
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int | None:
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+# ----- writing -----------------------------------------------------------------------------------
+class _Fold:
+    """Writes the shards of one job: cached reads, pieces folded by a pool of threads, statistics, progress.
+
+    The main thread cuts tensors into pieces (mapped views, cheap) and writes results in
+    file order; ``workers`` threads fold pieces, each with one torch thread (several small
+    independent pieces keep two cores busier than one piece split by an intra-op barrier,
+    and far more so when another process takes a core).
+    """
+
+    def __init__(self, reader: _Reader, outs: list[_Out], stats: FoldStats, bar, pool: ThreadPoolExecutor, window: int):
+        self.reader, self.stats, self.bar, self.pool, self.window = reader, stats, bar, pool, window
+        self.sources = {k: k for k in reader.ckpt.tensors} | {o.key: o.source for o in outs}
+        needed = {self.sources[k] for o in outs for k in o.fold.reads}
+        # a cached tensor is used by the keys that read it and by its own output
+        self.users = Counter([self.sources[k] for o in outs for k in o.fold.reads] +
+                             [o.source for o in outs if o.source in needed])
+        self.cache: dict[str, torch.Tensor] = {}
+        self.in_flight = 0  # bytes of pieces submitted and not written yet (the piece and its result)
+        self.whole: dict[str, int] = {}  # bytes of tensors held whole until written (source view, result)
+        self.done, self.total = 0, len(outs)
+
+    def held(self) -> None:
+        """Record the bytes held now: the cache, the pieces in flight, whole tensors being folded."""
+        now = sum(t.numel() * t.element_size() for t in self.cache.values()) + self.in_flight + sum(self.whole.values())
+        self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, now)
+
+    def prefetch(self) -> None:
+        """Read the tensors other keys read (norm scales) into memory, in file order, each once."""
+        for name in self.reader.ckpt.tensors:
+            if name in self.users:
+                self.cache[name] = self.reader.read(name).clone()
+        self.reader.close()
+
+    def release(self, out: _Out) -> None:
+        """``out`` is written (or was, by an earlier run): drop cached tensors nobody needs any more."""
+        for name in [self.sources[k] for k in out.fold.reads] + ([out.source] if out.source in self.users else []):
+            self.users[name] -= 1
+            if self.users[name] <= 0:
+                self.cache.pop(name, None)
+        self.whole.pop(out.key, None)
+        self.done += 1
+        self.bar.set_postfix_str(f"tensors {self.done}/{self.total}", refresh=False)
+
+    def read(self, out: _Out, rows: slice | None = None) -> torch.Tensor:
+        if out.source in self.cache:
+            t = self.cache[out.source]
+            return t if rows is None else t[rows]
+        return self.reader.read(out.source, rows)
+
+    def pieces(self, out: _Out):
+        """``(value or future, bytes)`` of one output tensor: pieces along dim 0 in file order."""
+        kf, entry = out.fold, out.entry
+        if kf.plan is None:  # copied as it is, in pieces of COPY_PIECE_BYTES
+            rows = entry.shape[0] if entry.shape else 1
+            step = max(1, COPY_PIECE_BYTES * rows // max(entry.nbytes, 1))
+            for lo in range(0, rows, step):
+                piece = self.read(out, slice(lo, lo + step) if entry.shape else None)
+                yield _Done(piece), piece.numel() * piece.element_size()
+            return
+        reads = {k: self.cache[self.sources[k]] for k in kf.reads}
+        if kf.axis == 0:
+            for cut in piece_cuts(kf, entry.shape, PIECE_ELEMENTS):
+                piece = self.read(out, cut)  # a mapped view: the worker's first read of it faults the pages in
+                yield self.pool.submit(_fold_piece, kf, piece, reads, None, None), 2 * piece.numel() * piece.element_size()
+            return
+        whole = self.read(out)  # one mapped view, folded whole or cut along dim 1 into `assembled`
+        self.whole[out.key] = 2 * entry.nbytes
+        assembled = torch.empty(entry.shape, dtype=entry.dtype) if kf.axis == 1 else None
+        for cut in piece_cuts(kf, entry.shape, PIECE_ELEMENTS):
+            piece = whole if cut is None else whole[:, cut]
+            yield self.pool.submit(_fold_piece, kf, piece, reads, assembled, cut), 0
+        if assembled is not None:
+            yield _Done(assembled), 0
+
+    def write_shard(self, path: str, group: list[_Out]) -> None:
+        writer = ShardWriter(path, [o.entry for o in group], {"format": "pt"})
+        pending: collections.deque = collections.deque()
+
+        def finish_one() -> None:
+            result, size, out, last = pending.popleft()
+            piece = result.result()
+            if piece is not None:
+                n = writer.write(piece)
+                self.stats.bytes_written += n
+                self.bar.update(n)
+            self.in_flight -= size
+            if last:
+                self.stats.tensors += 1
+                self.release(out)
+
+        try:
+            for out in group:
+                previous = None
+                for item in self.pieces(out):
+                    if previous is not None:
+                        pending.append((*previous, out, False))
+                    previous = item
+                    self.in_flight += item[1]
+                    self.held()
+                    while len(pending) >= self.window:
+                        finish_one()
+                if previous is None:  # an empty tensor: nothing to write
+                    self.stats.tensors += 1
+                    self.release(out)
+                else:
+                    pending.append((*previous, out, True))
+            while pending:
+                finish_one()
+            writer.close()
+        except BaseException:
+            for result, *_ in pending:
+                if isinstance(result, Future):
+                    result.cancel()
+            writer.abort()
+            raise
+
+
+class _Done:
+    """A result that is already there, in the place of a future."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def _fold_piece(kf: KeyFold, piece: torch.Tensor, reads, assembled: torch.Tensor | None, cut) -> torch.Tensor | None:
+    """Fold one piece (in a worker); returns it, or puts it into ``assembled`` (columns) and returns None."""
+    folded = fold_piece(kf, piece, reads)
+    if assembled is None:
+        return folded
+    assembled[:, cut] = folded
+    return None
+
+
+def _finish(src: str, dst: str, plan: Plan, shards: list[tuple[str, list[_Out]]]) -> None:
+    """After the shards: the index, the source's small files, rotfn.json, config.json, and the marker removed."""
+    if len(shards) > 1:
+        outs = [o for _, group in shards for o in group]
+        index = {"metadata": {"total_size": sum(o.entry.nbytes for o in outs),
+                              "total_parameters": sum(o.entry.nbytes // o.entry.dtype.itemsize for o in outs)},
+                 "weight_map": dict(sorted((o.key, name) for name, group in shards for o in group))}
+        write_text_atomic(os.path.join(dst, INDEX), json.dumps(index, indent=2) + "\n")
+    _copy_small_files(src, dst)
+    write_rotfn_json(dst, plan)
+    write_text_atomic(os.path.join(dst, "config.json"), _config_text(src, plan))
+    os.remove(os.path.join(dst, MARKER))
+
+
+def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: str | os.PathLike, *,
+                    max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
+                    workers: int | None = None) -> FoldStats:
+    """Fold a plan into a sharded Hugging Face checkpoint on disk, streaming: ``rotfn.fold`` without loading the model.
+
+    For every tensor ``W`` of ``src_dir`` the output holds exactly
+    ``rotfn.fold(params, plan)[name]`` (norm fusions ``W diag(g)``, input-side ``W @ R``,
+    output-side ``R.T @ W`` and ``b @ R``, weight qdq; float64 math, cast back to
+    ``W``'s dtype), bit for bit, while memory stays at a few pieces of the largest
+    tensor (see the module docstring for the method and the on-disk protocol). A tied
+    embedding the plan unties is written under both names, and ``config.json`` then
+    says ``tie_word_embeddings: false``. The plan is recorded in ``rotfn.json``, so
+    :func:`rotfn.load_hf` knows the weights are folded; without online transforms,
+    ``transformers.AutoModelForCausalLM.from_pretrained(dst_dir)`` runs the folded model.
+
+    Args:
+        src_dir: a transformers checkpoint directory: ``config.json`` and ``model.safetensors`` or
+            shards with ``model.safetensors.index.json`` (dense families; fused MoE experts are not supported).
+        plan: a :class:`rotfn.Plan` built for this model (e.g. from :func:`rotfn.io._checkpoint.skeleton`),
+            or a function ``model -> Plan`` that gets the skeleton (the model on the meta device).
+        dst_dir: output directory, created if missing; an interrupted fold of the same job resumes there.
+        max_shard_size: largest output shard in bytes, or text such as ``"5GB"`` or ``"500MiB"``.
+        overwrite: replace a complete checkpoint (any non-empty directory without the marker) in ``dst_dir``.
+        progress: show a tqdm progress bar (bytes, with tensors done) on stderr.
+        workers: pieces folded at once, each by one thread (None: ``torch.get_num_threads()``). For the
+            call, torch's intra-op threads are set to 1 (and restored after).
+
+    Returns:
+        A :class:`FoldStats` (tensors and bytes read and written, memory peaks, time).
+
+    Raises:
+        ArgumentError: a path is not a path, ``dst_dir`` is ``src_dir`` or a file, bad ``max_shard_size`` or ``workers``.
+        CheckpointError: ``src_dir`` is not a readable checkpoint, its names or shapes differ from its
+            config's model, or ``dst_dir`` holds a complete checkpoint and ``overwrite`` is False.
+        PlanError: the plan was built for another model, or changes tied keys differently.
+        FoldError: ``src_dir`` is already folded (it has a rotfn.json).
+
+    Example:
+        >>> import os, tempfile, torch, transformers, rotfn
+        >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                                num_attention_heads=4, num_key_value_heads=2)
+        >>> src, dst = tempfile.mkdtemp(), tempfile.mkdtemp()
+        >>> transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
+        >>> stats = rotfn.fold_checkpoint(src, lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(32, seed=0)), dst,
+        ...                               max_shard_size="40KB", progress=False)
+        >>> stats.shards, stats.tensors, sorted(os.listdir(dst))[:3]
+        (3, 21, ['config.json', 'generation_config.json', 'model-00001-of-00003.safetensors'])
+    """
+    fn = "fold_checkpoint"
+    start = time.perf_counter()
+    ckpt = inventory(src_dir, fn=fn, arg="src_dir")
+    if not isinstance(dst_dir, (str, os.PathLike)) or os.path.isfile(dst_dir):
+        raise ArgumentError(message(fn, "dst_dir", "a directory path", repr(dst_dir), "name a directory (created if missing)"))
+    dst = os.fspath(dst_dir)
+    if os.path.isdir(dst) and os.path.samefile(dst, ckpt.dir):
+        raise ArgumentError(message(fn, "dst_dir", "a directory other than src_dir", repr(dst),
+                                    "write the folded checkpoint next to the source, e.g. src_dir + '-folded'"))
+    limit = _shard_bytes(fn, max_shard_size)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ArgumentError(message(fn, "workers", "None or a positive int", repr(workers)))
+    prior = read_rotfn_json(ckpt.dir)
+    if prior is not None:
+        raise FoldError(message(fn, "src_dir", "an unfolded checkpoint", f"one folded with {prior!r} (it has {ROTFN_JSON})",
+                                "fold the original checkpoint; folding again would rotate twice"))
+    model = skeleton(ckpt.dir)
+    plan = _resolve_plan(fn, plan, model)
+    outs = _outputs(fn, ckpt, model, plan)
+    shards = _layout(outs, limit)
+    marker = _prepare_dst(fn, dst, _job_hash(ckpt, plan, shards), overwrite)
+    stats = FoldStats(shards=len(shards))
+    measured = _reset_peak_rss()
+    total = sum(o.entry.nbytes for o in outs)
+    threads = torch.get_num_threads()
+    workers = workers or threads
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"fold {os.path.basename(ckpt.dir)}",
+               disable=not progress, smoothing=0.05)
+    torch.set_num_threads(1)  # one per worker: see _Fold
+    try:
+        with bar, ThreadPoolExecutor(workers, thread_name_prefix="rotfn-fold") as pool:
+            reader = _Reader(ckpt, stats)
+            job = _Fold(reader, outs, stats, bar, pool, window=2 * workers + 1)
+            job.prefetch()
+            for name, group in shards:
+                if _shard_done(dst, name, group, marker):
+                    stats.shards_skipped += 1
+                    for out in group:
+                        job.release(out)
+                    bar.update(sum(o.entry.nbytes for o in group))
+                    continue
+                path = os.path.join(dst, name)
+                write_atomic(path, lambda tmp, group=group: job.write_shard(tmp, group))
+                reader.close()
+                marker["done"][name] = {"mtime_ns": os.stat(path).st_mtime_ns}
+                write_text_atomic(os.path.join(dst, MARKER), json.dumps(marker))
+    finally:
+        torch.set_num_threads(threads)
+    _finish(ckpt.dir, dst, plan, shards)
+    stats.peak_rss_bytes = _peak_rss() if measured else None
+    stats.seconds = time.perf_counter() - start
+    return stats

@@ -1,0 +1,208 @@
+"""rotations: learn a plan's rotations by Cayley SGD on the quantized model's loss, with torch.func.grad."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from rotfn.apply import check_keys, check_plan, describe
+from rotfn.errors import ArgumentError, FoldError, PlanError, message
+from rotfn.functional import qdq
+from rotfn.learn._cayley import cayley_step, orthogonality_error
+from rotfn.learn._data import Batch, check_batches, to_device
+from rotfn.learn._loss import LossArg, Objective, run
+from rotfn.learn._slots import LEARNABLE_ROLES, Slots, find_slots, rotate_learned
+from rotfn.plans._fold import FoldedParams, fold_tensors, folded_with
+from rotfn.plans._plan import Plan
+from rotfn.transforms._core import check_params
+
+__all__ = ["rotations", "LearnResult"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnResult:
+    """What :func:`rotations` returns.
+
+    Attributes:
+        plan: the plan with the learned rotations (``from_matrix`` specs); fold, call, save as any plan.
+        losses: the training loss of each step (on that step's batch, before its update).
+        orthogonality: after each step, ``max |R R^T - I|`` (float64) over the learned rotations' tiles.
+        slots: one line per learned matrix (role, base rotation, scope).
+        loss: which loss was minimized (``"next-token cross-entropy"``, ``"relative squared error"``, ``"custom"``).
+    """
+
+    plan: Plan
+    losses: tuple[float, ...]
+    orthogonality: tuple[float, ...]
+    slots: tuple[str, ...]
+    loss: str
+
+
+def _check_number(fn: str, arg: str, value, ok, what: str, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ArgumentError(message(fn, arg, what, repr(value), fix))
+
+
+def _check_roles(fn: str, roles) -> tuple[str, ...]:
+    if isinstance(roles, str) or not isinstance(roles, Sequence) or not roles:
+        raise ArgumentError(message(fn, "roles", f"a non-empty tuple of roles from {LEARNABLE_ROLES}", repr(roles),
+                                    "e.g. roles=('R1', 'R2') or roles=('per_linear',)"))
+    unknown = [r for r in roles if r not in LEARNABLE_ROLES]
+    if unknown:
+        fix = ("R3 rotates q and k online inside attention and stays as the plan has it; "
+               if "R3" in unknown else "") + f"choose from {LEARNABLE_ROLES}"
+        raise ArgumentError(message(fn, "roles", f"roles from {LEARNABLE_ROLES}", repr(tuple(unknown)), fix))
+    return tuple(roles)
+
+
+@contextlib.contextmanager
+def _learned_inputs(model, plan: Plan, slots: Slots, qs: Mapping):
+    """Forward pre-hooks ``x -> qdq(x @ R', fmt)`` at the learned online entries, for one call."""
+
+    def hook_for(rotation, fmt, q):
+        def hook(module, args):
+            x = rotate_learned(args[0], rotation, q)
+            return (x if fmt is None else qdq(x, fmt), *args[1:])
+
+        return hook
+
+    hooks = []
+    try:
+        for i, slot in slots.online.items():
+            o = plan.online[i]
+            hooks.append(model.get_submodule(o.site).register_forward_pre_hook(hook_for(o.rotation, o.fmt, qs[slot])))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def rotations(
+    model: torch.nn.Module,
+    params: Mapping[str, torch.Tensor],
+    plan: Plan,
+    data: Iterable[Batch],
+    *,
+    steps: int,
+    lr: float,
+    roles: Sequence[str] = ("R1", "R2"),
+    loss: LossArg = None,
+    momentum: float = 0.9,
+    shared: bool = False,
+    progress: bool = True,
+) -> LearnResult:
+    """Learn the rotations of a quantized plan: Cayley SGD on the orthogonal group, gradients from torch.func.grad.
+
+    Minimizes ``L(Q) = mean_batches loss(call(model, fold(params, plan(Q)), plan(Q), batch))`` over
+    orthogonal ``Q``, where ``plan(Q)`` puts ``U blockdiag(Q)`` in place of every rotation ``U``
+    with a role in ``roles`` (one ``Q`` per slot: one R1 for the model, one R2 per layer, one R4
+    or per_linear rotation per linear, see :mod:`rotfn.learn`; ``Q = I`` at the start). Weights and activations are
+    fake-quantized as the plan says, with straight-through gradients (:func:`rotfn.qdq`); the
+    weight side goes through the plan's own fold entries (:func:`rotfn.plans.fold_tensors`),
+    differentiable in ``Q``. Each step takes the next batch (cycling), computes
+    ``dL/dQ`` with ``torch.func.grad`` and moves every ``Q`` by one Cayley step
+    (:func:`rotfn.learn.cayley_step`), which keeps it orthogonal. The float model's function
+    never changes: an unquantized plan(Q) computes the same outputs for every orthogonal Q.
+
+    Args:
+        model: the ``nn.Module`` the plan was built for (its tensors are not used or changed).
+        params: unfolded ``rotfn.params(model)``; the device of its tensors is where learning runs.
+        plan: a plan with weight and/or activation formats, e.g. ``rotfn.plans.quarot(model, r1=...,
+            r2=..., weights=..., acts=...)`` or ``rotfn.plans.per_linear(model, rotation=..., ...)``.
+        data: an iterable of batches (tensors or dicts of tensors, e.g. tokenizer output or
+            :func:`rotfn.learn.calibration`); batches are moved to the params' device.
+        steps: number of steps (>= 1).
+        lr: Cayley SGD step size (> 0); the step turns each Q by about ``lr * |grad|``.
+        roles: which rotations to learn, from ``("R1", "R2", "R4", "per_linear")``.
+        loss: None for the default (next-token cross-entropy for causal LMs, the relative squared
+            error to the float model's output otherwise; see :mod:`rotfn.learn`), ``"next_token"``,
+            ``"fidelity"`` (the relative squared error, also for causal LMs: their logits), a
+            :func:`rotfn.learn.fidelity` value (of a view of the outputs), or ``loss(outputs, batch) -> scalar``.
+        momentum: Cayley SGD momentum in ``[0, 1)``.
+        shared: learn one matrix per role and rotation spec for the whole model, instead of one per
+            layer (R2) or per linear (R4, per_linear).
+        progress: show a tqdm progress bar with the step and the loss.
+
+    Returns:
+        A :class:`LearnResult`: ``.plan`` (the learned plan), ``.losses``, ``.orthogonality``.
+
+    Raises:
+        ArgumentError: bad steps, lr, momentum, roles (unknown, or none in the plan, or an online
+            rotation inside attention), loss or data (empty).
+        DTypeError: a batch or params of another type.
+        PlanError: plan not a Plan, or built for another model.
+        FoldError: params already folded.
+        SelectionError: params miss or add keys.
+
+    Example:
+        >>> import torch, rotfn
+        >>> _ = torch.manual_seed(0)
+        >>> m = torch.nn.Sequential(torch.nn.Linear(32, 32))
+        >>> w4a4 = {"weights": rotfn.intq(4), "acts": rotfn.intq(4)}
+        >>> plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(32, seed=0), **w4a4)
+        >>> data = [torch.randn(16, 32)]
+        >>> res = rotfn.learn.rotations(m, rotfn.params(m), plan, data, steps=5, lr=0.5,
+        ...                             roles=("per_linear",), progress=False)
+        >>> res.plan.online[0].rotation, len(res.losses), max(res.orthogonality) < 1e-6
+        (Rotation(matrix, n=32, signs=given), 5, True)
+        >>> y = rotfn.call(m, rotfn.fold(rotfn.params(m), res.plan), res.plan, data[0])   # an ordinary plan
+
+    References:
+        SpinQuant (Liu et al. 2024, arXiv 2405.16406); J. Li, F. Li, S. Todorovic, "Efficient Riemannian
+        optimization on the Stiefel manifold via the Cayley transform", ICLR 2020.
+    """
+    fn = "learn.rotations"
+    check_params(fn, params)
+    if not isinstance(plan, Plan):
+        raise PlanError(message(fn, "plan", "a rotfn.plans.Plan", type(plan).__name__,
+                                "build one with rotfn.plans.quarot(model, ...) or rotfn.plans.per_linear(model, ...)"))
+    info = describe(model, fn=fn)
+    check_plan(fn, info, plan)
+    check_keys(fn, info, params)
+    if folded_with(params) is not None:
+        raise FoldError(message(fn, "params", "unfolded params", "params already folded",
+                                "pass rotfn.params(model); learning folds the plan itself"))
+    _check_number(fn, "steps", steps, lambda v: isinstance(v, int) and v >= 1, "an int >= 1", "e.g. steps=100")
+    _check_number(fn, "lr", lr, lambda v: v > 0, "a finite number > 0", "e.g. lr=0.5")
+    _check_number(fn, "momentum", momentum, lambda v: 0 <= v < 1, "a number in [0, 1)", "e.g. momentum=0.9")
+    for arg, value in (("shared", shared), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise ArgumentError(message(fn, arg, "a bool", repr(value)))
+    slots = find_slots(fn, plan, _check_roles(fn, roles), shared=shared)
+    device = next(iter(params.values())).device
+    batches = [to_device(b, device) for b in check_batches(fn, data)]
+    objective = Objective(fn, model, params, batches, loss)
+
+    training = slots.training_plan(plan)
+    transforms = {plan.weight[i].transform(): s for i, s in slots.weight.items()}
+
+    def step_loss(qs: tuple[torch.Tensor, ...], i: int):
+        by_slot = dict(zip(slots.slots, qs, strict=True))
+        rotate_fns = {t: (lambda x, r, q=by_slot[s]: rotate_learned(x, r, q)) for t, s in transforms.items()}
+        folded = FoldedParams(fold_tensors(params, plan, rotate_fns), training)
+        with _learned_inputs(model, plan, slots, by_slot):
+            value = objective(run(model, folded, training, batches[i]), i)
+        return value, value.detach()
+
+    grad = torch.func.grad(step_loss, has_aux=True)
+    qs = tuple(torch.eye(s.base.tile, dtype=torch.float64, device=device) for s in slots.slots)
+    velocity = tuple(torch.zeros_like(q) for q in qs)
+    tiles = [s.base.tile_matrix(device=device) for s in slots.slots]
+    losses, ortho = [], []
+    bar = tqdm(range(steps), desc=fn, disable=not progress)
+    for step in bar:
+        grads, value = grad(qs, step % len(batches))
+        moved = [cayley_step(q, g, v, lr=lr, momentum=momentum) for q, g, v in zip(qs, grads, velocity, strict=True)]
+        qs, velocity = tuple(m[0] for m in moved), tuple(m[1] for m in moved)
+        losses.append(value.item())
+        ortho.append(max(orthogonality_error(t @ q) for t, q in zip(tiles, qs, strict=True)))
+        bar.set_postfix(loss=f"{losses[-1]:.4g}")
+    note = (f"learned {', '.join(roles)} ({len(slots.slots)} matrices): {steps} Cayley SGD steps, lr {lr:g}, "
+            f"{objective.kind} {losses[0]:.4g} -> {losses[-1]:.4g}")
+    learned = slots.learned_plan(plan, dict(zip(slots.slots, qs, strict=True)), note)
+    return LearnResult(learned, tuple(losses), tuple(ortho), tuple(s.label() for s in slots.slots), objective.kind)

@@ -1,0 +1,130 @@
+"""The rotfn command: fold, inspect, report on tiny checkpoints; --help, usage errors (2) and failures (1)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rotfn
+from rotfn.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from rotfn.testing.models import make_config, tiny_model
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("src")
+    model = tiny_model(make_config("llama", hidden=64, heads=4, kv_heads=2, layers=2, vocab=128, intermediate=128),
+                       dtype=torch.bfloat16)
+    model.save_pretrained(directory, max_shard_size="60KB")
+    return str(directory)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["fold", "--help"], ["inspect", "--help"], ["report", "--help"],
+                                  ["demo", "--help"]])
+def test_help_exits_0_with_examples(argv, capsys):
+    assert main(argv) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "usage: rotfn" in out and "example" in out
+
+
+@pytest.mark.parametrize("argv, text", [
+    ([], "a command is required"),
+    (["fold"], "required: SRC, DST"),
+    (["fold", "a", "b", "--r1", "householder"], "invalid choice"),
+    (["fold", "a", "b", "--block", "0"], "positive int"),
+    (["fold", "a", "b", "--plan", "per_linear", "--r2", "hadamard"], "per_linear takes its rotation from --r1"),
+    (["fold", "a", "b", "--r1", "none"], "nothing to fold"),
+    (["report", "d", "--format", "fp3"], "invalid choice"),
+    (["inspect"], "required: FILE_OR_DIR"),
+])
+def test_usage_errors_exit_2_with_usage_on_stderr(argv, text, capsys):
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "usage: rotfn" in err and text in err
+
+
+def test_fold_then_inspect_shows_the_plan(src, tmp_path, capsys):
+    dst = str(tmp_path / "out")
+    argv = ["fold", src, dst, "--plan", "quarot", "--r1", "hadamard", "--r2", "hadamard", "--seed", "4", "--quiet",
+            "--max-shard-size", "50KB"]
+    assert main(argv) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "tensors written" in out and "R1" in out and "R2" in out
+    plan = rotfn.io._hf.read_rotfn_json(dst)
+    assert plan.weight[0].rotation in (rotfn.hadamard(64, seed=4), rotfn.hadamard(16, seed=5))
+    assert {w.role for w in plan.weight} == {"R1", "R2"}
+
+    assert main(["inspect", dst]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "Hugging Face checkpoint" in out and "model_type=llama" in out
+    assert "model-00001-of-" in out and "bfloat16" in out and "tensors: 21 in" in out
+    assert "plan (folded, rotfn.json)" in out and str(plan) in out
+    assert main(["inspect", src]) == EXIT_OK
+    assert "plan: none" in capsys.readouterr().out
+
+    assert main(argv) == EXIT_FAILED  # a complete checkpoint is there
+    assert "overwrite=True" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == EXIT_OK
+
+
+def test_per_linear_fold_with_weight_qdq(src, tmp_path, capsys):
+    dst = str(tmp_path / "out")
+    assert main(["fold", src, dst, "--plan", "per_linear", "--r1", "orthogonal", "--block", "32",
+                 "--weights", "mxfp4", "--quiet"]) == EXIT_OK
+    plan = rotfn.io._hf.read_rotfn_json(dst)
+    assert plan.method == "per_linear" and plan.weights == rotfn.mxfp4()
+    assert plan.weight[0].rotation == rotfn.orthogonal(64, seed=0, block=32)
+    assert "online transforms" in capsys.readouterr().err  # per_linear rotates each input online
+
+
+def test_inspect_a_rotfn_file(tmp_path, capsys):
+    m = torch.nn.Linear(32, 4)
+    plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(32, seed=2), acts=rotfn.mxfp4())
+    path = str(tmp_path / "m.safetensors")
+    rotfn.save(path, rotfn.fold(rotfn.params(m), plan), plan)
+    assert main(["inspect", path]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "folded: True" in out and "params: 2 (tensor x2)" in out and str(plan) in out
+    rotfn.save(path, {"w": rotfn.quantize(torch.randn(4, 64), rotfn.nvfp4()), "b": torch.zeros(4)})
+    assert main(["inspect", path]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "QTensor nvfp4(global_scale='tensor') x1" in out and "plan: none" in out
+
+
+def test_report_prints_the_table(src, capsys):
+    assert main(["report", src, "--format", "mxfp4", "--block", "32", "--tokens", "8", "--random"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "random token ids (seed 0)" in out and "model.layers.1.mlp.down_proj" in out and "SQNR" in out
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["fold", "{missing}", "{tmp}/out"], "rotfn fold: fold_checkpoint: argument 'src_dir'"),
+    (["inspect", "{missing}"], "rotfn inspect: inspect: argument 'path'"),
+    (["inspect", "{tmp}/plain.safetensors"], "without rotfn metadata"),
+    (["report", "{tmp}"], "rotfn report: report: argument 'dir'"),
+])
+def test_failures_exit_1_with_one_message(argv, text, tmp_path, capsys):
+    import safetensors.torch
+
+    safetensors.torch.save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    argv = [a.format(missing=str(tmp_path / "missing"), tmp=str(tmp_path)) for a in argv]
+    assert main(argv) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert text in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_refuses_a_folded_checkpoint(src, tmp_path, capsys):
+    dst = str(tmp_path / "out")
+    rotfn.fold_checkpoint(src, lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64)), dst, progress=False)
+    assert main(["report", dst]) == EXIT_FAILED
+    assert "an unfolded checkpoint" in capsys.readouterr().err
+
+
+def test_the_module_entry_point_runs_inspect(src):
+    done = subprocess.run([sys.executable, "-m", "rotfn", "inspect", src], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0 and "tensors: 21" in done.stdout

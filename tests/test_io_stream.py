@@ -1,0 +1,218 @@
+"""rotfn.fold_checkpoint: bit-identical to rotfn.fold, loadable by transformers, each shard read once, bounded memory,
+interruptions that leave a clearly incomplete directory and resume."""
+
+import json
+import os
+import shutil
+
+import pytest
+import safetensors.torch
+import torch
+import transformers
+
+import rotfn
+import rotfn.io._stream as stream
+from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError
+from rotfn.io._checkpoint import inventory, skeleton
+from rotfn.testing.models import make_config, tiny_model
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def _checkpoint(directory, *, tied=False, layers=2, hidden=64, vocab=256, intermediate=128, shard="40KB", seed=0):
+    model = tiny_model(make_config("llama", hidden=hidden, heads=4, kv_heads=2, layers=layers, vocab=vocab,
+                                   intermediate=intermediate, tied=tied), seed=seed, dtype=torch.bfloat16)
+    model.save_pretrained(directory, max_shard_size=shard)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("src"))
+
+
+@pytest.fixture(scope="module")
+def tied_src(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("tied"), tied=True)
+
+
+def _loaded(directory):
+    """The model transformers loads from ``directory``, its params, and every tensor stored in its shards."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype="auto").eval()
+    stored = {}
+    for name in os.listdir(directory):
+        if name.startswith("model") and name.endswith(".safetensors"):
+            stored.update(safetensors.torch.load_file(os.path.join(directory, name)))
+    return model, rotfn.params(model), stored
+
+
+def _quarot(model):
+    return rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=0), r2=rotfn.hadamard(16, seed=1))
+
+
+PLANS = {
+    "quarot R1+R2": _quarot,
+    "quarot R1..R4 + mxfp4": lambda m: rotfn.plans.quarot(
+        m, r1=rotfn.orthogonal(64, seed=0), r2=rotfn.hadamard(16, seed=1), r3=rotfn.hadamard(16),
+        r4=rotfn.hadamard(128, seed=2), weights=rotfn.mxfp4()),
+    "per_linear block + nvfp4 (tensor scale)": lambda m: rotfn.plans.per_linear(
+        m, rotation=lambda n: rotfn.hadamard(n, block=32, seed=3), weights=rotfn.nvfp4()),
+}
+
+
+@pytest.mark.parametrize("name", PLANS)
+def test_every_tensor_is_bit_identical_to_fold(src, tmp_path, monkeypatch, name):
+    monkeypatch.setattr(stream, "PIECE_ELEMENTS", 64 * 20)  # many pieces per tensor, and reopened maps
+    monkeypatch.setattr(stream, "MAP_BUDGET", 20_000)
+    build = PLANS[name]
+    stats = rotfn.fold_checkpoint(src, build, tmp_path / "out", max_shard_size="60KB", progress=False)
+    model, params, _ = _loaded(src)
+    plan = build(model)
+    folded = rotfn.fold(params, plan)
+    _, _, stored = _loaded(tmp_path / "out")
+    assert set(stored) == set(model.state_dict())
+    for key, t in stored.items():
+        assert t.dtype == folded[key].dtype == torch.bfloat16 and torch.equal(t, folded[key]), key
+    assert stats.shards > 1 and stats.tensors == len(stored) and max(stats.opens.values()) > 1
+    assert rotfn.io._hf.read_rotfn_json(tmp_path / "out") == plan
+
+
+def test_transformers_loads_the_result_and_computes_what_call_computes(src, tmp_path):
+    rotfn.fold_checkpoint(src, _quarot, tmp_path / "out", progress=False)
+    model, params, _ = _loaded(src)
+    plan = _quarot(model)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    reference = rotfn.call(model, rotfn.fold(params, plan), plan, ids).logits
+    reloaded, _, _ = _loaded(tmp_path / "out")
+    assert not plan.online and torch.equal(reloaded(ids).logits, reference)
+    assert not torch.equal(reference, model(ids).logits)  # the weights did change
+    _, params2, plan2 = rotfn.load_hf(tmp_path / "out")  # the plan is recorded: known to be folded
+    assert plan2 == plan and params2.plan == plan
+    with pytest.raises(FoldError, match="already folded|folded with"):
+        rotfn.fold_checkpoint(tmp_path / "out", _quarot, tmp_path / "again", progress=False)
+
+
+def test_a_tied_embedding_is_untied_and_config_says_so(tied_src, tmp_path):
+    stats = rotfn.fold_checkpoint(tied_src, _quarot, tmp_path / "out", progress=False)
+    model, params, _ = _loaded(tied_src)
+    assert model.config.tie_word_embeddings
+    plan = _quarot(model)
+    folded = rotfn.fold(params, plan)
+    _, _, stored = _loaded(tmp_path / "out")
+    assert torch.equal(stored["lm_head.weight"], folded["lm_head.weight"])
+    assert torch.equal(stored["model.embed_tokens.weight"], folded["model.embed_tokens.weight"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert stats.reads["model.embed_tokens.weight"] == 2  # once as itself, once as the untied lm_head
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    reloaded, _, _ = _loaded(tmp_path / "out")
+    assert torch.equal(reloaded(ids).logits, rotfn.call(model, folded, plan, ids).logits)
+
+
+def test_each_shard_is_read_once_and_memory_stays_at_a_few_tensors(tmp_path, monkeypatch):
+    # 8 layers, 18 MB of bf16 in 7 shards; the largest tensor (embedding, lm_head) is 1 MB
+    src = _checkpoint(tmp_path / "src", layers=8, hidden=256, vocab=2048, intermediate=1024, shard="3MB")
+    monkeypatch.setattr(stream, "PIECE_ELEMENTS", 1 << 14)
+    monkeypatch.setattr(stream, "MAP_BUDGET", 1 << 20)
+
+    def plan(m):
+        return rotfn.plans.quarot(m, r1=rotfn.hadamard(256, seed=0), r2=rotfn.hadamard(64, seed=1))
+
+    rotfn.fold_checkpoint(src, plan, tmp_path / "warm", progress=False)  # imports, allocator arenas, thread pool
+    with open("/proc/self/status") as f:
+        before = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    stats = rotfn.fold_checkpoint(src, plan, tmp_path / "out", progress=False)
+    ckpt = inventory(src)
+    per_file = {f: sum(e.nbytes for g, e in ckpt.tensors.values() if g == f) for f in ckpt.files}
+    largest = max(e.nbytes for _, e in ckpt.tensors.values())
+    assert len(ckpt.files) >= 4 and dict(stats.bytes_read) == per_file  # every byte of every shard read once
+    assert set(stats.reads) == set(ckpt.tensors) and set(stats.reads.values()) == {1}
+    assert stats.peak_held_bytes <= 3 * largest
+    if stats.peak_rss_bytes is not None:  # Linux: the process's measured peak, over its size before the call
+        assert stats.peak_rss_bytes - before < ckpt.nbytes / 2, (stats.peak_rss_bytes - before, ckpt.nbytes)
+
+
+def test_an_interrupted_fold_is_marked_incomplete_and_a_rerun_finishes_it(src, tmp_path, monkeypatch):
+    clean = tmp_path / "clean"
+    rotfn.fold_checkpoint(src, _quarot, clean, max_shard_size="60KB", progress=False)
+    real = stream.ShardWriter.close
+    closes = []
+
+    def full_disk_at_second_shard(self):  # every byte of shard 2 went out, its close fails
+        closes.append(self)
+        if len(closes) == 2:
+            self.abort()
+            raise OSError(28, "No space left on device")
+        real(self)
+
+    monkeypatch.setattr(stream.ShardWriter, "close", full_disk_at_second_shard)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space"):
+        rotfn.fold_checkpoint(src, _quarot, out, max_shard_size="60KB", progress=False)
+    assert sorted(os.listdir(out)) == [stream.MARKER, "model-00001-of-00004.safetensors"]  # no index, config, half shard
+    with pytest.raises((OSError, ValueError), match="config.json"):  # not a checkpoint transformers would load
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+    monkeypatch.setattr(stream.ShardWriter, "close", real)
+    stats = rotfn.fold_checkpoint(src, _quarot, out, max_shard_size="60KB", progress=False)
+    assert stats.shards_skipped == 1 and stats.shards == 4
+    assert sorted(os.listdir(out)) == sorted(os.listdir(clean))
+    for name in os.listdir(clean):
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+
+
+def test_a_different_job_restarts_an_incomplete_directory(src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(stream._Fold, "write_shard", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        rotfn.fold_checkpoint(src, _quarot, out, progress=False)
+    monkeypatch.undo()
+    other = lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=5))
+    stats = rotfn.fold_checkpoint(src, other, out, progress=False)
+    assert stats.shards_skipped == 0 and stream.MARKER not in os.listdir(out)
+    assert rotfn.io._hf.read_rotfn_json(out) == other(skeleton(src))
+
+
+def test_a_complete_checkpoint_is_replaced_only_with_overwrite(src, tmp_path):
+    out = tmp_path / "out"
+    rotfn.fold_checkpoint(src, _quarot, out, progress=False)
+    other = lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=9))
+    with pytest.raises(CheckpointError, match="overwrite=True"):
+        rotfn.fold_checkpoint(src, other, out, progress=False)
+    (out / "model-00009-of-00009.safetensors").write_bytes(b"stale")
+    rotfn.fold_checkpoint(src, other, out, overwrite=True, progress=False)
+    assert "model-00009-of-00009.safetensors" not in os.listdir(out)
+    assert rotfn.io._hf.read_rotfn_json(out) == other(skeleton(src))
+
+
+def test_the_skeleton_gives_the_plan_of_the_real_model(src):
+    meta = skeleton(src)
+    model, _, _ = _loaded(src)
+    assert all(t.device.type == "meta" for t in rotfn.params(meta).values())
+    assert _quarot(meta) == _quarot(model)
+
+
+def test_bad_inputs_are_typed_errors_that_name_the_argument(src, tmp_path):
+    with pytest.raises(CheckpointError, match="src_dir.*config.json"):
+        rotfn.fold_checkpoint(tmp_path, _quarot, tmp_path / "out")
+    with pytest.raises(ArgumentError, match="dst_dir.*other than src_dir"):
+        rotfn.fold_checkpoint(src, _quarot, src)
+    with pytest.raises(ArgumentError, match="workers"):
+        rotfn.fold_checkpoint(src, _quarot, tmp_path / "out", workers=0)
+    with pytest.raises(ArgumentError, match="max_shard_size"):
+        rotfn.fold_checkpoint(src, _quarot, tmp_path / "out", max_shard_size="lots")
+    small = tiny_model(make_config("llama", hidden=32, layers=1, vocab=64), dtype=torch.bfloat16)
+    with pytest.raises(PlanError, match="plan"):
+        rotfn.fold_checkpoint(src, rotfn.plans.quarot(small, r1=rotfn.hadamard(32)), tmp_path / "out")
+    with pytest.raises(PlanError, match="function model -> rotfn.Plan"):
+        rotfn.fold_checkpoint(src, lambda m: None, tmp_path / "out")
+    renamed = tmp_path / "renamed"
+    shutil.copytree(src, renamed)
+    index = json.loads((renamed / "model.safetensors.index.json").read_text())
+    file = index["weight_map"].pop("model.norm.weight")
+    tensors = safetensors.torch.load_file(renamed / file)
+    tensors["model.final_norm.weight"] = tensors.pop("model.norm.weight")
+    safetensors.torch.save_file(tensors, renamed / file, metadata={"format": "pt"})
+    index["weight_map"]["model.final_norm.weight"] = file
+    (renamed / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"missing \['model.norm.weight'\].*unexpected \['model.final_norm.weight'\]"):
+        rotfn.fold_checkpoint(renamed, _quarot, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
