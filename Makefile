@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.rotfn-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,demo]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,demo,docs]'
 	touch $(STAMP)
 
 demo: $(STAMP)
