@@ -43,11 +43,14 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", action="store_true", help="all block sizes for mxfp4 and nvfp4-fixed")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     parser.add_argument("--fwht", action="store_true", help="only the full-size Hadamard rows")
+    parser.add_argument("--shape", action="append", metavar="MxN", help="shapes to run (default: the three of the issue)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA device", file=sys.stderr)
         return 2
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shape:
+        shapes = [tuple(int(d) for d in s.split("x")) for s in args.shape]
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     widths = (12, 18, 6, 9, 9, 9, 9, 9, 9, 8, 8)
     def emit(cells):
@@ -55,6 +58,9 @@ def main(argv=None) -> int:
 
     emit(("shape", "op", "block", "copy TB/s", "eager", "compile", "rotfn", "rotfn ms", "bound ms", "%copy", "xcomp"))
     compiled = {}
+    # one torch.compile per (op, format, shape), all of the same lambda: lift dynamo's per-code recompile
+    # limit (8 by default), past which it silently runs the eager function
+    torch._dynamo.config.cache_size_limit = torch._dynamo.config.recompile_limit = 1024
     for m, n in shapes:
         x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
         nbytes = 2 * x.numel() * x.element_size()

@@ -1,5 +1,6 @@
 """rotfn.learn: learned rotations on a tiny Llama (W4A4), the Cayley step, slots, calibration, bad inputs."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -351,3 +352,20 @@ def test_bad_loss_for_the_model():
                   loss="next_token")
     with pytest.raises(ArgumentError, match="learn.fidelity: argument 'view'"):
         fidelity("embeddings")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU machine)")
+def test_learns_on_the_gpu_through_the_kernels(llama, data):
+    """The same W4A4 learning on CUDA: activations go through the Triton qdq (straight-through backward)."""
+    model, p = llama
+    model = copy.deepcopy(model).to("cuda")
+    p = {k: v.to("cuda") for k, v in p.items()}
+    move = lambda batches: [{k: v.to("cuda") for k, v in b.items()} for b in batches]  # noqa: E731
+    train, held_out = move(data[0]), move(data[1])
+    plan = quarot_plan(model, rotfn.mxfp4())
+    with rotfn.dispatch.trace() as ran:
+        result = rotations(model, p, plan, train, steps=20, lr=1.0, loss="fidelity", progress=False)
+    assert any(b == "triton" for _, b in ran), ran[:5]
+    assert max(result.orthogonality) <= 1e-6
+    hadamard = evaluate(model, p, plan, held_out, loss="fidelity")
+    assert evaluate(model, p, result.plan, held_out, loss="fidelity") < 0.95 * hadamard

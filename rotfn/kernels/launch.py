@@ -33,7 +33,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TILES = (16, 32, 64, 128, 256)
 _MIN_W = 32  # chunks narrower than this are widened (when n allows) for longer contiguous runs
 _MAX_W = 1024
-_TILE_ELEMENTS = 4096
+_TILE_ELEMENTS = 2048  # elements of one program's [BR, W] tile (fused block kernels; swept on an H200)
+_WARPS = 2  # warps per program of the fused block kernels (2048-element tiles: 2 warps were fastest)
 _PREC = "ieee"  # fp32 inputs: exact fp32 products (half inputs ignore it)
 _FWHT_MAX = 32768  # largest Hadamard block of the FWHT kernel (one block in registers per program)
 _FWHT_MAX_ELEMENTS = 32768  # registers: one padded block [KP, 2^m] per program
@@ -77,7 +78,10 @@ def _layout(n: int, rotation: Rotation | None, fmt: Format | None) -> tuple[int,
         w *= 2
     if n % w or w > _MAX_W:
         return f"last dim {n} does not split into chunks of {w} (<= {_MAX_W})"
-    return w, (g if grouped else w), max(_TILE_ELEMENTS // w, 16)
+    # BR * W elements per program, so that the rotation's dot is [E / b, b] x [b, b] with E fixed per tile b
+    # (>= 16 rows for the tensor cores): every kernel rotates the same blocks with the same dot shape, and
+    # rotate, the fused kernels and pass 1 give bit-identical rotations (W <= _MAX_W <= E).
+    return w, (g if grouped else w), max(_TILE_ELEMENTS, 16 * b) // w
 
 
 def unsupported(op: str, x: torch.Tensor, *, rotation=None, fmt=None, back=False) -> str | None:
@@ -207,7 +211,7 @@ def _pass1(x2, rotation, fmt):
     rot, _ = _rotation_args(x2, rotation)
     chunks = m * (n // w)
     stats_kernel[(triton.cdiv(chunks, br),)](x2, stats, K=chunks, CPR=n // w, stride_x=x2.stride(0), BR=br, W=w,
-                                             PREC=_PREC, SCOPE=scope, **rot)
+                                             PREC=_PREC, SCOPE=scope, num_warps=_WARPS, **rot)
     amax, pos, neg = stats[:, :3].view(torch.float32).unbind(-1)
     finite = stats[:, 3] == 0
     if isinstance(fmt, NVFP4):
@@ -233,7 +237,7 @@ def _quant(x2, rotation, fmt, *, back=False, out=None, codes=None, scales=None, 
         x2, pick(out), pick(codes), pick(scales), pick(zeros), pick(rowscale), pick(gscale),
         tb_ptr=tb, tblo_ptr=tblo, K=chunks, CPR=n // w, stride_x=x2.stride(0),
         STORE_CODES=codes is not None, BR=br, W=w, BACK=back, BACK_SIGN_FIRST=not rot["SIGN_FIRST"], PREC=_PREC,
-        G=g, NG=w // g, **rot, **_format_args(fmt, _scope(fmt)),
+        G=g, NG=w // g, num_warps=_WARPS, **rot, **_format_args(fmt, _scope(fmt)),
     )
     return rowscale, gscale
 
@@ -288,7 +292,7 @@ def rotate(x: torch.Tensor, r: Rotation) -> torch.Tensor:
     del rot["ROT"]
     chunks = m * (n // w)
     rotate_kernel[(triton.cdiv(chunks, br),)](x2, out, K=chunks, CPR=n // w, stride_x=x2.stride(0), BR=br, W=w,
-                                              PREC=_PREC, **rot)
+                                              PREC=_PREC, num_warps=_WARPS, **rot)
     return out.reshape(x.shape)
 
 
