@@ -15,6 +15,8 @@ import rotfn.testing as rt
 
 kernels = pytest.importorskip("rotfn.kernels", reason="triton is not installed")
 triton = pytest.importorskip("triton")
+tl = triton.language
+kn = kernels.numbers
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -284,3 +286,40 @@ def test_auto_picks_triton_on_cuda():
         rotfn.rotate(torch.randn(8, 4096, device="cuda"), rotfn.hadamard(4096))  # the FWHT kernel
         rotfn.rotate(torch.randn(8, 4096, device="cuda"), rotfn.orthogonal(4096, seed=0))  # no dense 4096 kernel
     assert ran == [("rotate_qdq", "triton"), ("rotate", "triton"), ("rotate", "torch")]
+
+
+# ----- the element functions of rotfn.kernels.numbers, exhaustively against rotfn.ops.numbers -----------
+@triton.jit
+def _numbers_probe(x_ptr, code_ptr, e2m1_ptr, e4m3_ptr, rint_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(code_ptr + offs, kn.e2m1_code(v), mask=mask)
+    tl.store(e2m1_ptr + offs, kn.e2m1_round(v), mask=mask)
+    tl.store(e4m3_ptr + offs, kn.e4m3_value(v), mask=mask)
+    tl.store(rint_ptr + offs, kn.rint(v * 1024.0), mask=mask)
+
+
+def _probe_values() -> torch.Tensor:
+    """Every multiple of 2^-12 in (-8, 8), each E2M1 / E4M3 decision point and its fp32 neighbours, zeros, subnormals."""
+    grid = torch.arange(-8 * 4096 + 1, 8 * 4096, dtype=torch.float64).float() / 4096
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 2**-6, 2**-9, 2**-10, 3 * 2**-10, 0.0])
+    ties = torch.cat([ties, -ties])
+    up, down = torch.nextafter(ties, torch.tensor(9.0)), torch.nextafter(ties, torch.tensor(-9.0))
+    tiny = torch.tensor([1e-45, -1e-45, 1e-40, -1e-40, 1.1754942e-38])
+    return torch.cat([grid, ties, up, down, tiny]).contiguous()
+
+
+def test_element_functions_equal_the_reference_bit_for_bit():
+    from rotfn.ops import numbers as ref
+
+    x = _probe_values().to(DEVICE)
+    code, e2m1 = torch.empty_like(x, dtype=torch.int32), torch.empty_like(x)
+    e4m3, rnd = torch.empty_like(x), torch.empty_like(x)
+    _numbers_probe[(triton.cdiv(x.numel(), 1024),)](x, code, e2m1, e4m3, rnd, x.numel(), BLOCK=1024)
+    x = x.cpu()
+    rt.assert_bits_equal(code.cpu().to(torch.uint8), ref.e2m1_encode(x), name="e2m1_code")
+    rt.assert_bits_equal(e2m1.cpu(), ref.e2m1_decode(ref.e2m1_encode(x)), name="e2m1_round")
+    rt.assert_bits_equal(e4m3.cpu(), ref.e4m3_round(x).float(), name="e4m3_value")
+    # torch.round rounds ties to even too; a zero result is +0 in rint, as integer codes decode
+    rt.assert_bits_equal(rnd.cpu(), torch.round(x * 1024.0) + 0.0, name="rint")

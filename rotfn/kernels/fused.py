@@ -25,7 +25,7 @@ values equal the torch reference's bit for bit on the same rotated input.
 import triton
 import triton.language as tl
 
-from rotfn.kernels.numbers import e2m1_code, e2m1_value, e4m3_byte, e4m3_value, exp2_exact, fp32_exponent, rint
+from rotfn.kernels.numbers import e2m1_code, e2m1_round, e4m3_byte, e4m3_value, exp2_exact, fp32_exponent, rint
 
 # FMT codes: 0 none, 1 MXFP4, 2 MXFP8, 3 NVFP4, 4 intq symmetric, 5 intq asymmetric, 6 FP8.
 # SCOPE codes: scale groups inside the tile, one scale per row, one per tensor.
@@ -130,8 +130,8 @@ def _quantize_tile(vg, row, kmask, rowscale_ptr, gscale_ptr,
         e = _mx_exponent(amax, RULE, EMAX, MBITS, INV_MAX)
         scaled = vg * exp2_exact(-e)[:, :, None]
         if FMT == 1:
-            code = e2m1_code(scaled)
-            val = e2m1_value(code)
+            code = e2m1_code(scaled)  # only the quantize kernel stores codes; qdq uses the value alone
+            val = e2m1_round(scaled)
         else:
             val = e4m3_value(scaled)
             code = e4m3_byte(val)
@@ -142,7 +142,7 @@ def _quantize_tile(vg, row, kmask, rowscale_ptr, gscale_ptr,
         s_b = e4m3_value(tl.minimum(tl.maximum(tl.math.div_rn(tl.math.div_rn(amax, 6.0), s_g), 0.001953125), 448.0))
         scaled = tl.minimum(tl.maximum(tl.math.div_rn(vg, (s_b * s_g)[:, :, None]), -6.0), 6.0)
         code = e2m1_code(scaled)
-        y = (e2m1_value(code) * s_b[:, :, None]) * s_g
+        y = (e2m1_round(scaled) * s_b[:, :, None]) * s_g
         scale = tl.where(bad, 0x7F, e4m3_byte(s_b))
     elif FMT == 4 or FMT == 5:
         if SCOPE == GROUP:

@@ -40,7 +40,7 @@ _FWHT_MAX = 32768  # largest Hadamard block of the FWHT kernel (one block in reg
 _FWHT_MAX_ELEMENTS = 32768  # registers: one padded block [KP, 2^m] per program
 _FWHT_KC = 32  # output rows of the K x K factor stage per chunk
 _FWHT_ELEMENTS = 4096  # blocks smaller than this are batched, several per program
-_RADIX_BITS = 7  # the reference FWHT's largest radix, 2^7 (rotfn.ops.hadamard)
+_RADIX_BITS = 7  # largest radix of an FWHT kernel pass, 2^7: the fewest passes (GEMM width is cheap on tensor cores)
 
 
 def _fmt_code(fmt: Format | None) -> int:
@@ -119,8 +119,10 @@ def _path(rotation: Rotation | None, dtype: torch.dtype) -> str | None:
 def _fwht_plan(b: int, k: int) -> tuple[int, int, int, int, int] | str:
     """``(K, KP, R1, R2, R3)`` of the FWHT kernel for a Hadamard block ``b = K * 2^m``, or why it cannot serve it.
 
-    The radices split the ``m`` bits like the reference FWHT (balanced passes of at most
-    ``2^7``); each must be at least 16 (the tensor cores' smallest GEMM side).
+    The radices split the ``m`` bits into the fewest balanced passes of at most ``2^7`` (on the
+    tensor cores a wider GEMM costs little, another pass a trip through shared memory; the CPU
+    reference prefers narrower passes); each must be at least 16 (the tensor cores' smallest
+    GEMM side).
     """
     p = b // k
     m = p.bit_length() - 1

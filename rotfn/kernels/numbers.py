@@ -1,7 +1,7 @@
 """Triton device functions for the element and scale types: the bits of rotfn.ops.numbers, in-kernel.
 
 Every function reproduces its torch reference bit for bit on fp32 inputs; they
-use only integer bit manipulation, comparisons, ``floor`` and correctly rounded
+use only integer bit manipulation, comparisons, IEEE fp32 addition and correctly rounded
 division (``div_rn``), so they behave the same on the GPU and under
 ``TRITON_INTERPRET=1``.
 """
@@ -25,31 +25,53 @@ def exp2_exact(e):
 
 @triton.jit
 def rint(t):
-    """Round fp32 to the nearest integer, ties to even (exact for |t| < 2^23)."""
-    f = tl.floor(t)
-    frac = t - f
-    odd = (f.to(tl.int32) & 1) == 1
-    up = (frac > 0.5) | ((frac == 0.5) & odd)
-    return f + up.to(tl.float32)
+    """Round fp32 to the nearest integer, ties to even (exact for |t| <= 2^22); a zero result is +0.
+
+    Adding ``1.5 * 2^23`` leaves no fraction bits, so the fp32 addition itself rounds ``t``
+    to an integer (ties to even); subtracting it back is exact. (An FMA contraction of a
+    product into the addition rounds once, the same.) Every caller stays far inside the
+    range: quantizer levels, and subnormal E4M3 steps below 8.
+    """
+    return (t + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _e2m1_magnitude(bits):
+    """``|v|`` rounded to the E2M1 grid, from the int32 bits of ``|v|`` (``|v| < 8``).
+
+    From 1 up, E2M1 is fp32 with one mantissa bit: the 22 lower mantissa bits are rounded
+    away (ties to even) and 8 saturates to 6. Below 1 the grid is 0, 0.5, 1 (ties 0.25 -> 0,
+    0.75 -> 1). Every caller scales into ``|v| < 8`` first.
+    """
+    a = bits.to(tl.float32, bitcast=True)
+    normal = ((bits + (((bits >> 22) & 1) + 0x1FFFFF)) & -4194304).to(tl.float32, bitcast=True)
+    small = tl.where(a >= 0.75, 1.0, tl.where(a > 0.25, 0.5, 0.0))
+    return tl.where(a >= 1.0, tl.minimum(normal, 6.0), small)
+
+
+@triton.jit
+def e2m1_round(v):
+    """fp32 ``v`` (``|v| < 8``) rounded to E2M1 (0 0.5 1 1.5 2 3 4 6), RNE, saturating at 6, sign kept.
+
+    The value of :func:`e2m1_code` without the code (what ``qdq`` needs). Negative values
+    that round to zero give -0, as code 8 does.
+    """
+    vbits = v.to(tl.int32, bitcast=True)
+    mag = _e2m1_magnitude(vbits & 0x7FFFFFFF)
+    return (mag.to(tl.int32, bitcast=True) | (vbits & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def e2m1_code(v):
-    """E2M1 code (int32 0..15, sign in bit 3) of fp32 ``v``: RNE on the grid, saturating at 6."""
-    m = tl.abs(v)
-    c = (m > 0.25).to(tl.int32) + (m >= 0.75).to(tl.int32) + (m > 1.25).to(tl.int32)
-    c += (m >= 1.75).to(tl.int32) + (m > 2.5).to(tl.int32) + (m >= 3.5).to(tl.int32) + (m > 5.0).to(tl.int32)
-    sign = (v.to(tl.int32, bitcast=True) >> 31) & 1
-    return c | (sign << 3)
+    """E2M1 code (int32 0..15, sign in bit 3) of fp32 ``v`` (``|v| < 8``): RNE on the grid, saturating at 6.
 
-
-@triton.jit
-def e2m1_value(code):
-    """fp32 value of an int32 E2M1 code (0 0.5 1 1.5 2 3 4 6, sign in bit 3; code 8 is -0)."""
-    mag = code & 7
-    v = tl.where(mag < 4, mag.to(tl.float32) * 0.5, tl.where(mag == 7, 6.0, (mag - 2).to(tl.float32)))
-    # the sign goes in by bits so that code 8 is -0 whatever the compiler does with zero signs
-    return (v.to(tl.int32, bitcast=True) | ((code & 8) << 28)).to(tl.float32, bitcast=True)
+    Magnitude codes 0..7 are 0 0.5 1 1.5 2 3 4 6: twice the value below 2, the value plus 2
+    from 2 to 4, and 7 for 6.
+    """
+    vbits = v.to(tl.int32, bitcast=True)
+    mag = _e2m1_magnitude(vbits & 0x7FFFFFFF)
+    c = tl.where(mag < 2.0, mag * 2.0, tl.where(mag == 6.0, 7.0, mag + 2.0)).to(tl.int32)
+    return c | ((vbits >> 28) & 8)
 
 
 @triton.jit
