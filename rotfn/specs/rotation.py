@@ -83,7 +83,7 @@ class Rotation:
         """The length-n +-1 sign vector ``s`` (or None when the rotation has no signs)."""
         if self.signs is None:
             return None
-        return _unpack_signs(self.signs, self.n).to(dtype=dtype, device=device)
+        return _unpack_signs(self.signs, self.n).to(dtype=dtype, device=device, copy=True)
 
     def tile_matrix(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
         """The ``b x b`` tile ``T`` (or ``T.T`` for a transposed spec), a new tensor."""
@@ -186,8 +186,9 @@ def _pack_signs(s: torch.Tensor) -> bytes:
     return bytes((bits * weights).sum(dim=1, dtype=torch.uint8).tolist())
 
 
+@functools.lru_cache(maxsize=64)  # rotate asks once per call (per piece in a streaming fold); callers copy
 def _unpack_signs(packed: bytes, n: int) -> torch.Tensor:
-    raw = torch.tensor(list(packed), dtype=torch.uint8)
+    raw = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
     bits = (raw[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1
     return 1.0 - 2.0 * bits.reshape(-1)[:n].to(torch.float64)
 
