@@ -153,12 +153,14 @@ def constructible_orders(max_n: int = 1 << 15) -> tuple[int, ...]:
     return tuple(n for n in range(1, max_n + 1) if choose_factor(n) is not None)
 
 
-#: Radix bounds of an FWHT pass, in bits. On a CPU ``m`` bits make ``max(1, m // 4)`` balanced passes,
-#: every radix 2^4..2^7 (16..128) once ``m >= 4``: a radix-r pass is an r-wide GEMM, so narrow passes
-#: cost fewer flops per element, and below 16 the GEMMs get too thin to pay (n = 4096..16384 runs
-#: 1.5-2.4x faster than with the fewest passes). On a GPU, where GEMM width is cheap and each pass is a
-#: trip through memory, the fewest passes of at most 2^7 win.
-_MIN_RADIX_BITS = 4
+#: How an FWHT splits its ``m`` bits into passes. A radix-r pass is an r-wide GEMM, so narrower
+#: passes cost fewer flops per element, until the GEMMs get too thin to pay. On a CPU (AVX-512, one
+#: thread, 256Ki-element inputs, best of many runs) ``max(1, m // 4)`` balanced passes (radices
+#: 16..128 once m >= 4) were fastest or within noise of it for float32 and float64 at every size, and
+#: 1.5-2.4x faster than the fewest passes at n = 4096..16384. On a GPU, where GEMM width is cheap and
+#: each pass is a trip through memory, the fewest passes of at most 2^7 win. The split changes
+#: rounding only.
+_CPU_RADIX_BITS = 4
 _MAX_RADIX_BITS = 7
 
 
@@ -175,12 +177,12 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     """Unnormalized fast Walsh-Hadamard transform over the last dim: ``x @ H_{2^m}``.
 
     ``H_{2^m}`` is the Sylvester matrix (symmetric, so this is also ``x @ H.T``).
-    Mixed radix: ``H_{2^m} = H_{2^a} (x) H_{2^b} (x) ...`` with every factor from
-    ``2^4`` to ``2^7`` (balanced), and each factor is one small matmul along its axis of
-    ``x`` viewed as ``[..., 2^a, 2^b, ...]``. That is ``max(1, m // 4)`` passes over the
-    data on a CPU (``ceil(m / 7)`` on a GPU) instead of ``m`` radix-2 butterfly passes,
-    still ``O(n log n)`` (each pass costs 16 to 128 multiply-adds per element). The
-    split changes rounding only. The input is not modified.
+    Mixed radix: ``H_{2^m} = H_{2^a} (x) H_{2^b} (x) ...`` with balanced factors of at
+    most ``2^7``, and each factor is one small matmul along its axis of ``x`` viewed as
+    ``[..., 2^a, 2^b, ...]``. That is ``max(1, m // 4)`` passes over the data on a CPU
+    (``ceil(m / 7)`` on a GPU) instead of ``m`` radix-2
+    butterfly passes, still ``O(n log n)`` (each pass costs at most 128 multiply-adds per
+    element). The split changes rounding only. The input is not modified.
 
     Args:
         x: ``[..., 2^m]`` floating tensor.
@@ -195,7 +197,10 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     lead = x.shape[:-1]
     m = n.bit_length() - 1
-    passes = max(1, m // _MIN_RADIX_BITS) if x.device.type == "cpu" else max(1, -(-m // _MAX_RADIX_BITS))
+    if x.device.type == "cpu":
+        passes = max(1, m // _CPU_RADIX_BITS)
+    else:
+        passes = max(1, -(-m // _MAX_RADIX_BITS))
     right = 1
     for p in range(passes):
         bits = (m * (p + 1)) // passes - (m * p) // passes  # balanced split of the m bits
