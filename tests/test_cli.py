@@ -74,7 +74,7 @@ def test_fold_then_inspect_shows_the_plan(src, tmp_path, capsys):
 def test_per_linear_fold_with_weight_qdq(src, tmp_path, capsys):
     dst = str(tmp_path / "out")
     assert main(["fold", src, dst, "--plan", "per_linear", "--r1", "orthogonal", "--block", "32",
-                 "--weights", "mxfp4", "--quiet"]) == EXIT_OK
+                 "--weights", "mxfp4", "--precision", "float32", "--quiet"]) == EXIT_OK
     plan = rotfn.io._hf.read_rotfn_json(dst)
     assert plan.method == "per_linear" and plan.weights == rotfn.mxfp4()
     assert plan.weight[0].rotation == rotfn.orthogonal(64, seed=0, block=32)

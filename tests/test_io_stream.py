@@ -60,15 +60,17 @@ PLANS = {
 }
 
 
+@pytest.mark.parametrize("precision", ["float64", "float32"])
 @pytest.mark.parametrize("name", PLANS)
-def test_every_tensor_is_bit_identical_to_fold(src, tmp_path, monkeypatch, name):
+def test_every_tensor_is_bit_identical_to_fold(src, tmp_path, monkeypatch, name, precision):
     monkeypatch.setattr(stream, "PIECE_ELEMENTS", 64 * 20)  # many pieces per tensor, and reopened maps
     monkeypatch.setattr(stream, "MAP_BUDGET", 20_000)
     build = PLANS[name]
-    stats = rotfn.fold_checkpoint(src, build, tmp_path / "out", max_shard_size="60KB", progress=False)
+    stats = rotfn.fold_checkpoint(src, build, tmp_path / "out", max_shard_size="60KB", progress=False,
+                                  precision=precision)
     model, params, _ = _loaded(src)
     plan = build(model)
-    folded = rotfn.fold(params, plan)
+    folded = rotfn.fold(params, plan, precision=precision)
     _, _, stored = _loaded(tmp_path / "out")
     assert set(stored) == set(model.state_dict())
     for key, t in stored.items():
@@ -198,6 +200,8 @@ def test_bad_inputs_are_typed_errors_that_name_the_argument(src, tmp_path):
         rotfn.fold_checkpoint(src, _quarot, src)
     with pytest.raises(ArgumentError, match="workers"):
         rotfn.fold_checkpoint(src, _quarot, tmp_path / "out", workers=0)
+    with pytest.raises(ArgumentError, match="precision.*float32.*float64.*'float16'"):
+        rotfn.fold_checkpoint(src, _quarot, tmp_path / "out", precision="float16")
     with pytest.raises(ArgumentError, match="max_shard_size"):
         rotfn.fold_checkpoint(src, _quarot, tmp_path / "out", max_shard_size="lots")
     small = tiny_model(make_config("llama", hidden=32, layers=1, vocab=64), dtype=torch.bfloat16)

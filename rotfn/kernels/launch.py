@@ -35,6 +35,7 @@ _MIN_W = 32  # chunks narrower than this are widened (when n allows) for longer 
 _MAX_W = 1024
 _TILE_ELEMENTS = 2048  # elements of one program's [BR, W] tile (fused block kernels; swept on an H200)
 _WARPS = 2  # warps per program of the fused block kernels (2048-element tiles: 2 warps were fastest)
+_WARPS_256 = 4  # ... and for 256 x 256 rotation tiles (2 warps spill: 4x slower on an H200)
 _PREC = "ieee"  # fp32 inputs: exact fp32 products (half inputs ignore it)
 _FWHT_MAX = 32768  # largest Hadamard block of the FWHT kernel (one block in registers per program)
 _FWHT_MAX_ELEMENTS = 32768  # registers: one padded block [KP, 2^m] per program
@@ -163,6 +164,11 @@ def _tiles(rotation: Rotation, dtype: torch.dtype, device: torch.device):
     return (*parts(fwd), *parts(fwd.T.contiguous()), scale, two, signs)
 
 
+def _warps(rotation: Rotation | None) -> int:
+    """Warps per program of the fused block kernels for this rotation's tile."""
+    return _WARPS_256 if rotation is not None and rotation.tile >= 256 else _WARPS
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -213,7 +219,7 @@ def _pass1(x2, rotation, fmt):
     rot, _ = _rotation_args(x2, rotation)
     chunks = m * (n // w)
     stats_kernel[(triton.cdiv(chunks, br),)](x2, stats, K=chunks, CPR=n // w, stride_x=x2.stride(0), BR=br, W=w,
-                                             PREC=_PREC, SCOPE=scope, num_warps=_WARPS, **rot)
+                                             PREC=_PREC, SCOPE=scope, num_warps=_warps(rotation), **rot)
     amax, pos, neg = stats[:, :3].view(torch.float32).unbind(-1)
     finite = stats[:, 3] == 0
     if isinstance(fmt, NVFP4):
@@ -239,7 +245,7 @@ def _quant(x2, rotation, fmt, *, back=False, out=None, codes=None, scales=None, 
         x2, pick(out), pick(codes), pick(scales), pick(zeros), pick(rowscale), pick(gscale),
         tb_ptr=tb, tblo_ptr=tblo, K=chunks, CPR=n // w, stride_x=x2.stride(0),
         STORE_CODES=codes is not None, BR=br, W=w, BACK=back, BACK_SIGN_FIRST=not rot["SIGN_FIRST"], PREC=_PREC,
-        G=g, NG=w // g, num_warps=_WARPS, **rot, **_format_args(fmt, _scope(fmt)),
+        G=g, NG=w // g, num_warps=_warps(rotation), **rot, **_format_args(fmt, _scope(fmt)),
     )
     return rowscale, gscale
 
@@ -294,7 +300,7 @@ def rotate(x: torch.Tensor, r: Rotation) -> torch.Tensor:
     del rot["ROT"]
     chunks = m * (n // w)
     rotate_kernel[(triton.cdiv(chunks, br),)](x2, out, K=chunks, CPR=n // w, stride_x=x2.stride(0), BR=br, W=w,
-                                              PREC=_PREC, num_warps=_WARPS, **rot)
+                                              PREC=_PREC, num_warps=_warps(r), **rot)
     return out.reshape(x.shape)
 
 

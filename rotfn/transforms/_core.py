@@ -16,13 +16,16 @@ computes ``y = x @ W.T + b``.
 
 Every transform returns a **new** dict; the input dict and its tensors are never
 written. Math is float64, cast back to each tensor's dtype once per transform
-(:func:`rotfn.fold` hands in float64 tensors, so a whole plan casts once).
+(:func:`rotfn.fold` hands in float64 tensors, so a whole plan casts once). Inside
+:func:`computing_in` (``rotfn.fold(..., precision="float32")``) it is float32 instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -41,6 +44,25 @@ from rotfn.specs.formats import Format
 from rotfn.specs.rotation import Rotation
 from rotfn.transforms._where import Where, where
 
+#: The dtype transforms compute in: float64, or what :func:`computing_in` sets for the current context.
+_WORK_DTYPE: contextvars.ContextVar[torch.dtype] = contextvars.ContextVar("rotfn_work_dtype", default=torch.float64)
+
+
+def work_dtype() -> torch.dtype:
+    """The dtype transforms compute in here (float64 unless inside :func:`computing_in`)."""
+    return _WORK_DTYPE.get()
+
+
+@contextlib.contextmanager
+def computing_in(dtype: torch.dtype) -> Iterator[None]:
+    """Make the transforms of this context (thread or task) compute in ``dtype`` (float32 or float64)."""
+    token = _WORK_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _WORK_DTYPE.reset(token)
+
+
 #: Rotations of large tensors run over row chunks of about this many elements (2 MiB of float64), so the
 #: FWHT's passes stay in cache: a whole 4096 x 4096 o_proj rotated at once runs ~4x slower. Every chunk keeps
 #: at least 16 rows, where a matrix product's kernel (and so every row's bits) no longer depends on the rows.
@@ -50,6 +72,7 @@ _MIN_CHUNK_ROWS = 16
 __all__ = [
     "Transform", "RotateInput", "RotateOutput", "FuseNorm", "QDQWeights", "Chain",
     "rotate_input", "rotate_output", "fuse_norm", "qdq_weights", "chain", "check_params", "RotateFn",
+    "computing_in", "work_dtype",
 ]
 
 
@@ -78,7 +101,7 @@ def _key(fn: str, params: Mapping, key: str) -> torch.Tensor:
 
 def _rotate_dim(fn: str, key: str, t: torch.Tensor, r: Rotation, dim: int, per_head: bool,
                 span: tuple[int, int] | None, rotate_fn: RotateFn = rotate) -> torch.Tensor:
-    """Rotate dim ``dim`` of ``t`` (or its ``span``) by ``r``, per head if asked; float64 math, t's dtype out.
+    """Rotate dim ``dim`` of ``t`` (or its ``span``) by ``r``, per head if asked; float64 math (:func:`work_dtype`), t's dtype out.
 
     ``rotate_fn(x, r)`` computes ``x @ R`` on the last dim (default :func:`rotfn.rotate`); a
     replacement, e.g. a differentiable matrix for :mod:`rotfn.learn`, gets the same cutting.
@@ -100,7 +123,7 @@ def _rotate_dim(fn: str, key: str, t: torch.Tensor, r: Rotation, dim: int, per_h
                      else f"build the rotation for n={m}") + " or select other keys")
         )
     lead = x.shape[:-1]
-    rows = x[..., lo:hi].to(torch.float64).reshape(-1, r.n)  # each row of r.n values rotates on its own
+    rows = x[..., lo:hi].to(work_dtype()).reshape(-1, r.n)  # each row of r.n values rotates on its own
     chunks = max(1, rows.shape[0] // max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // r.n))
     # each chunk >= the step in rows, and contiguous (rows of a dim-0 rotation are columns in memory)
     rotated = [rotate_fn(c.contiguous(), r) for c in rows.tensor_split(chunks)]
@@ -229,23 +252,24 @@ class FuseNorm(Transform):
         fn = self.name
         g = _key(fn, params, self.norm)
         keys = self.into.select(params, fn=fn)
-        beta = None if self.bias is None else _key(fn, params, self.bias).to(torch.float64)
+        work = work_dtype()
+        beta = None if self.bias is None else _key(fn, params, self.bias).to(work)
         out = dict(params)
-        g64 = g.to(torch.float64)
+        gw = g.to(work)
         for key in keys:
             w = params[key]
             if w.shape[-1] != g.shape[-1] or g.ndim != 1:
                 raise ShapeError(message(fn, f"params[{key!r}]", f"last dim {g.shape[-1]} (the size of {self.norm!r})",
                                          f"shape {tuple(w.shape)}", "fuse a norm only into the linears that read it"))
-            w64 = w.to(torch.float64)
-            out[key] = (w64 * g64).to(w.dtype)
+            ww = w.to(work)
+            out[key] = (ww * gw).to(w.dtype)
             if beta is not None:
                 bias_key = key.removesuffix("weight") + "bias"
                 if bias_key == key + "bias" or bias_key not in params:
                     raise PlanError(message(fn, "bias", f"a bias {bias_key!r} next to {key!r} to take W @ beta",
                                             "no such key", "fuse a LayerNorm bias only into linears that have a bias"))
                 b = params[bias_key]
-                out[bias_key] = (b.to(torch.float64) + w64 @ beta).to(b.dtype)
+                out[bias_key] = (b.to(work) + ww @ beta).to(b.dtype)
         out[self.norm] = torch.ones_like(g)
         if self.bias is not None:
             out[self.bias] = torch.zeros_like(params[self.bias])
@@ -272,7 +296,7 @@ class QDQWeights(Transform):
             if w.ndim == 0 or (group is not None and w.shape[-1] % group):
                 raise ShapeError(message(self.name, f"params[{key!r}]", f"last dim divisible by {self.fmt!r}'s group of {group}",
                                          f"shape {tuple(w.shape)}", "leave this key out of where= (rotfn never pads)"))
-            out[key] = qdq(w.to(torch.float64), self.fmt).to(w.dtype)
+            out[key] = qdq(w.to(work_dtype()), self.fmt).to(w.dtype)
         return out
 
     def __repr__(self) -> str:
