@@ -365,8 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except SystemExit as stop:  # a usage error found after parsing (parser.error)
         return EXIT_USAGE if stop.code is None else int(stop.code)
-    except RotfnError as err:
-        print(f"rotfn {args.command}: {err}", file=sys.stderr)
+    except RotfnError as err:  # the library's fixes name keyword arguments; here they are options
+        print(f"rotfn {args.command}: {str(err).replace('pass overwrite=True', 'pass --overwrite')}", file=sys.stderr)
     except ModuleNotFoundError as err:
         print(f"rotfn {args.command}: needs the Python package {err.name!r}; fix: pip install 'rotfn[hf]'", file=sys.stderr)
     except OSError as err:

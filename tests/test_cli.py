@@ -67,7 +67,7 @@ def test_fold_then_inspect_shows_the_plan(src, tmp_path, capsys):
     assert "plan: none" in capsys.readouterr().out
 
     assert main(argv) == EXIT_FAILED  # a complete checkpoint is there
-    assert "overwrite=True" in capsys.readouterr().err
+    assert "pass --overwrite" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == EXIT_OK
 
 
