@@ -29,7 +29,7 @@ from rotfn.plans._fold import fold_tensors
 from rotfn.plans._plan import NormFusion, Plan
 from rotfn.specs.formats import FP8, NVFP4, Format
 
-__all__ = ["MIN_PIECE", "KeyFold", "fold_piece", "key_fold", "piece_cuts"]
+__all__ = ["MIN_PIECE", "KeyFold", "fold_piece", "key_fold", "piece_cuts", "stages"]
 
 #: Fewest rows of a piece (see the module docstring).
 MIN_PIECE = 16
@@ -126,6 +126,38 @@ def key_fold(plan: Plan, key: str, shapes: Mapping[str, tuple[int, ...]]) -> Key
     if axis is not None and shapes[key][axis] < 2 * MIN_PIECE:
         axis = None
     return KeyFold(key, sub, tuple(reads), tuple(stand_ins.items()), axis)
+
+
+def stages(kf: KeyFold, shape: tuple[int, ...]) -> tuple[KeyFold, ...]:
+    """A 2-D weight rotated on both sides (o_proj, v_proj), which :func:`key_fold` leaves whole, as stages
+    that can each be cut; ``()`` when the key cannot be staged.
+
+    Each run of consecutive entries on one side becomes a stage, in plan order: input-side
+    entries mix dim 1 only, so their stage is cut along dim 0; output-side ones along dim 1.
+    Run on the work dtype throughout and cast once after the last stage, the stages apply the
+    same operations to the same rows as folding the key whole, so the bits are those of
+    :func:`rotfn.fold`; and pieces of one key can be folded by several threads.
+
+    Example:
+        >>> import dataclasses, torch, rotfn
+        >>> m = torch.nn.Linear(64, 64)
+        >>> plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(64, seed=0))
+        >>> out_side = rotfn.plans.WeightRotation("weight", rotfn.hadamard(64, seed=1), "output")
+        >>> plan = dataclasses.replace(plan, weight=plan.weight + (out_side,))
+        >>> kf = key_fold(plan, "weight", {"weight": (64, 64), "bias": (64,)})
+        >>> kf.axis, [st.axis for st in stages(kf, (64, 64))]
+        (None, [0, 1])
+    """
+    if (kf.plan is None or kf.axis is not None or len(shape) != 2 or kf.reads or kf.stand_ins
+            or kf.plan.norms or kf.plan.quantized):
+        return ()
+    runs = [tuple(run) for _, run in itertools.groupby(kf.plan.weight, key=lambda w: w.side)]
+    if len(runs) < 2:
+        return ()
+    axes = [0 if run[0].side == "input" else 1 for run in runs]
+    if any(shape[axis] < 2 * MIN_PIECE for axis in axes):
+        return ()
+    return tuple(KeyFold(kf.key, dataclasses.replace(kf.plan, weight=run), axis=axis) for run, axis in zip(runs, axes))
 
 
 def piece_cuts(kf: KeyFold, shape: tuple[int, ...], piece_elements: int) -> list[slice | None]:

@@ -49,7 +49,7 @@ from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError, m
 from rotfn.io._atomic import write_atomic, write_text_atomic
 from rotfn.io._checkpoint import INDEX, SINGLE, Checkpoint, inventory, is_weight_file, skeleton
 from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _shard_bytes, _shards, read_rotfn_json, write_rotfn_json
-from rotfn.io._keyfold import KeyFold, fold_piece, key_fold, piece_cuts
+from rotfn.io._keyfold import KeyFold, fold_piece, key_fold, piece_cuts, stages
 from rotfn.io._shard import ShardWriter, TensorEntry, header_bytes
 from rotfn.plans._fold import precision_dtype
 from rotfn.plans._plan import Plan
@@ -370,6 +370,10 @@ class _Fold:
                        2 * piece.numel() * piece.element_size())
             return
         whole = self.read(out)  # one mapped view, folded whole or cut along dim 1 into `assembled`
+        staged = stages(kf, entry.shape)
+        if staged:
+            yield from self._staged(out, staged, whole)
+            return
         self.whole[out.key] = 2 * entry.nbytes
         assembled = torch.empty(entry.shape, dtype=entry.dtype) if kf.axis == 1 else None
         for cut in piece_cuts(kf, entry.shape, PIECE_ELEMENTS):
@@ -377,6 +381,26 @@ class _Fold:
             yield self.pool.submit(_fold_piece, kf, piece, reads, assembled, cut, self.dtype), 0
         if assembled is not None:
             yield _Done(assembled), 0
+
+    def _staged(self, out: _Out, staged: tuple[KeyFold, ...], source: torch.Tensor):
+        """A key rotated on both sides, stage by stage (:func:`rotfn.io._keyfold.stages`): every stage's
+        pieces go to the pool; between stages the whole key is held in the work dtype."""
+        entry = out.entry
+        x = source.to(self.dtype)
+        self.whole[out.key] = entry.nbytes + 2 * x.numel() * x.element_size()
+        for i, stage in enumerate(staged):
+            last = i == len(staged) - 1
+            result = torch.empty(entry.shape, dtype=entry.dtype if last else self.dtype)
+            futures = [self.pool.submit(_fold_piece, stage, x[(slice(None),) * stage.axis + (cut,)], {}, result, cut,
+                                        self.dtype) for cut in piece_cuts(stage, entry.shape, PIECE_ELEMENTS)]
+            if not last:
+                for future in futures:  # the next stage reads every row / column of this one
+                    future.result()
+                x = result
+                continue
+            for future in futures:
+                yield future, 0
+            yield _Done(result), 0
 
     def write_shard(self, path: str, group: list[_Out]) -> None:
         writer = ShardWriter(path, [o.entry for o in group], {"format": "pt"})
@@ -433,12 +457,13 @@ class _Done:
 
 def _fold_piece(kf: KeyFold, piece: torch.Tensor, reads, assembled: torch.Tensor | None, cut,
                 dtype: torch.dtype) -> torch.Tensor | None:
-    """Fold one piece (in a worker, computing in ``dtype``); returns it, or puts it into ``assembled`` (columns) and returns None."""
+    """Fold one piece (in a worker, computing in ``dtype``); returns it, or puts it into ``assembled`` (at ``cut``
+    along ``kf.axis``) and returns None."""
     with computing_in(dtype):
         folded = fold_piece(kf, piece, reads)
     if assembled is None:
         return folded
-    assembled[:, cut] = folded
+    assembled[(slice(None),) * kf.axis + (cut,)] = folded  # rounds to assembled's dtype, as fold's cast does
     return None
 
 
