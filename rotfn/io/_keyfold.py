@@ -148,9 +148,8 @@ def stages(kf: KeyFold, shape: tuple[int, ...]) -> tuple[KeyFold, ...]:
         >>> kf.axis, [st.axis for st in stages(kf, (64, 64))]
         (None, [0, 1])
     """
-    if (kf.plan is None or kf.axis is not None or len(shape) != 2 or kf.reads or kf.stand_ins
-            or kf.plan.norms or kf.plan.quantized):
-        return ()
+    if kf.plan is None or kf.axis is not None or len(shape) != 2 or kf.plan.norms or kf.plan.quantized:
+        return ()  # (norm fusions are what make a key read other keys)
     runs = [tuple(run) for _, run in itertools.groupby(kf.plan.weight, key=lambda w: w.side)]
     if len(runs) < 2:
         return ()

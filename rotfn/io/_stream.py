@@ -391,7 +391,7 @@ class _Fold:
         for i, stage in enumerate(staged):
             last = i == len(staged) - 1
             result = torch.empty(entry.shape, dtype=entry.dtype if last else self.dtype)
-            futures = [self.pool.submit(_fold_piece, stage, x[(slice(None),) * stage.axis + (cut,)], {}, result, cut,
+            futures = [self.pool.submit(_fold_piece, stage, x[_along(stage.axis, cut)], {}, result, cut,
                                         self.dtype) for cut in piece_cuts(stage, entry.shape, PIECE_ELEMENTS)]
             if not last:
                 for future in futures:  # the next stage reads every row / column of this one
@@ -455,6 +455,11 @@ class _Done:
         return self.value
 
 
+def _along(axis: int, cut: slice) -> tuple[slice, ...]:
+    """The index of the slice ``cut`` along dim ``axis``."""
+    return (slice(None),) * axis + (cut,)
+
+
 def _fold_piece(kf: KeyFold, piece: torch.Tensor, reads, assembled: torch.Tensor | None, cut,
                 dtype: torch.dtype) -> torch.Tensor | None:
     """Fold one piece (in a worker, computing in ``dtype``); returns it, or puts it into ``assembled`` (at ``cut``
@@ -463,7 +468,7 @@ def _fold_piece(kf: KeyFold, piece: torch.Tensor, reads, assembled: torch.Tensor
         folded = fold_piece(kf, piece, reads)
     if assembled is None:
         return folded
-    assembled[(slice(None),) * kf.axis + (cut,)] = folded  # rounds to assembled's dtype, as fold's cast does
+    assembled[_along(kf.axis, cut)] = folded  # rounds to assembled's dtype, as fold's cast does
     return None
 
 

@@ -20,7 +20,7 @@ import triton
 from rotfn.kernels.fused import GROUP, ROW, TENSOR, quant_kernel, rotate_kernel, stats_kernel
 from rotfn.kernels.fwht import hadamard_kernel
 from rotfn.ops import quant as ref
-from rotfn.ops.hadamard import factor_matrix
+from rotfn.ops.hadamard import factor_matrix, radix_bits
 from rotfn.qtensor import QTensor
 from rotfn.specs.formats import FP8, MX, NVFP4, Format, IntQ
 from rotfn.specs.rotation import Rotation
@@ -41,7 +41,6 @@ _FWHT_MAX = 32768  # largest Hadamard block of the FWHT kernel (one block in reg
 _FWHT_MAX_ELEMENTS = 32768  # registers: one padded block [KP, 2^m] per program
 _FWHT_KC = 32  # output rows of the K x K factor stage per chunk
 _FWHT_ELEMENTS = 4096  # blocks smaller than this are batched, several per program
-_RADIX_BITS = 7  # largest radix of an FWHT kernel pass, 2^7: the fewest passes (GEMM width is cheap on tensor cores)
 
 
 def _fmt_code(fmt: Format | None) -> int:
@@ -127,8 +126,8 @@ def _fwht_plan(b: int, k: int) -> tuple[int, int, int, int, int] | str:
     """
     p = b // k
     m = p.bit_length() - 1
-    passes = max(1, -(-m // _RADIX_BITS))
-    bits = [(m * (i + 1)) // passes - (m * i) // passes for i in range(passes)]
+    bits = radix_bits(m, "cuda")  # the reference's GPU split: one kernel pass per reference pass
+    passes = len(bits)
     kp = 1 if k == 1 else max(16, 1 << (k - 1).bit_length())
     if b > _FWHT_MAX:
         return f"Hadamard block {b}: the FWHT kernel serves blocks up to {_FWHT_MAX}"

@@ -164,6 +164,20 @@ _CPU_RADIX_BITS = 4
 _MAX_RADIX_BITS = 7
 
 
+def radix_bits(m: int, device_type: str) -> list[int]:
+    """Bits of each FWHT pass for ``2^m`` on ``device_type`` (``"cpu"``, ``"cuda"``): a balanced split.
+
+    Example:
+        >>> radix_bits(12, "cpu"), radix_bits(12, "cuda")
+        ([4, 4, 4], [6, 6])
+    """
+    if device_type == "cpu":
+        passes = max(1, m // _CPU_RADIX_BITS)
+    else:
+        passes = max(1, -(-m // _MAX_RADIX_BITS))
+    return [(m * (p + 1)) // passes - (m * p) // passes for p in range(passes)]
+
+
 @functools.lru_cache(maxsize=64)
 def _sylvester(bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The unnormalized ``2^bits`` Sylvester matrix (symmetric, entries +-1), cached per dtype and device."""
@@ -196,14 +210,8 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     """
     n = x.shape[-1]
     lead = x.shape[:-1]
-    m = n.bit_length() - 1
-    if x.device.type == "cpu":
-        passes = max(1, m // _CPU_RADIX_BITS)
-    else:
-        passes = max(1, -(-m // _MAX_RADIX_BITS))
     right = 1
-    for p in range(passes):
-        bits = (m * (p + 1)) // passes - (m * p) // passes  # balanced split of the m bits
+    for bits in radix_bits(n.bit_length() - 1, x.device.type):
         radix = 1 << bits
         h = _sylvester(bits, x.dtype, x.device)
         if right == 1:  # the last axis: one plain GEMM [rows, radix] @ [radix, radix]
