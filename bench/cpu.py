@@ -13,8 +13,8 @@ switches, see :func:`time_ms`) are dropped and counted in the report.
 The reference FWHT allocates about three full-size temporaries per butterfly pass.
 With glibc's default settings freed 16 MiB blocks may go back to the OS and be
 page-faulted in again on the next call. So by default the benchmark first asks
-glibc malloc to keep them (``mallopt``: the effect of ``MALLOC_MMAP_THRESHOLD_`` and
-``MALLOC_TRIM_THRESHOLD_``, or of jemalloc) and measures the steady state;
+glibc malloc to keep them (:func:`rotfn._malloc.keep_freed_blocks`: the effect of
+``MALLOC_MMAP_MAX_=0`` and ``MALLOC_TRIM_THRESHOLD_``, or of jemalloc) and measures the steady state;
 ``--default-malloc`` measures without that.
 
 Usage:
@@ -26,7 +26,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import math
 import os
@@ -40,6 +39,7 @@ from typing import NamedTuple
 import torch
 
 import rotfn
+from rotfn._malloc import SETTING, keep_freed_blocks
 from rotfn.demo import FORMATS, format_table
 
 try:
@@ -63,21 +63,6 @@ CONTENDED_SWITCHES_PER_S = 100
 def rows_for(n: int) -> int:
     """Rows of the ``[rows, n]`` float32 input of one rotate call, so that it holds :data:`CALL_BYTES`."""
     return max(1, CALL_BYTES // (4 * n))
-
-
-def keep_freed_blocks() -> str:
-    """Ask glibc malloc to serve blocks up to 32 MiB from its heap and never trim it.
-
-    Returns:
-        A short description of the allocator setting, for the report.
-    """
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
-    except (OSError, AttributeError):
-        ok = False
-    return "glibc malloc, mmap threshold 32 MiB, no trim" if ok else "default (mallopt unavailable)"
 
 
 class Timing(NamedTuple):
@@ -278,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc malloc as the environment configured it (see the module docstring)")
     args = parser.parse_args(argv)
-    allocator = "as configured (--default-malloc)" if args.default_malloc else keep_freed_blocks()
+    allocator = "as configured (--default-malloc)" if args.default_malloc else (
+        SETTING if keep_freed_blocks() else "default (mallopt unavailable)")
     sizes, reps, min_s, max_s = (QUICK_SIZES, 3, 0.0, 3.0) if args.quick else (SIZES, 7, 1.0, 10.0)
     start = time.perf_counter()
     print(f"rotfn {rotfn.__version__} CPU benchmark: {machine_info()}")

@@ -95,6 +95,19 @@ def test_fwht_is_sylvester(m, seed):
     torch.testing.assert_close(had.fwht(x), x @ sylvester, rtol=0, atol=1e-9 * n)
 
 
+@given(st.integers(0, 12), st.integers(1, 3), rt.seeds())
+def test_fwht_along_a_middle_dim_equals_the_last_dim_moved(m, trail, seed):
+    x = rt.make_tensor("normal", (2, 2**m, trail), seed, dtype=torch.float64)
+    torch.testing.assert_close(had.fwht(x, dim=1), had.fwht(x.movedim(1, -1)).movedim(-1, 1), rtol=0, atol=1e-9 * 2**m)
+
+
+@pytest.mark.parametrize("m", range(16))
+def test_cpu_radix_split_covers_m_in_passes_of_at_most_7_bits(m):
+    for device in ("cpu", "cuda"):
+        bits = had.radix_bits(m, device)
+        assert sum(bits) == m and all(0 <= b <= 7 for b in bits) and len(bits) >= 1
+
+
 @pytest.mark.parametrize("n", [3, 6, 10, 14, 22, 668 * 8, 100003])
 def test_unbuildable_orders_raise_with_a_suggestion(n):
     with pytest.raises(OrderError, match=r"hadamard: argument 'n'.*fix: use (block=|rotfn.orthogonal)"):

@@ -14,6 +14,7 @@ import rotfn
 import rotfn.io._stream as stream
 from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError
 from rotfn.io._checkpoint import inventory, skeleton
+from rotfn.io._keyfold import key_fold, stages
 from rotfn.testing.models import make_config, tiny_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -186,6 +187,22 @@ def test_a_complete_checkpoint_is_replaced_only_with_overwrite(src, tmp_path):
     assert rotfn.io._hf.read_rotfn_json(out) == other(skeleton(src))
 
 
+def test_keys_rotated_on_both_sides_fold_in_stages_and_a_norm_rides_with_the_first(src):
+    """v_proj (norm, R1 input side, R2 output side per head) and o_proj (R1 output side, R2 input) are cut into stages,
+    so no key of a QuaRot plan is folded whole; the bit-identity test above checks their bits."""
+    meta = skeleton(src)
+    plan = _quarot(meta)
+    shapes = {k: tuple(t.shape) for k, t in rotfn.params(meta).items()}
+    v, o = "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    v_stages, o_stages = (stages(key_fold(plan, k, shapes), shapes[k]) for k in (v, o))
+    assert [st.axis for st in v_stages] == [0, 1] and [st.axis for st in o_stages] == [1, 0]
+    assert v_stages[0].reads == ("model.layers.0.input_layernorm.weight",) and v_stages[0].plan.norms
+    assert not v_stages[1].plan.norms and not v_stages[1].reads and not o_stages[0].plan.norms
+    whole = [k for k in shapes if key_fold(plan, k, shapes).plan is not None and key_fold(plan, k, shapes).axis is None
+             and not stages(key_fold(plan, k, shapes), shapes[k]) and len(shapes[k]) == 2]
+    assert whole == []
+
+
 def test_the_skeleton_gives_the_plan_of_the_real_model(src):
     meta = skeleton(src)
     model, _, _ = _loaded(src)
@@ -221,3 +238,15 @@ def test_bad_inputs_are_typed_errors_that_name_the_argument(src, tmp_path):
     with pytest.raises(CheckpointError, match=r"missing \['model.norm.weight'\].*unexpected \['model.final_norm.weight'\]"):
         rotfn.fold_checkpoint(renamed, _quarot, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_freed_blocks_are_kept_during_a_job_unless_the_environment_configures_malloc(monkeypatch):
+    from rotfn._malloc import freed_blocks_kept
+
+    glibc = rotfn._malloc._glibc() is not None
+    with freed_blocks_kept() as outer, freed_blocks_kept() as inner:
+        assert outer == inner == glibc
+        assert torch.ones(1 << 23).sum().item() == 1 << 23  # a 32 MiB block from the heap
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    with freed_blocks_kept() as ok:
+        assert ok is False

@@ -63,6 +63,19 @@ def test_non_contiguous_input():
     torch.testing.assert_close(rotfn.rotate(x, r), x.contiguous() @ r.matrix(torch.float32), rtol=0, atol=1e-5)
 
 
+@given(rt.rotations(max_n=128), rt.seeds(), st.integers(0, 2), st.integers(1, 40))
+def test_a_transposed_view_is_rotated_where_it_lies(r, seed, dim, columns):
+    """The columns of a weight (``t.movedim(dim, -1)`` of a contiguous t) rotate in place in memory: same values."""
+    shape = [2, 3, columns]
+    shape[dim] = r.n
+    t = rt.make_tensor("normal", tuple(shape), seed, dtype=torch.float64)
+    x = t.movedim(dim, -1)
+    y = rotfn.rotate(x, r)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, x.contiguous() @ r.matrix(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotfn.rotate_back(y, r), x, rtol=0, atol=1e-12)
+
+
 def test_half_precision_computes_in_fp32():
     r = rotfn.hadamard(256, seed=0)
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)

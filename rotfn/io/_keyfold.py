@@ -134,8 +134,10 @@ def stages(kf: KeyFold, shape: tuple[int, ...]) -> tuple[KeyFold, ...]:
 
     Each run of consecutive entries on one side becomes a stage, in plan order: input-side
     entries mix dim 1 only, so their stage is cut along dim 0; output-side ones along dim 1.
-    Run on the work dtype throughout and cast once after the last stage, the stages apply the
-    same operations to the same rows as folding the key whole, so the bits are those of
+    Norm scales (``W diag(g)``, fused before any rotation) ride with a first stage cut along
+    dim 0, which then reads them; a LayerNorm bias or a qdq keeps the key whole. Run on the
+    work dtype throughout and cast once after the last stage, the stages apply the same
+    operations to the same rows as folding the key whole, so the bits are those of
     :func:`rotfn.fold`; and pieces of one key can be folded by several threads.
 
     Example:
@@ -148,15 +150,18 @@ def stages(kf: KeyFold, shape: tuple[int, ...]) -> tuple[KeyFold, ...]:
         >>> kf.axis, [st.axis for st in stages(kf, (64, 64))]
         (None, [0, 1])
     """
-    if kf.plan is None or kf.axis is not None or len(shape) != 2 or kf.plan.norms or kf.plan.quantized:
-        return ()  # (norm fusions are what make a key read other keys)
+    if (kf.plan is None or kf.axis is not None or len(shape) != 2 or kf.plan.quantized or kf.stand_ins
+            or any(n.bias is not None for n in kf.plan.norms)):
+        return ()
     runs = [tuple(run) for _, run in itertools.groupby(kf.plan.weight, key=lambda w: w.side)]
     if len(runs) < 2:
         return ()
     axes = [0 if run[0].side == "input" else 1 for run in runs]
-    if any(shape[axis] < 2 * MIN_PIECE for axis in axes):
+    if (kf.plan.norms and axes[0] != 0) or any(shape[axis] < 2 * MIN_PIECE for axis in axes):
         return ()
-    return tuple(KeyFold(kf.key, dataclasses.replace(kf.plan, weight=run), axis=axis) for run, axis in zip(runs, axes))
+    first = KeyFold(kf.key, dataclasses.replace(kf.plan, weight=runs[0]), kf.reads, axis=axes[0])
+    return (first, *(KeyFold(kf.key, dataclasses.replace(kf.plan, weight=run, norms=()), axis=axis)
+                     for run, axis in zip(runs[1:], axes[1:])))
 
 
 def piece_cuts(kf: KeyFold, shape: tuple[int, ...], piece_elements: int) -> list[slice | None]:
@@ -202,4 +207,5 @@ def fold_piece(kf: KeyFold, piece: torch.Tensor, reads: Mapping[str, torch.Tenso
     """
     base = {k: reads[k] for k in kf.reads}
     base.update({k: torch.zeros(s, dtype=piece.dtype) for k, s in kf.stand_ins})  # only their shapes matter
-    return fold_tensors({**base, kf.key: piece}, kf.plan)[kf.key]
+    with torch.no_grad():  # (a checkpoint's tensors take no gradient: nothing to record)
+        return fold_tensors({**base, kf.key: piece}, kf.plan)[kf.key]

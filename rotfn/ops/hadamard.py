@@ -154,28 +154,30 @@ def constructible_orders(max_n: int = 1 << 15) -> tuple[int, ...]:
 
 
 #: How an FWHT splits its ``m`` bits into passes. A radix-r pass is an r-wide GEMM, so narrower
-#: passes cost fewer flops per element, until the GEMMs get too thin to pay. On a CPU (AVX-512, one
-#: thread, 256Ki-element inputs, best of many runs) ``max(1, m // 4)`` balanced passes (radices
-#: 16..128 once m >= 4) were fastest or within noise of it for float32 and float64 at every size, and
-#: 1.5-2.4x faster than the fewest passes at n = 4096..16384. On a GPU, where GEMM width is cheap and
-#: each pass is a trip through memory, the fewest passes of at most 2^7 win. The split changes
-#: rounding only.
+#: passes cost fewer flops per element, until the GEMMs get too thin to pay. On a CPU (float64,
+#: AVX-512, one thread, 256Ki-element inputs, 2026-11-29) ``ceil(m / 4)`` balanced passes, the widest
+#: first (on the last axis, where a thin GEMM costs most), were fastest or within noise of it from
+#: m = 6 (2x faster than one radix-128 pass at m = 7), and one pass below that. On a GPU, where GEMM
+#: width is cheap and each pass is a trip through memory, the fewest passes of at most 2^7 win. The
+#: split changes rounding only.
 _CPU_RADIX_BITS = 4
+_CPU_ONE_PASS_BITS = 5
 _MAX_RADIX_BITS = 7
 
 
 def radix_bits(m: int, device_type: str) -> list[int]:
-    """Bits of each FWHT pass for ``2^m`` on ``device_type`` (``"cpu"``, ``"cuda"``): a balanced split.
+    """Bits of each FWHT pass for ``2^m`` on ``device_type`` (``"cpu"``, ``"cuda"``): a balanced split, in pass order.
 
     Example:
-        >>> radix_bits(12, "cpu"), radix_bits(12, "cuda")
-        ([4, 4, 4], [6, 6])
+        >>> radix_bits(12, "cpu"), radix_bits(7, "cpu"), radix_bits(12, "cuda")
+        ([4, 4, 4], [4, 3], [6, 6])
     """
     if device_type == "cpu":
-        passes = max(1, m // _CPU_RADIX_BITS)
+        passes = 1 if m <= _CPU_ONE_PASS_BITS else -(-m // _CPU_RADIX_BITS)
     else:
         passes = max(1, -(-m // _MAX_RADIX_BITS))
-    return [(m * (p + 1)) // passes - (m * p) // passes for p in range(passes)]
+    split = [(m * (p + 1)) // passes - (m * p) // passes for p in range(passes)]
+    return sorted(split, reverse=True) if device_type == "cpu" else split
 
 
 @functools.lru_cache(maxsize=64)
@@ -187,19 +189,22 @@ def _sylvester(bits: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return h.to(dtype=dtype, device=device)
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalized fast Walsh-Hadamard transform over the last dim: ``x @ H_{2^m}``.
+def fwht(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Unnormalized fast Walsh-Hadamard transform along ``dim`` (default the last): ``x @ H_{2^m}`` there.
 
     ``H_{2^m}`` is the Sylvester matrix (symmetric, so this is also ``x @ H.T``).
     Mixed radix: ``H_{2^m} = H_{2^a} (x) H_{2^b} (x) ...`` with balanced factors of at
     most ``2^7``, and each factor is one small matmul along its axis of ``x`` viewed as
-    ``[..., 2^a, 2^b, ...]``. That is ``max(1, m // 4)`` passes over the data on a CPU
+    ``[..., 2^a, 2^b, ...]``. That is ``ceil(m / 4)`` passes over the data on a CPU (one up to m = 5)
     (``ceil(m / 7)`` on a GPU) instead of ``m`` radix-2
     butterfly passes, still ``O(n log n)`` (each pass costs at most 128 multiply-adds per
-    element). The split changes rounding only. The input is not modified.
+    element). The split changes rounding only. Along a dim other than the last, every pass
+    is a ``[radix, radix] @ [radix, columns]`` GEMM on the data where it lies (no transpose).
+    The input is not modified.
 
     Args:
-        x: ``[..., 2^m]`` floating tensor.
+        x: floating tensor whose ``dim`` has size ``2^m``.
+        dim: the dim to transform.
 
     Returns:
         A new tensor of the same shape and dtype.
@@ -207,42 +212,50 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     Example:
         >>> fwht(torch.tensor([1.0, 0.0, 0.0, 0.0]))
         tensor([1., 1., 1., 1.])
+        >>> fwht(torch.tensor([[1.0, 2.0], [0.0, 0.0]]), dim=0)
+        tensor([[1., 2.],
+                [1., 2.]])
     """
-    n = x.shape[-1]
-    lead = x.shape[:-1]
-    right = 1
+    shape = x.shape
+    dim = dim % x.ndim
+    n = shape[dim]
+    lead = shape[:dim]
+    trail = shape[dim + 1:].numel()  # elements after dim: each pass's GEMM columns start here
+    right = trail
     for bits in radix_bits(n.bit_length() - 1, x.device.type):
         radix = 1 << bits
         h = _sylvester(bits, x.dtype, x.device)
         if right == 1:  # the last axis: one plain GEMM [rows, radix] @ [radix, radix]
             x = x.reshape(*lead, n // radix, radix) @ h
         else:  # a middle axis: batched GEMM over [radix, right] panels
-            x = torch.matmul(h, x.reshape(*lead, n // (radix * right), radix, right))
+            x = torch.matmul(h, x.reshape(*lead, n * trail // (radix * right), radix, right))
         right *= radix
-    return x.reshape(*lead, n)
+    return x.reshape(shape)
 
 
-def hadamard_apply(x: torch.Tensor, k: int, *, transpose: bool = False) -> torch.Tensor:
-    """Normalized ``x @ H_n / sqrt(n)`` (or ``x @ H_n.T / sqrt(n)``) with ``H_n = H_K (x) H_{2^m}``.
+def hadamard_apply(x: torch.Tensor, k: int, *, transpose: bool = False, dim: int = -1) -> torch.Tensor:
+    """Normalized ``x @ H_n / sqrt(n)`` (or ``x @ H_n.T / sqrt(n)``) along ``dim``, with ``H_n = H_K (x) H_{2^m}``.
 
     With ``X = x.view(..., K, 2^m)``, ``x @ (A (x) B) = A.T @ X @ B``: one FWHT along
     the ``2^m`` axis, one ``K x K`` matmul along the factor axis.
 
     Args:
-        x: ``[..., n]`` floating tensor, ``n = k * 2^m``.
+        x: floating tensor whose ``dim`` has size ``n = k * 2^m``.
         k: the factor order (see :func:`choose_factor`).
         transpose: apply ``H_n.T`` (the inverse) instead; differs when ``H_K`` is not symmetric.
+        dim: the dim to transform (default the last; any other is computed where it lies in memory).
 
     Returns:
-        ``[..., n]`` tensor of x's dtype.
+        Tensor of x's shape and dtype.
     """
-    n = x.shape[-1]
-    lead = x.shape[:-1]
-    y = fwht(x.reshape(*lead, k, n // k))
+    dim = dim % x.ndim
+    n = x.shape[dim]
+    lead, trail = x.shape[:dim], x.shape[dim + 1:]
+    y = fwht(x.reshape(*lead, k, n // k, trail.numel()) if trail else x.reshape(*lead, k, n // k), dim=dim + 1)
     if k > 1:
         a = factor_matrix(k).to(dtype=x.dtype, device=x.device)
-        y = torch.einsum("...kj,kl->...lj", y, a.T if transpose else a)
-    return y.reshape(*lead, n) * (1.0 / math.sqrt(n))
+        y = torch.einsum("...kj,kl->...lj", y.reshape(*lead, k, n // k * trail.numel()), a.T if transpose else a)
+    return y.reshape(x.shape) * (1.0 / math.sqrt(n))
 
 
 def hadamard_dense(n: int, k: int) -> torch.Tensor:

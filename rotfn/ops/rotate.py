@@ -23,21 +23,44 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _memory_dim(x: torch.Tensor) -> int | None:
+    """Where x's last dim lies in memory: ``p`` with ``x.movedim(-1, p)`` contiguous (``x.ndim - 1`` when x
+    is contiguous), or None."""
+    if x.is_contiguous():
+        return x.ndim - 1
+    return next((p for p in range(x.ndim - 1) if x.movedim(-1, p).is_contiguous()), None)
+
+
 def _apply(x: torch.Tensor, r: Rotation) -> torch.Tensor:
-    """``x @ r.matrix()`` in x's (compute) dtype."""
+    """``x @ r.matrix()`` in x's (compute) dtype.
+
+    A transposed view (``x = t.movedim(p, -1)`` of a contiguous ``t``, e.g. the columns of a
+    weight rotated on its output side) is rotated along dim ``p`` of ``t`` where it lies:
+    GEMMs over ``[b, columns]`` panels instead of a transposed copy there and back.
+    """
+    p = _memory_dim(x)
+    if p is None:
+        x, p = x.contiguous(), x.ndim - 1
+    y = x.movedim(-1, p)  # contiguous, the rotated dim at p
+    lead, trail = y.shape[:p], y.shape[p + 1:]
     s = r.sign_vector(x.dtype, x.device)
+    if s is not None and trail:
+        s = s.reshape(r.n, *(1,) * len(trail))
     if not r.transposed and s is not None:  # R = diag(s) @ blockdiag(T): signs first
-        x = x * s
-    lead, b = x.shape[:-1], r.tile
-    blocks = x.reshape(*lead, r.n // b, b)
+        y = y * s
+    b = r.tile
+    blocks = y.reshape(*lead, r.n // b, b, *trail)
     if r.kind == "hadamard":
-        blocks = hadamard_apply(blocks, r.factor, transpose=r.transposed)
+        blocks = hadamard_apply(blocks, r.factor, transpose=r.transposed, dim=p + 1)
+    elif trail:  # (x @ T) along dim p + 1: T.T @ [b, columns] panels
+        t = r.tile_matrix(x.dtype, x.device)
+        blocks = torch.matmul(t.mT, blocks.reshape(*lead, r.n // b, b, trail.numel()))
     else:
         blocks = blocks @ r.tile_matrix(x.dtype, x.device)
-    x = blocks.reshape(*lead, r.n)
+    y = blocks.reshape(*lead, r.n, *trail)
     if r.transposed and s is not None:  # R.T = blockdiag(T.T) @ diag(s): signs last
-        x = x * s
-    return x
+        y = y * s
+    return y.movedim(p, -1)
 
 
 def rotate(x: torch.Tensor, r: Rotation) -> torch.Tensor:

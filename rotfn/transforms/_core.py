@@ -63,9 +63,10 @@ def computing_in(dtype: torch.dtype) -> Iterator[None]:
         _WORK_DTYPE.reset(token)
 
 
-#: Rotations of large tensors run over row chunks of about this many elements (2 MiB of float64), so the
-#: FWHT's passes stay in cache: a whole 4096 x 4096 o_proj rotated at once runs ~4x slower. Every chunk keeps
-#: at least 16 rows, where a matrix product's kernel (and so every row's bits) no longer depends on the rows.
+#: Rotations of large tensors run over chunks of about this many elements (2 MiB of float64), so the FWHT's
+#: passes stay in cache: a whole 4096 x 4096 o_proj rotated at once runs ~4x slower. A chunk is rows (the last
+#: dim) or columns (another dim) of the tensor and keeps at least 16 of them, where a matrix product's kernel
+#: (and so every row's or column's bits) no longer depends on how many there are.
 _CHUNK_ELEMENTS = 1 << 18
 _MIN_CHUNK_ROWS = 16
 
@@ -108,8 +109,7 @@ def _rotate_dim(fn: str, key: str, t: torch.Tensor, r: Rotation, dim: int, per_h
     """
     if t.dtype not in FLOAT_DTYPES:
         raise DTypeError(message(fn, f"params[{key!r}]", "a floating tensor", t.dtype))
-    x = t.movedim(dim, -1)
-    n = x.shape[-1]
+    n = t.shape[dim]
     lo, hi = span if span is not None else (0, n)
     if hi > n:
         raise ShapeError(message(fn, f"params[{key!r}]", f"a dim of at least {hi} for span {span}", f"shape {tuple(t.shape)}"))
@@ -122,15 +122,20 @@ def _rotate_dim(fn: str, key: str, t: torch.Tensor, r: Rotation, dim: int, per_h
                     (f"use a rotation whose n is the head size (dividing {m})" if per_head
                      else f"build the rotation for n={m}") + " or select other keys")
         )
-    lead = x.shape[:-1]
-    rows = x[..., lo:hi].to(work_dtype()).reshape(-1, r.n)  # each row of r.n values rotates on its own
-    chunks = max(1, rows.shape[0] // max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // r.n))
-    # each chunk >= the step in rows, and contiguous (rows of a dim-0 rotation are columns in memory)
-    rotated = [rotate_fn(c.contiguous(), r) for c in rows.tensor_split(chunks)]
-    part = (rotated[0] if chunks == 1 else torch.cat(rotated)).reshape(*lead, m).to(t.dtype)
+    dim %= t.ndim
+    part = t.narrow(dim, lo, m).to(work_dtype())
+    # [vectors, r.n, columns]: every r.n-vector along dim 1 rotates on its own; columns > 1 for a dim other than
+    # the last, whose vectors are rotated where they lie in memory (the ops see a transposed view), not transposed
+    columns = t.shape[dim + 1:].numel()
+    x3 = part.reshape(-1, r.n, columns)
+    axis = 0 if columns == 1 else 2  # chunks of whole vectors: rows, or columns of every vector
+    size = x3.shape[axis]
+    chunks = max(1, size // max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // (r.n * (1 if columns == 1 else x3.shape[0]))))
+    rotated = [rotate_fn(c.contiguous().transpose(1, 2), r).transpose(1, 2) for c in x3.tensor_split(chunks, axis)]
+    out = (rotated[0] if chunks == 1 else torch.cat(rotated, axis)).to(t.dtype).reshape(part.shape)
     if span is not None:
-        part = torch.cat([x[..., :lo], part, x[..., hi:]], dim=-1)
-    return part.movedim(-1, dim).contiguous()
+        out = torch.cat([t.narrow(dim, 0, lo), out, t.narrow(dim, hi, n - hi)], dim)
+    return out.contiguous()
 
 
 class Transform:
