@@ -99,6 +99,8 @@ def test_fwht_is_sylvester(m, seed):
 def test_fwht_along_a_middle_dim_equals_the_last_dim_moved(m, trail, seed):
     x = rt.make_tensor("normal", (2, 2**m, trail), seed, dtype=torch.float64)
     torch.testing.assert_close(had.fwht(x, dim=1), had.fwht(x.movedim(1, -1)).movedim(-1, 1), rtol=0, atol=1e-9 * 2**m)
+    scale = 2.0 ** -(m // 2)  # a power of two rides in the last pass: exactly the same bits as multiplying after
+    assert torch.equal(had.fwht(x, dim=1, scale=scale), had.fwht(x, dim=1) * scale)
 
 
 @pytest.mark.parametrize("m", range(16))

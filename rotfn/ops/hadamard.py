@@ -181,15 +181,15 @@ def radix_bits(m: int, device_type: str) -> list[int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _sylvester(bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The unnormalized ``2^bits`` Sylvester matrix (symmetric, entries +-1), cached per dtype and device."""
+def _sylvester(bits: int, dtype: torch.dtype, device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    """The ``2^bits`` Sylvester matrix (symmetric, entries +-scale), cached per dtype, device and scale."""
     h = torch.ones(1, 1, dtype=torch.float64)
     for _ in range(bits):
         h = torch.kron(h, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
-    return h.to(dtype=dtype, device=device)
+    return (h * scale).to(dtype=dtype, device=device)
 
 
-def fwht(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def fwht(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0) -> torch.Tensor:
     """Unnormalized fast Walsh-Hadamard transform along ``dim`` (default the last): ``x @ H_{2^m}`` there.
 
     ``H_{2^m}`` is the Sylvester matrix (symmetric, so this is also ``x @ H.T``).
@@ -205,6 +205,9 @@ def fwht(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     Args:
         x: floating tensor whose ``dim`` has size ``2^m``.
         dim: the dim to transform.
+        scale: a power of two to multiply the result by, folded into the last pass's matrix
+            (``+-scale`` entries): exactly ``fwht(x) * scale`` (unless results are subnormal),
+            one pass over the data fewer.
 
     Returns:
         A new tensor of the same shape and dtype.
@@ -222,9 +225,10 @@ def fwht(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     lead = shape[:dim]
     trail = shape[dim + 1:].numel()  # elements after dim: each pass's GEMM columns start here
     right = trail
-    for bits in radix_bits(n.bit_length() - 1, x.device.type):
+    split = radix_bits(n.bit_length() - 1, x.device.type)
+    for i, bits in enumerate(split):
         radix = 1 << bits
-        h = _sylvester(bits, x.dtype, x.device)
+        h = _sylvester(bits, x.dtype, x.device, scale if i == len(split) - 1 else 1.0)
         if right == 1:  # the last axis: one plain GEMM [rows, radix] @ [radix, radix]
             x = x.reshape(*lead, n // radix, radix) @ h
         else:  # a middle axis: batched GEMM over [radix, right] panels
@@ -251,11 +255,14 @@ def hadamard_apply(x: torch.Tensor, k: int, *, transpose: bool = False, dim: int
     dim = dim % x.ndim
     n = x.shape[dim]
     lead, trail = x.shape[:dim], x.shape[dim + 1:]
-    y = fwht(x.reshape(*lead, k, n // k, trail.numel()) if trail else x.reshape(*lead, k, n // k), dim=dim + 1)
+    scale = 1.0 / math.sqrt(n)
+    exact = k == 1 and (n.bit_length() - 1) % 2 == 0  # scale = 2^(-m/2): the FWHT's last pass applies it
+    y = fwht(x.reshape(*lead, k, n // k, trail.numel()) if trail else x.reshape(*lead, k, n // k), dim=dim + 1,
+             scale=scale if exact else 1.0)
     if k > 1:
         a = factor_matrix(k).to(dtype=x.dtype, device=x.device)
         y = torch.einsum("...kj,kl->...lj", y.reshape(*lead, k, n // k * trail.numel()), a.T if transpose else a)
-    return y.reshape(x.shape) * (1.0 / math.sqrt(n))
+    return y.reshape(x.shape) if exact else y.reshape(x.shape) * scale
 
 
 def hadamard_dense(n: int, k: int) -> torch.Tensor:
