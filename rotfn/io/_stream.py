@@ -7,7 +7,11 @@ are the same) and streams it into output shards (:class:`rotfn.io._shard.ShardWr
 Memory stays at a few pieces of the largest tensors, not the model: large tensors are
 folded in pieces of about :data:`PIECE_ELEMENTS` elements, the mapped source pages are
 released every :data:`MAP_BUDGET` bytes by reopening the file, and only the small tensors
-other keys read (norm scales) are kept, until their last reader is done.
+other keys read (norm scales) are kept, until their last reader is done. A key rotated on
+both sides (o_proj, v_proj) is folded in stages (:func:`rotfn.io._keyfold.stages`), so every
+key is cut into pieces. For speed, the kernel is asked to read :data:`READ_AHEAD` bytes
+ahead of the piece being cut, and glibc malloc keeps freed blocks for the length of the
+call (:mod:`rotfn._malloc`), so the pieces' temporaries are not page-faulted in afresh.
 
 The output directory is built in place and is, at every moment, either complete or
 marked incomplete:
@@ -56,7 +60,7 @@ from rotfn.plans._fold import precision_dtype
 from rotfn.plans._plan import Plan
 from rotfn.transforms._core import computing_in
 
-__all__ = ["COPY_PIECE_BYTES", "MAP_BUDGET", "MARKER", "PIECE_ELEMENTS", "FoldStats", "fold_checkpoint"]
+__all__ = ["COPY_PIECE_BYTES", "MAP_BUDGET", "MARKER", "PIECE_ELEMENTS", "READ_AHEAD", "FoldStats", "fold_checkpoint"]
 
 #: The file that marks an output directory as incomplete (see the module docstring).
 MARKER = ".rotfn-incomplete"
@@ -596,7 +600,7 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     try:
         with bar, freed_blocks_kept(), ThreadPoolExecutor(workers, thread_name_prefix="rotfn-fold") as pool:
             reader = _Reader(ckpt, stats)
-            job = _Fold(reader, outs, stats, bar, pool, window=8 * workers + 1, dtype=dtype)
+            job = _Fold(reader, outs, stats, bar, pool, window=2 * workers + 1, dtype=dtype)
             job.prefetch()
             for name, group in shards:
                 if _shard_done(dst, name, group, marker):
