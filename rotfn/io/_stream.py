@@ -72,7 +72,9 @@ COPY_PIECE_BYTES = 64 << 20
 #: Source bytes read through one memory map before it is reopened (mapped pages count as resident memory).
 MAP_BUDGET = 256 << 20
 #: Source bytes asked ahead of the piece being read (``posix_fadvise(WILLNEED)``), so that the workers' first
-#: touch of a mapped piece finds its pages in the page cache instead of waiting on the disk.
+#: touch of a mapped piece finds its pages in the page cache instead of waiting on the disk. A tensor read
+#: whole (cut into columns, or in stages) is asked for whole: its column pieces touch every row of it, and
+#: page faults scattered over 100 MB read the disk a few KiB at a time.
 READ_AHEAD = 64 << 20
 _MARKER_FORMAT = "rotfn-fold-progress"
 _MARKER_VERSION = 1
@@ -129,8 +131,11 @@ class _Reader:
             self._handle = safetensors.safe_open(os.path.join(self.ckpt.dir, file), framework="pt")
             self._file, self._mapped = file, 0
             self.stats.opens[file] += 1
-        row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else 0
-        self._read_ahead(file, entry.begin + (rows.start or 0) * row_bytes if rows is not None else entry.begin)
+        if rows is None:  # a whole tensor, maybe cut into columns: ask for all of it, in one sequential read
+            self._read_ahead(file, entry.begin, max(entry.nbytes, READ_AHEAD))
+        else:
+            row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
+            self._read_ahead(file, entry.begin + (rows.start or 0) * row_bytes, READ_AHEAD)
         t = self._handle.get_tensor(name) if rows is None else self._handle.get_slice(name)[rows]
         nbytes = t.numel() * t.element_size()
         self._mapped += nbytes
@@ -139,10 +144,10 @@ class _Reader:
             self.stats.reads[name] += 1
         return t
 
-    def _read_ahead(self, file: str, offset: int) -> None:
-        """Ask the kernel to read ``file`` from ``offset`` to ``READ_AHEAD`` bytes past it (where it can)."""
+    def _read_ahead(self, file: str, offset: int, length: int) -> None:
+        """Ask the kernel to read ``length`` bytes of ``file`` from ``offset`` (where it can), unless most are asked for."""
         done = self._ahead[1] if self._ahead is not None and self._ahead[0] == file else 0
-        start, stop = max(done, offset), offset + READ_AHEAD
+        start, stop = max(done, offset), offset + length
         if stop - start < READ_AHEAD // 4 or not hasattr(os, "posix_fadvise"):
             return
         fd = os.open(os.path.join(self.ckpt.dir, file), os.O_RDONLY)
