@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import struct
+import threading
 
 import torch
 
@@ -149,14 +150,15 @@ class ShardWriter:
 
     The header goes out first; :meth:`write` then takes the bytes of the tensors in
     the order of ``entries`` (a tensor may come in several contiguous pieces along
-    dim 0); :meth:`close` checks that every byte arrived and fsyncs.
+    dim 0), or :meth:`write_at` puts a piece at its place, from any thread and in any
+    order; :meth:`close` checks that every byte arrived and fsyncs.
 
     Example:
         >>> import tempfile, safetensors.torch
         >>> path = tempfile.mkdtemp() + "/a.safetensors"
         >>> w = ShardWriter(path, [TensorEntry("w", torch.float32, (4, 2))], {"format": "pt"})
-        >>> w.write(torch.zeros(3, 2)), w.write(torch.ones(1, 2))
-        (24, 8)
+        >>> w.write_at(24, torch.ones(1, 2)), w.write(torch.zeros(3, 2))
+        (8, 24)
         >>> w.close()
         >>> safetensors.torch.load_file(path)["w"][:, 0].tolist()
         [0.0, 0.0, 0.0, 1.0]
@@ -167,13 +169,27 @@ class ShardWriter:
         self.size = len(prefix) + (self.entries[-1].end if self.entries else 0)
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
         self._file.write(prefix)
+        self._file.flush()  # from here on every write is positional (os.pwrite)
+        self._start = len(prefix)
+        self._next = 0  # data offset of the next write()
         self._written = 0
+        self._lock = threading.Lock()
 
     def write(self, piece: torch.Tensor) -> int:
-        """Append ``piece`` (CPU, of the current tensor's dtype); returns its byte count."""
+        """Append ``piece`` (CPU, of the current tensor's dtype) after the last :meth:`write`; returns its byte count."""
+        n = self.write_at(self._next, piece)
+        self._next += n
+        return n
+
+    def write_at(self, offset: int, piece: torch.Tensor) -> int:
+        """Write ``piece``'s bytes at ``offset`` of the data section (thread-safe); returns the byte count."""
         data = piece.contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
-        self._written += data.numel()
+        view, pos = memoryview(data.numpy()), self._start + offset
+        while view:
+            n = os.pwrite(self._file.fileno(), view, pos)
+            view, pos = view[n:], pos + n
+        with self._lock:
+            self._written += data.numel()
         return data.numel()
 
     def close(self) -> None:

@@ -42,7 +42,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import safetensors
 import torch
@@ -381,37 +381,43 @@ class _Fold:
             return t if rows is None else t[rows]
         return self.reader.read(out.source, rows)
 
-    def pieces(self, out: _Out):
-        """``(value or future, bytes)`` of one output tensor: pieces along dim 0 in file order."""
+    def pieces(self, out: _Out, at: int, writer: ShardWriter):
+        """``(value or future, bytes held, data offset)`` of one output tensor, whose data starts at offset ``at``.
+
+        A value is a tensor for the main thread to write at the offset, the byte count of a
+        piece a worker folded and wrote itself (pieces along dim 0: ``offset`` None), or None
+        (a column piece or a stage put into an assembled tensor).
+        """
         kf, entry = out.fold, out.entry
+        row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else 0
         if kf.plan is None:  # copied as it is, in pieces of COPY_PIECE_BYTES
             rows = entry.shape[0] if entry.shape else 1
             step = max(1, COPY_PIECE_BYTES * rows // max(entry.nbytes, 1))
             for lo in range(0, rows, step):
                 piece = self.read(out, slice(lo, lo + step) if entry.shape else None)
-                yield _Done(piece), piece.numel() * piece.element_size()
+                yield _Done(piece), piece.numel() * piece.element_size(), at + lo * row_bytes
             return
         reads = {k: self.cache[self.sources[k]] for k in kf.reads}
         if kf.axis == 0:
             for cut in piece_cuts(kf, entry.shape, PIECE_ELEMENTS):
                 piece = self.read(out, cut)  # a mapped view: the worker's first read of it faults the pages in
-                yield (self.pool.submit(_fold_piece, kf, piece, reads, None, None, self.dtype),
-                       2 * piece.numel() * piece.element_size())
+                yield (self.pool.submit(_fold_write, writer, at + cut.start * row_bytes, kf, piece, reads, self.dtype),
+                       2 * piece.numel() * piece.element_size(), None)
             return
         whole = self.read(out)  # one mapped view, folded whole or cut along dim 1 into `assembled`
         staged = stages(kf, entry.shape)
         if staged:
-            yield from self._staged(out, staged, whole, reads)
+            yield from self._staged(out, staged, whole, reads, at)
             return
         self.whole[out.key] = 2 * entry.nbytes
         assembled = torch.empty(entry.shape, dtype=entry.dtype) if kf.axis == 1 else None
         for cut in piece_cuts(kf, entry.shape, PIECE_ELEMENTS):
             piece = whole if cut is None else whole[:, cut]
-            yield self.pool.submit(_fold_piece, kf, piece, reads, assembled, cut, self.dtype), 0
+            yield self.pool.submit(_fold_piece, kf, piece, reads, assembled, cut, self.dtype), 0, at
         if assembled is not None:
-            yield _Done(assembled), 0
+            yield _Done(assembled), 0, at
 
-    def _staged(self, out: _Out, staged: tuple[KeyFold, ...], source: torch.Tensor, reads):
+    def _staged(self, out: _Out, staged: tuple[KeyFold, ...], source: torch.Tensor, reads, at: int):
         """A key rotated on both sides, stage by stage (:func:`rotfn.io._keyfold.stages`): every stage's
         pieces go to the pool; between stages the whole key is held in the work dtype."""
         entry = out.entry
@@ -428,20 +434,23 @@ class _Fold:
                 x = result
                 continue
             for future in futures:
-                yield future, 0
-            yield _Done(result), 0
+                yield future, 0, None
+            yield _Done(result), 0, at
 
     def write_shard(self, path: str, group: list[_Out]) -> None:
+        """Write one shard: the main thread cuts pieces and hands them to the workers, which fold the pieces
+        along dim 0 and write them at their place; it writes the rest (copies, tensors assembled from
+        columns or stages) itself, and finishes tensors in file order."""
         writer = ShardWriter(path, [o.entry for o in group], {"format": "pt"})
+        offsets = {e.name: e.begin for e in writer.entries}
         pending: collections.deque = collections.deque()
 
         def finish_one() -> None:
-            result, size, out, last = pending.popleft()
-            piece = result.result()
-            if piece is not None:
-                n = writer.write(piece)
-                self.stats.bytes_written += n
-                self.bar.update(n)
+            result, size, offset, out, last = pending.popleft()
+            value = result.result()
+            n = writer.write_at(offset, value) if isinstance(value, torch.Tensor) else value or 0
+            self.stats.bytes_written += n
+            self.bar.update(n)
             self.in_flight -= size
             if last:
                 self.stats.tensors += 1
@@ -450,7 +459,7 @@ class _Fold:
         try:
             for out in group:
                 previous = None
-                for item in self.pieces(out):
+                for item in self.pieces(out, offsets[out.entry.name], writer):
                     if previous is not None:
                         pending.append((*previous, out, False))
                     previous = item
@@ -467,9 +476,10 @@ class _Fold:
                 finish_one()
             writer.close()
         except BaseException:
-            for result, *_ in pending:
-                if isinstance(result, Future):
-                    result.cancel()
+            futures = [result for result, *_ in pending if isinstance(result, Future)]
+            for future in futures:
+                future.cancel()
+            wait(futures)  # no worker may write into the file once it is closed (its descriptor could be reused)
             writer.abort()
             raise
 
@@ -502,6 +512,12 @@ def _fold_piece(kf: KeyFold, piece: torch.Tensor, reads, assembled: torch.Tensor
         return folded
     assembled[_along(kf.axis, cut)] = folded  # rounds to assembled's dtype, as fold's cast does
     return None
+
+
+def _fold_write(writer: ShardWriter, offset: int, kf: KeyFold, piece: torch.Tensor, reads,
+                dtype: torch.dtype) -> int:
+    """Fold one piece along dim 0 (in a worker) and write it at ``offset`` of the shard's data; returns its bytes."""
+    return writer.write_at(offset, _fold_piece(kf, piece, reads, None, None, dtype))
 
 
 def _finish(src: str, dst: str, plan: Plan, shards: list[tuple[str, list[_Out]]]) -> None:
