@@ -250,3 +250,15 @@ def test_freed_blocks_are_kept_during_a_job_unless_the_environment_configures_ma
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     with freed_blocks_kept() as ok:
         assert ok is False
+
+
+def test_without_pwrite_the_pieces_are_written_through_the_file_position(src, tmp_path, monkeypatch):
+    """Workers write their pieces at their place with os.pwrite; where there is none (Windows), under a lock."""
+    monkeypatch.delattr(os, "pwrite")
+    monkeypatch.setattr(stream, "PIECE_ELEMENTS", 64 * 20)
+    rotfn.fold_checkpoint(src, _quarot, tmp_path / "out", max_shard_size="60KB", progress=False)
+    model, params, _ = _loaded(src)
+    folded = rotfn.fold(params, _quarot(model))
+    _, _, stored = _loaded(tmp_path / "out")
+    assert set(stored) == set(model.state_dict())
+    assert all(torch.equal(t, folded[k]) for k, t in stored.items())

@@ -185,6 +185,13 @@ class ShardWriter:
         """Write ``piece``'s bytes at ``offset`` of the data section (thread-safe); returns the byte count."""
         data = piece.contiguous().reshape(-1).view(torch.uint8)
         view, pos = memoryview(data.numpy()), self._start + offset
+        if not hasattr(os, "pwrite"):  # (Windows) one writer at a time, through the file position
+            with self._lock:
+                self._file.seek(pos)
+                self._file.write(view)
+                self._file.flush()
+                self._written += data.numel()
+            return data.numel()
         while view:
             n = os.pwrite(self._file.fileno(), view, pos)
             view, pos = view[n:], pos + n
