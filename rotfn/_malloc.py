@@ -29,8 +29,12 @@ __all__ = ["SETTING", "freed_blocks_kept", "keep_freed_blocks"]
 SETTING = "glibc malloc: no mmap, no trim"
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # from <malloc.h>
-_DEFAULT_THRESHOLD = 128 << 10  # both thresholds' initial values
 _DEFAULT_MMAP_MAX = 65536
+# Where glibc's adaptive thresholds settle in a process that frees large blocks (the mmap threshold rises to
+# the largest freed block, at most 32 MiB on 64-bit, and the trim threshold to twice it): what a torch
+# process has anyway, and the values left after a job (any mallopt stops the adapting for good).
+_SETTLED_MMAP_THRESHOLD = 32 << 20
+_SETTLED_TRIM_THRESHOLD = 64 << 20
 _NO_TRIM = 2**31 - 1
 
 _lock = threading.Lock()
@@ -66,9 +70,9 @@ def keep_freed_blocks() -> bool:
 def freed_blocks_kept() -> Iterator[bool]:
     """Within the block, keep freed blocks for reuse (:func:`keep_freed_blocks`); afterwards give them back.
 
-    On exit ``mmap`` is back on, the mmap and trim thresholds return to glibc's initial 128 KiB
-    (fixed from then on: glibc stops adapting them once set) and ``malloc_trim`` returns the free
-    memory to the OS. Nested and
+    On exit ``mmap`` is back on, the mmap and trim thresholds are set where glibc's adaptive
+    scheme settles in a process that frees large blocks (32 MiB and 64 MiB; fixed from then on:
+    glibc stops adapting them once any is set), and ``malloc_trim`` returns the free memory to the OS. Nested and
     concurrent blocks restore once the last one ends.
 
     Yields:
@@ -90,6 +94,6 @@ def freed_blocks_kept() -> Iterator[bool]:
             libc = _glibc() if ok and _depth == 0 else None
             if libc is not None:
                 libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD)
-                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
+                libc.mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
+                libc.mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
                 libc.malloc_trim(0)
