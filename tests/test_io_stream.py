@@ -163,6 +163,36 @@ def test_an_interrupted_fold_is_marked_incomplete_and_a_rerun_finishes_it(src, t
         assert (out / name).read_bytes() == (clean / name).read_bytes(), name
 
 
+def test_a_failed_read_waits_for_the_workers_before_the_shard_is_closed(src, tmp_path, monkeypatch):
+    """Workers write into the shard's file; on an error none may still be writing once it is closed."""
+    import time
+
+    monkeypatch.setattr(stream, "PIECE_ELEMENTS", 64 * 20)
+    real_write, real_read = stream._fold_write, stream._Reader.read
+    late, reads = [], [0]
+
+    def slow_write(*args):
+        time.sleep(0.05)
+        try:
+            return real_write(*args)
+        except ValueError as err:  # "I/O operation on closed file": it wrote after the shard was closed
+            late.append(err)
+            raise
+
+    def failing_read(self, name, rows=None):  # the second piece of a tensor: the first is with a worker
+        reads[0] += rows is not None and rows.start > 0
+        if reads[0] == 3:
+            raise OSError(5, "Input/output error")
+        return real_read(self, name, rows)
+
+    monkeypatch.setattr(stream, "_fold_write", slow_write)
+    monkeypatch.setattr(stream._Reader, "read", failing_read)
+    with pytest.raises(OSError, match="Input/output"):
+        rotfn.fold_checkpoint(src, _quarot, tmp_path / "out", max_shard_size="60KB", progress=False)
+    assert late == []
+    assert stream.MARKER in os.listdir(tmp_path / "out")
+
+
 def test_a_different_job_restarts_an_incomplete_directory(src, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setattr(stream._Fold, "write_shard", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -456,6 +456,7 @@ class _Fold:
                 self.stats.tensors += 1
                 self.release(out)
 
+        previous = None  # the newest item, not in `pending` until the next one (or the tensor's end) comes
         try:
             for out in group:
                 previous = None
@@ -476,7 +477,7 @@ class _Fold:
                 finish_one()
             writer.close()
         except BaseException:
-            futures = [result for result, *_ in pending if isinstance(result, Future)]
+            futures = [result for result, *_ in [*pending, *([previous] if previous else [])] if isinstance(result, Future)]
             for future in futures:
                 future.cancel()
             wait(futures)  # no worker may write into the file once it is closed (its descriptor could be reused)
