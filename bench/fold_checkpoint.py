@@ -19,7 +19,8 @@ Before each phase the source files' pages are dropped from the page cache
 (``posix_fadvise(DONTNEED)``), so both read from disk. The load average (1 minute, mean of
 start and end) of each phase is printed: on a shared machine other processes slow the
 compute-bound fold far more than the copy. Throughput is source bytes per
-second. Peak RSS is the process's ``VmHWM`` after a reset through ``/proc/self/clear_refs``
+second; the user and system CPU seconds of the process (all its threads) show how busy the
+cores were. Peak RSS is the process's ``VmHWM`` after a reset through ``/proc/self/clear_refs``
 (it includes the ~0.4 GB of the interpreter, torch and transformers). The copy's output is
 deleted once measured, so the run needs about twice the checkpoint on disk (it checks, and
 falls back to the largest Llama shape that fits, at least Llama-3.2-3B-sized, saying so).
@@ -37,6 +38,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -157,12 +159,14 @@ def copy(src: str, dst: str) -> None:
 def _phase(label: str, run, src: str, nbytes: int) -> dict:
     _drop_cache(src)
     _rss_reset()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     load = os.getloadavg()[0]
     run()
     seconds = time.perf_counter() - start
+    end = resource.getrusage(resource.RUSAGE_SELF)
     load = (load + os.getloadavg()[0]) / 2
-    return {"phase": label, "seconds": seconds, "gbps": nbytes / seconds / 1e9, "rss": _peak_rss(), "load": load}
+    return {"phase": label, "seconds": seconds, "gbps": nbytes / seconds / 1e9, "rss": _peak_rss(), "load": load,
+            "user": end.ru_utime - cpu.ru_utime, "sys": end.ru_stime - cpu.ru_stime}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
           f"float32 {ratio32:.0%}, {'met' if ratio32 >= SPEED_GOAL else 'NOT met'}")
     if args.keep:
         print(f"files kept in {root}")
-    print(format_table(["phase", "wall s", "GB/s", "peak RSS GiB", "load avg"],
-                       [[r["phase"], f"{r['seconds']:.1f}", f"{r['gbps']:.3f}", f"{r['rss'] / 2**30:.2f}", f"{r['load']:.1f}"]
-                        for r in rows]))
+    print(format_table(["phase", "wall s", "GB/s", "peak RSS GiB", "load avg", "user s", "sys s"],
+                       [[r["phase"], f"{r['seconds']:.1f}", f"{r['gbps']:.3f}", f"{r['rss'] / 2**30:.2f}", f"{r['load']:.1f}",
+                         f"{r['user']:.1f}", f"{r['sys']:.1f}"] for r in rows]))
     return 0
 
 
