@@ -52,6 +52,11 @@ class TensorEntry:
         """Bytes of its data: ``numel * itemsize``."""
         return torch.Size(self.shape).numel() * self.dtype.itemsize
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one index of dim 0 (0 for a scalar or an empty tensor): where its row ``i`` starts, ``i * row_bytes``."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+
 
 def header_bytes(entries: list[TensorEntry], metadata: dict[str, str] | None = None) -> tuple[bytes, list[TensorEntry]]:
     """The length prefix and header of a file holding ``entries`` back to back, in that order.
@@ -185,16 +190,15 @@ class ShardWriter:
         """Write ``piece``'s bytes at ``offset`` of the data section (thread-safe); returns the byte count."""
         data = piece.contiguous().reshape(-1).view(torch.uint8)
         view, pos = memoryview(data.numpy()), self._start + offset
-        if not hasattr(os, "pwrite"):  # (Windows) one writer at a time, through the file position
+        if hasattr(os, "pwrite"):
+            while view:
+                n = os.pwrite(self._file.fileno(), view, pos)
+                view, pos = view[n:], pos + n
+        else:  # (Windows) one writer at a time, through the file position
             with self._lock:
                 self._file.seek(pos)
                 self._file.write(view)
                 self._file.flush()
-                self._written += data.numel()
-            return data.numel()
-        while view:
-            n = os.pwrite(self._file.fileno(), view, pos)
-            view, pos = view[n:], pos + n
         with self._lock:
             self._written += data.numel()
         return data.numel()

@@ -134,8 +134,7 @@ class _Reader:
         if rows is None:  # a whole tensor, maybe cut into columns: ask for all of it, in one sequential read
             self._read_ahead(file, entry.begin, max(entry.nbytes, READ_AHEAD))
         else:
-            row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
-            self._read_ahead(file, entry.begin + (rows.start or 0) * row_bytes, READ_AHEAD)
+            self._read_ahead(file, entry.begin + (rows.start or 0) * entry.row_bytes, READ_AHEAD)
         t = self._handle.get_tensor(name) if rows is None else self._handle.get_slice(name)[rows]
         nbytes = t.numel() * t.element_size()
         self._mapped += nbytes
@@ -389,19 +388,18 @@ class _Fold:
         (a column piece or a stage put into an assembled tensor).
         """
         kf, entry = out.fold, out.entry
-        row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else 0
         if kf.plan is None:  # copied as it is, in pieces of COPY_PIECE_BYTES
             rows = entry.shape[0] if entry.shape else 1
             step = max(1, COPY_PIECE_BYTES * rows // max(entry.nbytes, 1))
             for lo in range(0, rows, step):
                 piece = self.read(out, slice(lo, lo + step) if entry.shape else None)
-                yield _Done(piece), piece.numel() * piece.element_size(), at + lo * row_bytes
+                yield _Done(piece), piece.numel() * piece.element_size(), at + lo * entry.row_bytes
             return
         reads = {k: self.cache[self.sources[k]] for k in kf.reads}
         if kf.axis == 0:
             for cut in piece_cuts(kf, entry.shape, PIECE_ELEMENTS):
                 piece = self.read(out, cut)  # a mapped view: the worker's first read of it faults the pages in
-                yield (self.pool.submit(_fold_write, writer, at + cut.start * row_bytes, kf, piece, reads, self.dtype),
+                yield (self.pool.submit(_fold_write, writer, at + cut.start * entry.row_bytes, kf, piece, reads, self.dtype),
                        2 * piece.numel() * piece.element_size(), None)
             return
         whole = self.read(out)  # one mapped view, folded whole or cut along dim 1 into `assembled`
@@ -477,7 +475,8 @@ class _Fold:
                 finish_one()
             writer.close()
         except BaseException:
-            futures = [result for result, *_ in [*pending, *([previous] if previous else [])] if isinstance(result, Future)]
+            items = [*pending, previous] if previous is not None else pending
+            futures = [result for result, *_ in items if isinstance(result, Future)]
             for future in futures:
                 future.cancel()
             wait(futures)  # no worker may write into the file once it is closed (its descriptor could be reused)
