@@ -198,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     skeleton(src)  # the first call imports transformers' model code: once per process, not the fold's work
     print(f"  warm-up: skeleton(src) {time.perf_counter() - t0:.1f} s (imports; not timed)", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with rotfn.dispatch.trace() as ran:  # the CPU kernel's first call loads (or, once per install, compiles) it
+        rotfn.rotate(torch.ones(2, 64, dtype=torch.float64), rotfn.hadamard(64, seed=0))
+    kernel = "numba kernel (rotfn.cpu)" if ran == [("rotate", "numba")] else "the torch reference (no numba)"
+    print(f"  warm-up: float64 rotations run on {kernel}, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     try:
         rows = [_phase("copy (safe_open + write)", lambda: copy(src, copied), src, nbytes)]
         shutil.rmtree(copied)
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio, ratio32 = fold_row["gbps"] / copy_row["gbps"], fold32_row["gbps"] / copy_row["gbps"]
     print(f"\n{label}-shaped, {layers} layers, {nbytes / 1e9:.2f} GB bf16 "
           f"files; {platform.node()} {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"{datetime.date.today()}")
+          f"{datetime.date.today()}; float64 rotations on {kernel}")
     print(f"fold: {stats['float64'].tensors} tensors, {stats['float64'].shards} shards, held at most "
           f"{stats['float64'].peak_held_bytes / 2**30:.2f} GiB of tensors")
     rss = max(fold_row["rss"], fold32_row["rss"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 from collections.abc import Callable, Iterator
 
@@ -25,7 +26,7 @@ import torch
 from rotfn import ops
 from rotfn.errors import BackendUnavailableError, message
 
-__all__ = ["BACKENDS", "select", "trace", "kernels_available"]
+__all__ = ["BACKENDS", "kernels_available", "select", "trace"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -48,6 +49,15 @@ def _load_kernels():
         return None, f"{err}"
 
 
+@functools.lru_cache(maxsize=1)
+def _load_cpu_kernels():
+    """The CPU kernels module (numba), or None when numba is not installed."""
+    try:
+        return importlib.import_module("rotfn.cpu")
+    except ImportError:
+        return None
+
+
 def kernels_available() -> bool:
     """True when :mod:`rotfn.kernels` imports (Triton installed and rotfn ships kernels)."""
     return _load_kernels()[0] is not None
@@ -67,7 +77,11 @@ def select(fn: str, op: str, backend: str, x: torch.Tensor, **spec) -> Callable:
         BackendUnavailableError: ``backend="triton"`` and the kernels cannot run this call.
     """
     chosen, impl = "torch", _REFERENCE[op]
-    if backend != "torch":
+    if backend == "auto" and not x.is_cuda:
+        cpu = _load_cpu_kernels()
+        if cpu is not None and cpu.unsupported(op, x, **spec) is None:
+            chosen, impl = "numba", functools.partial(_exact_or_reference, cpu.rotate, impl)
+    if backend != "torch" and chosen == "torch":
         kernels, why = _load_kernels()
         if kernels is not None:
             why = kernels.unsupported(op, x, **spec)
@@ -82,6 +96,12 @@ def select(fn: str, op: str, backend: str, x: torch.Tensor, **spec) -> Callable:
     if record is not None:
         record.append((op, chosen))
     return impl
+
+
+def _exact_or_reference(exact: Callable, reference: Callable, *args):
+    """``exact(*args)`` (a CPU kernel that returns the reference's bits or None), else ``reference(*args)``."""
+    out = exact(*args)
+    return reference(*args) if out is None else out
 
 
 @contextlib.contextmanager
