@@ -1,9 +1,12 @@
-"""The one place that chooses between the torch reference and the Triton kernels.
+"""The one place that chooses between the torch reference, the Triton kernels and the CPU kernel.
 
 ``backend="torch"`` always runs :mod:`rotfn.ops`. ``backend="triton"`` runs
 :mod:`rotfn.kernels` or raises :class:`rotfn.errors.BackendUnavailableError`
 (never a silent fallback). ``backend="auto"`` picks Triton for CUDA tensors
-when the kernels can serve the call, the reference otherwise.
+when the kernels can serve the call; for a float64 Sylvester Hadamard rotation
+on the CPU, :mod:`rotfn.cpu` (numba, when installed), which returns the
+reference's bits or hands the call to the reference (traced as ``"numba"``
+either way); the reference otherwise.
 
 :func:`trace` records which backend each op ran on, so tests can prove a fast
 path was taken::

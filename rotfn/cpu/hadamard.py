@@ -220,31 +220,29 @@ def _columns(x, out, signs, signs_first, signs_last, scale, strip):
         sg = signs[k % per_row]
         for c0 in range(0, columns, strip):
             w = min(strip, columns - c0)
+            a = panel[:b * w]
             sums[:w] = 0.0  # per column, summed down the rows (vectorized across columns)
             for j in range(b):
+                f = sg[j] if signs_first else 1.0
+                row = x[k, j, c0:c0 + w]
                 for c in range(w):
-                    sums[c] += abs(x[k, j, c0 + c])
+                    sums[c] += abs(row[c])
+                    a[j * w + c] = row[c] * f
             for c in range(w):
                 grid[c] = _exact_scale(sums[c])
                 if grid[c] == 0.0:
                     return False
-            a = panel[:b * w]
-            for j in range(b):
-                f = sg[j] if signs_first else 1.0
-                for c in range(w):
-                    a[j * w + c] = x[k, j, c0 + c] * f
             if _panel_off_grid(a, grid[:w]) != 0.0:
                 return False
             res = _fwht_flat(a, scratch[:b * w], w)
             zeros = 0
             for j in range(b):
                 f = sg[j] if signs_last else 1.0
+                row = out[k, j, c0:c0 + w]
                 for c in range(w):
-                    y = res[j * w + c] * scale
-                    if signs_last:
-                        y = y * f
+                    y = res[j * w + c] * scale * f  # (the sign is exact: the same bits as scaling alone, then flipping)
                     zeros += y == 0.0
-                    out[k, j, c0 + c] = y
+                    row[c] = y
             if zeros:
                 return False
     return True
