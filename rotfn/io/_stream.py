@@ -562,8 +562,8 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
             call, torch's intra-op threads are set to 1 (and restored after), and glibc malloc keeps freed
             blocks for reuse (see :mod:`rotfn._malloc`; afterwards it returns them, and its thresholds stay
             where its adaptive scheme settles in a torch process: 32 MiB mmap, 64 MiB trim).
-        precision: ``"float64"`` (default; the bits of :func:`rotfn.fold`) or ``"float32"`` (~1.5x faster end
-            to end on 2 CPU cores; the bits of ``rotfn.fold(..., precision="float32")``, see there). Part of the job: a rerun
+        precision: ``"float64"`` (default; the bits of :func:`rotfn.fold`) or ``"float32"`` (no faster
+            with the CPU kernel of ``rotfn[cpu]`` (numba), ~1.5x faster without it, on 2 CPU cores; the bits of ``rotfn.fold(..., precision="float32")``, see there). Part of the job: a rerun
             with another precision restarts rather than resumes.
 
     Returns:
