@@ -190,14 +190,9 @@ def _rows(x, out, signs, signs_first, signs_last, scale):
             res = _fwht_flat(a, t, 1)
         o = out[k]
         zeros = 0
-        if signs_last:
-            for j in range(b):
-                o[j] = res[j] * scale * sg[j]
-                zeros += o[j] == 0.0
-        else:
-            for j in range(b):
-                o[j] = res[j] * scale
-                zeros += o[j] == 0.0
+        for j in range(b):
+            o[j] = res[j] * scale * (sg[j] if signs_last else 1.0)  # the sign is exact, as in _columns
+            zeros += o[j] == 0.0
         if zeros:
             return False
     return True
