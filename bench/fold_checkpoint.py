@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def fold(precision: str) -> None:
             stats[precision] = rotfn.fold_checkpoint(src, lambda m: rotfn.plans.quarot(m, r1=r1, r2=r2), dst,
-                                                     precision=precision, overwrite=True)
+                                                     precision=precision, overwrite=True, torch_threads=1,
+                                                     keep_freed_blocks=True)
 
         rows.append(_phase("fold R1+R2 (fold_checkpoint)", lambda: fold("float64"), src, nbytes))
         rows.append(_phase("  the same, precision='float32'", lambda: fold("float32"), src, nbytes))

@@ -4,9 +4,9 @@ Torch's CPU tensors come from ``malloc``. glibc serves a block above its mmap th
 with a fresh ``mmap`` and gives the heap's free top back to the OS above its trim
 threshold (both adapt at run time, starting at 128 KiB), so a loop that allocates and
 frees temporaries of a few MiB may page-fault every one of them in afresh: the kernel
-zeroes each 4 KiB page on first touch. On the 2-core development machine that tripled the
-time of a float64 FWHT of 2 MiB rows (4 -> 13 ns per element) and cost a streaming fold
-~12 s of system time per 16 GB. :func:`freed_blocks_kept` turns ``mmap`` off and trimming off
+zeroes each 4 KiB page on first touch (what that costs a fold: ``docs/performance.md``).
+These settings are process-wide: library calls make them only when asked
+(``rotfn.fold_checkpoint(..., keep_freed_blocks=True)``). :func:`freed_blocks_kept` turns ``mmap`` off and trimming off
 for the length of a job, so every block, however large (the mmap threshold cannot go above
 32 MiB), comes from the heap and goes back to it (the effect of ``MALLOC_MMAP_MAX_=0`` and
 ``MALLOC_TRIM_THRESHOLD_``, or of jemalloc, for one block of code), and then gives the free

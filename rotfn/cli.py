@@ -89,7 +89,8 @@ def _run_fold(args: argparse.Namespace) -> int:
     if args.r1 == "none" and args.r2 == args.r3 == args.r4 == "none" and args.weights is None:
         _usage(args.parser, "nothing to fold: give a rotation (--r1 ...) or --weights")
     stats = rotfn.fold_checkpoint(args.src, _fold_plan(args), args.dst, max_shard_size=args.max_shard_size,
-                                  overwrite=args.overwrite, progress=not args.quiet, precision=args.precision)
+                                  overwrite=args.overwrite, progress=not args.quiet, precision=args.precision,
+                                  torch_threads=args.torch_threads or None, keep_freed_blocks=args.keep_freed_blocks)
     plan = read_rotfn_json(args.dst)
     print(f"folded {args.src} -> {args.dst}: {stats.tensors} tensors written in {stats.shards} shards"
           + (f" ({stats.shards_skipped} kept from an interrupted run)" if stats.shards_skipped else "")
@@ -308,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="what the fold computes in: float64 (default, rounded once) or float32 (as fast with rotfn[cpu] "
                            "installed, ~1.5x faster without it; "
                            "half-precision weights may differ from the float64 fold by one ulp in rare elements)")
+    fold.add_argument("--torch-threads", type=int, default=1, metavar="N",
+                      help="torch intra-op threads while folding (default 1: one per worker is fastest; 0 leaves them)")
+    fold.add_argument("--keep-freed-blocks", action=argparse.BooleanOptionalAction, default=True,
+                      help="glibc malloc keeps freed blocks while folding (default on; faster, see fold_checkpoint)")
     fold.add_argument("--overwrite", action="store_true", help="replace a complete checkpoint in DST")
     fold.add_argument("--quiet", action="store_true", help="no progress bar")
 

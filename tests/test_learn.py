@@ -13,7 +13,6 @@ import rotfn.testing as rt
 from rotfn.errors import ArgumentError, DTypeError, FoldError, PlanError, SelectionError
 from rotfn.learn import calibration, cayley_step, evaluate, fidelity, orthogonality_error, rotations
 from rotfn.learn._slots import Slot, find_slots, rotate_learned
-from rotfn.plans._fold import fold_tensors
 
 
 def byte_tokens(text: str) -> list[int]:
@@ -101,14 +100,14 @@ def test_learned_plan_round_trips_through_its_dict(llama, learned):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fold_tensors_at_identity_is_fold(llama):
+def test_the_fold_program_with_learned_rotations_at_identity_is_fold(llama):
     model, p = llama
     plan = quarot_plan(model, rotfn.intq(4))
     slots = find_slots("test", plan, ("R1", "R2"), shared=False)
     eye = {s: torch.eye(s.base.tile, dtype=torch.float64) for s in slots.slots}
     fns = {plan.weight[i].transform(): (lambda x, r, q=eye[s]: rotate_learned(x, r, q))
            for i, s in slots.weight.items()}
-    ours, reference = fold_tensors(p, plan, fns), rotfn.fold(p, plan)
+    ours, reference = rotfn.transforms.compile_fold(plan.transform(), p).run(p, rotate=fns), rotfn.fold(p, plan)
     for k in reference:
         torch.testing.assert_close(ours[k], reference[k], rtol=0, atol=1e-6)
 

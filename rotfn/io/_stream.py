@@ -2,16 +2,15 @@
 
 :func:`fold_checkpoint` reads ``src_dir``'s safetensors tensor by tensor (memory-mapped
 with :func:`safetensors.safe_open`), folds each with the part of the plan that writes it
-(:mod:`rotfn.io._keyfold`: the same float64 code :func:`rotfn.fold` runs, so the bits
-are the same) and streams it into output shards (:class:`rotfn.io._shard.ShardWriter`).
-Memory stays at a few pieces of the largest tensors, not the model: large tensors are
-folded in pieces of about :data:`PIECE_ELEMENTS` elements, the mapped source pages are
-released every :data:`MAP_BUDGET` bytes by reopening the file, and only the small tensors
-other keys read (norm scales) are kept, until their last reader is done. A key rotated on
-both sides (o_proj, v_proj) is folded in stages (:func:`rotfn.io._keyfold.stages`), so every
-key is cut into pieces. For speed, the kernel is asked to read :data:`READ_AHEAD` bytes
-ahead of the piece being cut, and glibc malloc keeps freed blocks for the length of the
-call (:mod:`rotfn._malloc`), so the pieces' temporaries are not page-faulted in afresh.
+running the plan's fold program (:func:`rotfn.transforms.compile_fold`: the engine
+:func:`rotfn.fold` runs, so the bits are the same) and streams it into output shards
+(:class:`rotfn.io._shard.ShardWriter`). Memory stays at a few pieces of the largest tensors,
+not the model: large tensors are folded in pieces of about ``piece_elements`` elements along
+the dim the program says they may be cut along, the mapped source pages are released every
+:data:`MAP_BUDGET` bytes by reopening the file, and only the small tensors other keys read
+(norm scales) are kept, until their last reader is done. A key rotated on both sides
+(o_proj, v_proj) is folded in the program's stages, so every key is cut into pieces. For
+speed, the kernel is asked to read :data:`READ_AHEAD` bytes ahead of the piece being cut.
 
 The output directory is built in place and is, at every moment, either complete or
 marked incomplete:
@@ -54,19 +53,14 @@ from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError, m
 from rotfn.io._atomic import write_atomic, write_text_atomic
 from rotfn.io._checkpoint import INDEX, SINGLE, Checkpoint, inventory, is_weight_file, skeleton
 from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _shard_bytes, _shards, read_rotfn_json, write_rotfn_json
-from rotfn.io._keyfold import KeyFold, fold_piece, key_fold, piece_cuts, stages
 from rotfn.io._shard import ShardWriter, TensorEntry, header_bytes
-from rotfn.plans._fold import precision_dtype
-from rotfn.plans._plan import Plan
-from rotfn.transforms._core import computing_in
+from rotfn.plans import Plan
+from rotfn.transforms import PIECE_ELEMENTS, KeyProgram, Stage, compile_fold, precision_dtype
 
-__all__ = ["COPY_PIECE_BYTES", "MAP_BUDGET", "MARKER", "PIECE_ELEMENTS", "READ_AHEAD", "FoldStats", "fold_checkpoint"]
+__all__ = ["COPY_PIECE_BYTES", "MAP_BUDGET", "MARKER", "READ_AHEAD", "FoldStats", "fold_checkpoint"]
 
 #: The file that marks an output directory as incomplete (see the module docstring).
 MARKER = ".rotfn-incomplete"
-#: Elements per piece of a folded tensor: 2 MiB of float64 per temporary, so the FWHT passes stay in cache
-#: (on the 2-core machine 256Ki elements folded ~20% faster than 64Ki or 1Mi).
-PIECE_ELEMENTS = 1 << 18
 #: Bytes per piece of a tensor the plan leaves unchanged (copied as it is).
 COPY_PIECE_BYTES = 64 << 20
 #: Source bytes read through one memory map before it is reopened (mapped pages count as resident memory).
@@ -94,8 +88,6 @@ class FoldStats:
         bytes_written: tensor bytes written by this call.
         peak_held_bytes: most bytes of tensors the fold held at once: the cached tensors other keys
             read, the source piece, its folded result, and an output being assembled.
-        peak_rss_bytes: the process's peak resident memory during the call (Linux ``VmHWM`` after a
-            reset through ``/proc/self/clear_refs``), or None where that cannot be measured.
         seconds: wall time.
     """
 
@@ -107,7 +99,6 @@ class FoldStats:
     opens: Counter = dataclasses.field(default_factory=Counter)
     bytes_written: int = 0
     peak_held_bytes: int = 0
-    peak_rss_bytes: int | None = None
     seconds: float = 0.0
 
 
@@ -163,12 +154,12 @@ class _Reader:
 # ----- the job -------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Out:
-    """One output tensor: its key, the source tensor holding its unfolded data, its fold."""
+    """One output tensor: its key, the source tensor holding its unfolded data, its part of the fold program."""
 
     key: str
     source: str
     entry: TensorEntry
-    fold: KeyFold
+    fold: KeyProgram
 
 
 def _resolve_plan(fn: str, plan, model) -> Plan:
@@ -181,15 +172,6 @@ def _resolve_plan(fn: str, plan, model) -> Plan:
         raise PlanError(message(fn, "plan", "a function model -> rotfn.Plan", f"one returning {type(built).__name__}"))
     raise PlanError(message(fn, "plan", "a rotfn.Plan, or a function model -> Plan (it gets the checkpoint's skeleton)",
                             type(plan).__name__, "pass e.g. lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(4096, seed=0))"))
-
-
-def _tie_signature(kf: KeyFold) -> tuple:
-    """What a fold does to a key, without the key's name: equal for two tied keys that stay one tensor."""
-    p = kf.plan
-    if p is None:
-        return ()
-    return (tuple((w.rotation, w.side, w.per_head, w.span) for w in p.weight), tuple((n.norm, n.bias) for n in p.norms),
-            bool(p.quantized))
 
 
 def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan) -> list[_Out]:
@@ -207,17 +189,19 @@ def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan) -> list[_Out]:
             fn, "src_dir", f"the tensor names and shapes of {info.cls} built from its config.json",
             f"{len(missing)} missing {missing[:3]}, {len(extra)} unexpected {extra[:3]}, {len(wrong)} of other shape {wrong[:2]}",
             "fold a checkpoint saved by transformers for this config (fused MoE experts are not supported)"))
-    shapes = {k: tuple(s) for k, s in info.shapes.items()}
+    stored = {k: ckpt.tensors[m][1].dtype for k in info.shapes for m in (k, *tied.get(k, ())) if m in ckpt.tensors}
+    tensors = {k: torch.empty(tuple(s), dtype=stored.get(k, torch.float32), device="meta") for k, s in info.shapes.items()}
+    program = compile_fold(plan.transform(), tensors, tied=plan.tied, untied=plan.untied, fn=fn)
+    late = [k for k, kp in program.keys.items() if not kp.reads_given]
+    if late:
+        raise PlanError(message(fn, "plan", "a plan whose entries read tensors as the checkpoint holds them",
+                                f"entries of {late[:3]} that read a tensor another entry changed first",
+                                "fold it in memory with rotfn.fold"))
     untied = set(plan.untied)
-    for group in info.tied:  # as rotfn.fold: names that stay one tensor must be changed alike
-        kept = [k for k in group if k not in untied]
-        if len({_tie_signature(key_fold(plan, k, shapes)) for k in kept}) > 1:
-            raise PlanError(message(fn, "plan", f"a plan that changes the tied keys {kept} identically or unties them",
-                                    "different changes", "untie them in the plan (Plan.untied)"))
     outs: list[_Out] = []
     for name, (_, entry) in ckpt.tensors.items():
-        outs.append(_Out(name, name, entry, key_fold(plan, name, shapes)))
-        outs += [_Out(other, name, dataclasses.replace(entry, name=other), key_fold(plan, other, shapes))
+        outs.append(_Out(name, name, entry, program.keys[name]))
+        outs += [_Out(other, name, dataclasses.replace(entry, name=other), program.keys[other])
                  for other in tied.get(name, ()) if other in untied and other not in ckpt.tensors]
     return outs
 
@@ -311,37 +295,18 @@ def _copy_small_files(src: str, dst: str) -> None:
             write_atomic(os.path.join(dst, name), lambda tmp, path=path: shutil.copyfile(path, tmp))
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int | None:
-    with contextlib.suppress(OSError), open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
 # ----- writing -----------------------------------------------------------------------------------
 class _Fold:
     """Writes the shards of one job: cached reads, pieces folded by a pool of threads, statistics, progress.
 
     The main thread cuts tensors into pieces (mapped views, cheap) and writes results in
-    file order; ``workers`` threads fold pieces, each with one torch thread (several small
-    independent pieces keep two cores busier than one piece split by an intra-op barrier,
-    and far more so when another process takes a core).
+    file order; ``workers`` threads fold pieces, each running a stage of the fold program.
     """
 
     def __init__(self, reader: _Reader, outs: list[_Out], stats: FoldStats, bar, pool: ThreadPoolExecutor, window: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, piece_elements: int):
         self.reader, self.stats, self.bar, self.pool, self.window = reader, stats, bar, pool, window
-        self.dtype = dtype  # what the folds compute in (precision=)
+        self.dtype, self.piece_elements = dtype, piece_elements  # what the folds compute in (precision=), piece size
         self.sources = {k: k for k in reader.ckpt.tensors} | {o.key: o.source for o in outs}
         needed = {self.sources[k] for o in outs for k in o.fold.reads}
         # a cached tensor is used by the keys that read it and by its own output
@@ -387,45 +352,46 @@ class _Fold:
         piece a worker folded and wrote itself (pieces along dim 0: ``offset`` None), or None
         (a column piece or a stage put into an assembled tensor).
         """
-        kf, entry = out.fold, out.entry
-        if kf.plan is None:  # copied as it is, in pieces of COPY_PIECE_BYTES
+        kp, entry = out.fold, out.entry
+        if not kp.ops:  # copied as it is, in pieces of COPY_PIECE_BYTES
             rows = entry.shape[0] if entry.shape else 1
             step = max(1, COPY_PIECE_BYTES * rows // max(entry.nbytes, 1))
             for lo in range(0, rows, step):
                 piece = self.read(out, slice(lo, lo + step) if entry.shape else None)
                 yield _Done(piece), piece.numel() * piece.element_size(), at + lo * entry.row_bytes
             return
-        reads = {k: self.cache[self.sources[k]] for k in kf.reads}
-        if kf.axis == 0:
-            for cut in piece_cuts(kf, entry.shape, PIECE_ELEMENTS):
+        reads = {k: self.cache[self.sources[k]] for k in kp.reads}
+        if len(kp.stages) > 1:
+            yield from self._staged(out, self.read(out), reads, at)
+            return
+        stage = kp.stages[0]
+        if stage.axis == 0:
+            for cut in stage.cuts(entry.shape, self.piece_elements):
                 piece = self.read(out, cut)  # a mapped view: the worker's first read of it faults the pages in
-                yield (self.pool.submit(_fold_write, writer, at + cut.start * entry.row_bytes, kf, piece, reads, self.dtype),
-                       2 * piece.numel() * piece.element_size(), None)
+                yield (self.pool.submit(_fold_write, writer, at + cut.start * entry.row_bytes, self.run_piece, stage,
+                                        piece, reads), 2 * piece.numel() * piece.element_size(), None)
             return
-        whole = self.read(out)  # one mapped view, folded whole or cut along dim 1 into `assembled`
-        staged = stages(kf, entry.shape)
-        if staged:
-            yield from self._staged(out, staged, whole, reads, at)
-            return
+        whole = self.read(out)  # one mapped view, folded whole or cut along another dim into `assembled`
         self.whole[out.key] = 2 * entry.nbytes
-        assembled = torch.empty(entry.shape, dtype=entry.dtype) if kf.axis == 1 else None
-        for cut in piece_cuts(kf, entry.shape, PIECE_ELEMENTS):
-            piece = whole if cut is None else whole[:, cut]
-            yield self.pool.submit(_fold_piece, kf, piece, reads, assembled, cut, self.dtype), 0, at
+        assembled = torch.empty(entry.shape, dtype=entry.dtype) if stage.axis is not None else None
+        for cut in stage.cuts(entry.shape, self.piece_elements):
+            piece = whole if cut is None else whole[_along(stage.axis, cut)]
+            yield self.pool.submit(self.run_piece, stage, piece, reads, assembled, cut), 0, at
         if assembled is not None:
             yield _Done(assembled), 0, at
 
-    def _staged(self, out: _Out, staged: tuple[KeyFold, ...], source: torch.Tensor, reads, at: int):
-        """A key rotated on both sides, stage by stage (:func:`rotfn.io._keyfold.stages`): every stage's
+    def _staged(self, out: _Out, source: torch.Tensor, reads, at: int):
+        """A key rotated on both sides, stage by stage (:attr:`rotfn.transforms.KeyProgram.stages`): every stage's
         pieces go to the pool; between stages the whole key is held in the work dtype."""
         entry = out.entry
         self.whole[out.key] = entry.nbytes + torch.Size(entry.shape).numel() * self.dtype.itemsize  # result, between stages
         x = source  # mapped; each first-stage piece enters its fold in the work dtype
-        for i, stage in enumerate(staged):
-            last = i == len(staged) - 1
+        stages = out.fold.stages
+        for i, stage in enumerate(stages):
+            last = i == len(stages) - 1
             result = torch.empty(entry.shape, dtype=entry.dtype if last else self.dtype)
-            futures = [self.pool.submit(_fold_piece, stage, x[_along(stage.axis, cut)], reads, result, cut,
-                                        self.dtype) for cut in piece_cuts(stage, entry.shape, PIECE_ELEMENTS)]
+            futures = [self.pool.submit(self.run_piece, stage, x[_along(stage.axis, cut)], reads, result, cut)
+                       for cut in stage.cuts(entry.shape, self.piece_elements)]
             if not last:
                 for future in futures:  # the next stage reads every row / column of this one
                     future.result()
@@ -434,6 +400,18 @@ class _Fold:
             for future in futures:
                 yield future, 0, None
             yield _Done(result), 0, at
+
+    def run_piece(self, stage: Stage, piece: torch.Tensor, reads, assembled: torch.Tensor | None = None,
+                  cut: slice | None = None) -> torch.Tensor | None:
+        """Fold one piece (in a worker) with the program's ``stage``; returns it in the piece's dtype, or puts it
+        into ``assembled`` (at ``cut`` along the stage's axis, rounded once to its dtype) and returns None."""
+        with torch.no_grad():  # (a checkpoint's tensors take no gradient: nothing to record)
+            folded = stage.run(piece, reads, precision=self.dtype, piece_elements=self.piece_elements,
+                               out_dtype=piece.dtype if assembled is None else assembled.dtype)
+        if assembled is None:
+            return folded
+        assembled[_along(stage.axis, cut)] = folded
+        return None
 
     def write_shard(self, path: str, group: list[_Out]) -> None:
         """Write one shard: the main thread cuts pieces and hands them to the workers, which fold the pieces
@@ -499,25 +477,9 @@ def _along(axis: int, cut: slice) -> tuple[slice, ...]:
     return (slice(None),) * axis + (cut,)
 
 
-def _fold_piece(kf: KeyFold, piece: torch.Tensor, reads, assembled: torch.Tensor | None, cut,
-                dtype: torch.dtype) -> torch.Tensor | None:
-    """Fold one piece (in a worker, computing in ``dtype``); returns it, or puts it into ``assembled`` (at ``cut``
-    along ``kf.axis``) and returns None. A piece of a stage whose result stays in ``dtype`` (``assembled``
-    of that dtype) is converted to it first, so that nothing is rounded between stages."""
-    if assembled is not None and assembled.dtype == dtype:
-        piece = piece.to(dtype)
-    with computing_in(dtype):
-        folded = fold_piece(kf, piece, reads)
-    if assembled is None:
-        return folded
-    assembled[_along(kf.axis, cut)] = folded  # rounds to assembled's dtype, as fold's cast does
-    return None
-
-
-def _fold_write(writer: ShardWriter, offset: int, kf: KeyFold, piece: torch.Tensor, reads,
-                dtype: torch.dtype) -> int:
+def _fold_write(writer: ShardWriter, offset: int, run_piece, stage: Stage, piece: torch.Tensor, reads) -> int:
     """Fold one piece along dim 0 (in a worker) and write it at ``offset`` of the shard's data; returns its bytes."""
-    return writer.write_at(offset, _fold_piece(kf, piece, reads, None, None, dtype))
+    return writer.write_at(offset, run_piece(stage, piece, reads))
 
 
 def _finish(src: str, dst: str, plan: Plan, shards: list[tuple[str, list[_Out]]]) -> None:
@@ -536,7 +498,8 @@ def _finish(src: str, dst: str, plan: Plan, shards: list[tuple[str, list[_Out]]]
 
 def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: str | os.PathLike, *,
                     max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
-                    workers: int | None = None, precision: str = "float64") -> FoldStats:
+                    workers: int | None = None, precision: str = "float64", piece_elements: int = PIECE_ELEMENTS,
+                    torch_threads: int | None = None, keep_freed_blocks: bool = False) -> FoldStats:
     """Fold a plan into a sharded Hugging Face checkpoint on disk, streaming: ``rotfn.fold`` without loading the model.
 
     For every tensor ``W`` of ``src_dir`` the output holds exactly
@@ -558,20 +521,29 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
         max_shard_size: largest output shard in bytes, or text such as ``"5GB"`` or ``"500MiB"``.
         overwrite: replace a complete checkpoint (any non-empty directory without the marker) in ``dst_dir``.
         progress: show a tqdm progress bar (bytes, with tensors done) on stderr.
-        workers: pieces folded at once, each by one thread (None: ``torch.get_num_threads()``). For the
-            call, torch's intra-op threads are set to 1 (and restored after), and glibc malloc keeps freed
-            blocks for reuse (see :mod:`rotfn._malloc`; afterwards it returns them, and its thresholds stay
-            where its adaptive scheme settles in a torch process: 32 MiB mmap, 64 MiB trim).
+        workers: pieces folded at once, each by one thread (None: ``torch.get_num_threads()`` as the call starts).
         precision: ``"float64"`` (default; the bits of :func:`rotfn.fold`) or ``"float32"`` (no faster
-            with the CPU kernel of ``rotfn[cpu]`` (numba), ~1.5x faster without it, on 2 CPU cores; the bits of ``rotfn.fold(..., precision="float32")``, see there). Part of the job: a rerun
+            with the CPU kernel of ``rotfn[cpu]`` (numba), ~1.5x faster without it, on 2 CPU cores; the bits of
+            ``rotfn.fold(..., precision="float32")``, see there). Part of the job: a rerun
             with another precision restarts rather than resumes.
+        piece_elements: elements per piece a worker folds (:func:`rotfn.transforms.piece_cuts`; default
+            :data:`rotfn.transforms.PIECE_ELEMENTS`, 2 MiB of float64). Any size gives the same bits.
+        torch_threads: None (default) leaves torch's intra-op threads alone; an int sets them
+            (``torch.set_num_threads``, process-wide) for the call and restores the previous count on
+            exit. ``1``, with one worker per core, is the fastest on a CPU: several small independent
+            pieces keep the cores busier than one piece split by intra-op barriers.
+        keep_freed_blocks: True makes glibc malloc keep freed blocks in the heap for the call
+            (:mod:`rotfn._malloc`, process-wide; faster: the pieces' temporaries are not page-faulted in
+            afresh). On exit mmap is back on and the free memory is returned; glibc cannot go back to its
+            adaptive thresholds, so they stay where that scheme settles in a torch process (32 MiB mmap,
+            64 MiB trim). No effect elsewhere than glibc or where the environment configures malloc.
 
     Returns:
         A :class:`FoldStats` (tensors and bytes read and written, memory peaks, time).
 
     Raises:
         ArgumentError: a path is not a path, ``dst_dir`` is ``src_dir`` or a file, bad ``max_shard_size``,
-            ``workers`` or ``precision``.
+            ``workers``, ``precision``, ``piece_elements``, ``torch_threads`` or ``keep_freed_blocks``.
         CheckpointError: ``src_dir`` is not a readable checkpoint, its names or shapes differ from its
             config's model, or ``dst_dir`` holds a complete checkpoint and ``overwrite`` is False.
         PlanError: the plan was built for another model, or changes tied keys differently.
@@ -601,6 +573,13 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ArgumentError(message(fn, "workers", "None or a positive int", repr(workers)))
     dtype = precision_dtype(fn, precision)
+    for arg, value in (("piece_elements", piece_elements), ("torch_threads", torch_threads)):
+        if (value is not None or arg == "piece_elements") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ArgumentError(message(fn, arg, "a positive int" + (" or None" if arg == "torch_threads" else ""),
+                                        repr(value)))
+    if not isinstance(keep_freed_blocks, bool):
+        raise ArgumentError(message(fn, "keep_freed_blocks", "a bool", repr(keep_freed_blocks)))
     prior = read_rotfn_json(ckpt.dir)
     if prior is not None:
         raise FoldError(message(fn, "src_dir", "an unfolded checkpoint", f"one folded with {prior!r} (it has {ROTFN_JSON})",
@@ -611,17 +590,20 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     shards = _layout(outs, limit)
     marker = _prepare_dst(fn, dst, _job_hash(ckpt, plan, shards, precision), overwrite)
     stats = FoldStats(shards=len(shards))
-    measured = _reset_peak_rss()
     total = sum(o.entry.nbytes for o in outs)
     threads = torch.get_num_threads()
     workers = workers or threads
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"fold {os.path.basename(ckpt.dir)}",
                disable=not progress, smoothing=0.05)
-    torch.set_num_threads(1)  # one per worker: see _Fold
-    try:
-        with bar, freed_blocks_kept(), ThreadPoolExecutor(workers, thread_name_prefix="rotfn-fold") as pool:
+    with contextlib.ExitStack() as process:  # the process-wide settings asked for, undone on exit
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+            process.callback(torch.set_num_threads, threads)
+        if keep_freed_blocks:
+            process.enter_context(freed_blocks_kept())
+        with bar, ThreadPoolExecutor(workers, thread_name_prefix="rotfn-fold") as pool:
             reader = _Reader(ckpt, stats)
-            job = _Fold(reader, outs, stats, bar, pool, window=2 * workers + 1, dtype=dtype)
+            job = _Fold(reader, outs, stats, bar, pool, window=2 * workers + 1, dtype=dtype, piece_elements=piece_elements)
             job.prefetch()
             for name, group in shards:
                 if _shard_done(dst, name, group, marker):
@@ -635,9 +617,6 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
                 reader.close()
                 marker["done"][name] = {"mtime_ns": os.stat(path).st_mtime_ns}
                 write_text_atomic(os.path.join(dst, MARKER), json.dumps(marker))
-    finally:
-        torch.set_num_threads(threads)
     _finish(ckpt.dir, dst, plan, shards)
-    stats.peak_rss_bytes = _peak_rss() if measured else None
     stats.seconds = time.perf_counter() - start
     return stats

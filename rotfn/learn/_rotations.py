@@ -17,9 +17,8 @@ from rotfn.learn._cayley import cayley_step, orthogonality_error
 from rotfn.learn._data import Batch, check_batches, to_device
 from rotfn.learn._loss import LossArg, Objective, run
 from rotfn.learn._slots import LEARNABLE_ROLES, Slots, find_slots, rotate_learned
-from rotfn.plans._fold import FoldedParams, fold_tensors, folded_with
-from rotfn.plans._plan import Plan
-from rotfn.transforms._core import check_params
+from rotfn.plans import FoldedParams, Plan, folded_with
+from rotfn.transforms import check_params, compile_fold
 
 __all__ = ["rotations", "LearnResult"]
 
@@ -103,8 +102,8 @@ def rotations(
     with a role in ``roles`` (one ``Q`` per slot: one R1 for the model, one R2 per layer, one R4
     or per_linear rotation per linear, see :mod:`rotfn.learn`; ``Q = I`` at the start). Weights and activations are
     fake-quantized as the plan says, with straight-through gradients (:func:`rotfn.qdq`); the
-    weight side goes through the plan's own fold entries (:func:`rotfn.plans.fold_tensors`),
-    differentiable in ``Q``. Each step takes the next batch (cycling), computes
+    weight side goes through the plan's own fold program (:func:`rotfn.transforms.compile_fold`,
+    run with ``rotate=`` stand-ins that multiply by ``Q``), differentiable in ``Q``. Each step takes the next batch (cycling), computes
     ``dL/dQ`` with ``torch.func.grad`` and moves every ``Q`` by one Cayley step
     (:func:`rotfn.learn.cayley_step`), which keeps it orthogonal. The float model's function
     never changes: an unquantized plan(Q) computes the same outputs for every orthogonal Q.
@@ -180,11 +179,12 @@ def rotations(
 
     training = slots.training_plan(plan)
     transforms = {plan.weight[i].transform(): s for i, s in slots.weight.items()}
+    program = compile_fold(plan.transform(), params, fn=fn)
 
     def step_loss(qs: tuple[torch.Tensor, ...], i: int):
         by_slot = dict(zip(slots.slots, qs, strict=True))
-        rotate_fns = {t: (lambda x, r, q=by_slot[s]: rotate_learned(x, r, q)) for t, s in transforms.items()}
-        folded = FoldedParams(fold_tensors(params, plan, rotate_fns), training)
+        rotate = {t: (lambda x, r, q=by_slot[s]: rotate_learned(x, r, q)) for t, s in transforms.items()}
+        folded = FoldedParams(program.run(params, rotate=rotate, fn=fn), training)
         with _learned_inputs(model, plan, slots, by_slot):
             value = objective(run(model, folded, training, batches[i]), i)
         return value, value.detach()

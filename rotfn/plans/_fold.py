@@ -6,14 +6,11 @@ from collections.abc import Mapping
 
 import torch
 
-from rotfn.errors import ArgumentError, FoldError, PlanError, message
+from rotfn.errors import FoldError, PlanError, message
 from rotfn.plans._plan import Plan, signature
-from rotfn.transforms._core import RotateFn, Transform, check_params, computing_in, work_dtype
+from rotfn.transforms import check_params, compile_fold, precision_dtype
 
-#: ``precision=`` of :func:`fold` (and :func:`rotfn.fold_checkpoint`): the dtype the fold computes in.
-PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
-
-__all__ = ["fold", "fold_tensors", "FoldedParams", "folded_with", "check_fold_state", "PRECISIONS", "precision_dtype"]
+__all__ = ["fold", "FoldedParams", "folded_with", "check_fold_state"]
 
 _MARK = "_rotfn_folded_with"  # attribute fold sets on every tensor it creates
 
@@ -87,47 +84,14 @@ def check_fold_state(fn: str, params: Mapping, plan: Plan | None) -> None:
                                 "fold the original params with the plan you call with"))
 
 
-def fold_tensors(params: Mapping[str, torch.Tensor], plan: Plan,
-                 rotate_fns: Mapping[Transform, RotateFn] | None = None) -> dict[str, torch.Tensor]:
-    """The math of :func:`fold` alone: touched tensors to float64 (:func:`work_dtype`), ``plan.transform()``, each cast back once.
-
-    No checks, no fold marks, no tie merging (that is :func:`fold`). Differentiable in
-    ``params``; ``rotate_fns`` maps some of the plan's rotation transforms to a stand-in for
-    ``rotate(x, R)`` (see :meth:`rotfn.transforms.Chain._apply`), which is how :mod:`rotfn.learn`
-    differentiates through the plan's own entries with respect to a rotation matrix.
-
-    Example:
-        >>> import torch, rotfn
-        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 3))
-        >>> plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(4))
-        >>> p = rotfn.params(m)
-        >>> torch.equal(fold_tensors(p, plan)["0.weight"], rotfn.fold(p, plan)["0.weight"])
-        True
-    """
-    touched = [k for k in plan.touched() if k in params]
-    work = dict(params)
-    for k in touched:
-        work[k] = params[k].to(work_dtype())
-    out = plan.transform()._apply(work, rotate_fns)
-    for k in touched:
-        out[k] = out[k].to(params[k].dtype)
-    return out
-
-
-def precision_dtype(fn: str, precision) -> torch.dtype:
-    """The dtype of a ``precision=`` argument, or a typed error."""
-    if precision not in PRECISIONS:
-        raise ArgumentError(message(fn, "precision", f"one of {sorted(PRECISIONS)}", repr(precision),
-                                    'keep "float64" (the default) unless a half-precision checkpoint must fold faster'))
-    return PRECISIONS[precision]
-
-
 def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "float64") -> FoldedParams:
     """Apply a plan's weight side to a params dict: norm fusions, rotations, weight qdq.
 
     ``W' = qdq((W diag(g)) @ R_in)`` with output-side ``R_out.T @ W'`` and
     ``b' = b @ R_out`` per the plan's entries (see :meth:`Plan.transform`), every
-    touched tensor computed in float64 and cast back to its dtype once. Tied keys
+    touched tensor computed in float64 and cast back to its dtype once: the plan's
+    fold program (:func:`rotfn.transforms.compile_fold`, the engine
+    :func:`rotfn.fold_checkpoint` runs too) over the dict. Tied keys
     keep one shared tensor unless the plan unties them. The input dict and its
     tensors are not modified.
 
@@ -176,8 +140,8 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
         raise PlanError(message(fn, "plan", f"a plan for params with signature {sig}",
                                 f"a plan for {plan.model} (signature {plan.signature})",
                                 "build the plan from the model these params come from, with params = rotfn.params(model)"))
-    with computing_in(dtype):
-        out = fold_tensors(params, plan)
+    program = compile_fold(plan.transform(), params, tied=plan.tied, untied=plan.untied, fn=fn)
+    out = program.run(params, precision=dtype, fn=fn)
     for k in plan.touched():
         if k not in params:
             continue
@@ -186,13 +150,7 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
             t = t.clone()
         setattr(t, _MARK, plan)
         out[k] = t
-    untied = set(plan.untied)
-    for group in plan.tied:
-        kept = [n for n in group if n not in untied and n in out]
-        for name in kept[1:]:
-            a, b = out[kept[0]], out[name]
-            if a is not b and not (a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)):
-                raise PlanError(message(fn, "plan", f"a plan that changes the tied keys {kept} identically or unties them",
-                                        "different results", "untie them in the plan (Plan.untied)"))
-            out[name] = a
+    for group in program.tied:  # marking may have cloned: tied keys share the one tensor again
+        for name in group[1:]:
+            out[name] = out[group[0]]
     return FoldedParams(out, plan)

@@ -5,6 +5,13 @@ Primitives: :func:`rotate_input` (``W @ R``), :func:`rotate_output` (``R.T @ W``
 combinator :func:`chain`; selection with :func:`where`. Each returns a new dict
 and never writes a tensor in place.
 
+The fold program (:func:`compile_fold` -> :class:`FoldProgram`): a transform compiled once for
+tensors' names, shapes and dtypes into per-key operations (:class:`Rotate`, :class:`Scale`,
+:class:`ShiftBias`, :class:`Fill`, :class:`QDQ`), their reads, stages and piece cuts
+(:func:`piece_cuts`). :func:`rotfn.fold` runs it in memory, :func:`rotfn.fold_checkpoint` over a
+checkpoint's pieces, :func:`rotfn.learn.rotations` with differentiable rotations (``rotate=``).
+:func:`check_params` is the dict-of-tensors argument check the other packages share.
+
 Example:
     >>> import torch, rotfn
     >>> from rotfn import transforms as T
@@ -29,10 +36,33 @@ from rotfn.transforms._core import (
     rotate_input,
     rotate_output,
 )
+from rotfn.transforms._core import check_params
+from rotfn.transforms._program import (
+    MIN_PIECE,
+    PIECE_ELEMENTS,
+    PRECISIONS,
+    QDQ,
+    Fill,
+    FoldProgram,
+    KeyProgram,
+    Rotate,
+    RotateFn,
+    Scale,
+    ShiftBias,
+    Stage,
+    compile_fold,
+    piece_cuts,
+    precision_dtype,
+)
 from rotfn.transforms._where import Where, where
 
 __all__ = [
     "Where", "where", "chain",
     "rotate_input", "rotate_output", "fuse_norm", "qdq_weights",
     "Transform", "RotateInput", "RotateOutput", "FuseNorm", "QDQWeights", "Chain",
+    # the fold program: what rotfn.fold, rotfn.fold_checkpoint and rotfn.learn run
+    "compile_fold", "FoldProgram", "KeyProgram", "Stage", "Rotate", "Scale", "ShiftBias", "Fill", "QDQ", "RotateFn",
+    "piece_cuts", "PIECE_ELEMENTS", "MIN_PIECE", "PRECISIONS", "precision_dtype",
+    # helper for the other packages' argument checks
+    "check_params",
 ]

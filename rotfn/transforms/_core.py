@@ -15,17 +15,16 @@ computes ``y = x @ W.T + b``.
 * :func:`qdq_weights`: ``W' = qdq(W, fmt)`` along ``in``.
 
 Every transform returns a **new** dict; the input dict and its tensors are never
-written. Math is float64, cast back to each tensor's dtype once per transform
-(:func:`rotfn.fold` hands in float64 tensors, so a whole plan casts once). Inside
-:func:`computing_in` (``rotfn.fold(..., precision="float32")``) it is float32 instead.
+written. A transform is a value: calling it compiles it into a fold program
+(:mod:`rotfn.transforms._program`, the one engine :func:`rotfn.fold` and
+:func:`rotfn.fold_checkpoint` run too) and runs that in float64, casting back to each
+tensor's dtype once per primitive (:func:`rotfn.fold` casts once per plan, in its ``precision``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -39,46 +38,16 @@ from rotfn.errors import (
     ShapeError,
     message,
 )
-from rotfn.functional import FLOAT_DTYPES, qdq, rotate
+from rotfn.functional import FLOAT_DTYPES
 from rotfn.specs.formats import Format
 from rotfn.specs.rotation import Rotation
+from rotfn.transforms._program import QDQ, Fill, Rotate, Scale, ShiftBias, compile_fold
 from rotfn.transforms._where import Where, where
-
-#: The dtype transforms compute in: float64, or what :func:`computing_in` sets for the current context.
-_WORK_DTYPE: contextvars.ContextVar[torch.dtype] = contextvars.ContextVar("rotfn_work_dtype", default=torch.float64)
-
-
-def work_dtype() -> torch.dtype:
-    """The dtype transforms compute in here (float64 unless inside :func:`computing_in`)."""
-    return _WORK_DTYPE.get()
-
-
-@contextlib.contextmanager
-def computing_in(dtype: torch.dtype) -> Iterator[None]:
-    """Make the transforms of this context (thread or task) compute in ``dtype`` (float32 or float64)."""
-    token = _WORK_DTYPE.set(dtype)
-    try:
-        yield
-    finally:
-        _WORK_DTYPE.reset(token)
-
-
-#: Rotations of large tensors run over chunks of about this many elements (2 MiB of float64), so the FWHT's
-#: passes stay in cache: a whole 4096 x 4096 o_proj rotated at once runs ~4x slower. A chunk is rows (the last
-#: dim) or columns (another dim) of the tensor and keeps at least 16 of them, where a matrix product's kernel
-#: (and so every row's or column's bits) no longer depends on how many there are.
-_CHUNK_ELEMENTS = 1 << 18
-_MIN_CHUNK_ROWS = 16
 
 __all__ = [
     "Transform", "RotateInput", "RotateOutput", "FuseNorm", "QDQWeights", "Chain",
-    "rotate_input", "rotate_output", "fuse_norm", "qdq_weights", "chain", "check_params", "RotateFn",
-    "computing_in", "work_dtype",
+    "rotate_input", "rotate_output", "fuse_norm", "qdq_weights", "chain", "check_params",
 ]
-
-
-#: ``rotate_fn(x, R) -> x @ R`` on the last dim: :func:`rotfn.rotate` or a stand-in for it.
-RotateFn = Callable[[torch.Tensor, Rotation], torch.Tensor]
 
 
 def check_params(fn: str, params, arg: str = "params") -> None:
@@ -100,13 +69,9 @@ def _key(fn: str, params: Mapping, key: str) -> torch.Tensor:
     return params[key]
 
 
-def _rotate_dim(fn: str, key: str, t: torch.Tensor, r: Rotation, dim: int, per_head: bool,
-                span: tuple[int, int] | None, rotate_fn: RotateFn = rotate) -> torch.Tensor:
-    """Rotate dim ``dim`` of ``t`` (or its ``span``) by ``r``, per head if asked; float64 math (:func:`work_dtype`), t's dtype out.
-
-    ``rotate_fn(x, r)`` computes ``x @ R`` on the last dim (default :func:`rotfn.rotate`); a
-    replacement, e.g. a differentiable matrix for :mod:`rotfn.learn`, gets the same cutting.
-    """
+def _rotate_op(fn: str, key: str, t: torch.Tensor, transform, dim: int, span: tuple[int, int] | None) -> Rotate:
+    """The :class:`Rotate` of dim ``dim`` of ``t`` (or its ``span``) by ``transform.rotation``, once its shape is checked."""
+    r, per_head = transform.rotation, transform.per_head
     if t.dtype not in FLOAT_DTYPES:
         raise DTypeError(message(fn, f"params[{key!r}]", "a floating tensor", t.dtype))
     n = t.shape[dim]
@@ -122,35 +87,25 @@ def _rotate_dim(fn: str, key: str, t: torch.Tensor, r: Rotation, dim: int, per_h
                     (f"use a rotation whose n is the head size (dividing {m})" if per_head
                      else f"build the rotation for n={m}") + " or select other keys")
         )
-    dim %= t.ndim
-    part = t.narrow(dim, lo, m).to(work_dtype())
-    # [vectors, r.n, columns]: every r.n-vector along dim 1 rotates on its own; columns > 1 for a dim other than
-    # the last, whose vectors are rotated where they lie in memory (the ops see a transposed view), not transposed
-    columns = t.shape[dim + 1:].numel()
-    x3 = part.reshape(-1, r.n, columns)
-    axis = 0 if columns == 1 else 2  # chunks of whole vectors: rows, or columns of every vector
-    size = x3.shape[axis]
-    chunks = max(1, size // max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // (r.n * (1 if columns == 1 else x3.shape[0]))))
-    rotated = [rotate_fn(c.contiguous().transpose(1, 2), r).transpose(1, 2) for c in x3.tensor_split(chunks, axis)]
-    out = (rotated[0] if chunks == 1 else torch.cat(rotated, axis)).to(t.dtype).reshape(part.shape)
-    if span is not None:
-        out = torch.cat([t.narrow(dim, 0, lo), out, t.narrow(dim, hi, n - hi)], dim)
-    return out.contiguous()
+    return Rotate(r, dim % t.ndim, per_head, span, origin=transform)
 
 
 class Transform:
     """Base of all transforms: a frozen value that maps a params dict to a new params dict.
 
-    Call it: ``new = transform(params)``. Subclasses implement ``_apply``.
+    Call it: ``new = transform(params)``: the transform compiled for ``params``
+    (:func:`rotfn.transforms.compile_fold`) and run in float64, each tensor rounded back to
+    its dtype after every primitive. Subclasses implement ``_phases``: the per-key operations,
+    in phases whose operations all read the phase's input.
     """
 
     name = "transform"
 
     def __call__(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_params(self.name, params)
-        return self._apply(params)
+        return compile_fold(self, params, fn=self.name).run(params, round_each=True, fn=self.name)
 
-    def _apply(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _phases(self, tensors: Mapping[str, torch.Tensor]) -> list[list[tuple[str, object]]]:
         raise NotImplementedError
 
     def inverse(self) -> Transform:
@@ -203,11 +158,8 @@ class RotateInput(Transform):
     per_head: bool = False
     name = "rotate_input"
 
-    def _apply(self, params, rotate_fn: RotateFn = rotate):
-        out = dict(params)
-        for key in self.where.select(params, fn=self.name):
-            out[key] = _rotate_dim(self.name, key, params[key], self.rotation, -1, self.per_head, None, rotate_fn)
-        return out
+    def _phases(self, tensors):
+        return [[(k, _rotate_op(self.name, k, tensors[k], self, -1, None)) for k in self.where.select(tensors, fn=self.name)]]
 
     def inverse(self) -> RotateInput:
         return dataclasses.replace(self, rotation=self.rotation.T)
@@ -227,13 +179,12 @@ class RotateOutput(Transform):
     span: tuple[int, int] | None = None
     name = "rotate_output"
 
-    def _apply(self, params, rotate_fn: RotateFn = rotate):
-        out = dict(params)
-        for key in self.where.select(params, fn=self.name):
-            t = params[key]
-            dim = -2 if t.ndim >= 2 else -1
-            out[key] = _rotate_dim(self.name, key, t, self.rotation, dim, self.per_head, self.span, rotate_fn)
-        return out
+    def _phases(self, tensors):
+        phase = []
+        for key in self.where.select(tensors, fn=self.name):
+            t = tensors[key]
+            phase.append((key, _rotate_op(self.name, key, t, self, -2 if t.ndim >= 2 else -1, self.span)))
+        return [phase]
 
     def inverse(self) -> RotateOutput:
         return dataclasses.replace(self, rotation=self.rotation.T)
@@ -253,32 +204,29 @@ class FuseNorm(Transform):
     bias: str | None = None
     name = "fuse_norm"
 
-    def _apply(self, params):
+    def _phases(self, tensors):
         fn = self.name
-        g = _key(fn, params, self.norm)
-        keys = self.into.select(params, fn=fn)
-        work = work_dtype()
-        beta = None if self.bias is None else _key(fn, params, self.bias).to(work)
-        out = dict(params)
-        gw = g.to(work)
+        g = _key(fn, tensors, self.norm)
+        keys = self.into.select(tensors, fn=fn)
+        if self.bias is not None:
+            _key(fn, tensors, self.bias)
+        phase = []
         for key in keys:
-            w = params[key]
+            w = tensors[key]
             if w.shape[-1] != g.shape[-1] or g.ndim != 1:
                 raise ShapeError(message(fn, f"params[{key!r}]", f"last dim {g.shape[-1]} (the size of {self.norm!r})",
                                          f"shape {tuple(w.shape)}", "fuse a norm only into the linears that read it"))
-            ww = w.to(work)
-            out[key] = (ww * gw).to(w.dtype)
-            if beta is not None:
+            phase.append((key, Scale(self.norm)))
+            if self.bias is not None:
                 bias_key = key.removesuffix("weight") + "bias"
-                if bias_key == key + "bias" or bias_key not in params:
+                if bias_key == key + "bias" or bias_key not in tensors:
                     raise PlanError(message(fn, "bias", f"a bias {bias_key!r} next to {key!r} to take W @ beta",
                                             "no such key", "fuse a LayerNorm bias only into linears that have a bias"))
-                b = params[bias_key]
-                out[bias_key] = (b.to(work) + ww @ beta).to(b.dtype)
-        out[self.norm] = torch.ones_like(g)
+                phase.append((bias_key, ShiftBias(key, self.bias)))
+        phase.append((self.norm, Fill(1.0)))
         if self.bias is not None:
-            out[self.bias] = torch.zeros_like(params[self.bias])
-        return out
+            phase.append((self.bias, Fill(0.0)))
+        return [phase]
 
     def __repr__(self) -> str:
         extra = f", bias={self.bias!r}" if self.bias is not None else ""
@@ -293,16 +241,16 @@ class QDQWeights(Transform):
     where: Where
     name = "qdq_weights"
 
-    def _apply(self, params):
-        out = dict(params)
-        for key in self.where.select(params, fn=self.name):
-            w = params[key]
+    def _phases(self, tensors):
+        phase = []
+        for key in self.where.select(tensors, fn=self.name):
+            w = tensors[key]
             group = self.fmt.group
             if w.ndim == 0 or (group is not None and w.shape[-1] % group):
                 raise ShapeError(message(self.name, f"params[{key!r}]", f"last dim divisible by {self.fmt!r}'s group of {group}",
                                          f"shape {tuple(w.shape)}", "leave this key out of where= (rotfn never pads)"))
-            out[key] = qdq(w.to(work_dtype()), self.fmt).to(w.dtype)
-        return out
+            phase.append((key, QDQ(self.fmt)))
+        return [phase]
 
     def __repr__(self) -> str:
         return f"qdq_weights({self.fmt!r}, {self.where!r})"
@@ -315,14 +263,8 @@ class Chain(Transform):
     transforms: tuple[Transform, ...]
     name = "chain"
 
-    def _apply(self, params, rotate_fns: Mapping[Transform, RotateFn] | None = None):
-        """Apply each transform in order; ``rotate_fns`` maps some of the rotation transforms
-        (:class:`RotateInput` / :class:`RotateOutput`) to a replacement for ``rotate(x, R)``."""
-        out = dict(params)
-        for t in self.transforms:
-            rotate_fn = rotate_fns.get(t) if rotate_fns else None
-            out = t._apply(out) if rotate_fn is None else t._apply(out, rotate_fn)
-        return out
+    def _phases(self, tensors):
+        return [phase for t in self.transforms for phase in t._phases(tensors)]
 
     def inverse(self) -> Chain:
         return Chain(tuple(t.inverse() for t in reversed(self.transforms)))

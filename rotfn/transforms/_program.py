@@ -1,0 +1,431 @@
+"""The fold program: a transform chain compiled once, for given tensor names, shapes and dtypes, into per-key operations.
+
+Legend: a key's tensor is ``x`` (a weight ``W: [..., out, in]``, a bias ``b: [out]``, a norm
+scale ``g: [in]``); its operations, in chain order, are
+
+* :class:`Rotate`: ``x`` rotated along one dim (``W @ R`` on ``in``, ``R.T @ W`` on ``out``,
+  ``b @ R``), per head or on a span of rows if asked;
+* :class:`Scale`: ``W diag(g)``, reading the norm scale ``g``;
+* :class:`ShiftBias`: ``b + W @ beta``, reading the weight ``W`` and a LayerNorm bias ``beta``;
+* :class:`Fill`: every element set to one value (a fused norm's ``g' = 1``, ``beta' = 0``);
+* :class:`QDQ`: ``qdq(W, fmt)`` along ``in``.
+
+A :class:`FoldProgram` holds one :class:`KeyProgram` per key: its operations, the keys they
+read (each at the version it has at that point of the chain: 0 is the tensor as given), and
+its :class:`Stage` s: consecutive operations that leave one dim unmixed, along which the key
+(or the stage) may be cut into pieces of about ``piece_elements`` (:func:`piece_cuts`). Every
+piece keeps at least :data:`MIN_PIECE` entries of its dim, so each matrix product keeps the
+kernel (and every element the rounding) it has on the whole tensor: a key folded whole, in
+pieces, or in stages by several threads gets the same bits. The same rule cuts a rotation's
+work inside a tensor, so the FWHT's passes stay in cache.
+
+:meth:`FoldProgram.run` runs the program over an in-memory ``{name: Tensor}`` source
+(:func:`rotfn.fold`, the transforms' ``__call__``); :mod:`rotfn.io` runs the same stages over
+a checkpoint's pieces (:meth:`Stage.run`). Precision and piece size are arguments of the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Mapping
+
+import torch
+
+from rotfn.errors import ArgumentError, PlanError, message
+from rotfn.functional import qdq, rotate
+from rotfn.specs.formats import FP8, NVFP4, Format
+from rotfn.specs.rotation import Rotation
+
+__all__ = [
+    "PIECE_ELEMENTS", "MIN_PIECE", "PRECISIONS", "precision_dtype", "piece_cuts", "RotateFn",
+    "Rotate", "Scale", "ShiftBias", "Fill", "QDQ", "Stage", "KeyProgram", "FoldProgram", "compile_fold",
+]
+
+#: Elements per piece: 2 MiB of float64 per temporary, so the FWHT passes stay in cache.
+PIECE_ELEMENTS = 1 << 18
+#: Fewest entries of the cut dim in a piece (see the module docstring).
+MIN_PIECE = 16
+#: ``precision=`` of :func:`rotfn.fold` and :func:`rotfn.fold_checkpoint`: the dtype the fold computes in.
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+
+#: ``rotate_fn(x, R) -> x @ R`` on the last dim: :func:`rotfn.rotate` or a stand-in for it.
+RotateFn = Callable[[torch.Tensor, Rotation], torch.Tensor]
+
+
+def precision_dtype(fn: str, precision) -> torch.dtype:
+    """The dtype of a ``precision=`` argument (``"float64"`` or ``"float32"``).
+
+    Raises:
+        ArgumentError: another value.
+
+    Example:
+        >>> precision_dtype("fold", "float32")
+        torch.float32
+    """
+    if precision not in PRECISIONS:
+        raise ArgumentError(message(fn, "precision", f"one of {sorted(PRECISIONS)}", repr(precision),
+                                    'keep "float64" (the default) unless a half-precision checkpoint must fold faster'))
+    return PRECISIONS[precision]
+
+
+def piece_cuts(size: int, row_elements: int, piece_elements: int) -> list[slice]:
+    """Even slices of ``range(size)`` of about ``piece_elements`` elements, each at least :data:`MIN_PIECE` long.
+
+    Args:
+        size: length of the cut dim.
+        row_elements: elements per entry of that dim.
+        piece_elements: the piece size to aim at.
+
+    Returns:
+        ``count`` slices, ``count = max(1, min(size // MIN_PIECE, ceil(size * row_elements / piece_elements)))``.
+
+    Example:
+        >>> piece_cuts(40, 64, 64 * 16)
+        [slice(0, 20, None), slice(20, 40, None)]
+    """
+    count = max(1, min(size // MIN_PIECE, -(-size * row_elements // max(piece_elements, 1))))
+    bounds = [size * i // count for i in range(count + 1)]
+    return [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """The arguments of one run: work dtype, piece size, rotation stand-ins (keyed by the transform that made the op)."""
+
+    dtype: torch.dtype
+    piece_elements: int
+    rotate: Mapping
+
+
+# ----- operations ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Rotate:
+    """``x`` rotated by ``rotation`` along ``dim`` (each ``R.n``-chunk if ``per_head``; rows ``span`` only if given)."""
+
+    rotation: Rotation
+    dim: int
+    per_head: bool = False
+    span: tuple[int, int] | None = None
+    origin: object = dataclasses.field(default=None, compare=False, repr=False)  # the transform, for rotate=
+    reads = ()
+
+    def mixes(self, ndim: int) -> set[int]:
+        return {self.dim}
+
+    def apply(self, x: torch.Tensor, reads, run: _Run) -> torch.Tensor:
+        r, dim = self.rotation, self.dim
+        n = x.shape[dim]
+        lo, hi = self.span if self.span is not None else (0, n)
+        part = x.narrow(dim, lo, hi - lo)
+        # [vectors, r.n, columns]: every r.n-vector along dim 1 rotates on its own; columns > 1 for a dim other than
+        # the last, whose vectors are rotated where they lie in memory (the ops see a transposed view), not transposed
+        columns = x.shape[dim + 1:].numel()
+        x3 = part.reshape(-1, r.n, columns)
+        axis = 0 if columns == 1 else 2  # pieces of whole vectors: rows, or columns of every vector
+        row = r.n if columns == 1 else x3.shape[0] * r.n
+        fn = run.rotate.get(self.origin, rotate)
+        rotated = [fn(x3[(slice(None),) * axis + (cut,)].contiguous().transpose(1, 2), r).transpose(1, 2)
+                   for cut in piece_cuts(x3.shape[axis], row, run.piece_elements)]
+        out = (rotated[0] if len(rotated) == 1 else torch.cat(rotated, axis)).reshape(part.shape)
+        if self.span is not None:
+            out = torch.cat([x.narrow(dim, 0, lo), out, x.narrow(dim, hi, n - hi)], dim)
+        return out.contiguous()
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """``x * g`` on the last dim, ``g`` the norm scale ``norm`` at version ``at``."""
+
+    norm: str
+    at: int = 0
+
+    @property
+    def reads(self) -> tuple[tuple[str, int], ...]:
+        return ((self.norm, self.at),)
+
+    def mixes(self, ndim: int) -> set[int]:
+        return {ndim - 1}
+
+    def apply(self, x, reads, run):
+        return x * reads[self.norm]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftBias:
+    """``b + W @ beta``: the bias of ``weight`` taking a LayerNorm bias ``beta``."""
+
+    weight: str
+    beta: str
+    weight_at: int = 0
+    beta_at: int = 0
+
+    @property
+    def reads(self) -> tuple[tuple[str, int], ...]:
+        return ((self.weight, self.weight_at), (self.beta, self.beta_at))
+
+    def mixes(self, ndim: int) -> set[int]:
+        return set(range(ndim))
+
+    def apply(self, x, reads, run):
+        return x + reads[self.weight] @ reads[self.beta]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fill:
+    """Every element set to ``value``."""
+
+    value: float
+    reads = ()
+
+    def mixes(self, ndim: int) -> set[int]:
+        return set()
+
+    def apply(self, x, reads, run):
+        return torch.full_like(x, self.value)
+
+
+@dataclasses.dataclass(frozen=True)
+class QDQ:
+    """``qdq(x, fmt)`` along the last dim."""
+
+    fmt: Format
+    reads = ()
+
+    def mixes(self, ndim: int) -> set[int]:
+        """The last dim, or every dim for a format with one scale for the whole tensor."""
+        whole = (isinstance(self.fmt, NVFP4) and self.fmt.global_scale == "tensor") or (
+            isinstance(self.fmt, FP8) and self.fmt.granularity == "tensor")
+        return set(range(ndim)) if whole else {ndim - 1}
+
+    def apply(self, x, reads, run):
+        return qdq(x, self.fmt)
+
+
+Op = Rotate | Scale | ShiftBias | Fill | QDQ
+
+
+def _bind(op: Op, versions: Mapping[str, int]) -> Op:
+    """``op`` reading each key at the version it has at this point of the chain."""
+    if isinstance(op, Scale):
+        return dataclasses.replace(op, at=versions[op.norm])
+    if isinstance(op, ShiftBias):
+        return dataclasses.replace(op, weight_at=versions[op.weight], beta_at=versions[op.beta])
+    return op
+
+
+# ----- stages and keys ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Consecutive operations of one key and the dim along which they may be cut (None: run on the whole key)."""
+
+    ops: tuple[Op, ...]
+    axis: int | None
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Other keys the operations read (as given: the program reads them at version 0)."""
+        return tuple(dict.fromkeys(k for op in self.ops for k, _ in op.reads))
+
+    def cuts(self, shape: tuple[int, ...], piece_elements: int) -> list[slice | None]:
+        """``[None]`` (whole) or :func:`piece_cuts` along :attr:`axis` of a key of ``shape``."""
+        if self.axis is None:
+            return [None]
+        size = shape[self.axis]
+        return piece_cuts(size, torch.Size(shape).numel() // max(size, 1), piece_elements)
+
+    def run(self, x: torch.Tensor, reads: Mapping[str, torch.Tensor], *, precision: torch.dtype = torch.float64,
+            piece_elements: int = PIECE_ELEMENTS, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """This stage on ``x`` (the key, or a piece of it along :attr:`axis`), computed in ``precision``.
+
+        Args:
+            x: the key's tensor, its piece, or the previous stage's result.
+            reads: the tensors :attr:`reads` names, whole, as given.
+            precision: the work dtype.
+            piece_elements: the piece size of the rotations' work inside ``x``.
+            out_dtype: the result's dtype (None: ``x``'s).
+
+        Returns:
+            The result, rounded once to ``out_dtype``.
+        """
+        run = _Run(precision, piece_elements, {})
+        return _apply(self.ops, x, lambda k, _: reads[k], run, each=False).to(out_dtype or x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyProgram:
+    """How one key is folded: its operations in chain order, and its stages (one, or several to cut each)."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    ops: tuple[Op, ...]
+    stages: tuple[Stage, ...]
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Other keys the operations read."""
+        return tuple(dict.fromkeys(k for op in self.ops for k, _ in op.reads))
+
+    @property
+    def reads_given(self) -> bool:
+        """True when every read is of a key as given (no key read after an operation changed it)."""
+        return all(at == 0 for op in self.ops for _, at in op.reads)
+
+
+def _free(ops, shape) -> list[int]:
+    """Dims that no op of ``ops`` mixes, in the order they are preferred for cutting (keys of 2+ dims only)."""
+    if len(shape) < 2:
+        return []
+    mixed = set().union(*(op.mixes(len(shape)) for op in ops))
+    return [d for d in range(len(shape)) if d not in mixed]
+
+
+def _stages(ops: tuple[Op, ...], shape: tuple[int, ...]) -> tuple[Stage, ...]:
+    """One stage cut along a free dim; else runs of consecutive ops that each leave a dim free (e.g. o_proj rotated
+    on both sides: the output-side run cut along ``in``, the input-side one along ``out``); else the whole key."""
+    if not ops:
+        return (Stage((), None),)
+    fits = lambda axes: [a for a in axes if shape[a] >= 2 * MIN_PIECE]  # noqa: E731
+    free = fits(_free(ops, shape))
+    if free:
+        return (Stage(ops, free[0]),)
+    runs: list[list[Op]] = [[]]
+    for op in ops:
+        if runs[-1] and not _free([*runs[-1], op], shape):
+            runs.append([])
+        runs[-1].append(op)
+    axes = [fits(_free(run, shape)) for run in runs]
+    if len(runs) > 1 and all(axes):
+        return tuple(Stage(tuple(run), a[0]) for run, a in zip(runs, axes, strict=True))
+    return (Stage(ops, None),)
+
+
+def _apply(ops, x: torch.Tensor, value, run: _Run, *, each: bool) -> torch.Tensor:
+    """``ops`` on ``x`` in the work dtype; ``value(key, at)`` gives what an op reads. ``each``: round to ``x``'s
+    dtype after every op (as calling transforms one by one does), else keep the work dtype (the caller rounds once)."""
+    dtype = x.dtype
+    for op in ops:
+        reads = {k: value(k, at).to(run.dtype) for k, at in op.reads}
+        x = op.apply(x.to(run.dtype), reads, run)
+        if each:
+            x = x.to(dtype)
+    return x.to(run.dtype) if not each else x
+
+
+# ----- the program -------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FoldProgram:
+    """A transform chain compiled for a set of tensors (see :func:`compile_fold`).
+
+    Attributes:
+        keys: ``{name: KeyProgram}`` for every tensor, in the order given.
+        tied: groups of keys that stay one tensor (checked to get the same operations).
+    """
+
+    keys: Mapping[str, KeyProgram]
+    tied: tuple[tuple[str, ...], ...] = ()
+
+    def run(self, params: Mapping[str, torch.Tensor], *, precision: torch.dtype = torch.float64,
+            piece_elements: int = PIECE_ELEMENTS, rotate: Mapping[object, RotateFn] | None = None, round_each: bool = False,
+            fn: str = "fold") -> dict[str, torch.Tensor]:
+        """The program on an in-memory source: a new dict, ``params`` and its tensors untouched.
+
+        Args:
+            params: ``{name: Tensor}`` with the names, shapes and dtypes the program was compiled for.
+            precision: the work dtype (float64 or float32).
+            piece_elements: the piece size of the rotations' work (:func:`piece_cuts`); any size gives the same bits.
+            rotate: ``{rotation transform of the chain: rotate_fn}``: for the :func:`rotate_input` /
+                :func:`rotate_output` values given as keys, ``rotate_fn(x, R)`` computes ``x @ R`` on the last
+                dim in place of :func:`rotfn.rotate` (e.g. ``x @ (R.matrix() @ Q)`` with a differentiable ``Q``,
+                as :func:`rotfn.learn.rotations` does); it gets the same cutting. The run is differentiable in
+                the tensors ``rotate_fn`` closes over and in ``params``.
+            round_each: round to each tensor's dtype after every operation (what calling a chain of
+                transforms does) instead of once at the end (what :func:`rotfn.fold` does).
+            fn: the public function to name in an error.
+
+        Returns:
+            ``{name: Tensor}``: keys without operations keep the given tensor object; tied keys share one.
+
+        Raises:
+            PlanError: keys that stay tied hold different tensors.
+
+        Example:
+            >>> import torch, rotfn
+            >>> t = rotfn.transforms.rotate_input(rotfn.hadamard(4), "w")
+            >>> p = {"w": torch.eye(4, dtype=torch.float64)}
+            >>> torch.equal(compile_fold(t, p).run(p)["w"], t(p)["w"])
+            True
+        """
+        run = _Run(precision, piece_elements, rotate or {})
+        memo: dict[tuple[str, int], torch.Tensor] = {}
+
+        def value(key: str, at: int) -> torch.Tensor:
+            if at == 0:
+                return params[key]
+            if (key, at) not in memo:
+                memo[key, at] = _apply(self.keys[key].ops[:at], params[key], value, run, each=round_each)
+            return memo[key, at]
+
+        shared = {}
+        for group in self.tied:
+            for name in group[1:]:
+                a, b = params[group[0]], params[name]
+                if a is not b and not torch.equal(a, b):
+                    raise PlanError(message(fn, "params", f"one tensor under the tied keys {list(group)}",
+                                            "different tensors", "untie them in the plan (Plan.untied)"))
+                shared[name] = group[0]
+        out = dict(params)
+        for key, kp in self.keys.items():
+            if kp.ops and key not in shared:
+                out[key] = value(key, len(kp.ops)).to(kp.dtype)
+        for name, first in shared.items():
+            out[name] = out[first]
+        return out
+
+
+def compile_fold(transform, tensors: Mapping[str, torch.Tensor], *, tied=(), untied=(), fn: str = "fold") -> FoldProgram:
+    """Compile a transform (e.g. ``plan.transform()``) for tensors of these names, shapes and dtypes.
+
+    Selection (``where=``) and every shape and dtype check run here, once; the tensors' values are
+    not read (meta tensors will do).
+
+    Args:
+        transform: a :class:`rotfn.transforms.Transform` (a primitive or a :func:`rotfn.chain`).
+        tensors: ``{name: Tensor}``, values unused.
+        tied: groups of keys that are one tensor (a plan's ``tied``); those not in ``untied`` stay one.
+        untied: keys folded on their own (a plan's ``untied``).
+        fn: the public function to name in an error.
+
+    Returns:
+        A :class:`FoldProgram`.
+
+    Raises:
+        SelectionError, ShapeError, DTypeError, PlanError: as the transforms raise them; PlanError also
+            when tied keys would get different operations.
+
+    Example:
+        >>> import torch, rotfn
+        >>> from rotfn import transforms as T
+        >>> t = rotfn.chain(T.fuse_norm("n", "w"), T.rotate_output(rotfn.hadamard(64), "w"))
+        >>> prog = compile_fold(t, {"n": torch.ones(64), "w": torch.empty(64, 64, device="meta")})
+        >>> kp = prog.keys["w"]
+        >>> [type(op).__name__ for op in kp.ops], [st.axis for st in kp.stages], kp.reads
+        (['Scale', 'Rotate'], [0, 1], ('n',))
+    """
+    ops: dict[str, list[Op]] = {k: [] for k in tensors}
+    for phase in transform._phases(tensors):
+        versions = {k: len(v) for k, v in ops.items()}  # every op of a phase reads the phase's input
+        for key, op in phase:
+            ops[key].append(_bind(op, versions))
+    keys = {k: KeyProgram(k, tuple(t.shape), t.dtype, tuple(ops[k]), _stages(tuple(ops[k]), tuple(t.shape)))
+            for k, t in tensors.items()}
+    groups = []
+    for group in tied:
+        kept = [k for k in group if k in keys and k not in untied]
+        if len({(keys[k].ops, keys[k].shape, keys[k].dtype) for k in kept}) > 1:
+            raise PlanError(message(fn, "plan", f"a plan that changes the tied keys {kept} identically or unties them",
+                                    "different changes", "untie them in the plan (Plan.untied)"))
+        if len(kept) > 1:
+            groups.append(tuple(kept))
+    return FoldProgram(keys, tuple(groups))
