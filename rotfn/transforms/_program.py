@@ -247,6 +247,12 @@ class Stage:
 
         Returns:
             The result, rounded once to ``out_dtype``.
+
+        Example:
+            >>> stage = Stage((Scale("g"),), 0)
+            >>> stage.run(torch.ones(2, 3, dtype=torch.bfloat16), {"g": torch.tensor([1.0, 2.0, 3.0])})
+            tensor([[1., 2., 3.],
+                    [1., 2., 3.]], dtype=torch.bfloat16)
         """
         run = _Run(precision, piece_elements, {})
         return _apply(self.ops, x, lambda k, _: reads[k], run, each=False).to(out_dtype or x.dtype)
