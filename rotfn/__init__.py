@@ -15,7 +15,7 @@ from rotfn.apply import call, params
 from rotfn.functional import dequantize, qdq, quantize, rotate, rotate_back, rotate_qdq
 from rotfn.io import export_hf, fold_checkpoint, load, load_hf, save
 from rotfn.plans import FoldedParams, Plan, fold
-from rotfn.qtensor import QTensor
+from rotfn.specs import QTensor
 from rotfn.specs import (
     FP8,
     MX,

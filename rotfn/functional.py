@@ -12,7 +12,7 @@ import torch
 
 from rotfn import dispatch
 from rotfn.errors import ArgumentError, DTypeError, FormatError, RotationError, ShapeError, message
-from rotfn.qtensor import QTensor
+from rotfn.specs import QTensor
 from rotfn.specs.formats import Format
 from rotfn.specs.rotation import Rotation
 

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 import rotfn
 import rotfn.testing as rt
 from rotfn.errors import OrderError
-from rotfn.ops import hadamard as had
-from rotfn.ops import williamson
+from rotfn.ops import hadamard as fast
+from rotfn.specs import _hadamard as had
+from rotfn.specs import _williamson as williamson
 
 ISSUE_FACTORS = [12, 20, 28, 36, 40, 44, 52, 60, 92, 108, 116, 140, 148, 156, 172]
 
@@ -92,21 +93,21 @@ def test_fwht_is_sylvester(m, seed):
     sylvester = torch.ones(1, 1, dtype=torch.float64)
     for _ in range(m):
         sylvester = torch.kron(sylvester, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
-    torch.testing.assert_close(had.fwht(x), x @ sylvester, rtol=0, atol=1e-9 * n)
+    torch.testing.assert_close(fast.fwht(x), x @ sylvester, rtol=0, atol=1e-9 * n)
 
 
 @given(st.integers(0, 12), st.integers(1, 3), rt.seeds())
 def test_fwht_along_a_middle_dim_equals_the_last_dim_moved(m, trail, seed):
     x = rt.make_tensor("normal", (2, 2**m, trail), seed, dtype=torch.float64)
-    torch.testing.assert_close(had.fwht(x, dim=1), had.fwht(x.movedim(1, -1)).movedim(-1, 1), rtol=0, atol=1e-9 * 2**m)
+    torch.testing.assert_close(fast.fwht(x, dim=1), fast.fwht(x.movedim(1, -1)).movedim(-1, 1), rtol=0, atol=1e-9 * 2**m)
     scale = 2.0 ** -(m // 2)  # a power of two rides in the last pass: exactly the same bits as multiplying after
-    assert torch.equal(had.fwht(x, dim=1, scale=scale), had.fwht(x, dim=1) * scale)
+    assert torch.equal(fast.fwht(x, dim=1, scale=scale), fast.fwht(x, dim=1) * scale)
 
 
 @pytest.mark.parametrize("m", range(16))
 def test_cpu_radix_split_covers_m_in_passes_of_at_most_7_bits(m):
     for device in ("cpu", "cuda"):
-        bits = had.radix_bits(m, device)
+        bits = fast.radix_bits(m, device)
         assert sum(bits) == m and all(0 <= b <= 7 for b in bits) and len(bits) >= 1
 
 

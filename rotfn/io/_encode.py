@@ -26,7 +26,7 @@ import torch
 
 from rotfn.errors import CheckpointError, CheckpointWarning, SpecError, message
 from rotfn.plans._plan import Plan
-from rotfn.specs.rotation import Rotation, _pack_signs
+from rotfn.specs.rotation import Rotation, pack_signs
 
 __all__ = ["Source", "decode_plan", "dtype_from_name", "dtype_name", "encode_plan", "storable"]
 
@@ -147,7 +147,7 @@ def _tensor(tensors: Mapping[str, torch.Tensor], key, dtype: torch.dtype, shape:
 def _signs_base64(t: torch.Tensor, key: str, at: Source) -> str:
     if not bool(((t == 1) | (t == -1)).all()):
         raise at.error(f"tensor {key!r} of +-1 signs", "other values")
-    return base64.b64encode(_pack_signs(t)).decode("ascii")
+    return base64.b64encode(pack_signs(t)).decode("ascii")
 
 
 def _stored_tile_wins(rotation: Rotation, tile: torch.Tensor, at: Source) -> Rotation:

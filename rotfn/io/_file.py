@@ -34,7 +34,7 @@ from rotfn.io._atomic import write_atomic
 from rotfn.io._encode import Source, decode_plan, dtype_from_name, dtype_name, encode_plan, storable
 from rotfn.plans._fold import FoldedParams, folded_with
 from rotfn.plans._plan import Plan
-from rotfn.qtensor import QTensor
+from rotfn.specs import QTensor
 from rotfn.specs.formats import format_from_dict
 
 __all__ = ["FILE_FORMAT", "FILE_VERSION", "METADATA_KEY", "load", "save"]

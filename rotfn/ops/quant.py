@@ -26,7 +26,7 @@ from rotfn.ops.numbers import (
     fp32_exponent,
 )
 from rotfn.ops.pack import pack_nibbles, unpack_nibbles
-from rotfn.qtensor import QTensor
+from rotfn.specs import QTensor
 from rotfn.specs.formats import FP8, MX, NVFP4, Format, IntQ, ScaleRule
 
 __all__ = [

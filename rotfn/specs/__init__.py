@@ -1,4 +1,7 @@
-"""Frozen, hashable, serializable specs: rotations and number formats."""
+"""Frozen, hashable, serializable specs: rotations (with the Hadamard constructions), number formats, QTensor.
+
+The lowest layer of rotfn: it imports nothing of rotfn but :mod:`rotfn.errors`.
+"""
 
 from rotfn.specs.formats import (
     FP8,
@@ -14,10 +17,21 @@ from rotfn.specs.formats import (
     mxfp8,
     nvfp4,
 )
+from rotfn.specs._hadamard import (
+    MAX_FACTOR,
+    can_build_factor,
+    choose_factor,
+    constructible_orders,
+    factor_matrix,
+    hadamard_dense,
+)
+from rotfn.specs.qtensor import QTensor
 from rotfn.specs.rotation import Rotation, from_matrix, hadamard, orthogonal
 
 __all__ = [
+    "QTensor",
     "Rotation", "hadamard", "orthogonal", "from_matrix",
     "Format", "ScaleRule", "MX", "NVFP4", "IntQ", "FP8",
     "mxfp4", "mxfp8", "nvfp4", "intq", "fp8", "format_from_dict",
+    "MAX_FACTOR", "can_build_factor", "choose_factor", "constructible_orders", "factor_matrix", "hadamard_dense",
 ]

@@ -28,9 +28,9 @@ import functools
 import torch
 
 from rotfn.errors import OrderError, RotationError, SpecError, message
-from rotfn.ops import hadamard as _had
+from rotfn.specs import _hadamard as _had
 
-__all__ = ["Rotation", "hadamard", "orthogonal", "from_matrix", "SPEC_VERSION"]
+__all__ = ["Rotation", "hadamard", "orthogonal", "from_matrix", "SPEC_VERSION", "pack_signs"]
 
 SPEC_VERSION = 1
 _KINDS = ("hadamard", "orthogonal", "matrix")
@@ -178,7 +178,13 @@ class Rotation:
 
 
 # ----- construction helpers ------------------------------------------------
-def _pack_signs(s: torch.Tensor) -> bytes:
+def pack_signs(s: torch.Tensor) -> bytes:
+    """The bytes :attr:`Rotation.signs` holds for a +-1 vector ``s``: bit ``i`` of the stream is ``s[i] < 0``.
+
+    Example:
+        >>> pack_signs(torch.tensor([1.0, -1.0, -1.0]))
+        b'\\x06'
+    """
     bits = (s < 0).to(torch.uint8)
     pad = (-bits.numel()) % 8
     bits = torch.cat([bits, bits.new_zeros(pad)]).view(-1, 8)
@@ -196,7 +202,7 @@ def _unpack_signs(packed: bytes, n: int) -> torch.Tensor:
 def _random_signs(n: int, seed: int) -> bytes:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     bits = torch.randint(0, 2, (n,), generator=gen)
-    return _pack_signs(1 - 2 * bits)
+    return pack_signs(1 - 2 * bits)
 
 
 @functools.lru_cache(maxsize=32)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from rotfn.ops.hadamard import constructible_orders
+from rotfn.specs import constructible_orders
 from rotfn.specs import formats as F
 from rotfn.specs.rotation import Rotation, from_matrix, hadamard, orthogonal
 
