@@ -13,7 +13,7 @@ switches, see :func:`time_ms`) are dropped and counted in the report.
 The reference FWHT allocates about three full-size temporaries per butterfly pass.
 With glibc's default settings freed 16 MiB blocks may go back to the OS and be
 page-faulted in again on the next call. So by default the benchmark first asks
-glibc malloc to keep them (:func:`rotfn._malloc.keep_freed_blocks`: the effect of
+glibc malloc to keep them (:func:`rotfn.io._malloc.keep_freed_blocks`: the effect of
 ``MALLOC_MMAP_MAX_=0`` and ``MALLOC_TRIM_THRESHOLD_``, or of jemalloc) and measures the steady state;
 ``--default-malloc`` measures without that.
 
@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 
 import rotfn
-from rotfn._malloc import SETTING, keep_freed_blocks
+from rotfn.io._malloc import SETTING, keep_freed_blocks
 from rotfn.demo import FORMATS, format_table
 
 try:

@@ -287,9 +287,9 @@ def test_bad_inputs_are_typed_errors_that_name_the_argument(src, tmp_path):
 
 
 def test_freed_blocks_are_kept_during_a_job_unless_the_environment_configures_malloc(monkeypatch):
-    from rotfn._malloc import freed_blocks_kept
+    from rotfn.io._malloc import freed_blocks_kept
 
-    glibc = rotfn._malloc._glibc() is not None
+    glibc = rotfn.io._malloc._glibc() is not None
     with freed_blocks_kept() as outer, freed_blocks_kept() as inner:
         assert outer == inner == glibc
         assert torch.ones(1 << 23).sum().item() == 1 << 23  # a 32 MiB block from the heap

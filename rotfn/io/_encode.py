@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 
 from rotfn.errors import CheckpointError, CheckpointWarning, SpecError, message
-from rotfn.plans._plan import Plan
+from rotfn.plans import Plan
 from rotfn.specs.rotation import Rotation, pack_signs
 
 __all__ = ["Source", "decode_plan", "dtype_from_name", "dtype_name", "encode_plan", "storable"]

@@ -29,11 +29,10 @@ import safetensors
 import safetensors.torch
 import torch
 
-from rotfn.errors import ArgumentError, CheckpointError, DTypeError, FoldError, PlanError, SpecError, message
+from rotfn.errors import ArgumentError, CheckpointError, DTypeError, FoldError, SpecError, message
 from rotfn.io._atomic import write_atomic
 from rotfn.io._encode import Source, decode_plan, dtype_from_name, dtype_name, encode_plan, storable
-from rotfn.plans._fold import FoldedParams, folded_with
-from rotfn.plans._plan import Plan
+from rotfn.plans import FoldedParams, Plan, folded_with, require_plan
 from rotfn.specs import QTensor
 from rotfn.specs.formats import format_from_dict
 
@@ -109,8 +108,7 @@ def _check_save_args(params, plan) -> None:
         if not isinstance(k, str) or not isinstance(v, (torch.Tensor, QTensor)):
             raise DTypeError(message(fn, "params", "a dict {name: Tensor | QTensor}",
                                      f"{type(k).__name__} key {k!r} -> {type(v).__name__}"))
-    if plan is not None and not isinstance(plan, Plan):
-        raise PlanError(message(fn, "plan", "a rotfn.Plan or None", type(plan).__name__))
+    require_plan(fn, plan, optional=True)
     prior = folded_with(params)
     if prior is not None and prior != plan:
         raise FoldError(message(fn, "plan", "the plan these params were folded with", repr(plan),

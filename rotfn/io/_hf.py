@@ -33,9 +33,8 @@ from rotfn.apply import params as rotfn_params
 from rotfn.errors import ArgumentError, CheckpointError, CheckpointWarning, PlanError, message
 from rotfn.io._atomic import write_atomic, write_text_atomic
 from rotfn.io._encode import Source, decode_plan, encode_plan, storable
-from rotfn.plans._fold import FoldedParams, check_fold_state
-from rotfn.plans._plan import Plan
-from rotfn.transforms._core import check_params
+from rotfn.plans import FoldedParams, Plan, check_fold_state, require_plan
+from rotfn.transforms import check_params
 
 __all__ = [
     "HF_FORMAT",
@@ -98,8 +97,7 @@ def write_rotfn_json(dir: str | os.PathLike, plan: Plan) -> None:
     """
     fn = "write_rotfn_json"
     directory = _check_dir(fn, dir)
-    if not isinstance(plan, Plan):
-        raise PlanError(message(fn, "plan", "a rotfn.Plan", type(plan).__name__))
+    require_plan(fn, plan)
     doc, tensors = encode_plan(plan, _TENSOR_PREFIX)
     tensors = storable(tensors)
     sidecar = os.path.join(directory, ROTFN_TENSORS)
@@ -260,8 +258,7 @@ def _check_export(fn: str, model, params, plan) -> None:
         raise ArgumentError(message(fn, "model", "a transformers model (an nn.Module with a config)",
                                     type(model).__name__, "pass e.g. transformers.AutoModelForCausalLM.from_config(cfg)"))
     check_params(fn, params)
-    if plan is not None and not isinstance(plan, Plan):
-        raise PlanError(message(fn, "plan", "a rotfn.Plan or None", type(plan).__name__))
+    require_plan(fn, plan, optional=True)
     info = describe(model, fn=fn)
     check_keys(fn, info, params)
     if plan is not None:

@@ -47,7 +47,7 @@ import safetensors
 import torch
 from tqdm.auto import tqdm
 
-from rotfn._malloc import freed_blocks_kept
+from rotfn.io._malloc import freed_blocks_kept
 from rotfn.apply import check_plan, describe
 from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError, message
 from rotfn.io._atomic import write_atomic, write_text_atomic
@@ -533,7 +533,7 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
             exit. ``1``, with one worker per core, is the fastest on a CPU: several small independent
             pieces keep the cores busier than one piece split by intra-op barriers.
         keep_freed_blocks: True makes glibc malloc keep freed blocks in the heap for the call
-            (:mod:`rotfn._malloc`, process-wide; faster: the pieces' temporaries are not page-faulted in
+            (:mod:`rotfn.io._malloc`, process-wide; faster: the pieces' temporaries are not page-faulted in
             afresh). On exit mmap is back on and the free memory is returned; glibc cannot go back to its
             adaptive thresholds, so they stay where that scheme settles in a torch process (32 MiB mmap,
             64 MiB trim). No effect elsewhere than glibc or where the environment configures malloc.

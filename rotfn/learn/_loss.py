@@ -25,7 +25,7 @@ from rotfn.errors import ArgumentError, message
 from rotfn.learn._data import Batch, check_batches, to_device
 from rotfn.plans._fold import fold
 from rotfn.plans._plan import Plan
-from rotfn.transforms._core import check_params
+from rotfn.transforms import check_params
 
 __all__ = ["Objective", "Fidelity", "fidelity", "run", "evaluate", "LossFn", "LossArg", "ViewFn"]
 

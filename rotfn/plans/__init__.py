@@ -14,8 +14,11 @@ Example:
 """
 
 from rotfn.plans._build import per_linear, quarot
+
+from rotfn.plans._checks import require_plan as require_plan  # internal (not in __all__): rotfn's packages
 from rotfn.plans._families import FAMILIES, Family, MoE, family_for
 from rotfn.plans._fold import FoldedParams, fold, folded_with
+from rotfn.plans._fold import check_fold_state as check_fold_state  # internal, as above
 from rotfn.plans._plan import ONLINE_KINDS, NormFusion, Online, Plan, WeightRotation, signature
 
 __all__ = [

@@ -9,8 +9,8 @@ from rotfn.plans._families import Family, family_for
 from rotfn.plans._plan import NormFusion, Online, Plan, WeightRotation
 from rotfn.specs.formats import Format
 from rotfn.specs.rotation import Rotation
-from rotfn.transforms._where import Where
-from rotfn.transforms._where import where as make_where
+from rotfn.transforms import Where
+from rotfn.transforms import where as make_where
 
 __all__ = ["per_linear", "quarot"]
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from rotfn.errors import FoldError, PlanError, message
+from rotfn.plans._checks import require_plan
 from rotfn.plans._plan import Plan, signature
 from rotfn.transforms import check_params, compile_fold, precision_dtype
 
@@ -128,9 +129,7 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
     fn = "fold"
     check_params(fn, params)
     dtype = precision_dtype(fn, precision)
-    if not isinstance(plan, Plan):
-        raise PlanError(message(fn, "plan", "a rotfn.plans.Plan", type(plan).__name__,
-                                "build one with rotfn.plans.per_linear(model, ...) or rotfn.plans.quarot(model, ...)"))
+    require_plan(fn, plan)
     prior = folded_with(params)
     if prior is not None:
         raise FoldError(message(fn, "params", "params not folded yet", f"params already folded with {prior!r}",

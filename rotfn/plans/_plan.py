@@ -27,8 +27,7 @@ from collections.abc import Iterable
 from rotfn.errors import SpecError, message
 from rotfn.specs.formats import Format, format_from_dict
 from rotfn.specs.rotation import Rotation
-from rotfn.transforms._core import Chain, chain, fuse_norm, qdq_weights, rotate_input, rotate_output
-from rotfn.transforms._where import Where
+from rotfn.transforms import Chain, Where, chain, fuse_norm, qdq_weights, rotate_input, rotate_output
 
 __all__ = ["Plan", "WeightRotation", "NormFusion", "Online", "signature", "PLAN_VERSION", "ONLINE_KINDS"]
 
