@@ -9,11 +9,11 @@ Example:
     torch.Size([8, 4096])
 """
 
-from rotfn import apply, dispatch, errors, io, learn, plans, transforms
+from rotfn import dispatch, errors, io, learn, model, plans, transforms
 from rotfn._report import LayerReport, Report, report
-from rotfn.apply import call, params
 from rotfn.functional import dequantize, qdq, quantize, rotate, rotate_back, rotate_qdq
 from rotfn.io import export_hf, fold_checkpoint, load, load_hf, save
+from rotfn.model import call, params
 from rotfn.plans import FoldedParams, Plan, fold
 from rotfn.qtensor import QTensor
 from rotfn.specs import (
@@ -53,5 +53,5 @@ __all__ = [
     # measuring a plan
     "report", "Report", "LayerReport",
     # modules
-    "dispatch", "errors", "transforms", "plans", "apply", "io", "learn",
+    "dispatch", "errors", "transforms", "plans", "model", "io", "learn",
 ]

@@ -49,13 +49,13 @@ import torch
 from tqdm.auto import tqdm
 
 from rotfn._malloc import freed_blocks_kept
-from rotfn.apply import check_plan, describe
 from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError, message
 from rotfn.io._atomic import write_atomic, write_text_atomic
 from rotfn.io._checkpoint import INDEX, SINGLE, Checkpoint, inventory, is_weight_file, skeleton
 from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _shard_bytes, _shards, read_rotfn_json, write_rotfn_json
 from rotfn.io._keyfold import KeyFold, fold_piece, key_fold, piece_cuts, stages
 from rotfn.io._shard import ShardWriter, TensorEntry, header_bytes
+from rotfn.plans import check_plan, describe
 from rotfn.plans._fold import precision_dtype
 from rotfn.plans._plan import Plan
 from rotfn.transforms._core import computing_in

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from rotfn.apply import check_keys, check_plan, describe
 from rotfn.errors import ArgumentError, FoldError, PlanError, message
 from rotfn.functional import qdq
 from rotfn.learn._cayley import cayley_step, orthogonality_error
 from rotfn.learn._data import Batch, check_batches, to_device
 from rotfn.learn._loss import LossArg, Objective, run
 from rotfn.learn._slots import LEARNABLE_ROLES, Slots, find_slots, rotate_learned
-from rotfn.plans._fold import FoldedParams, fold_tensors, folded_with
-from rotfn.plans._plan import Plan
-from rotfn.transforms._core import check_params
+from rotfn.model import Site
+from rotfn.plans import FoldedParams, Plan, check_keys, check_plan, describe, folded_with
+from rotfn.plans._fold import fold_tensors  # the fold engine's differentiable entry (issue 14, Deliver 1)
+from rotfn.transforms import check_params
 
 __all__ = ["rotations", "LearnResult"]
 
@@ -60,26 +60,16 @@ def _check_roles(fn: str, roles) -> tuple[str, ...]:
     return tuple(roles)
 
 
-@contextlib.contextmanager
-def _learned_inputs(model, plan: Plan, slots: Slots, qs: Mapping):
-    """Forward pre-hooks ``x -> qdq(x @ R', fmt)`` at the learned online entries, for one call."""
+def _learned_inputs(plan: Plan, slots: Slots, qs: Mapping) -> dict[Site, Callable]:
+    """Site functions ``x -> qdq(x @ R', fmt)`` at the learned online entries (linear inputs)."""
 
-    def hook_for(rotation, fmt, q):
-        def hook(module, args):
-            x = rotate_learned(args[0], rotation, q)
-            return (x if fmt is None else qdq(x, fmt), *args[1:])
+    def learned(x, rotation, fmt, q):
+        x = rotate_learned(x, rotation, q)
+        return x if fmt is None else qdq(x, fmt)
 
-        return hook
-
-    hooks = []
-    try:
-        for i, slot in slots.online.items():
-            o = plan.online[i]
-            hooks.append(model.get_submodule(o.site).register_forward_pre_hook(hook_for(o.rotation, o.fmt, qs[slot])))
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
+    return {Site(plan.online[i].site): functools.partial(learned, rotation=plan.online[i].rotation,
+                                                         fmt=plan.online[i].fmt, q=qs[slot])
+            for i, slot in slots.online.items()}
 
 
 def rotations(
@@ -185,8 +175,7 @@ def rotations(
         by_slot = dict(zip(slots.slots, qs, strict=True))
         rotate_fns = {t: (lambda x, r, q=by_slot[s]: rotate_learned(x, r, q)) for t, s in transforms.items()}
         folded = FoldedParams(fold_tensors(params, plan, rotate_fns), training)
-        with _learned_inputs(model, plan, slots, by_slot):
-            value = objective(run(model, folded, training, batches[i]), i)
+        value = objective(run(model, folded, training, batches[i], _learned_inputs(plan, slots, by_slot)), i)
         return value, value.detach()
 
     grad = torch.func.grad(step_loss, has_aux=True)

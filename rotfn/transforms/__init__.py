@@ -29,6 +29,7 @@ from rotfn.transforms._core import (
     rotate_input,
     rotate_output,
 )
+from rotfn.transforms._core import check_params as check_params  # internal: argument check for rotfn.model, report
 from rotfn.transforms._where import Where, where
 
 __all__ = [
