@@ -9,11 +9,11 @@ Example:
     torch.Size([8, 4096])
 """
 
-from rotfn import apply, dispatch, errors, io, learn, plans, transforms
+from rotfn import dispatch, errors, io, learn, metrics, model, plans, transforms
 from rotfn._report import LayerReport, Report, report
-from rotfn.apply import call, params
 from rotfn.functional import dequantize, qdq, quantize, rotate, rotate_back, rotate_qdq
 from rotfn.io import export_hf, fold_checkpoint, load, load_hf, save
+from rotfn.model import call, params
 from rotfn.plans import FoldedParams, Plan, fold
 from rotfn.specs import QTensor
 from rotfn.specs import (
@@ -52,6 +52,15 @@ __all__ = [
     "save", "load", "export_hf", "load_hf", "fold_checkpoint",
     # measuring a plan
     "report", "Report", "LayerReport",
-    # modules
-    "dispatch", "errors", "transforms", "plans", "apply", "io", "learn",
+    # subpackages
+    "plans", "transforms", "model", "learn", "io", "metrics", "errors", "dispatch", "testing",
 ]
+
+
+def __getattr__(name: str):
+    # rotfn.testing needs hypothesis (the `test` extra): imported on first use, not with rotfn
+    if name == "testing":
+        import importlib
+
+        return importlib.import_module("rotfn.testing")
+    raise AttributeError(f"module 'rotfn' has no attribute {name!r}")

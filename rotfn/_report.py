@@ -19,40 +19,28 @@ groups that small-group formats such as NVFP4 had isolated (a loss).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from rotfn._table import format_table
-from rotfn.apply import call, check_keys, check_plan, describe
 from rotfn.errors import ArgumentError, FoldError, PlanError, RotfnError, message
 from rotfn.functional import qdq
-from rotfn.plans._fold import fold, folded_with
-from rotfn.plans._plan import Plan
-from rotfn.specs.formats import Format
-from rotfn.transforms._core import check_params
+from rotfn.metrics import energy_ratio_db
+from rotfn.model import Site, call_with
+from rotfn.plans import Plan, check_keys, check_plan, describe, fold, folded_with, require_plan
+from rotfn.specs import Format
+from rotfn.transforms import check_params
 
-__all__ = ["report", "Report", "LayerReport", "sqnr_db", "HURT_DB"]
+__all__ = ["report", "Report", "LayerReport", "HURT_DB"]
 
 #: A layer counts as hurt by rotation when its SQNR drops by more than this (dB): smaller changes are sampling noise.
 HURT_DB = 0.1
-
-
-def sqnr_db(signal: float, noise: float) -> float:
-    """``10 log10(signal / noise)`` from the two energies ``sum x^2`` and ``sum (x - y)^2``; ``inf`` for zero noise.
-
-    Example:
-        >>> sqnr_db(100.0, 1.0), sqnr_db(1.0, 0.0)
-        (20.0, inf)
-    """
-    if noise == 0:
-        return math.inf
-    return -math.inf if signal == 0 else 10 * math.log10(signal / noise)
 
 
 def _energies(x: torch.Tensor, fmt: Format) -> tuple[float, float]:
@@ -189,39 +177,27 @@ def _linear_name(key: str) -> str:
     return key.removesuffix("weight").removesuffix(".")
 
 
-@contextlib.contextmanager
-def _capture(model: nn.Module, sites: Mapping[str, Format], energies: dict[str, list[float]]):
-    """Add ``(sum x^2, sum (x - qdq(x))^2)`` of each site's input to ``energies[site]`` while the block runs.
+def _recorders(sites: Mapping[str, Format], energies: dict[str, list[float]]) -> dict[Site, Callable]:
+    """Site functions that add ``(sum x^2, sum (x - qdq(x))^2)`` of each linear's input to ``energies[site]``.
 
-    Forward hooks, not pre-hooks: a forward hook gets the input after every pre-hook,
-    so it sees ``x @ R`` when :func:`rotfn.call` installs its online pre-hooks. The
-    hooks return None (the output is left alone) and are removed on the way out.
+    Passed to :func:`rotfn.model.call_with`, they run after the plan's online functions at the
+    same input, so they see ``x @ R`` as the linear does. They return None (the input is kept).
     """
-    def hook(site: str, fmt: Format):
-        def record(module, args, output):
-            signal, noise = _energies(args[0], fmt)
-            energies[site][0] += signal
-            energies[site][1] += noise
-            energies[site][2] += 1
+    def record(x, *, site: str, fmt: Format):
+        signal, noise = _energies(x, fmt)
+        energies[site][0] += signal
+        energies[site][1] += noise
+        energies[site][2] += 1
 
-        return record
-
-    handles = []
-    try:
-        for site, fmt in sites.items():
-            handles.append(model.get_submodule(site).register_forward_hook(hook(site, fmt)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return {Site(site): functools.partial(record, site=site, fmt=fmt) for site, fmt in sites.items()}
 
 
-def _run(model: nn.Module, params, plan: Plan | None, inputs) -> None:
+def _run(model: nn.Module, params, plan: Plan | None, inputs, sites) -> None:
     with torch.no_grad():
         if isinstance(inputs, Mapping):
-            call(model, params, plan, **inputs)
+            call_with(model, params, plan, sites, **inputs)
         else:
-            call(model, params, plan, *(inputs if isinstance(inputs, tuple) else (inputs,)))
+            call_with(model, params, plan, sites, *(inputs if isinstance(inputs, tuple) else (inputs,)))
 
 
 def _check_inputs(fn: str, inputs) -> None:
@@ -238,7 +214,7 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
 
     Runs the model twice through :func:`rotfn.call` on ``inputs``: with ``params`` and no
     plan, and with ``params`` folded by the plan's rotations alone (no qdq) and its online
-    rotations. Linear inputs are captured by forward hooks for each run and quantized with
+    rotations. Linear inputs are recorded at their :class:`rotfn.model.Site` for each run and quantized with
     the plan's activation format; weights are quantized with its weight format before and
     after the fold. Both runs compute the same function, so the "rotated" columns say what
     the plan's rotations do to the quantization error of the same activations.
@@ -273,9 +249,7 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
         raise ArgumentError(message(fn, "model", "a model in eval mode (dropout off, so both runs see the same "
                                     "activations)", "a model in training mode", "call model.eval() first"))
     check_params(fn, params)
-    if not isinstance(plan, Plan):
-        raise PlanError(message(fn, "plan", "a rotfn.plans.Plan", type(plan).__name__,
-                                "build one with rotfn.plans.per_linear(model, ...) or rotfn.plans.quarot(model, ...)"))
+    require_plan(fn, plan)
     check_plan(fn, info, plan)
     prior = folded_with(params)
     if prior is not None:
@@ -301,17 +275,15 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
     rotated_params = fold(params, rotations) if rotations.needs_fold else params
     plain_e = {site: [0.0, 0.0, 0] for site in act_sites}
     rotated_e = {site: [0.0, 0.0, 0] for site in act_sites}
-    with _capture(model, act_sites, plain_e):
-        try:
-            _run(model, params, None, inputs)
-        except RotfnError:
-            raise
-        except Exception as err:  # the model rejected the inputs: say so in rotfn's terms
-            raise ArgumentError(message(fn, "inputs", f"inputs {info.cls} accepts",
-                                        f"{type(err).__name__}: {str(err)[:200]}",
-                                        "pass what model(...) takes, as a tensor, tuple or dict")) from err
-    with _capture(model, act_sites, rotated_e):
-        _run(model, rotated_params, rotations, inputs)
+    try:
+        _run(model, params, None, inputs, _recorders(act_sites, plain_e))
+    except RotfnError:
+        raise
+    except Exception as err:  # the model rejected the inputs: say so in rotfn's terms
+        raise ArgumentError(message(fn, "inputs", f"inputs {info.cls} accepts",
+                                    f"{type(err).__name__}: {str(err)[:200]}",
+                                    "pass what model(...) takes, as a tensor, tuple or dict")) from err
+    _run(model, rotated_params, rotations, inputs, _recorders(act_sites, rotated_e))
 
     idle = [s for s, (_, _, calls) in plain_e.items() if calls == 0]
     if idle:
@@ -323,10 +295,10 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
         w_plain = w_rot = a_plain = a_rot = None
         if name in weight_keys:
             key = weight_keys[name]
-            w_plain = sqnr_db(*_energies(params[key], plan.weights))
-            w_rot = sqnr_db(*_energies(rotated_params[key], plan.weights))
+            w_plain = energy_ratio_db(*_energies(params[key], plan.weights))
+            w_rot = energy_ratio_db(*_energies(rotated_params[key], plan.weights))
         if name in act_sites and plain_e[name][2]:
-            a_plain, a_rot = sqnr_db(*plain_e[name][:2]), sqnr_db(*rotated_e[name][:2])
+            a_plain, a_rot = energy_ratio_db(*plain_e[name][:2]), energy_ratio_db(*rotated_e[name][:2])
         rows.append(LayerReport(name, n, w_plain, w_rot, a_plain, a_rot))
     acts = plan.acts if plan.acts is not None else next(iter(act_sites.values()), None)
     return Report(tuple(rows), plan.weights if weight_keys else None, acts, repr(plan), tuple(notes))

@@ -82,7 +82,7 @@ def _fold_plan(args: argparse.Namespace) -> Callable:
 
 
 def _run_fold(args: argparse.Namespace) -> int:
-    from rotfn.io._hf import read_rotfn_json
+    from rotfn.io import read_rotfn_json
 
     if args.plan == "per_linear" and (args.r2, args.r3, args.r4) != ("none",) * 3:
         _usage(args.parser, "--r2/--r3/--r4 are quarot's; per_linear takes its rotation from --r1")
@@ -115,9 +115,7 @@ def _inspect_file(path: str) -> int:
     import safetensors
 
     from rotfn.errors import CheckpointError, message
-    from rotfn.io._encode import decode_plan
-    from rotfn.io._file import METADATA_KEY
-    from rotfn.io._shard import read_header
+    from rotfn.io import METADATA_KEY, decode_plan, read_header
 
     entries, metadata, _ = read_header(path, fn="inspect")
     if METADATA_KEY not in metadata:
@@ -145,9 +143,7 @@ def _inspect_file(path: str) -> int:
 
 
 def _inspect_dir(path: str) -> int:
-    from rotfn.io._checkpoint import inventory
-    from rotfn.io._hf import read_rotfn_json
-    from rotfn.io._stream import MARKER
+    from rotfn.io import MARKER, inventory, read_rotfn_json
 
     ckpt = inventory(path, fn="inspect", arg="path")
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
@@ -205,8 +201,7 @@ def _run_report(args: argparse.Namespace) -> int:
     import torch
 
     from rotfn.errors import FoldError, message
-    from rotfn.io._checkpoint import inventory
-    from rotfn.io._hf import read_rotfn_json
+    from rotfn.io import inventory, read_rotfn_json
 
     inventory(args.dir, fn="report", arg="dir")  # a readable checkpoint, before transformers loads it
     prior = read_rotfn_json(args.dir)

@@ -42,7 +42,7 @@ PAGES = {
                                   'id="rotfn.functional.qdq"', 'id="rotfn.functional.rotate_qdq"'],
     "api/plans/index.html": ['id="rotfn.plans.per_linear"', 'id="rotfn.plans.quarot"', 'id="rotfn.plans.Plan"',
                              'id="rotfn.plans.fold"'],
-    "api/apply/index.html": ['id="rotfn.apply.params"', 'id="rotfn.apply.call"'],
+    "api/model/index.html": ['id="rotfn.model.params"', 'id="rotfn.model.call"', 'id="rotfn.model.intercept"'],
     "api/report/index.html": ['id="rotfn._report.report"'],
     "api/transforms/index.html": ['id="rotfn.transforms.chain"', 'id="rotfn.transforms.where"'],
     "api/errors/index.html": ['id="rotfn.errors.FoldError"'],

@@ -28,12 +28,11 @@ import safetensors
 import safetensors.torch
 import torch
 
-from rotfn.apply import check_keys, check_plan, describe
-from rotfn.apply import params as rotfn_params
 from rotfn.errors import ArgumentError, CheckpointError, CheckpointWarning, PlanError, message
 from rotfn.io._atomic import write_atomic, write_text_atomic
 from rotfn.io._encode import Source, decode_plan, encode_plan, storable
-from rotfn.plans import FoldedParams, Plan, check_fold_state, require_plan
+from rotfn.model import params as rotfn_params
+from rotfn.plans import FoldedParams, Plan, check_fold_state, check_keys, check_plan, describe, require_plan
 from rotfn.transforms import check_params
 
 __all__ = [

@@ -20,11 +20,10 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from rotfn.apply import call, describe
 from rotfn.errors import ArgumentError, message
 from rotfn.learn._data import Batch, check_batches, to_device
-from rotfn.plans._fold import fold
-from rotfn.plans._plan import Plan
+from rotfn.model import Site, SiteFn, call_with
+from rotfn.plans import Plan, describe, fold
 from rotfn.transforms import check_params
 
 __all__ = ["Objective", "Fidelity", "fidelity", "run", "evaluate", "LossFn", "LossArg", "ViewFn"]
@@ -78,11 +77,15 @@ LossArg = LossFn | Fidelity | str | None
 _NAMES = ("next_token", "fidelity")
 
 
-def run(model, params, plan: Plan | None, batch: Batch):
-    """``rotfn.call`` on one batch: a tensor is the positional input, a dict the keyword inputs (but ``labels``)."""
+def run(model, params, plan: Plan | None, batch: Batch, sites: Mapping[Site, SiteFn] | None = None):
+    """``rotfn.call`` on one batch, with more ``sites`` if given (see :func:`rotfn.model.call_with`).
+
+    A tensor batch is the positional input, a dict the keyword inputs (but ``labels``).
+    """
+    sites = sites or {}
     if isinstance(batch, torch.Tensor):
-        return call(model, params, plan, batch)
-    return call(model, params, plan, **{k: v for k, v in batch.items() if k != "labels"})
+        return call_with(model, params, plan, sites, batch)
+    return call_with(model, params, plan, sites, **{k: v for k, v in batch.items() if k != "labels"})
 
 
 def _output(out) -> torch.Tensor:

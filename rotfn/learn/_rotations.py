@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from rotfn.apply import check_keys, check_plan, describe
-from rotfn.errors import ArgumentError, FoldError, PlanError, message
+from rotfn.errors import ArgumentError, FoldError, message
 from rotfn.functional import qdq
 from rotfn.learn._cayley import cayley_step, orthogonality_error
 from rotfn.learn._data import Batch, check_batches, to_device
 from rotfn.learn._loss import LossArg, Objective, run
 from rotfn.learn._slots import LEARNABLE_ROLES, Slots, find_slots, rotate_learned
-from rotfn.plans import FoldedParams, Plan, folded_with
+from rotfn.model import Site
+from rotfn.plans import FoldedParams, Plan, check_keys, check_plan, describe, folded_with, require_plan
 from rotfn.transforms import check_params, compile_fold
 
 __all__ = ["rotations", "LearnResult"]
@@ -59,26 +59,16 @@ def _check_roles(fn: str, roles) -> tuple[str, ...]:
     return tuple(roles)
 
 
-@contextlib.contextmanager
-def _learned_inputs(model, plan: Plan, slots: Slots, qs: Mapping):
-    """Forward pre-hooks ``x -> qdq(x @ R', fmt)`` at the learned online entries, for one call."""
+def _learned_inputs(plan: Plan, slots: Slots, qs: Mapping) -> dict[Site, Callable]:
+    """Site functions ``x -> qdq(x @ R', fmt)`` at the learned online entries (linear inputs)."""
 
-    def hook_for(rotation, fmt, q):
-        def hook(module, args):
-            x = rotate_learned(args[0], rotation, q)
-            return (x if fmt is None else qdq(x, fmt), *args[1:])
+    def learned(x, rotation, fmt, q):
+        x = rotate_learned(x, rotation, q)
+        return x if fmt is None else qdq(x, fmt)
 
-        return hook
-
-    hooks = []
-    try:
-        for i, slot in slots.online.items():
-            o = plan.online[i]
-            hooks.append(model.get_submodule(o.site).register_forward_pre_hook(hook_for(o.rotation, o.fmt, qs[slot])))
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
+    return {Site(plan.online[i].site): functools.partial(learned, rotation=plan.online[i].rotation,
+                                                         fmt=plan.online[i].fmt, q=qs[slot])
+            for i, slot in slots.online.items()}
 
 
 def rotations(
@@ -157,9 +147,7 @@ def rotations(
     """
     fn = "learn.rotations"
     check_params(fn, params)
-    if not isinstance(plan, Plan):
-        raise PlanError(message(fn, "plan", "a rotfn.plans.Plan", type(plan).__name__,
-                                "build one with rotfn.plans.quarot(model, ...) or rotfn.plans.per_linear(model, ...)"))
+    require_plan(fn, plan)
     info = describe(model, fn=fn)
     check_plan(fn, info, plan)
     check_keys(fn, info, params)
@@ -185,8 +173,7 @@ def rotations(
         by_slot = dict(zip(slots.slots, qs, strict=True))
         rotate = {t: (lambda x, r, q=by_slot[s]: rotate_learned(x, r, q)) for t, s in transforms.items()}
         folded = FoldedParams(program.run(params, rotate=rotate, fn=fn), training)
-        with _learned_inputs(model, plan, slots, by_slot):
-            value = objective(run(model, folded, training, batches[i]), i)
+        value = objective(run(model, folded, training, batches[i], _learned_inputs(plan, slots, by_slot)), i)
         return value, value.detach()
 
     grad = torch.func.grad(step_loss, has_aux=True)

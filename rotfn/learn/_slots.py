@@ -28,8 +28,8 @@ import torch
 
 from rotfn.errors import ArgumentError, message
 from rotfn.functional import rotate
-from rotfn.plans._plan import Online, Plan, WeightRotation
-from rotfn.specs.rotation import Rotation, from_matrix
+from rotfn.plans import Online, Plan, WeightRotation
+from rotfn.specs import Rotation, from_matrix
 
 __all__ = ["Slot", "Slots", "find_slots", "rotate_learned", "block_of", "scope_of", "SCOPES", "LEARNABLE_ROLES"]
 
@@ -88,7 +88,7 @@ class Slots:
     online: dict[int, Slot]
 
     def training_plan(self, plan: Plan) -> Plan:
-        """``plan`` without the learned online entries (learning installs its own hooks there)."""
+        """``plan`` without the learned online entries (learning puts its own site functions there)."""
         return dataclasses.replace(plan, online=tuple(o for i, o in enumerate(plan.online) if i not in self.online))
 
     def learned_plan(self, plan: Plan, qs: Mapping[Slot, torch.Tensor], note: str) -> Plan:

@@ -4,6 +4,8 @@
 * :func:`quarot`: R1 (residual, folded with norm fusion), R2 (per head on V/O), R3 (online on
   Q/K after RoPE), R4 (online before down_proj, folded into it).
 * :class:`Plan`: the frozen, printable, serializable result; :data:`FAMILIES`: the model-family adapters.
+* :func:`describe`: the read-only model description the builders use (kept here, below
+  :mod:`rotfn.model`, so that plans never import the module bridge).
 
 Example:
     >>> import torch, rotfn
@@ -16,14 +18,19 @@ Example:
 from rotfn.plans._build import per_linear, quarot
 
 from rotfn.plans._checks import require_plan as require_plan  # internal (not in __all__): rotfn's packages
+from rotfn.plans._describe import ModelInfo, describe
+from rotfn.plans._describe import check_keys as check_keys  # internal, as above
+from rotfn.plans._describe import check_model as check_model
+from rotfn.plans._describe import check_plan as check_plan
+from rotfn.plans._describe import named_tensors as named_tensors
 from rotfn.plans._families import FAMILIES, Family, MoE, family_for
 from rotfn.plans._fold import FoldedParams, fold, folded_with
-from rotfn.plans._fold import check_fold_state as check_fold_state  # internal, as above
+from rotfn.plans._fold import check_fold_state as check_fold_state
 from rotfn.plans._plan import ONLINE_KINDS, NormFusion, Online, Plan, WeightRotation, signature
 
 __all__ = [
     "Plan", "WeightRotation", "NormFusion", "Online", "ONLINE_KINDS", "signature",
-    "per_linear", "quarot",
+    "per_linear", "quarot", "describe", "ModelInfo",
     "FAMILIES", "Family", "MoE", "family_for",
     "fold", "FoldedParams", "folded_with",
 ]

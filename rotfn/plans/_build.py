@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rotfn.errors import FormatError, PlanError, RotationError, RotfnError, ShapeError, message
+from rotfn.plans._describe import describe
 from rotfn.plans._families import Family, family_for
 from rotfn.plans._plan import NormFusion, Online, Plan, WeightRotation
 from rotfn.specs.formats import Format
@@ -135,8 +136,6 @@ def per_linear(
         >>> [(o.site, o.rotation) for o in plan.online]
         [('0', Rotation(hadamard, n=64, block=32, seed=0)), ('2', Rotation(hadamard, n=32, seed=0))]
     """
-    from rotfn.apply import describe
-
     fn = "per_linear"
     info = describe(model, fn=fn)
     weights, acts = _format(fn, "weights", weights), _format(fn, "acts", acts)
@@ -244,8 +243,6 @@ def quarot(
     References:
         QuaRot (Ashkboos et al. 2024, arXiv 2404.00456); SpinQuant (Liu et al. 2024, arXiv 2405.16406).
     """
-    from rotfn.apply import describe
-
     fn = "quarot"
     info = describe(model, fn=fn)
     fam = family_for(fn, info.model_type, info.cls)

@@ -20,7 +20,7 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from rotfn.apply import call
+from rotfn.model import call
 from rotfn.specs.rotation import Rotation, from_matrix, hadamard, orthogonal
 from rotfn.testing.strategies import seeds
 
