@@ -40,7 +40,8 @@ import torch
 
 import rotfn
 from rotfn._malloc import SETTING, keep_freed_blocks
-from rotfn.demo import FORMATS, format_table
+from rotfn._demo.tables import FORMATS
+from rotfn._table import format_table
 
 try:
     import resource
