@@ -39,8 +39,9 @@ from typing import NamedTuple
 import torch
 
 import rotfn
+from rotfn._demo.tables import FORMATS
+from rotfn._table import format_table
 from rotfn.io._malloc import SETTING, keep_freed_blocks
-from rotfn.demo import FORMATS, format_table
 
 try:
     import resource

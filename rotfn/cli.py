@@ -8,7 +8,8 @@ Subcommands:
   plan, rotations, formats, tensors, bytes, dtypes;
 * ``rotfn report DIR --format mxfp4``: the per-layer SQNR table of :func:`rotfn.report` for a
   ``per_linear`` plan on the directory's model;
-* ``rotfn demo``: rotfn's main job on an embedded real model (see :mod:`rotfn.demo`).
+* ``rotfn demo``: rotfn's main job on an embedded real model (the private ``rotfn._demo``, imported
+  only when the command runs).
 
 Exit codes, for scripts:
 
@@ -28,7 +29,6 @@ import sys
 from collections.abc import Callable, Sequence
 
 import rotfn
-from rotfn import demo
 from rotfn.errors import RotfnError
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "WEIGHT_FORMATS", "build_parser", "main"]
@@ -224,7 +224,9 @@ def _run_report(args: argparse.Namespace) -> int:
 
 def _run_demo(args: argparse.Namespace) -> int:
     try:
-        return demo.run(seed=args.seed, rows=args.rows)
+        from rotfn import _demo  # the application, out of the library's import path
+
+        return _demo.run(seed=args.seed, rows=args.rows)
     except ModuleNotFoundError as err:
         if err.name != "hypothesis":
             raise
@@ -334,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_parser = _subparser(commands, "demo", "print rotfn's main job on an embedded real model and built-in data "
                              "(seconds on a CPU)", "example:\n  rotfn demo --seed 1", _run_demo)
-    demo.add_arguments(demo_parser)
+    demo_parser.add_argument("--seed", type=_seed, default=0, help="seed of the data and the sign vectors (default 0)")
+    demo_parser.add_argument("--rows", type=_positive, default=256,
+                             help="rows of the [rows, 4096] activations of the format table (default 256)")
     return parser
 
 

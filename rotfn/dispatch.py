@@ -5,11 +5,11 @@
 (never a silent fallback). ``backend="auto"`` picks Triton for CUDA tensors
 when the kernels can serve the call; for a float64 Sylvester Hadamard rotation
 on the CPU, :mod:`rotfn.cpu` (numba, when installed), which returns the
-reference's bits or hands the call to the reference (traced as ``"numba"``
-either way); the reference otherwise.
+reference's bits or declines, handing the call to the reference; the reference
+otherwise.
 
-:func:`trace` records which backend each op ran on, so tests can prove a fast
-path was taken::
+:func:`trace` records which implementation each op actually ran on (``"torch"``
+for a CPU kernel that declined), so tests can prove a fast path was taken::
 
     with rotfn.dispatch.trace() as ran:
         rotfn.qdq(x, rotfn.mxfp4())
@@ -67,7 +67,11 @@ def kernels_available() -> bool:
 
 
 def select(fn: str, op: str, backend: str, x: torch.Tensor, **spec) -> Callable:
-    """Return the implementation of ``op`` for this call and record the choice.
+    """Return the implementation of ``op`` for this call; the trace records what runs.
+
+    The choice is recorded here, except for the CPU kernel: it may decline at run time, so
+    its implementation records ``"numba"`` or, when it hands the call to the reference,
+    ``"torch"``.
 
     Args:
         fn: public function name, for error messages.
@@ -83,8 +87,8 @@ def select(fn: str, op: str, backend: str, x: torch.Tensor, **spec) -> Callable:
     if backend == "auto" and not x.is_cuda:
         cpu = _load_cpu_kernels()
         if cpu is not None and cpu.unsupported(op, x, **spec) is None:
-            chosen, impl = "numba", functools.partial(_exact_or_reference, cpu.rotate, impl)
-    if backend != "torch" and chosen == "torch":
+            return functools.partial(_exact_or_reference, op, cpu.rotate, impl)
+    if backend != "torch":
         kernels, why = _load_kernels()
         if kernels is not None:
             why = kernels.unsupported(op, x, **spec)
@@ -95,16 +99,26 @@ def select(fn: str, op: str, backend: str, x: torch.Tensor, **spec) -> Callable:
                 message(fn, "backend", "a backend that can run this call", f"'triton' ({why})",
                         "use backend='auto' or backend='torch'")
             )
-    record = _trace.get()
-    if record is not None:
-        record.append((op, chosen))
+    _record(op, chosen)
     return impl
 
 
-def _exact_or_reference(exact: Callable, reference: Callable, *args):
-    """``exact(*args)`` (a CPU kernel that returns the reference's bits or None), else ``reference(*args)``."""
+def _record(op: str, backend: str) -> None:
+    """Append ``(op, backend)`` to the innermost :func:`trace`, if any."""
+    record = _trace.get()
+    if record is not None:
+        record.append((op, backend))
+
+
+def _exact_or_reference(op: str, exact: Callable, reference: Callable, *args):
+    """``exact(*args)`` (a CPU kernel that returns the reference's bits or None), else ``reference(*args)``;
+    records which of the two ran."""
     out = exact(*args)
-    return reference(*args) if out is None else out
+    if out is None:
+        _record(op, "torch")
+        return reference(*args)
+    _record(op, "numba")
+    return out
 
 
 @contextlib.contextmanager

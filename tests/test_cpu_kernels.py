@@ -75,13 +75,13 @@ REFUSED = {
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
 @pytest.mark.parametrize("layout", ["rows", "columns"])
-def test_kernel_refuses_what_it_cannot_prove_and_dispatch_runs_the_reference(case, layout):
+def test_kernel_refuses_what_it_cannot_prove_and_dispatch_runs_and_traces_the_reference(case, layout):
     x = REFUSED[case] if layout == "rows" else REFUSED[case].T.contiguous().T
     r = rotfn.hadamard(x.shape[-1])  # unsigned: [1, 1, 2, 2] @ H_4 has zeros
     assert cpu.rotate(x, r) is None
     with rotfn.dispatch.trace() as ran:
         got = rotfn.rotate(x, r)
-    assert ran == [("rotate", "numba")]
+    assert ran == [("rotate", "torch")]
     assert_bits_equal(got, ops.rotate(x, r), nan_payload=True)
 
 

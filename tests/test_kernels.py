@@ -5,9 +5,11 @@ conftest.py) on small shapes; on a GPU the same tests run on CUDA tensors, with
 bf16 and larger shapes added.
 """
 
+import contextlib
+
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rotfn
@@ -22,7 +24,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 # the interpreter's bf16 arithmetic is unreliable: bf16 only on the GPU
 DTYPES = (torch.float32, torch.float16, torch.bfloat16) if CUDA else (torch.float32, torch.float16)
-ROWS = st.integers(1, 300 if CUDA else 5)
+HALF = tuple(d for d in DTYPES if d != torch.float32)
 FORMATS = [
     rotfn.mxfp4(), rotfn.mxfp4("even"), rotfn.mxfp4("rceil"), rotfn.mxfp8(), rotfn.mxfp8("rceil"),
     rotfn.nvfp4(), rotfn.nvfp4(None), rotfn.nvfp4(0.05),
@@ -30,27 +32,26 @@ FORMATS = [
     rotfn.intq(4), rotfn.intq(8, symmetric=False), rotfn.intq(3, clip=0.9),
     rotfn.fp8(), rotfn.fp8("token"), rotfn.fp8("channel"),
 ]
-TILES = (16, 32, 64, 128, 256)
+TILES = kernels.launch._TILES
 
 
-def _rotation(kind, n, tile, seed):
-    block = None if tile == n else tile
-    if kind == "hadamard":
-        return rotfn.hadamard(n, block=block)
-    if kind == "signed":
-        return rotfn.hadamard(n, block=block, seed=seed)
-    if kind == "orthogonal":
-        return rotfn.orthogonal(n, block=block, seed=seed)
-    return rotfn.from_matrix(rotfn.orthogonal(tile, seed=seed).matrix(), n=n)
+def inputs(n=256, *, dtypes=DTYPES, rows=rt.row_counts(300 if CUDA else 5), scale_exponents=(-6, 6)):
+    """``[..., n]`` kernel inputs from :func:`rotfn.testing.tensors` on the test device."""
+    return rt.tensors(n, dtypes=dtypes, rows=rows, scale_exponents=scale_exponents).map(lambda x: x.to(DEVICE))
 
 
-@st.composite
-def inputs(draw, n_choices=(256,), dists=rt.DISTRIBUTIONS):
-    n = draw(st.sampled_from(n_choices))
-    shape = (draw(ROWS), n) if draw(st.booleans()) else (2, draw(st.integers(1, 3)), n)
-    x = rt.make_tensor(draw(st.sampled_from(dists)), shape, draw(rt.seeds()), dtype=draw(st.sampled_from(DTYPES)),
-                       scale=2.0 ** draw(st.integers(-6, 6)))
-    return x.to(DEVICE)
+def _dtypes(tile):
+    """The dtypes the fused kernels take with a rotation tile (fp32 256 x 256 tiles are refused: shared memory)."""
+    return HALF if tile == 256 else DTYPES
+
+
+@contextlib.contextmanager
+def _on_triton(*ops):
+    """Assert that the block dispatched exactly ``ops``, each to the Triton kernels (a test of a kernel is never
+    a test of the reference against itself)."""
+    with rotfn.dispatch.trace() as ran:
+        yield
+    assert ran == [(op, "triton") for op in ops]
 
 
 def _edge_cases(dtype):
@@ -72,8 +73,10 @@ def _edge_cases(dtype):
 @settings(max_examples=6 if not CUDA else 10)
 @given(x=inputs())
 def test_qdq_and_quantize_are_bit_exact(fmt, x):
-    rt.assert_bits_equal(rotfn.qdq(x, fmt, backend="triton"), rotfn.qdq(x, fmt, backend="torch"), name="qdq")
-    qk, qr = rotfn.quantize(x, fmt, backend="triton"), rotfn.quantize(x, fmt, backend="torch")
+    with _on_triton("qdq", "quantize"):
+        y, qk = rotfn.qdq(x, fmt, backend="triton"), rotfn.quantize(x, fmt, backend="triton")
+    rt.assert_bits_equal(y, rotfn.qdq(x, fmt, backend="torch"), name="qdq")
+    qr = rotfn.quantize(x, fmt, backend="torch")
     rt.assert_bits_equal(qk.codes, qr.codes, name="codes")
     rt.assert_bits_equal(qk.scales, qr.scales, name="scales")
     for name in ("global_scale", "zero_points"):
@@ -88,8 +91,10 @@ def test_qdq_and_quantize_are_bit_exact(fmt, x):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_edge_cases_are_bit_exact(fmt, dtype):
     x = _edge_cases(dtype)
-    rt.assert_bits_equal(rotfn.qdq(x, fmt, backend="triton"), rotfn.qdq(x, fmt, backend="torch"))
-    qk, qr = rotfn.quantize(x, fmt, backend="triton"), rotfn.quantize(x, fmt, backend="torch")
+    with _on_triton("qdq", "quantize"):
+        y, qk = rotfn.qdq(x, fmt, backend="triton"), rotfn.quantize(x, fmt, backend="triton")
+    rt.assert_bits_equal(y, rotfn.qdq(x, fmt, backend="torch"))
+    qr = rotfn.quantize(x, fmt, backend="torch")
     rt.assert_bits_equal(qk.codes, qr.codes, name="codes")
     rt.assert_bits_equal(qk.scales, qr.scales, name="scales")
 
@@ -102,7 +107,7 @@ def _ulps(a, b):
 
 
 # large Hadamard blocks K * 2^m (the FWHT kernel): (n, block); the GPU adds the model widths
-FWHT_SIZES = [(512, None), (192, None), (448, None), (1536, None), (2048, 512), (256, None), (6144, None),
+FWHT_SIZES = [(512, None), (192, None), (448, None), (576, None), (1536, None), (2048, 512), (256, None), (6144, None),
               (32768, None)] + ([(4096, None), (11008, None), (14336, None), (28672, None), (8192, 4096)] if CUDA else [])
 
 
@@ -117,65 +122,63 @@ def _close_to_reference(got, ref, dtype):
     return bool(((got.double() - ref.double()).abs() <= tol).all())
 
 
-@pytest.mark.parametrize("kind", ["hadamard", "signed", "orthogonal", "matrix"])
+@pytest.mark.parametrize("kind", rt.ROTATION_KINDS)
 @pytest.mark.parametrize("tile", TILES)
 @settings(max_examples=4 if not CUDA else 6)
-@given(x=inputs(), seed=rt.seeds(), transposed=st.booleans())
-def test_block_rotation_within_ulps(kind, tile, x, seed, transposed):
-    assume(not (tile == 256 and x.dtype == torch.float32))  # refused by the kernels (shared memory), tested below
-    r = _rotation(kind, 256, tile, seed)
-    r = r.T if transposed else r
-    with rotfn.dispatch.trace() as ran:
+@given(data=st.data())
+def test_block_rotation_within_ulps(kind, tile, data):
+    x = data.draw(inputs(dtypes=_dtypes(tile)), label="x")
+    r = data.draw(rt.rotations(256, kinds=(kind,), tiles=(tile,)), label="rotation")
+    with _on_triton("rotate"):
         got = rotfn.rotate(x, r, backend="triton")
-    assert ran == [("rotate", "triton")]
     ref = rotfn.rotate(x, r, backend="torch")
     assert _close_to_reference(got, ref, x.dtype), float((got.double() - ref.double()).abs().max())
 
 
 @pytest.mark.parametrize("n,block", FWHT_SIZES, ids=[f"{n}/{b}" for n, b in FWHT_SIZES])
 @settings(max_examples=3 if not CUDA else 5, deadline=None)
-@given(seed=rt.seeds(), signed=st.booleans(), transposed=st.booleans(), dtype=st.sampled_from(DTYPES),
-       rows=st.integers(1, 3 if not CUDA else 70), dist=st.sampled_from(rt.DISTRIBUTIONS))
-def test_large_hadamard_rotation_within_ulps(n, block, seed, signed, transposed, dtype, rows, dist):
-    r = rotfn.hadamard(n, block=block, seed=seed if signed else None)
-    r = r.T if transposed else r
-    x = rt.make_tensor(dist, (rows, n), seed, dtype=dtype).to(DEVICE)
-    with rotfn.dispatch.trace() as ran:
+@given(data=st.data())
+def test_large_hadamard_rotation_within_ulps(n, block, data):
+    x = data.draw(inputs(n, rows=rt.row_counts(3 if not CUDA else 70), scale_exponents=(0, 0)), label="x")
+    r = data.draw(rt.rotations(n, kinds=("hadamard", "signed"), tiles=(block or n,)), label="rotation")
+    with _on_triton("rotate", "rotate"):
         got = rotfn.rotate(x, r, backend="triton")
-    assert ran == [("rotate", "triton")]
+        back = rotfn.rotate_back(got, r, backend="triton")
     ref = rotfn.rotate(x, r, backend="torch")
-    assert _close_to_reference(got, ref, dtype), float((got.double() - ref.double()).abs().max())
-    back = rotfn.rotate_back(got, r, backend="triton")
-    assert _close_to_reference(back, x, dtype)  # rotate_back(rotate(x)) == x within the roundings
+    assert _close_to_reference(got, ref, x.dtype), float((got.double() - ref.double()).abs().max())
+    assert _close_to_reference(back, x, x.dtype)  # rotate_back(rotate(x)) == x within the roundings
 
 
 @pytest.mark.parametrize("fmt", [rotfn.mxfp4(), rotfn.nvfp4(), rotfn.intq(4, group=32), rotfn.fp8("token")], ids=repr)
 @pytest.mark.parametrize("n", [512, 1536] + ([4096, 14336] if CUDA else []))
 @settings(max_examples=2 if not CUDA else 4, deadline=None)
-@given(x_seed=rt.seeds(), seed=rt.seeds(), dtype=st.sampled_from(DTYPES))
-def test_large_hadamard_rotate_qdq_is_qdq_of_the_kernel_rotation(fmt, n, x_seed, seed, dtype):
-    r = rotfn.hadamard(n, seed=seed)
-    x = rt.make_tensor("normal", (3, n), x_seed, dtype=dtype).to(DEVICE)
-    rotated = rotfn.rotate(x, r, backend="triton")
-    fused = rotfn.rotate_qdq(x, r, fmt, backend="triton")
+@given(data=st.data())
+def test_large_hadamard_rotate_qdq_is_qdq_of_the_kernel_rotation(fmt, n, data):
+    x = data.draw(inputs(n, rows=3, scale_exponents=(0, 0)), label="x")
+    r = data.draw(rt.rotations(n, kinds=("signed",), tiles=(n,), transposed=False), label="rotation")
+    with _on_triton("rotate", "rotate_qdq", "rotate_qdq", "rotate"):
+        rotated = rotfn.rotate(x, r, backend="triton")
+        fused = rotfn.rotate_qdq(x, r, fmt, backend="triton")
+        back = rotfn.rotate_qdq(x, r, fmt, back=True, backend="triton")
+        fused_back = rotfn.rotate_back(fused, r, backend="triton")
     rt.assert_bits_equal(fused, rotfn.qdq(rotated, fmt, backend="torch"), name="rotate_qdq vs qdq(kernel rotation)")
-    back = rotfn.rotate_qdq(x, r, fmt, back=True, backend="triton")
-    rt.assert_bits_equal(back, rotfn.rotate_back(fused, r, backend="triton"), name="back")
+    rt.assert_bits_equal(back, fused_back, name="back")
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=repr)
 @settings(max_examples=4 if not CUDA else 6)
-@given(x=inputs(), seed=rt.seeds(), kind=st.sampled_from(["signed", "orthogonal"]), tile=st.sampled_from(TILES))
-def test_fused_rotate_qdq_is_qdq_of_the_kernel_rotation(fmt, x, seed, kind, tile):
+@given(tile=st.sampled_from(TILES), data=st.data())
+def test_fused_rotate_qdq_is_qdq_of_the_kernel_rotation(fmt, tile, data):
     """Every difference from the reference comes from the rotation, never from the quantizer:
     the fused kernel equals the reference qdq of the kernel's own rotation, bit for bit, and
-    that rotation is within ulps of the reference (test above)."""
-    assume(not (tile == 256 and x.dtype == torch.float32))
-    r = _rotation(kind, 256, tile, seed)
-    rotated = rotfn.rotate(x, r, backend="triton")
-    fused = rotfn.rotate_qdq(x, r, fmt, backend="triton")
+    that rotation is within ulps of the reference (test above). Every tile: test_every_launch_layout."""
+    x = data.draw(inputs(dtypes=_dtypes(tile)), label="x")
+    r = data.draw(rt.rotations(256, kinds=("signed", "orthogonal"), tiles=(tile,)), label="rotation")
+    with _on_triton("rotate", "rotate_qdq", "rotate_qdq"):
+        rotated = rotfn.rotate(x, r, backend="triton")
+        fused = rotfn.rotate_qdq(x, r, fmt, backend="triton")
+        back = rotfn.rotate_qdq(x, r, fmt, back=True, backend="triton")
     rt.assert_bits_equal(fused, rotfn.qdq(rotated, fmt, backend="torch"), name="fused vs qdq(kernel rotation)")
-    back = rotfn.rotate_qdq(x, r, fmt, back=True, backend="triton")
     expected = rotfn.rotate_back(fused, r, backend="torch")
     ok = (back.double() - expected.double()).abs() <= 8 * torch.finfo(x.dtype).eps * expected.double().abs().amax(
         -1, keepdim=True
@@ -191,7 +194,8 @@ def test_fused_mismatches_sit_next_to_rounding_ties(fmt, x, seed):
     reference rotation lies within a few ulps of a decision point (a grid midpoint, or a power
     of two that moves a block scale)."""
     r = rotfn.hadamard(256, block=32, seed=seed)
-    fused = rotfn.rotate_qdq(x, r, fmt, backend="triton")
+    with _on_triton("rotate_qdq"):
+        fused = rotfn.rotate_qdq(x, r, fmt, backend="triton")
     expected = rotfn.rotate_qdq(x, r, fmt, backend="torch")
     bad = rt.bits(fused) != rt.bits(expected)
     if not bad.any():
@@ -205,6 +209,77 @@ def test_fused_mismatches_sit_next_to_rounding_ties(fmt, x, seed):
         *x.shape[:-1], -1, group).reshape(x.shape)
     assert bool((diff_el | diff_group)[bad].all()), "a quantizer mismatch without a rotation difference"
     assert float(_ulps(rot_ref, rot_ker)[diff_el].max()) <= 8
+
+
+def _launch_layouts():
+    """Every launch layout of the fused kernels, with the narrowest row width and a format that picks it.
+
+    A layout is ``(tile, W, G, BR)``: the rotation tile of the tensor-core dot (None: no rotation) and
+    :func:`rotfn.kernels.launch._layout`'s chunk width, scale group inside a chunk and chunks per
+    program. Rows 16..1024 wide with every tile and format reach all of them (wider rows only repeat
+    W = 1024).
+    """
+    layouts = {}
+    for n in (16, 32, 64, 128, 256, 512, 1024):
+        for tile in (None, *(t for t in TILES if n % t == 0)):
+            r = None if tile is None else rotfn.hadamard(n, block=None if tile == n else tile)
+            for fmt in (None, *FORMATS) if r is not None else FORMATS:
+                probe = torch.empty(1, n, dtype=torch.float16, device=DEVICE)
+                op = "rotate" if fmt is None else "qdq" if r is None else "rotate_qdq"
+                if kernels.unsupported(op, probe, rotation=r, fmt=fmt) is None:
+                    layouts.setdefault((tile, *kernels.launch._layout(n, r, fmt)), (n, fmt))
+    return layouts
+
+
+def _rows(i, n):
+    """Rows of the i-th layout: 1, 3, 17, 129 in turn (partial last programs), those that keep the interpreter
+    under ~8k elements."""
+    counts = [r for r in rt.EDGE_ROWS[:4] if CUDA or r * n <= 129 * 64]
+    return counts[i % len(counts)]
+
+
+LAYOUTS = [(layout, n, fmt, _rows(i, n)) for i, (layout, (n, fmt)) in enumerate(_launch_layouts().items())]
+
+
+@pytest.mark.parametrize("layout,n,fmt,rows", LAYOUTS,
+                         ids=[f"B{t}-W{w}-G{g}-BR{br}-n{n}-rows{rows}" for (t, w, g, br), n, _, rows in LAYOUTS])
+@settings(max_examples=1 if not CUDA else 3)
+@given(data=st.data())
+def test_every_launch_layout(layout, n, fmt, rows, data):
+    """Every (tile, W, G, BR) the launcher picks, on odd row counts: the rotation within ulps of the reference,
+    the quantizer bit for bit (on the kernel's own rotation), on the kernels."""
+    tile = layout[0]
+    x = data.draw(inputs(n, dtypes=_dtypes(tile), rows=rows), label="x")
+    r = None if tile is None else data.draw(rt.rotations(n, tiles=(tile,)), label="rotation")
+    assert (tile, *kernels.launch._layout(n, r, fmt)) == layout
+    if fmt is None:
+        with _on_triton("rotate"):
+            got = rotfn.rotate(x, r, backend="triton")
+        assert _close_to_reference(got, rotfn.rotate(x, r, backend="torch"), x.dtype)
+    elif r is None:
+        with _on_triton("qdq", "quantize"):
+            y, q = rotfn.qdq(x, fmt, backend="triton"), rotfn.quantize(x, fmt, backend="triton")
+        rt.assert_bits_equal(y, rotfn.qdq(x, fmt, backend="torch"), name="qdq")
+        rt.assert_bits_equal(rotfn.dequantize(q), y, name="dequantize(quantize)")
+        rt.assert_bits_equal(q.codes, rotfn.quantize(x, fmt, backend="torch").codes, name="codes")
+    else:
+        with _on_triton("rotate", "rotate_qdq"):
+            rotated, fused = rotfn.rotate(x, r, backend="triton"), rotfn.rotate_qdq(x, r, fmt, backend="triton")
+        rt.assert_bits_equal(fused, rotfn.qdq(rotated, fmt, backend="torch"), name="fused vs qdq(kernel rotation)")
+
+
+def test_the_fwht_sizes_reach_every_launch_plan_of_the_fwht_kernel():
+    """FWHT_SIZES take every branch of the FWHT launch: K = 1 and K > 1, one to three radix passes, the
+    factor stage in one chunk of KC rows and in several, one block per program and several."""
+    plans = []
+    for n, block in FWHT_SIZES:
+        r = rotfn.hadamard(n, block=block)
+        k, kp, *radices = kernels.launch._fwht_plan(r.tile, r.factor)
+        size = kp * radices[0] * radices[1] * radices[2]
+        plans.append((k > 1, sum(p > 1 for p in radices), kp > kernels.launch._FWHT_KC,
+                      kernels.launch._FWHT_ELEMENTS // size > 1))
+    for branch, values in enumerate([{False, True}, {1, 2, 3}, {False, True}, {False, True}]):
+        assert {plan[branch] for plan in plans} == values, branch
 
 
 @pytest.mark.skipif(not CUDA, reason="the interpreter does not compile")

@@ -248,7 +248,7 @@ def test_calibration_windows_are_disjoint_and_shaped():
 
 
 def test_calibration_uses_a_transformers_tokenizer():
-    from rotfn import demo
+    from rotfn._demo import minilm as demo
 
     try:
         _, tokenizer = demo.load_minilm()

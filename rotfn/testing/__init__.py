@@ -14,11 +14,13 @@ Example:
 from rotfn.testing.asserts import assert_bits_equal, assert_inverse, assert_orthogonal, assert_qdq_laws, bits
 from rotfn.testing.strategies import (
     DISTRIBUTIONS,
+    EDGE_ROWS,
     ROTATION_KINDS,
     formats,
     hadamard_orders,
     make_tensor,
     rotations,
+    row_counts,
     seeds,
     tensors,
 )
@@ -37,8 +39,8 @@ from rotfn.testing.models import (
 )
 
 __all__ = [
-    "seeds", "hadamard_orders", "rotations", "formats", "tensors", "make_tensor",
-    "DISTRIBUTIONS", "ROTATION_KINDS",
+    "seeds", "hadamard_orders", "rotations", "formats", "row_counts", "tensors", "make_tensor",
+    "DISTRIBUTIONS", "ROTATION_KINDS", "EDGE_ROWS",
     "assert_bits_equal", "assert_orthogonal", "assert_inverse", "assert_qdq_laws", "bits",
     # models
     "model_configs", "make_config", "tiny_model", "token_inputs", "rotation_factories", "RotationFactory",

@@ -14,12 +14,15 @@ from rotfn.specs import constructible_orders
 from rotfn.specs import formats as F
 from rotfn.specs.rotation import Rotation, from_matrix, hadamard, orthogonal
 
-__all__ = ["seeds", "hadamard_orders", "rotations", "formats", "tensors", "DISTRIBUTIONS", "ROTATION_KINDS"]
+__all__ = ["seeds", "hadamard_orders", "rotations", "formats", "row_counts", "tensors", "make_tensor", "DISTRIBUTIONS",
+           "ROTATION_KINDS", "EDGE_ROWS"]
 
 #: Kinds drawn by :func:`rotations`. "signed" is the random-sign Hadamard ``diag(s) @ H``.
 ROTATION_KINDS = ("hadamard", "signed", "orthogonal", "matrix")
 #: Distributions drawn by :func:`tensors`.
 DISTRIBUTIONS = ("normal", "laplace", "student_t", "outliers")
+#: Row counts that end a kernel's grid in a partial program: one row, a few, and one past a power of two.
+EDGE_ROWS = (1, 3, 17, 129, 257, 1025)
 
 
 def seeds() -> st.SearchStrategy[int]:
@@ -58,6 +61,7 @@ def rotations(
     kinds: tuple[str, ...] = ROTATION_KINDS,
     max_n: int = 256,
     blocks: bool = True,
+    tiles: tuple[int, ...] | None = None,
     transposed: bool = True,
 ) -> Rotation:
     """Rotation specs of every kind, optionally block-diagonal and transposed.
@@ -67,7 +71,12 @@ def rotations(
         kinds: subset of :data:`ROTATION_KINDS`.
         max_n: cap on a drawn n (and on the tile of dense kinds).
         blocks: also draw block-diagonal rotations (tile = a divisor of n).
+        tiles: draw the tile (block size; n itself is a full rotation) from these instead, e.g. the
+            tiles a kernel serves; each must divide n (pass n too). Overrides ``blocks``.
         transposed: also draw ``R.T`` specs.
+
+    Raises:
+        ValueError: a tile in ``tiles`` that does not divide n, or ``tiles`` without n.
 
     Example:
         >>> from hypothesis import given
@@ -81,10 +90,15 @@ def rotations(
     is_hadamard = kind in ("hadamard", "signed")
     if n is None:
         n = draw(hadamard_orders(max_n) if is_hadamard else st.integers(1, max_n))
-    tiles = [n]
-    if blocks:
-        tiles += [b for b in range(1, n) if n % b == 0 and (not is_hadamard or b in constructible_orders(1 << 15))]
-    tile = draw(st.sampled_from(sorted(tiles, reverse=True)))
+    if tiles is not None:
+        if n is None or any(n % b for b in tiles):
+            raise ValueError(f"rotations: tiles {tiles} must divide a given n, got n={n}")
+        choices = list(tiles)
+    else:
+        choices = [n]
+        if blocks:
+            choices += [b for b in range(1, n) if n % b == 0 and (not is_hadamard or b in constructible_orders(1 << 15))]
+    tile = draw(st.sampled_from(sorted(choices, reverse=True)))
     block = None if tile == n else tile
     seed = draw(seeds())
     if kind == "hadamard":
@@ -122,6 +136,20 @@ def formats(draw, names: tuple[str, ...] = ("mxfp4", "mxfp8", "nvfp4", "intq", "
     symmetric = draw(st.booleans())
     clip = draw(st.sampled_from([1.0, 0.9])) if symmetric else 1.0
     return F.intq(draw(st.integers(2, 8)), group=draw(st.sampled_from([None, 16, 32])), symmetric=symmetric, clip=clip)
+
+
+def row_counts(max_rows: int = 5) -> st.SearchStrategy[int]:
+    """Row counts in [1, max_rows] that favour :data:`EDGE_ROWS` (partial last programs of a kernel's grid).
+
+    Example:
+        >>> from hypothesis import given
+        >>> @given(row_counts(200))
+        ... def test(rows):
+        ...     assert 1 <= rows <= 200
+        >>> test()
+    """
+    edges = [r for r in EDGE_ROWS if r <= max_rows]
+    return st.sampled_from(edges) | st.integers(1, max_rows)
 
 
 def _sample(dist: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -164,6 +192,8 @@ def tensors(
     max_lead_dims: int = 2,
     dists: tuple[str, ...] = DISTRIBUTIONS,
     scale_exponents: tuple[int, int] = (-8, 8),
+    rows: int | st.SearchStrategy[int] | None = None,
+    through: tuple[torch.dtype, ...] | None = None,
 ) -> torch.Tensor:
     """Tensors ``[..., n]`` built from a drawn seed, shape, dtype, distribution and power-of-two scale.
 
@@ -174,6 +204,11 @@ def tensors(
         max_lead_dims: 0..max_lead_dims leading dims.
         dists: distributions to draw from (see :data:`DISTRIBUTIONS`).
         scale_exponents: inclusive range k of the overall scale ``2^k``.
+        rows: the number of rows (the product of the leading dims), or a strategy for it such as
+            :func:`row_counts`; the leading dims are then ``(rows,)`` or ``(d, rows // d)`` for a drawn
+            divisor d. Overrides ``max_rows`` and ``max_lead_dims``.
+        through: round the values to one of these dtypes (drawn) before the cast to the drawn dtype:
+            e.g. float64 copies of bf16 weights, whose sums the CPU kernel can prove exact.
 
     Example:
         >>> from hypothesis import given
@@ -184,9 +219,14 @@ def tensors(
         >>> test()
     """
     last = draw(n) if isinstance(n, st.SearchStrategy) else n
-    lead = tuple(draw(st.lists(st.integers(1, max_rows), max_size=max_lead_dims)))
+    if rows is None:
+        lead = tuple(draw(st.lists(st.integers(1, max_rows), max_size=max_lead_dims)))
+    else:
+        m = draw(rows) if isinstance(rows, st.SearchStrategy) else rows
+        d = draw(st.sampled_from([d for d in range(1, m + 1) if m % d == 0]))
+        lead = (m,) if d == 1 else (d, m // d)
     k = draw(st.integers(*scale_exponents))
-    return make_tensor(
-        draw(st.sampled_from(dists)), (*lead, last), draw(seeds()),
-        dtype=draw(st.sampled_from(dtypes)), scale=2.0**k,
-    )
+    dist, seed, dtype = draw(st.sampled_from(dists)), draw(seeds()), draw(st.sampled_from(dtypes))
+    if through is None:
+        return make_tensor(dist, (*lead, last), seed, dtype=dtype, scale=2.0**k)
+    return make_tensor(dist, (*lead, last), seed, dtype=draw(st.sampled_from(through)), scale=2.0**k).to(dtype)
