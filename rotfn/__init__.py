@@ -9,8 +9,9 @@ Example:
     torch.Size([8, 4096])
 """
 
-from rotfn import dispatch, errors, io, learn, metrics, model, plans, transforms
+from rotfn import calibration, dispatch, errors, io, learn, metrics, model, plans, transforms
 from rotfn._report import LayerReport, Report, report
+from rotfn.calibration import gptq
 from rotfn.functional import dequantize, qdq, quantize, rotate, rotate_back, rotate_qdq
 from rotfn.io import export_hf, fold_checkpoint, load, load_hf, save
 from rotfn.model import call, params
@@ -46,6 +47,8 @@ __all__ = [
     "format_from_dict", "QTensor",
     # tensor functions
     "rotate", "rotate_back", "qdq", "quantize", "dequantize", "rotate_qdq",
+    # rounding against calibration statistics
+    "gptq",
     # parameter dicts and models
     "params", "call", "fold", "FoldedParams", "Plan", "where", "Where", "chain",
     # checkpoints
@@ -53,7 +56,7 @@ __all__ = [
     # measuring a plan
     "report", "Report", "LayerReport",
     # subpackages
-    "plans", "transforms", "model", "learn", "io", "metrics", "errors", "dispatch", "testing",
+    "plans", "transforms", "model", "learn", "calibration", "io", "metrics", "errors", "dispatch", "testing",
 ]
 
 

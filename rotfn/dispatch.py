@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from rotfn import ops
+from rotfn.ops.gptq import gptq as _gptq
 from rotfn.errors import BackendUnavailableError, message
 
 __all__ = ["BACKENDS", "kernels_available", "select", "trace"]
@@ -39,6 +40,7 @@ _REFERENCE: dict[str, Callable] = {
     "qdq": ops.qdq,
     "quantize": ops.quantize,
     "dequantize": ops.dequantize,
+    "gptq": _gptq,
 }
 
 _trace: contextvars.ContextVar[list | None] = contextvars.ContextVar("rotfn_dispatch_trace", default=None)
@@ -75,7 +77,7 @@ def select(fn: str, op: str, backend: str, x: torch.Tensor, **spec) -> Callable:
 
     Args:
         fn: public function name, for error messages.
-        op: one of ``rotate``, ``rotate_qdq``, ``qdq``, ``quantize``, ``dequantize``.
+        op: one of ``rotate``, ``rotate_qdq``, ``qdq``, ``quantize``, ``dequantize``, ``gptq``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (already validated).
         x: the input tensor (or a codes tensor for ``dequantize``): its device decides ``"auto"``.
         spec: the rotation / format of the call, so kernels can say whether they serve it.

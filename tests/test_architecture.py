@@ -28,7 +28,7 @@ LAYERS = (
     ("transforms",),
     ("plans",),
     ("model",),
-    ("io", "learn", "_report"),
+    ("io", "learn", "calibration", "_report"),
     ("testing",),
     ("rotfn",),
     ("_demo",),

@@ -89,6 +89,8 @@ def unsupported(op: str, x: torch.Tensor, *, rotation=None, fmt=None, back=False
     """Why the kernels cannot run this call, or None when they can."""
     if op == "dequantize":
         return "no dequantize kernel (the reference decodes in one elementwise pass on any device)"
+    if op == "gptq":
+        return "no GPTQ kernel (the reference runs on CUDA tensors too)"
     if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
         return f"x is on {x.device}: kernels need a CUDA tensor (or TRITON_INTERPRET=1 set before import for CPU)"
     if x.dtype not in _DTYPES:

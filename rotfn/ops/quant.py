@@ -12,6 +12,8 @@ disagree; Triton kernels must reproduce these bits.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from rotfn.ops.numbers import (
@@ -31,6 +33,7 @@ from rotfn.specs.formats import FP8, MX, NVFP4, Format, IntQ, ScaleRule
 
 __all__ = [
     "quantize", "dequantize", "qdq",
+    "Scales", "group_view", "choose_scales", "code_dtype", "encode", "decode", "pack", "unpack", "scales_of",
     "mx_scale_exponent", "nvfp4_global_scale", "nvfp4_global_from_amax", "intq_params", "fp8_scale",
 ]
 
@@ -122,101 +125,135 @@ def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(amax), s, torch.nan)
 
 
-def _quantize_mx(x32: torch.Tensor, fmt: MX) -> QTensor:
-    xg = _groups(x32, fmt.block)
-    amax = xg.abs().amax(-1)
-    finite = torch.isfinite(amax)
-    e = mx_scale_exponent(amax, fmt)
-    v = xg * exp2_exact(-e)[..., None]
-    if fmt.element == "e2m1":
-        codes = pack_nibbles(torch.where(finite[..., None], e2m1_encode(v), 0).flatten(-2))
-    else:
-        codes = torch.where(finite[..., None], e4m3_round(v).float(), 0.0).flatten(-2).to(torch.float8_e4m3fn)
-    byte = torch.where(finite, e + 127, E8M0_NAN).to(torch.uint8)
-    return QTensor(codes, byte.view(torch.float8_e8m0fnu), x32.shape, x32.dtype, fmt)
+class Scales(NamedTuple):
+    """The scales of a tensor's groups, as a :class:`QTensor` stores them.
+
+    ``scales`` ``[..., G]`` in the format's storage dtype (fp8 ``"tensor"``: 0-d);
+    ``global_scale``: nvfp4 only (fp32 0-d); ``zero_points``: asymmetric intq only (uint8 ``[..., G]``).
+    """
+
+    scales: torch.Tensor
+    global_scale: torch.Tensor | None = None
+    zero_points: torch.Tensor | None = None
 
 
-def _dequantize_mx(q: QTensor) -> torch.Tensor:
-    n = q.shape[-1]
-    if q.format.element == "e2m1":
-        values = e2m1_decode(unpack_nibbles(q.codes, n))
-    else:
-        values = q.codes.float()
-    byte = q.scales.view(torch.uint8)
-    scale = exp2_exact(byte.to(torch.int32).clamp(max=254) - 127)
-    scale = torch.where(byte == E8M0_NAN, torch.nan, scale)
-    return (_groups(values, q.format.block) * scale[..., None]).flatten(-2)
+def group_view(x32: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """``x32`` ``[..., n]`` as ``[..., G, g]``: the scale groups of ``fmt`` (one per row when it has none)."""
+    return _groups(x32, fmt.group)
 
 
-def _quantize_nvfp4(x32: torch.Tensor, fmt: NVFP4) -> QTensor:
-    s_g = nvfp4_global_scale(x32, fmt)
-    xg = _groups(x32, fmt.block)
-    amax = xg.abs().amax(-1)
-    finite = torch.isfinite(amax)
-    s_b = e4m3_round((_div(amax, E2M1_MAX) / s_g).clamp(E4M3_MIN_SUBNORMAL, E4M3_MAX))
-    s_b = torch.where(finite, s_b.float(), torch.nan).to(torch.float8_e4m3fn)
-    v = (xg / (s_b.float() * s_g)[..., None]).clamp(-E2M1_MAX, E2M1_MAX)
-    codes = pack_nibbles(torch.where(finite[..., None], e2m1_encode(v), 0).flatten(-2))
-    return QTensor(codes, s_b, x32.shape, x32.dtype, fmt, global_scale=s_g)
+def choose_scales(xg: torch.Tensor, fmt: Format, global_scale: torch.Tensor | None = None) -> Scales:
+    """The scales the format's rule picks for fp32 groups ``xg`` ``[..., G, g]``.
+
+    ``global_scale``: nvfp4's ``s_g`` when already fixed (else taken from ``xg`` by the
+    format's rule); fp8 ``"tensor"`` takes one scale over all of ``xg``.
+    """
+    if isinstance(fmt, MX):
+        byte = torch.where(torch.isfinite(amax := xg.abs().amax(-1)), mx_scale_exponent(amax, fmt) + 127, E8M0_NAN)
+        return Scales(byte.to(torch.uint8).view(torch.float8_e8m0fnu))
+    if isinstance(fmt, NVFP4):
+        s_g = nvfp4_global_scale(xg, fmt) if global_scale is None else global_scale
+        amax = xg.abs().amax(-1)
+        s_b = e4m3_round((_div(amax, E2M1_MAX) / s_g).clamp(E4M3_MIN_SUBNORMAL, E4M3_MAX))
+        return Scales(torch.where(torch.isfinite(amax), s_b.float(), torch.nan).to(torch.float8_e4m3fn), s_g)
+    if isinstance(fmt, IntQ):
+        finite = torch.isfinite(xg).all(-1)
+        lo, hi = xg.amin(-1).clamp(max=0.0), xg.amax(-1).clamp(min=0.0)
+        s, z = intq_params(fmt, xg.abs().amax(-1), lo, hi, finite)
+        return Scales(s, zero_points=None if z is None else z.to(torch.uint8))
+    amax = xg.abs().amax(-1) if fmt.granularity != "tensor" else _amax_all(xg)
+    return Scales(fp8_scale(amax))
 
 
-def _dequantize_nvfp4(q: QTensor) -> torch.Tensor:
-    values = _groups(e2m1_decode(unpack_nibbles(q.codes, q.shape[-1])), q.format.block)
-    return ((values * q.scales.float()[..., None]) * q.global_scale).flatten(-2)
-
-
-def _quantize_intq(x32: torch.Tensor, fmt: IntQ) -> QTensor:
-    xg = _groups(x32, fmt.block)
-    finite = torch.isfinite(xg).all(-1)
-    lo, hi = xg.amin(-1).clamp(max=0.0), xg.amax(-1).clamp(min=0.0)
-    s, z = intq_params(fmt, xg.abs().amax(-1), lo, hi, finite)
-    if fmt.symmetric:
-        qmax = 2 ** (fmt.bits - 1) - 1
-        q = torch.round(xg / s[..., None]).clamp(-qmax - 1, qmax)
-    else:
-        q = (torch.round(xg / s[..., None]) + z[..., None]).clamp(0, 2**fmt.bits - 1)
-    q = torch.where(finite[..., None], q, 0.0).flatten(-2)
+def code_dtype(fmt: Format) -> torch.dtype:
+    """The dtype of :func:`encode`'s unpacked codes for ``fmt``."""
     if fmt.bits <= 4:
-        codes = pack_nibbles(q.to(torch.int8).view(torch.uint8) & 0xF)
-    else:
-        codes = q.to(torch.int8 if fmt.symmetric else torch.uint8)
-    zero = None if z is None else z.to(torch.uint8)
-    return QTensor(codes, s, x32.shape, x32.dtype, fmt, zero_points=zero)
+        return torch.uint8
+    if isinstance(fmt, IntQ):
+        return torch.int8 if fmt.symmetric else torch.uint8
+    return torch.float8_e4m3fn
 
 
-def _dequantize_intq(q: QTensor) -> torch.Tensor:
-    fmt = q.format
+def encode(xg: torch.Tensor, fmt: Format, sc: Scales) -> torch.Tensor:
+    """Element codes of fp32 groups ``xg`` ``[..., G, g]`` under fixed scales ``sc``, unpacked.
+
+    Returns ``[..., G, g]``: uint8 4-bit codes (mxfp4, nvfp4, intq bits <= 4), float8_e4m3fn
+    (mxfp8, fp8) or int8 / uint8 (intq bits > 4). A group whose scale is NaN gets codes 0.
+    ``xg`` may hold any slice of its groups' columns (``g`` = 1 codes one column).
+    """
+    if isinstance(fmt, MX):
+        byte = sc.scales.view(torch.uint8)
+        finite = (byte != E8M0_NAN)[..., None]
+        v = xg * exp2_exact(127 - byte.to(torch.int32))[..., None]
+        if fmt.element == "e2m1":
+            return torch.where(finite, e2m1_encode(v), 0)
+        return torch.where(finite, e4m3_round(v).float(), 0.0).to(torch.float8_e4m3fn)
+    if isinstance(fmt, NVFP4):
+        s_b = sc.scales.float()
+        v = (xg / (s_b * sc.global_scale)[..., None]).clamp(-E2M1_MAX, E2M1_MAX)
+        return torch.where(torch.isfinite(s_b)[..., None], e2m1_encode(v), 0)
+    if isinstance(fmt, IntQ):
+        s = sc.scales[..., None]
+        if fmt.symmetric:
+            qmax = 2 ** (fmt.bits - 1) - 1
+            q = torch.round(xg / s).clamp(-qmax - 1, qmax)
+        else:
+            q = (torch.round(xg / s) + sc.zero_points.float()[..., None]).clamp(0, 2**fmt.bits - 1)
+        q = torch.where(torch.isnan(s), 0.0, q)
+        if fmt.bits <= 4:
+            return q.to(torch.int8).view(torch.uint8) & 0xF
+        return q.to(torch.int8 if fmt.symmetric else torch.uint8)
+    s = sc.scales if sc.scales.ndim == 0 else sc.scales[..., None]
+    return torch.where(torch.isfinite(s), e4m3_round(xg / s).float(), 0.0).to(torch.float8_e4m3fn)
+
+
+def decode(codes: torch.Tensor, fmt: Format, sc: Scales) -> torch.Tensor:
+    """fp32 values ``[..., G, g]`` of unpacked element codes under scales ``sc`` (inverse of :func:`encode`)."""
+    if isinstance(fmt, MX):
+        values = e2m1_decode(codes) if fmt.element == "e2m1" else codes.float()
+        byte = sc.scales.view(torch.uint8)
+        scale = exp2_exact(byte.to(torch.int32).clamp(max=254) - 127)
+        return values * torch.where(byte == E8M0_NAN, torch.nan, scale)[..., None]
+    if isinstance(fmt, NVFP4):
+        return (e2m1_decode(codes) * sc.scales.float()[..., None]) * sc.global_scale
+    if isinstance(fmt, IntQ):
+        ints = codes.to(torch.int32)
+        if fmt.bits <= 4 and fmt.symmetric:
+            ints = ints - 16 * (ints >= 8)
+        if sc.zero_points is not None:
+            ints = ints - sc.zero_points.to(torch.int32)[..., None]
+        return ints.float() * sc.scales[..., None]
+    return codes.float() * (sc.scales if sc.scales.ndim == 0 else sc.scales[..., None])
+
+
+def pack(codes: torch.Tensor, fmt: Format, sc: Scales, dtype: torch.dtype) -> QTensor:
+    """The QTensor of unpacked codes ``[..., G, g]`` and their scales (4-bit codes two per byte)."""
+    shape = (*codes.shape[:-2], codes.shape[-2] * codes.shape[-1])
+    flat = codes.reshape(shape)
     if fmt.bits <= 4:
-        nibbles = unpack_nibbles(q.codes, q.shape[-1]).to(torch.int32)
-        ints = nibbles - 16 * (nibbles >= 8) if fmt.symmetric else nibbles
-    else:
-        ints = q.codes.to(torch.int32)
-    ints = _groups(ints, fmt.block)
-    if q.zero_points is not None:
-        ints = ints - q.zero_points.to(torch.int32)[..., None]
-    return (ints.float() * q.scales[..., None]).flatten(-2)
+        flat = pack_nibbles(flat)
+    return QTensor(flat, sc.scales, torch.Size(shape), dtype, fmt, sc.global_scale, sc.zero_points)
 
 
-def _quantize_fp8(x32: torch.Tensor, fmt: FP8) -> QTensor:
-    per_row = fmt.granularity != "tensor"
-    amax = x32.abs().amax(-1, keepdim=True) if per_row else _amax_all(x32)
-    s = fp8_scale(amax)
-    codes = torch.where(torch.isfinite(s), e4m3_round(x32 / s).float(), 0.0).to(torch.float8_e4m3fn)
-    return QTensor(codes, s, x32.shape, x32.dtype, fmt)
+def unpack(q: QTensor) -> torch.Tensor:
+    """The unpacked element codes ``[..., G, g]`` of a QTensor (inverse of :func:`pack`)."""
+    codes = unpack_nibbles(q.codes, q.shape[-1]) if q.format.bits <= 4 else q.codes
+    return _groups(codes, q.format.group)
 
 
-def _dequantize_fp8(q: QTensor) -> torch.Tensor:
-    return q.codes.float() * q.scales
-
-
-_QUANTIZE = {MX: _quantize_mx, NVFP4: _quantize_nvfp4, IntQ: _quantize_intq, FP8: _quantize_fp8}
-_DEQUANTIZE = {MX: _dequantize_mx, NVFP4: _dequantize_nvfp4, IntQ: _dequantize_intq, FP8: _dequantize_fp8}
+def scales_of(q: QTensor) -> Scales:
+    """The :class:`Scales` a QTensor holds."""
+    return Scales(q.scales, q.global_scale, q.zero_points)
 
 
 def quantize(x: torch.Tensor, fmt: Format) -> QTensor:
-    """Quantize ``x`` ``[..., n]`` to codes + scales (reference). Inputs are validated by :func:`rotfn.quantize`."""
-    qt = _QUANTIZE[type(fmt)](x.float(), fmt)
-    return QTensor(qt.codes, qt.scales, x.shape, x.dtype, fmt, qt.global_scale, qt.zero_points)
+    """Quantize ``x`` ``[..., n]`` to codes + scales (reference). Inputs are validated by :func:`rotfn.quantize`.
+
+    The rule in three steps: :func:`choose_scales` per group, :func:`encode` under them, :func:`pack`.
+    """
+    xg = group_view(x.float(), fmt)
+    sc = choose_scales(xg, fmt)
+    return pack(encode(xg, fmt, sc), fmt, sc, x.dtype)
 
 
 def dequantize(q: QTensor, dtype: torch.dtype) -> torch.Tensor:
@@ -225,7 +262,7 @@ def dequantize(q: QTensor, dtype: torch.dtype) -> torch.Tensor:
     Every NaN in the output is the canonical quiet NaN (``0x7FC00000`` before the
     cast), whatever sign the product of a NaN scale and a code would carry.
     """
-    y = _DEQUANTIZE[type(q.format)](q).reshape(q.shape)
+    y = decode(unpack(q), q.format, scales_of(q)).reshape(q.shape)
     return torch.where(torch.isnan(y), torch.nan, y).to(dtype)
 
 

@@ -1,6 +1,6 @@
 """GPU benchmark of the fused kernels against a plain copy, the eager reference and torch.compile.
 
-Run on a CUDA machine: ``python bench/kernels.py`` (``--quick`` for one shape).
+Run on a CUDA machine: ``python bench/gpu_kernels.py`` (``--quick`` for one shape).
 Prints one table; effective bandwidth = bytes read + written (nominal, the same
 for every implementation of one op) / median time. Targets (issue "Triton
 kernels"): fused block rotate+qdq >= 90% of copy bandwidth and >= 2x faster than
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", action="append", metavar="MxN", help="shapes to run (default: the three of the issue)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA device", file=sys.stderr)
+        print("bench/gpu_kernels.py needs a CUDA device", file=sys.stderr)
         return 2
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shape:
