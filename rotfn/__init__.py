@@ -11,18 +11,18 @@ Example:
 
 from rotfn import calibration, dispatch, errors, io, learn, metrics, model, plans, transforms
 from rotfn._report import LayerReport, Report, report
-from rotfn.calibration import gptq
+from rotfn.calibration import calibrate, gptq
 from rotfn.functional import dequantize, qdq, quantize, rotate, rotate_back, rotate_qdq
 from rotfn.io import export_hf, fold_checkpoint, load, load_hf, save
 from rotfn.model import call, params
 from rotfn.plans import FoldedParams, Plan, fold
-from rotfn.specs import QTensor
 from rotfn.specs import (
     FP8,
     MX,
     NVFP4,
     Format,
     IntQ,
+    QTensor,
     Rotation,
     ScaleRule,
     format_from_dict,
@@ -48,7 +48,7 @@ __all__ = [
     # tensor functions
     "rotate", "rotate_back", "qdq", "quantize", "dequantize", "rotate_qdq",
     # rounding against calibration statistics
-    "gptq",
+    "gptq", "calibrate",
     # parameter dicts and models
     "params", "call", "fold", "FoldedParams", "Plan", "where", "Where", "chain",
     # checkpoints

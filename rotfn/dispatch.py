@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from rotfn import ops
-from rotfn.ops.gptq import gptq as _gptq
 from rotfn.errors import BackendUnavailableError, message
+from rotfn.ops.gptq import gptq as _gptq
 
 __all__ = ["BACKENDS", "kernels_available", "select", "trace"]
 

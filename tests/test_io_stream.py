@@ -14,8 +14,8 @@ import rotfn
 import rotfn.io._stream as stream
 from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError
 from rotfn.io._checkpoint import inventory, skeleton
-from rotfn.transforms import Scale, compile_fold
 from rotfn.testing.models import make_config, tiny_model
+from rotfn.transforms import Scale, compile_fold
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -1,5 +1,7 @@
-"""Rounding weights against the statistics of their inputs: GPTQ (:func:`gptq`)."""
+"""Rounding weights against the statistics of their inputs: :func:`gptq` for one weight,
+:func:`calibrate` for a plan's quantized linears (collected through :mod:`rotfn.model`)."""
 
+from rotfn.calibration._calibrate import ACTIVATIONS, Calibration, calibrate
 from rotfn.calibration._gptq import gptq
 
-__all__ = ["gptq"]
+__all__ = ["gptq", "calibrate", "Calibration", "ACTIVATIONS"]

@@ -47,11 +47,11 @@ import safetensors
 import torch
 from tqdm.auto import tqdm
 
-from rotfn.io._malloc import freed_blocks_kept
 from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError, message
 from rotfn.io._atomic import write_atomic, write_text_atomic
 from rotfn.io._checkpoint import INDEX, SINGLE, Checkpoint, inventory, is_weight_file, skeleton
 from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _shard_bytes, _shards, read_rotfn_json, write_rotfn_json
+from rotfn.io._malloc import freed_blocks_kept
 from rotfn.io._shard import ShardWriter, TensorEntry, header_bytes
 from rotfn.plans import Plan, check_plan, describe
 from rotfn.transforms import PIECE_ELEMENTS, KeyProgram, Stage, compile_fold, precision_dtype

@@ -21,8 +21,7 @@ from rotfn.kernels.fused import GROUP, ROW, TENSOR, quant_kernel, rotate_kernel,
 from rotfn.kernels.fwht import hadamard_kernel
 from rotfn.ops import quant as ref
 from rotfn.ops.hadamard import radix_bits
-from rotfn.specs import factor_matrix
-from rotfn.specs import QTensor
+from rotfn.specs import QTensor, factor_matrix
 from rotfn.specs.formats import FP8, MX, NVFP4, Format, IntQ
 from rotfn.specs.rotation import Rotation
 

@@ -34,6 +34,8 @@ References:
 
 from rotfn.learn._cayley import cayley_step, orthogonality_error
 from rotfn.learn._data import calibration, calibration_text
+from rotfn.learn._data import check_batches as check_batches  # internal (not in __all__): rotfn.calibrate
+from rotfn.learn._data import to_device as to_device
 from rotfn.learn._loss import Fidelity, evaluate, fidelity
 from rotfn.learn._rotations import LearnResult, rotations
 from rotfn.learn._slots import LEARNABLE_ROLES

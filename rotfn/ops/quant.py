@@ -29,7 +29,7 @@ from rotfn.ops.numbers import (
 )
 from rotfn.ops.pack import pack_nibbles, unpack_nibbles
 from rotfn.specs import QTensor
-from rotfn.specs.formats import FP8, MX, NVFP4, Format, IntQ, ScaleRule
+from rotfn.specs.formats import MX, NVFP4, Format, IntQ, ScaleRule
 
 __all__ = [
     "quantize", "dequantize", "qdq",

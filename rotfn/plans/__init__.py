@@ -16,7 +16,6 @@ Example:
 """
 
 from rotfn.plans._build import per_linear, quarot
-
 from rotfn.plans._checks import require_plan as require_plan  # internal (not in __all__): rotfn's packages
 from rotfn.plans._describe import ModelInfo, describe
 from rotfn.plans._describe import check_keys as check_keys  # internal, as above

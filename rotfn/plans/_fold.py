@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from rotfn.errors import FoldError, PlanError, message
+from rotfn.errors import ArgumentError, FoldError, PlanError, message
 from rotfn.plans._checks import require_plan
 from rotfn.plans._plan import Plan, signature
 from rotfn.transforms import check_params, compile_fold, precision_dtype
@@ -85,7 +85,7 @@ def check_fold_state(fn: str, params: Mapping, plan: Plan | None) -> None:
                                 "fold the original params with the plan you call with"))
 
 
-def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "float64") -> FoldedParams:
+def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "float64", weights_by=None) -> FoldedParams:
     """Apply a plan's weight side to a params dict: norm fusions, rotations, weight qdq.
 
     ``W' = qdq((W diag(g)) @ R_in)`` with output-side ``R_out.T @ W'`` and
@@ -106,6 +106,9 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
             tensor's scale, by float32's rounding error (~1e-7 of its largest element); where
             weights are quantized such an element may land one quantization step away. Meant
             for half-precision checkpoints; float32 params lose accuracy with it.
+        weights_by: None (the plan's weights are rounded to nearest, ``qdq``) or a
+            :class:`rotfn.calibration.Calibration` of this plan: its rounding (GPTQ) in place of
+            round to nearest, ``folded = rotfn.fold(params, plan, weights_by=rotfn.calibrate(...))``.
 
     Returns:
         A :class:`FoldedParams` (a dict) whose ``.plan`` is ``plan``.
@@ -113,7 +116,8 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
     Raises:
         DTypeError: params not a dict of tensors.
         ArgumentError: an unknown ``precision``.
-        PlanError: plan not a Plan, built for another model, or changing tied keys differently.
+        PlanError: plan not a Plan, built for another model, or changing tied keys differently;
+            ``weights_by`` calibrated for another plan.
         FoldError: params already folded.
         ShapeError: an entry does not fit a tensor's shape.
         SelectionError: an entry names a key params do not have.
@@ -139,7 +143,7 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
         raise PlanError(message(fn, "plan", f"a plan for params with signature {sig}",
                                 f"a plan for {plan.model} (signature {plan.signature})",
                                 "build the plan from the model these params come from, with params = rotfn.params(model)"))
-    program = compile_fold(plan.transform(), params, tied=plan.tied, untied=plan.untied, fn=fn)
+    program = compile_fold(plan.transform(_rounding(fn, weights_by, plan)), params, tied=plan.tied, untied=plan.untied, fn=fn)
     out = program.run(params, precision=dtype, fn=fn)
     for k in plan.touched():
         if k not in params:
@@ -153,3 +157,16 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
         for name in group[1:]:
             out[name] = out[group[0]]
     return FoldedParams(out, plan)
+
+
+def _rounding(fn: str, weights_by, plan: Plan):
+    """``weights_by.round`` after checking it was calibrated for ``plan`` (None passes through)."""
+    if weights_by is None:
+        return None
+    if not callable(getattr(weights_by, "round", None)) or not isinstance(getattr(weights_by, "plan", None), Plan):
+        raise ArgumentError(message(fn, "weights_by", "None or a rotfn.calibration.Calibration", type(weights_by).__name__,
+                                    "weights_by=rotfn.calibrate(model, params, plan, batches)"))
+    if weights_by.plan != plan:
+        raise PlanError(message(fn, "weights_by", f"a calibration of this plan ({plan!r})",
+                                f"a calibration of {weights_by.plan!r}", "calibrate with the plan you fold with"))
+    return weights_by.round

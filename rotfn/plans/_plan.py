@@ -166,15 +166,16 @@ class Plan:
         keys.update(dict.fromkeys(self.quantized))
         return tuple(keys)
 
-    def transform(self) -> Chain:
+    def transform(self, rounding=None) -> Chain:
         """The weight side as one :func:`rotfn.chain`: norm fusions, then rotations, then weight qdq.
 
         Norm scales are fused before rotating (``W diag(g) R``); input- and
-        output-side rotations of one weight commute; qdq comes last.
+        output-side rotations of one weight commute; qdq comes last, or ``rounding(key, W)``
+        in its place (see :func:`rotfn.transforms.qdq_weights`).
         """
         parts = [n.transform() for n in self.norms] + [w.transform() for w in self.weight]
         if self.quantized:
-            parts.append(qdq_weights(self.weights, Where.names(self.quantized)))
+            parts.append(qdq_weights(self.weights, Where.names(self.quantized), rounding=rounding))
         return chain(*parts)
 
     # ----- printing -------------------------------------------------------------

@@ -3,6 +3,14 @@
 The lowest layer of rotfn: it imports nothing of rotfn but :mod:`rotfn.errors`.
 """
 
+from rotfn.specs._hadamard import (
+    MAX_FACTOR,
+    can_build_factor,
+    choose_factor,
+    constructible_orders,
+    factor_matrix,
+    hadamard_dense,
+)
 from rotfn.specs.formats import (
     FP8,
     MX,
@@ -16,14 +24,6 @@ from rotfn.specs.formats import (
     mxfp4,
     mxfp8,
     nvfp4,
-)
-from rotfn.specs._hadamard import (
-    MAX_FACTOR,
-    can_build_factor,
-    choose_factor,
-    constructible_orders,
-    factor_matrix,
-    hadamard_dense,
 )
 from rotfn.specs.qtensor import QTensor
 from rotfn.specs.rotation import Rotation, from_matrix, hadamard, orthogonal

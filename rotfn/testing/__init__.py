@@ -12,19 +12,6 @@ Example:
 """
 
 from rotfn.testing.asserts import assert_bits_equal, assert_inverse, assert_orthogonal, assert_qdq_laws, bits
-from rotfn.testing.strategies import (
-    DISTRIBUTIONS,
-    EDGE_ROWS,
-    ROTATION_KINDS,
-    formats,
-    hadamard_orders,
-    make_tensor,
-    rotations,
-    row_counts,
-    seeds,
-    tensors,
-)
-
 from rotfn.testing.models import (
     FAMILY_NAMES,
     ExactRMSNorm,
@@ -36,6 +23,18 @@ from rotfn.testing.models import (
     rotation_factories,
     tiny_model,
     token_inputs,
+)
+from rotfn.testing.strategies import (
+    DISTRIBUTIONS,
+    EDGE_ROWS,
+    ROTATION_KINDS,
+    formats,
+    hadamard_orders,
+    make_tensor,
+    rotations,
+    row_counts,
+    seeds,
+    tensors,
 )
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rotfn.functional import qdq, rotate, rotate_back
-from rotfn.specs.formats import MX, IntQ, Format
+from rotfn.specs.formats import MX, Format, IntQ
 from rotfn.specs.rotation import Rotation
 
 __all__ = ["assert_bits_equal", "assert_orthogonal", "assert_inverse", "assert_qdq_laws", "bits"]

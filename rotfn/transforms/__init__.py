@@ -31,12 +31,12 @@ from rotfn.transforms._core import (
     RotateOutput,
     Transform,
     chain,
+    check_params,
     fuse_norm,
     qdq_weights,
     rotate_input,
     rotate_output,
 )
-from rotfn.transforms._core import check_params
 from rotfn.transforms._program import (
     MIN_PIECE,
     PIECE_ELEMENTS,

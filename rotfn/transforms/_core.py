@@ -24,7 +24,8 @@ tensor's dtype once per primitive (:func:`rotfn.fold` casts once per plan, in it
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -43,6 +44,9 @@ from rotfn.specs.formats import Format
 from rotfn.specs.rotation import Rotation
 from rotfn.transforms._program import QDQ, Fill, Rotate, Scale, ShiftBias, compile_fold
 from rotfn.transforms._where import Where, where
+
+#: ``rounding(key, W) -> W'``: a weight's values on its format's grid, chosen by the caller (GPTQ).
+WeightRounding = Callable[[str, torch.Tensor], torch.Tensor]
 
 __all__ = [
     "Transform", "RotateInput", "RotateOutput", "FuseNorm", "QDQWeights", "Chain",
@@ -239,6 +243,7 @@ class QDQWeights(Transform):
 
     fmt: Format
     where: Where
+    rounding: WeightRounding | None = None
     name = "qdq_weights"
 
     def _phases(self, tensors):
@@ -249,7 +254,7 @@ class QDQWeights(Transform):
             if w.ndim == 0 or (group is not None and w.shape[-1] % group):
                 raise ShapeError(message(self.name, f"params[{key!r}]", f"last dim divisible by {self.fmt!r}'s group of {group}",
                                          f"shape {tuple(w.shape)}", "leave this key out of where= (rotfn never pads)"))
-            phase.append((key, QDQ(self.fmt)))
+            phase.append((key, QDQ(self.fmt, None if self.rounding is None else functools.partial(self.rounding, key))))
         return [phase]
 
     def __repr__(self) -> str:
@@ -387,12 +392,14 @@ def fuse_norm(norm: str, into: Where | str | tuple, *, bias: str | None = None) 
     return FuseNorm(norm, _check_where(fn, into), bias)
 
 
-def qdq_weights(fmt: Format, where: Where | str | tuple) -> QDQWeights:
+def qdq_weights(fmt: Format, where: Where | str | tuple, *, rounding: WeightRounding | None = None) -> QDQWeights:
     """Fake-quantize the selected weights along their last (input) dim: ``W' = qdq(W, fmt)``.
 
     Args:
         fmt: a number format (:func:`rotfn.mxfp4`, :func:`rotfn.intq`, ...).
         where: which keys.
+        rounding: ``rounding(key, W) -> W'`` in place of ``qdq(W, fmt)`` (its values on ``fmt``'s
+            grid, e.g. :meth:`rotfn.calibration.Calibration.round`: GPTQ's), or None.
 
     Returns:
         A frozen :class:`QDQWeights`.
@@ -410,7 +417,9 @@ def qdq_weights(fmt: Format, where: Where | str | tuple) -> QDQWeights:
     fn = "qdq_weights"
     if not isinstance(fmt, Format):
         raise FormatError(message(fn, "fmt", "a rotfn format spec", type(fmt).__name__, "build one with rotfn.mxfp4() ..."))
-    return QDQWeights(fmt, _check_where(fn, where))
+    if rounding is not None and not callable(rounding):
+        raise ArgumentError(message(fn, "rounding", "rounding(key, W) -> Tensor, or None", type(rounding).__name__))
+    return QDQWeights(fmt, _check_where(fn, where), rounding)
 
 
 def chain(*transforms: Transform) -> Chain:

@@ -187,19 +187,20 @@ class Fill:
 
 @dataclasses.dataclass(frozen=True)
 class QDQ:
-    """``qdq(x, fmt)`` along the last dim."""
+    """``qdq(x, fmt)`` along the last dim, or ``rounding(x)`` (e.g. GPTQ's result for this key)."""
 
     fmt: Format
+    rounding: Callable[[torch.Tensor], torch.Tensor] | None = None
     reads = ()
 
     def mixes(self, ndim: int) -> set[int]:
-        """The last dim, or every dim for a format with one scale for the whole tensor."""
+        """The last dim, or every dim for a format with one scale for the whole tensor or a rounding of its own."""
         whole = (isinstance(self.fmt, NVFP4) and self.fmt.global_scale == "tensor") or (
             isinstance(self.fmt, FP8) and self.fmt.granularity == "tensor")
-        return set(range(ndim)) if whole else {ndim - 1}
+        return set(range(ndim)) if whole or self.rounding is not None else {ndim - 1}
 
     def apply(self, x, reads, run):
-        return qdq(x, self.fmt)
+        return qdq(x, self.fmt) if self.rounding is None else self.rounding(x)
 
 
 Op = Rotate | Scale | ShiftBias | Fill | QDQ

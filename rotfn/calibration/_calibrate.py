@@ -1,0 +1,239 @@
+"""``rotfn.calibrate``: GPTQ-rounded weights for a plan, from calibration batches run through the model bridge."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rotfn.calibration._gptq import gptq
+from rotfn.errors import ArgumentError, PlanError, message
+from rotfn.functional import dequantize, quantize
+from rotfn.learn import check_batches, to_device
+from rotfn.model import Site, call_with
+from rotfn.plans import FoldedParams, Plan, check_model, describe, fold, require_plan
+from rotfn.specs import QTensor
+
+__all__ = ["calibrate", "Calibration", "ACTIVATIONS"]
+
+#: What the quantized linears' inputs are during collection.
+ACTIVATIONS = ("float", "quantized")
+
+# a module name ending in a number is a block (a decoder layer): "model.layers.3", "encoder.layer.0"
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Calibration:
+    """The rounded weights of a plan's quantized linears, for :func:`rotfn.fold` (``weights_by=``).
+
+    Attributes:
+        plan: the plan the weights were rounded for (``fold`` checks it is the one it folds with).
+        weights: ``{key: QTensor}``: each quantized weight, folded by the plan and rounded to its
+            ``weights`` format (GPTQ where statistics were collected, round to nearest in ``rtn``).
+        rtn: keys rounded to nearest because no input statistics reach them (fused experts).
+        tokens: calibration tokens (rows of the linears' inputs) each Hessian was collected over.
+        settings: the GPTQ and collection settings used, as keyword arguments of :func:`calibrate`.
+        hessians: ``{key: [in, in] float64}`` when ``keep_hessians=True``, else None.
+    """
+
+    plan: Plan
+    weights: Mapping[str, QTensor]
+    rtn: tuple[str, ...]
+    tokens: int
+    settings: Mapping[str, object]
+    hessians: Mapping[str, torch.Tensor] | None = None
+    digests: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def round(self, key: str, w: torch.Tensor) -> torch.Tensor:
+        """The rounded values of weight ``key`` (``w``: the same weight as folded now), in ``w``'s dtype.
+
+        Raises:
+            PlanError: no rounded weight for ``key``, or ``w`` is not the weight that was rounded
+                (other params than the ones calibrated).
+        """
+        q = self.weights.get(key)
+        if q is None:
+            raise PlanError(message("fold", "weights_by", f"a calibration that rounded {key!r}", "one without it",
+                                    "calibrate with the plan you fold with"))
+        if tuple(w.shape) != tuple(q.shape) or _digest(w.to(q.dtype)) != self.digests[key]:
+            raise PlanError(message("fold", "weights_by", f"a calibration of these params (weight {key!r})",
+                                    "one made from other weights", "calibrate the params you fold"))
+        return dequantize(q, w.dtype)
+
+    def __repr__(self) -> str:
+        gptq_keys = len(self.weights) - len(self.rtn)
+        return (f"Calibration({self.plan.weights!r}: {gptq_keys} weights by GPTQ, {len(self.rtn)} to nearest, "
+                f"{self.tokens} tokens, sequential={self.settings['sequential']})")
+
+
+def _digest(t: torch.Tensor) -> str:
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class _Stop(Exception):
+    """Raised at a block's output to end a forward pass early (sequential mode)."""
+
+
+def calibrate(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    plan: Plan,
+    batches: Iterable,
+    *,
+    sequential: bool = False,
+    activations: str = "float",
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    scale_search: str | None = None,
+    precision: str = "float64",
+    keep_hessians: bool = False,
+    progress: bool = True,
+) -> Calibration:
+    r"""Round a plan's quantized weights with GPTQ against the inputs the plan gives them.
+
+    For every weight the plan quantizes (``plan.quantized``, format ``plan.weights``), the
+    Hessian :math:`H = X^\top X / N` of the inputs its linear receives is collected over the
+    batches, as the plan sees them: with the plan's weight side folded (``fold`` without the
+    weight rounding) and its online transforms applied (R3, R4, per-linear input rotations, and,
+    with ``activations="quantized"``, the activation formats; ``"float"``, the default, collects
+    unquantized activations). Then :func:`rotfn.gptq` rounds the folded weight against it.
+
+    ``sequential=True`` goes block by block (a block: the linears under one numbered module,
+    a decoder layer): block ``i``'s Hessians come from a model whose blocks ``< i`` are already
+    rounded, as GPTQ and QuaRot do, and the forward stops after block ``i``; one block's
+    Hessians are held at a time, and the model runs once per block. Otherwise one pass collects
+    every Hessian at once (faster; memory for all of them). Linears outside numbered blocks
+    (``lm_head``) come last. Fused experts (3-D weights) get no statistics yet: they are rounded
+    to nearest and listed in ``rtn``.
+
+    The recipe is one expression: ``rotfn.fold(params, plan, weights_by=rotfn.calibrate(model,
+    params, plan, batches))``; fold stays the one engine and places the rounded weights.
+
+    Args:
+        model: the ``nn.Module`` the plan was built for (not changed).
+        params: unfolded ``rotfn.params(model)``.
+        plan: a plan with ``weights=`` a format and quantized keys.
+        batches: an iterable of batches (a tensor: the model's positional input; a dict: its
+            keyword inputs), e.g. :func:`rotfn.learn.calibration`; moved to the params' device.
+        sequential: block by block (see above).
+        activations: ``"float"`` or ``"quantized"`` (see above).
+        block_size, damp, act_order, static_groups, scale_search, precision: as :func:`rotfn.gptq`.
+        keep_hessians: keep the Hessians in the result (all of them: memory).
+        progress: a tqdm bar over blocks (sequential) or keys on stderr.
+
+    Returns:
+        A :class:`Calibration` for ``rotfn.fold(params, plan, weights_by=...)``.
+
+    Raises:
+        PlanError: the plan quantizes no weight, or does not fit model or params.
+        ArgumentError: bad batches, ``activations`` or GPTQ settings (as :func:`rotfn.gptq`);
+            a Hessian not positive definite after damping.
+        RotfnError: what :func:`rotfn.call` raises for the model, params and batches.
+
+    Example:
+        >>> import torch, rotfn
+        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+        >>> plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard, weights=rotfn.intq(4, group=32))
+        >>> calib = rotfn.calibrate(m, rotfn.params(m), plan, [torch.randn(256, 64)], progress=False)
+        >>> folded = rotfn.fold(rotfn.params(m), plan, weights_by=calib)
+        >>> sorted(calib.weights)
+        ['0.weight', '2.weight']
+    """
+    fn = "calibrate"
+    check_model(fn, model)
+    require_plan(fn, plan)
+    if plan.weights is None or not plan.quantized:
+        raise PlanError(message(fn, "plan", "a plan that quantizes weights", f"{plan!r} (no weight format)",
+                                "build it with weights=, e.g. rotfn.plans.quarot(model, ..., weights=rotfn.intq(4, group=128))"))
+    if activations not in ACTIVATIONS:
+        raise ArgumentError(message(fn, "activations", f"one of {ACTIVATIONS}", repr(activations)))
+    settings = dict(block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups,
+                    scale_search=scale_search, precision=precision)
+    gptq(torch.zeros(1, plan.weights.group or 1), None, plan.weights, **settings)  # settings checked before any work
+    collecting = dataclasses.replace(plan, weights=None, quantized=())
+    if activations == "float":
+        collecting = dataclasses.replace(
+            collecting, acts=None, online=tuple(dataclasses.replace(o, fmt=None) for o in collecting.online))
+    folded = fold(params, collecting, precision=precision)
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    data = [to_device(b, device) for b in check_batches(fn, batches)]
+    linears = {name for name, _ in describe(model, fn=fn).linears}
+    stats = [k for k in plan.quantized if k.removesuffix(".weight") in linears and folded[k].ndim == 2]
+    rtn = tuple(k for k in plan.quantized if k not in set(stats))
+    blocks = _blocks(stats) if sequential else {None: stats}
+
+    current = dict(folded)
+    weights: dict[str, QTensor] = {k: quantize(folded[k], plan.weights) for k in rtn}
+    kept: dict[str, torch.Tensor] = {}
+    tokens = 0
+    bar = tqdm(blocks.items(), desc=fn, disable=not progress, leave=False)
+    for block, keys in bar:
+        hessians, tokens = _collect(model, FoldedParams(current, collecting), collecting, data, keys, block)
+        for key in keys:
+            h = hessians.pop(key)
+            q = gptq(folded[key], h, plan.weights, **settings)
+            weights[key] = q
+            current[key] = dequantize(q, folded[key].dtype)
+            if keep_hessians:
+                kept[key] = h
+    digests = {k: _digest(folded[k]) for k in plan.quantized}
+    settings.update(sequential=sequential, activations=activations)
+    return Calibration(plan, weights, rtn, tokens, settings, kept if keep_hessians else None, digests)
+
+
+def _blocks(keys: list[str]) -> dict[str | None, list[str]]:
+    """Keys grouped by their block (the module name up to its first number), in model order; the rest last."""
+    out: dict[str | None, list[str]] = collections.defaultdict(list)
+    rest = []
+    for key in keys:
+        m = _BLOCK.match(key)
+        (out[m.group(1)] if m else rest).append(key)
+    out = dict(out)
+    if rest:
+        out[None] = rest
+    return out
+
+
+def _collect(model, params, plan, data, keys, stop_after) -> tuple[dict[str, torch.Tensor], int]:
+    """``{key: X^T X / N}`` (float64) of the inputs of ``keys``' linears over ``data``; also N."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = dict.fromkeys(keys, 0)
+
+    def recorder(key):
+        def record(x):
+            rows = x.detach().reshape(-1, x.shape[-1]).double()
+            sums[key] = rows.T @ rows if key not in sums else sums[key].addmm_(rows.T, rows)
+            counts[key] += rows.shape[0]
+        return record
+
+    def stop(_):
+        raise _Stop
+
+    sites = {Site(k.removesuffix(".weight")): recorder(k) for k in keys}
+    if stop_after is not None:
+        sites[Site(stop_after, "output")] = stop
+    with torch.no_grad():
+        for batch in data:
+            try:
+                if isinstance(batch, Mapping):
+                    call_with(model, params, plan, sites, **batch)
+                else:
+                    call_with(model, params, plan, sites, batch)
+            except _Stop:
+                pass
+    missing = [k for k in keys if counts[k] == 0]
+    if missing:
+        raise PlanError(message("calibrate", "batches", "batches that reach every quantized linear",
+                                f"batches that never reach {missing[:3]}", "check the model runs these linears"))
+    n = counts[keys[0]]
+    return {k: sums[k] / counts[k] for k in keys}, n

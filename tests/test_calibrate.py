@@ -1,0 +1,146 @@
+"""rotfn.calibrate + fold(weights_by=): equal to hand-rolled GPTQ loops on tiny models, and better than RTN."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import rotfn
+import rotfn.testing as rt
+from rotfn.errors import ArgumentError, PlanError
+
+pytest.importorskip("transformers")
+
+FMT = rotfn.intq(4, group=16)
+
+
+def _setup(family="llama", layers=2, acts=None):
+    cfg = rt.make_config(family, hidden=64, heads=4, kv_heads=2, layers=layers, intermediate=128)
+    model = rt.tiny_model(cfg, dtype=torch.float32, seed=1, outliers=8.0)
+    plan = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16), r4=rotfn.hadamard(128, seed=2),
+                              weights=FMT, acts=acts)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (4, 16), generator=gen) for _ in range(3)]
+    return model, rotfn.params(model), plan, batches
+
+
+def _float_plan(plan):
+    """What calibrate collects under by default: no weight rounding, no activation formats."""
+    return dataclasses.replace(plan, weights=None, quantized=(), acts=None,
+                               online=tuple(dataclasses.replace(o, fmt=None) for o in plan.online))
+
+
+def _hessians(model, params, plan, batches, keys):
+    """The inputs of each linear recorded with plain forward hooks on a copy of the model."""
+    sums = {k: 0 for k in keys}
+    counts = dict.fromkeys(keys, 0)
+    sites = {}
+    for k in keys:
+        def record(x, k=k):
+            rows = x.reshape(-1, x.shape[-1]).double()
+            sums[k] = sums[k] + rows.T @ rows
+            counts[k] += rows.shape[0]
+        sites[rotfn.model.Site(k.removesuffix(".weight"))] = record
+    with torch.no_grad():
+        for b in batches:
+            rotfn.model.call_with(model, params, plan, sites, b)
+    return {k: sums[k] / counts[k] for k in keys}
+
+
+def test_one_pass_equals_hand_rolled_gptq():
+    model, p, plan, batches = _setup()
+    calib = rotfn.calibrate(model, p, plan, batches, progress=False)
+    base = _float_plan(plan)
+    folded = rotfn.fold(p, base)
+    hs = _hessians(model, folded, base, batches, plan.quantized)
+    got = rotfn.fold(p, plan, weights_by=calib)
+    rtn = rotfn.fold(p, plan)
+    for k in got:
+        if k in plan.quantized:
+            want = rotfn.dequantize(rotfn.gptq(folded[k], hs[k], FMT), folded[k].dtype)
+            assert torch.equal(got[k], want), k
+            assert not torch.equal(got[k], rtn[k]), k
+        else:
+            assert torch.equal(got[k], rtn[k]), k
+    assert calib.rtn == () and calib.tokens == 3 * 4 * 16
+
+
+def test_sequential_equals_a_layer_by_layer_loop():
+    model, p, plan, batches = _setup(layers=3)
+    calib = rotfn.calibrate(model, p, plan, batches, sequential=True, progress=False)
+    base = _float_plan(plan)
+    current = dict(rotfn.fold(p, base))
+    for layer in range(3):
+        keys = [k for k in plan.quantized if k.startswith(f"model.layers.{layer}.")]
+        hs = _hessians(model, rotfn.plans.FoldedParams(current, base), base, batches, keys)
+        for k in keys:
+            current[k] = rotfn.dequantize(rotfn.gptq(current[k], hs[k], FMT), current[k].dtype)
+    got = rotfn.fold(p, plan, weights_by=calib)
+    for k in plan.quantized:
+        assert torch.equal(got[k], current[k]), k
+
+
+def test_gptq_model_is_closer_to_the_float_model_than_rtn():
+    model, p, plan, batches = _setup(acts=None)
+    ref = [rotfn.call(model, p, None, b).logits for b in batches]
+    err = {}
+    for name, calib in (("rtn", None), ("gptq", rotfn.calibrate(model, p, plan, batches, progress=False)),
+                        ("seq", rotfn.calibrate(model, p, plan, batches, sequential=True, progress=False))):
+        folded = rotfn.fold(p, plan, weights_by=calib)
+        err[name] = sum(rt.relative_error(r, rotfn.call(model, folded, plan, b).logits) for r, b in zip(ref, batches))
+    assert err["gptq"] < err["rtn"] and err["seq"] < err["rtn"], err
+
+
+def test_activation_formats_during_collection():
+    model, p, plan, batches = _setup(acts=rotfn.intq(4, group=16))
+    plain = rotfn.calibrate(model, p, plan, batches, progress=False, keep_hessians=True)
+    quant = rotfn.calibrate(model, p, plan, batches, activations="quantized", progress=False, keep_hessians=True)
+    key = plan.quantized[0]
+    assert plain.settings["activations"] == "float" and quant.settings["activations"] == "quantized"
+    assert not torch.equal(plain.hessians[key], quant.hessians[key])
+    folded = rotfn.fold(p, plan, weights_by=quant)
+    out = rotfn.call(model, folded, plan, batches[0]).logits
+    assert torch.isfinite(out).all()
+
+
+def test_fused_experts_are_rounded_to_nearest_and_listed():
+    cfg = rt.make_config("qwen2_moe", hidden=64, heads=4, kv_heads=2, layers=1, intermediate=64)
+    model = rt.tiny_model(cfg, dtype=torch.float32)
+    plan = rotfn.plans.per_linear(model, rotation=None, weights=FMT)
+    p = rotfn.params(model)
+    calib = rotfn.calibrate(model, p, plan, [torch.randint(0, cfg.vocab_size, (2, 8))], progress=False)
+    folded, rtn = rotfn.fold(p, plan, weights_by=calib), rotfn.fold(p, plan)
+    assert calib.rtn and all(p[k].ndim == 3 for k in calib.rtn)
+    for k in calib.rtn:
+        assert torch.equal(folded[k], rtn[k])
+    assert "to nearest" in repr(calib)
+
+
+def test_the_result_saves_and_loads(tmp_path):
+    model, p, plan, batches = _setup(layers=1)
+    folded = rotfn.fold(p, plan, weights_by=rotfn.calibrate(model, p, plan, batches, progress=False))
+    rotfn.save(tmp_path / "m.safetensors", folded, plan)
+    loaded, plan2 = rotfn.load(tmp_path / "m.safetensors")
+    assert plan2 == plan and all(torch.equal(loaded[k], folded[k]) for k in folded)
+
+
+def test_bad_input():
+    model, p, plan, batches = _setup(layers=1)
+    calib = rotfn.calibrate(model, p, plan, batches, progress=False)
+    other = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=5), weights=FMT)
+    with pytest.raises(PlanError, match=r"fold: argument 'weights_by': expected a calibration of this plan"):
+        rotfn.fold(p, other, weights_by=calib)
+    changed = {k: (v * 1.5 if k in plan.quantized else v) for k, v in p.items()}
+    with pytest.raises(PlanError, match=r"expected a calibration of these params"):
+        rotfn.fold(changed, plan, weights_by=calib)
+    with pytest.raises(ArgumentError, match=r"fold: argument 'weights_by': expected None or a rotfn.calibration.Calibration"):
+        rotfn.fold(p, plan, weights_by={"a": 1})
+    unquantized = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1))
+    with pytest.raises(PlanError, match=r"calibrate: argument 'plan': expected a plan that quantizes weights"):
+        rotfn.calibrate(model, p, unquantized, batches)
+    with pytest.raises(ArgumentError, match=r"calibrate: argument 'activations'"):
+        rotfn.calibrate(model, p, plan, batches, activations="int4")
+    with pytest.raises(ArgumentError, match=r"gptq: argument 'damp'"):
+        rotfn.calibrate(model, p, plan, batches, damp=-1.0)
+    with pytest.raises(ArgumentError, match=r"argument 'data'"):
+        rotfn.calibrate(model, p, plan, [])
