@@ -15,8 +15,8 @@ from rotfn.specs import Format, Rotation
 __all__ = ["online", "activation"]
 
 #: The sites each online entry kind acts at (query and key share an entry: R3 cancels in ``q @ k.T``).
-_POINTS = {"linear": ("input",), "qk": ("query", "key"), "experts_in": ("experts_in",),
-           "experts_down": ("experts_down",)}
+_POINTS = {"linear": ("input",), "qk": ("query", "key"), "key": ("key",), "value": ("value",),
+           "experts_in": ("experts_in",), "experts_down": ("experts_down",)}
 
 
 def activation(x: torch.Tensor, *, rotation: Rotation | None, fmt: Format | None) -> torch.Tensor:
@@ -35,13 +35,22 @@ def activation(x: torch.Tensor, *, rotation: Rotation | None, fmt: Format | None
     return x
 
 
+def in_order(x: torch.Tensor, *, fns: tuple[Callable[[torch.Tensor], torch.Tensor], ...]) -> torch.Tensor:
+    """``x`` through ``fns`` one after the other (the entries of one site, in plan order)."""
+    for f in fns:
+        x = f(x)
+    return x
+
+
 def online(plan: Plan | None) -> dict[Site, Callable[[torch.Tensor], torch.Tensor]]:
     """A plan's online entries as site functions: ``{Site: x -> qdq(x @ R, fmt)}``.
 
     A ``"linear"`` entry acts at the module's input, ``"qk"`` at its queries and keys (one
-    function for both), ``"experts_in"`` / ``"experts_down"`` at those experts points. The
-    functions are ``functools.partial`` of :func:`activation`, so they print their rotation
-    and format.
+    function for both), ``"key"`` / ``"value"`` at the keys / values entering attention,
+    ``"experts_in"`` / ``"experts_down"`` at those experts points. The functions are
+    ``functools.partial`` of :func:`activation`, so they print their rotation and format;
+    where several entries act at one site (R3 then the KV format on keys) the site gets
+    ``partial(in_order, fns=(...))`` of them in plan order.
 
     Args:
         plan: a :class:`rotfn.plans.Plan`, or None (no sites).
@@ -62,9 +71,9 @@ def online(plan: Plan | None) -> dict[Site, Callable[[torch.Tensor], torch.Tenso
     if plan is None:
         return {}
     require_plan("online", plan, optional=True)
-    out = {}
+    fns: dict[Site, list] = {}
     for o in plan.online:
         f = functools.partial(activation, rotation=o.rotation, fmt=o.fmt)
         for point in _POINTS[o.kind]:
-            out[Site(o.site, point)] = f
-    return out
+            fns.setdefault(Site(o.site, point), []).append(f)
+    return {site: fs[0] if len(fs) == 1 else functools.partial(in_order, fns=tuple(fs)) for site, fs in fns.items()}

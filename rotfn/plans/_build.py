@@ -47,9 +47,9 @@ def _format(fn: str, arg: str, f) -> Format | None:
     return f
 
 
-def _check_group(fn: str, arg: str, f: Format | None, n: int, site: str) -> None:
+def _check_group(fn: str, arg: str, f: Format | None, n: int, site: str, what: str = "input size") -> None:
     if f is not None and f.group is not None and n % f.group:
-        raise ShapeError(message(fn, arg, f"a format whose scale group divides {n} (the input size of {site})",
+        raise ShapeError(message(fn, arg, f"a format whose scale group divides {n} (the {what} of {site})",
                                  f"{f!r} with group {f.group}", "pick a format with a smaller group, or leave this site out"))
 
 
@@ -77,12 +77,13 @@ class _Builder:
         if r is not None:
             entry[2] = role
 
-    def plan(self, method: str, family: str | None, info, weights: Format | None, acts: Format | None) -> Plan:
+    def plan(self, method: str, family: str | None, info, weights: Format | None, acts: Format | None,
+             kv: Format | None = None) -> Plan:
         online = tuple(Online(site, kind, r, f, role) for (site, kind), (r, f, role) in self.online.items())
         return Plan(
             method=method, family=family, model=info.cls, signature=info.signature, weight=tuple(self.weight),
             norms=tuple(self.norms), online=online, weights=weights if self.quantized else None,
-            quantized=tuple(self.quantized), acts=acts, tied=info.tied, untied=tuple(self.untied),
+            quantized=tuple(self.quantized), acts=acts, kv=kv, tied=info.tied, untied=tuple(self.untied),
             notes=tuple(self.notes),
         )
 
@@ -187,6 +188,7 @@ def quarot(
     r4: RotationArg = None,
     weights: Format | None = None,
     acts: Format | None = None,
+    kv: Format | None = None,
 ) -> Plan:
     """A QuaRot / SpinQuant plan: R1 on the residual stream, R2 per head on V/O, R3 on Q/K, R4 before down_proj.
 
@@ -209,7 +211,14 @@ def quarot(
 
     ``acts`` fake-quantizes every decoder linear input (after its online rotation);
     ``weights`` every decoder linear weight after folding. The MoE router, the
-    shared expert gate, embeddings and lm_head stay unquantized.
+    shared expert gate, embeddings and lm_head stay unquantized. ``kv`` fake-quantizes
+    what a KV cache holds, as it enters attention: the keys after RoPE, q/k norms and R3
+    (``k R3``), and the values after v_proj (with R2 folded), each ``[batch, kv_heads,
+    tokens, head_dim]`` tensor over its last dim, so a format with ``group=None`` has one
+    scale per token and head (asymmetric INT4 per head, as QuaRot: ``rotfn.intq(4,
+    symmetric=False)``). The cache's history is re-quantized from its float values at every
+    step, which gives each token the same codes as quantizing it once when cached.
+    ``quarot(model, r1=None, kv=fmt)`` is KV-cache quantization alone.
 
     Args:
         model: a transformers ``*ForCausalLM`` of a supported family (see :data:`rotfn.plans.FAMILIES`).
@@ -221,6 +230,7 @@ def quarot(
             needed when down projections differ in size, as in MoE.
         weights: weight format, or None.
         acts: activation format, or None.
+        kv: KV-cache format (keys and values), or None.
 
     Returns:
         A frozen :class:`rotfn.plans.Plan`.
@@ -246,7 +256,7 @@ def quarot(
     fn = "quarot"
     info = describe(model, fn=fn)
     fam = family_for(fn, info.model_type, info.cls)
-    weights, acts = _format(fn, "weights", weights), _format(fn, "acts", acts)
+    weights, acts, kv = _format(fn, "weights", weights), _format(fn, "acts", acts), _format(fn, "kv", kv)
     cfg = info.config
     shapes = info.shapes
     embed_key = _need(fn, info, f"{fam.embed}.weight", fam)
@@ -336,6 +346,10 @@ def quarot(
                 b.rotate(key, R2, "output", "R2", per_head=True, span=span)
             b.rotate(w(o), R2, "input", "R2", per_head=True)
         b.add_online(p + fam.attn, "qk", R3, None, "R3")
+        if kv is not None:
+            _check_group(fn, "kv", kv, hd, p + fam.attn, "head_dim")
+            b.add_online(p + fam.attn, "key", None, kv, "kv")
+            b.add_online(p + fam.attn, "value", None, kv, "kv")
         for m in downs:
             n = shapes[w(m)][-1]
             r = _rotation(fn, "r4", r4, n, m, "input size")
@@ -378,4 +392,4 @@ def quarot(
         raise PlanError(message(fn, "model", f"only parameters the {fam.name} adapter names", f"unknown {unknown[:6]}",
                                 "extend the adapter in rotfn.plans.FAMILIES so every reader and writer of the residual "
                                 "is rotated"))
-    return b.plan("quarot", fam.name, info, weights, acts)
+    return b.plan("quarot", fam.name, info, weights, acts, kv)

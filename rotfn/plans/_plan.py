@@ -9,8 +9,9 @@ side (applied by :func:`rotfn.call` for one call):
 * :class:`NormFusion`: a norm scale folded into the linears that read it;
 * weight qdq: ``weights`` (a format) on the keys in ``quantized``;
 * :class:`Online`: at a module, ``x -> qdq(x @ R, fmt)`` on a linear's input
-  (``"linear"``), on queries and keys after RoPE (``"qk"``), or inside fused
-  experts (``"experts_in"``, ``"experts_down"``).
+  (``"linear"``), on queries and keys after RoPE (``"qk"``), on the keys or
+  values entering attention (``"key"``, ``"value"``: KV-cache quantization), or
+  inside fused experts (``"experts_in"``, ``"experts_down"``).
 
 Plans are frozen, compare by value, print as a table (``print(plan)``) and round
 trip through :meth:`Plan.to_dict` / :meth:`Plan.from_dict` (JSON-safe; rotations
@@ -32,7 +33,7 @@ from rotfn.transforms import Chain, Where, chain, fuse_norm, qdq_weights, rotate
 __all__ = ["Plan", "WeightRotation", "NormFusion", "Online", "signature", "PLAN_VERSION", "ONLINE_KINDS"]
 
 PLAN_VERSION = 1
-ONLINE_KINDS = ("linear", "qk", "experts_in", "experts_down")
+ONLINE_KINDS = ("linear", "qk", "key", "value", "experts_in", "experts_down")
 _SIDES = ("input", "output")
 
 
@@ -98,7 +99,9 @@ class Online:
     Attributes:
         site: module name (a linear, an attention module, or a fused experts module).
         kind: ``"linear"`` (the linear's input), ``"qk"`` (queries and keys after RoPE),
-            ``"experts_in"`` / ``"experts_down"`` (inputs of the fused experts' gate_up / down).
+            ``"key"`` / ``"value"`` (the keys / values entering attention, after ``"qk"``: what a
+            KV cache holds), ``"experts_in"`` / ``"experts_down"`` (inputs of the fused experts'
+            gate_up / down).
         rotation: a :class:`rotfn.Rotation` or None.
         fmt: a format for activation qdq after the rotation, or None.
         role: a label for printing.
@@ -129,6 +132,7 @@ class Plan:
         weights: format of the weight qdq folded last, or None.
         quantized: keys whose weights are fake-quantized with ``weights``.
         acts: the activation format the online entries use, or None (for printing; entries carry it).
+        kv: the KV-cache format of the ``"key"`` / ``"value"`` entries, or None (for printing; entries carry it).
         tied: groups of keys that share one tensor in the model.
         untied: keys the plan gives their own tensor (their tie is broken, see ``notes``).
         notes: human-readable facts about the plan (ties broken, layers skipped, exactness).
@@ -144,6 +148,7 @@ class Plan:
     weights: Format | None = None
     quantized: tuple[str, ...] = ()
     acts: Format | None = None
+    kv: Format | None = None
     tied: tuple[tuple[str, ...], ...] = ()
     untied: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
@@ -186,6 +191,8 @@ class Plan:
             parts.append(f"weights={self.weights!r}")
         if self.acts is not None:
             parts.append(f"acts={self.acts!r}")
+        if self.kv is not None:
+            parts.append(f"kv={self.kv!r}")
         if self.untied:
             parts.append(f"untied={list(self.untied)}")
         return f"Plan({', '.join(parts)})"
@@ -241,6 +248,7 @@ class Plan:
             "weights": None if self.weights is None else self.weights.to_dict(),
             "quantized": list(self.quantized),
             "acts": None if self.acts is None else self.acts.to_dict(),
+            "kv": None if self.kv is None else self.kv.to_dict(),
             "tied": [list(g) for g in self.tied],
             "untied": list(self.untied),
             "notes": list(self.notes),
@@ -282,7 +290,7 @@ class Plan:
             plan = cls(
                 method=d["method"], family=d["family"], model=d["model"], signature=d["signature"], weight=weight,
                 norms=norms, online=online, weights=fmt(d["weights"]), quantized=tuple(d["quantized"]),
-                acts=fmt(d["acts"]), tied=tuple(tuple(g) for g in d["tied"]), untied=tuple(d["untied"]),
+                acts=fmt(d["acts"]), kv=fmt(d.get("kv")), tied=tuple(tuple(g) for g in d["tied"]), untied=tuple(d["untied"]),
                 notes=tuple(d["notes"]),
             )
         except SpecError:
