@@ -132,6 +132,23 @@ def test_gradients_come_from_torch_func_grad(llama, data, monkeypatch):
     assert len(calls) == 1 and len(result.losses) == 2
 
 
+def test_learning_under_float_weights_keeps_the_weight_format_for_gptq(llama, data):
+    """SpinQuant's order: learn R1/R2 under W16A4, then round the weights with GPTQ."""
+    model, p = llama
+    fmt = rotfn.intq(4, group=32)
+    plan = quarot_plan(model, fmt)
+    w16 = rotations(model, p, plan, data[0][:2], steps=3, lr=1.0, loss="fidelity", weights="float", progress=False)
+    w4 = rotations(model, p, plan, data[0][:2], steps=3, lr=1.0, loss="fidelity", progress=False)
+    a4 = rotations(model, p, dataclasses.replace(plan, weights=None, quantized=()), data[0][:2], steps=3, lr=1.0,
+                   loss="fidelity", progress=False)
+    assert w16.losses == a4.losses and w16.losses != w4.losses   # the same learning as a W16A4 plan
+    assert w16.plan.weights == fmt and w16.plan.quantized == plan.quantized
+    assert [w.rotation for w in w16.plan.weight] == [w.rotation for w in a4.plan.weight]
+    calib = rotfn.calibrate(model, p, w16.plan, data[0][:2], progress=False)
+    folded = rotfn.fold(p, w16.plan, weights_by=calib)
+    assert torch.isfinite(rotfn.call(model, folded, w16.plan, **data[1][0]).logits).all()
+
+
 def test_an_unquantized_plan_has_nothing_to_learn(llama, data):
     model, p = llama
     plan = without_formats(quarot_plan(model, rotfn.intq(4)))
@@ -301,6 +318,7 @@ def test_calibration_bad_tokenizer():
     ({"lr": float("inf")}, ArgumentError, "lr"),
     ({"momentum": 1.0}, ArgumentError, "momentum"),
     ({"shared": "yes"}, ArgumentError, "shared"),
+    ({"weights": "int4"}, ArgumentError, "weights"),
     ({"data": []}, ArgumentError, "data"),
     ({"data": torch.zeros(2, 8, dtype=torch.long)}, ArgumentError, "data"),
     ({"data": [[1, 2]]}, DTypeError, r"data\[0\]"),

@@ -83,6 +83,7 @@ def rotations(
     loss: LossArg = None,
     momentum: float = 0.9,
     shared: bool = False,
+    weights: str = "quantized",
     progress: bool = True,
 ) -> LearnResult:
     """Learn the rotations of a quantized plan: Cayley SGD on the orthogonal group, gradients from torch.func.grad.
@@ -91,7 +92,8 @@ def rotations(
     orthogonal ``Q``, where ``plan(Q)`` puts ``U blockdiag(Q)`` in place of every rotation ``U``
     with a role in ``roles`` (one ``Q`` per slot: one R1 for the model, one R2 per layer, one R4
     or per_linear rotation per linear, see :mod:`rotfn.learn`; ``Q = I`` at the start). Weights and activations are
-    fake-quantized as the plan says, with straight-through gradients (:func:`rotfn.qdq`); the
+    fake-quantized as the plan says (weights only with ``weights="quantized"``; ``"float"`` learns
+    under unquantized weights, SpinQuant's W16A4 setting before GPTQ), with straight-through gradients (:func:`rotfn.qdq`); the
     weight side goes through the plan's own fold program (:func:`rotfn.transforms.compile_fold`,
     run with ``rotate=`` stand-ins that multiply by ``Q``), differentiable in ``Q``. Each step takes the next batch (cycling), computes
     ``dL/dQ`` with ``torch.func.grad`` and moves every ``Q`` by one Cayley step
@@ -115,6 +117,8 @@ def rotations(
         momentum: Cayley SGD momentum in ``[0, 1)``.
         shared: learn one matrix per role and rotation spec for the whole model, instead of one per
             layer (R2) or per linear (R4, per_linear).
+        weights: ``"quantized"`` (the plan's weight format during learning) or ``"float"`` (none;
+            the learned plan keeps the format, for :func:`rotfn.calibrate` and GPTQ afterwards).
         progress: show a tqdm progress bar with the step and the loss.
 
     Returns:
@@ -122,7 +126,7 @@ def rotations(
 
     Raises:
         ArgumentError: bad steps, lr, momentum, roles (unknown, or none in the plan, or an online
-            rotation inside attention), loss or data (empty).
+            rotation inside attention), weights, loss or data (empty).
         DTypeError: a batch or params of another type.
         PlanError: plan not a Plan, or built for another model.
         FoldError: params already folded.
@@ -160,14 +164,19 @@ def rotations(
     for arg, value in (("shared", shared), ("progress", progress)):
         if not isinstance(value, bool):
             raise ArgumentError(message(fn, arg, "a bool", repr(value)))
+    if weights not in ("quantized", "float"):
+        raise ArgumentError(message(fn, "weights", "'quantized' or 'float'", repr(weights),
+                                    "weights='float' learns under unquantized weights (W16A4)"))
     slots = find_slots(fn, plan, _check_roles(fn, roles), shared=shared)
     device = next(iter(params.values())).device
     batches = [to_device(b, device) for b in check_batches(fn, data)]
     objective = Objective(fn, model, params, batches, loss)
 
-    training = slots.training_plan(plan)
+    # the learning plan differs from plan in the weight format only: slot indices hold for both
+    learning = plan if weights == "quantized" else dataclasses.replace(plan, weights=None, quantized=())
+    training = slots.training_plan(learning)
     transforms = {plan.weight[i].transform(): s for i, s in slots.weight.items()}
-    program = compile_fold(plan.transform(), params, fn=fn)
+    program = compile_fold(learning.transform(), params, fn=fn)
 
     def step_loss(qs: tuple[torch.Tensor, ...], i: int):
         by_slot = dict(zip(slots.slots, qs, strict=True))
