@@ -115,7 +115,7 @@ def _inspect_file(path: str) -> int:
     import safetensors
 
     from rotfn.errors import CheckpointError, message
-    from rotfn.io import METADATA_KEY, decode_plan, read_header
+    from rotfn.io import METADATA_KEY, decode_plan, read_header, rotation_tensor_names
 
     entries, metadata, _ = read_header(path, fn="inspect")
     if METADATA_KEY not in metadata:
@@ -134,7 +134,7 @@ def _inspect_file(path: str) -> int:
     if doc.get("plan") is None:
         print("plan: none")
         return EXIT_OK
-    names = [ref[k] for ref in doc.get("rotation_tensors", []) for k in ("signs", "tile") if ref.get(k)]
+    names = rotation_tensor_names(doc)
     with safetensors.safe_open(path, framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in names}
     plan = decode_plan(doc, tensors, fn="inspect", arg="path", source=path)

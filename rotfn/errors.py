@@ -38,7 +38,7 @@ def message(fn: str, arg: str, expected: str, got: object, fix: str | None = Non
 
     Args:
         fn: public function name, e.g. ``"rotate"``.
-        arg: argument or parameter key, e.g. ``"x"`` or ``"fmt.block"``.
+        arg: argument or parameter key, e.g. ``"x"`` or ``"fmt.group"``.
         expected: what was expected, in words.
         got: what was received (formatted with ``str``).
         fix: a concrete way out, or ``None``.

@@ -146,7 +146,7 @@ def rotate(x: torch.Tensor, R: Rotation, *, backend: str = "auto") -> torch.Tens
 def rotate_back(x: torch.Tensor, R: Rotation, *, backend: str = "auto") -> torch.Tensor:  # noqa: N803
     """Undo :func:`rotate`: ``y = x @ R.T`` (the inverse, since R is orthogonal).
 
-    Uses the transpose of R's spec (same tile, same block partition, signs applied
+    Uses the transpose of R's spec (same blocks, same partition, signs applied
     first), so ``rotate_back(rotate(x, R), R) == x`` up to rounding even when R is
     not symmetric.
 

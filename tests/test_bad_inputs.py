@@ -35,7 +35,7 @@ CASES = [
     (lambda: rotfn.from_matrix(torch.eye(3)[:2]), RotationError, ValueError, r"from_matrix: argument 'm': expected a non-empty square"),
     (lambda: rotfn.from_matrix(torch.eye(3, dtype=torch.int64)), RotationError, ValueError, r"expected a floating matrix"),
     (lambda: rotfn.from_matrix([[1.0]]), RotationError, ValueError, r"expected a torch.Tensor, got list"),
-    (lambda: rotfn.from_matrix(torch.eye(4), n=6), RotationError, ValueError, r"argument 'n': expected a multiple of the tile size 4"),
+    (lambda: rotfn.from_matrix(torch.eye(4), n=6), RotationError, ValueError, r"argument 'n': expected a multiple of the block size 4"),
     (lambda: rotfn.rotate(X64.long(), R64), DTypeError, TypeError, r"rotate: argument 'x': expected dtype float16.*got torch.int64; fix: cast"),
     (lambda: rotfn.rotate([1.0], R64), DTypeError, TypeError, r"rotate: argument 'x': expected a torch.Tensor, got list"),
     (lambda: rotfn.rotate(torch.zeros(2, 32), R64), ShapeError, ValueError, r"rotate: argument 'x': expected last dim 64.*got shape \(2, 32\)"),

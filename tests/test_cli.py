@@ -55,8 +55,8 @@ def test_fold_then_inspect_shows_the_plan(src, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tensors written" in out and "R1" in out and "R2" in out
     plan = rotfn.io._hf.read_rotfn_json(dst)
-    assert plan.weight[0].rotation in (rotfn.hadamard(64, seed=4), rotfn.hadamard(16, seed=5))
-    assert {w.role for w in plan.weight} == {"R1", "R2"}
+    assert plan.rotations[0].rotation in (rotfn.hadamard(64, seed=4), rotfn.hadamard(16, seed=5))
+    assert {w.role for w in plan.rotations} == {"R1", "R2"}
 
     assert main(["inspect", dst]) == EXIT_OK
     out = capsys.readouterr().out
@@ -77,7 +77,7 @@ def test_per_linear_fold_with_weight_qdq(src, tmp_path, capsys):
                  "--weights", "mxfp4", "--precision", "float32", "--quiet"]) == EXIT_OK
     plan = rotfn.io._hf.read_rotfn_json(dst)
     assert plan.method == "per_linear" and plan.weights == rotfn.mxfp4()
-    assert plan.weight[0].rotation == rotfn.orthogonal(64, seed=0, block=32)
+    assert plan.rotations[0].rotation == rotfn.orthogonal(64, seed=0, block=32)
     assert "online transforms" in capsys.readouterr().err  # per_linear rotates each input online
 
 

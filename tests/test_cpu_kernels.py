@@ -30,7 +30,7 @@ def _weights(shape, seed, source, *, scaled):
        transposed=st.booleans(), columns=st.integers(0, 40), source=st.sampled_from(SOURCES), scaled=st.booleans())
 def test_kernel_returns_the_reference_bits_or_nothing(bits, block_bits, signed, seed, transposed, columns, source,
                                                       scaled):
-    """Rows (columns == 0) or a transposed view (the rotated dim first in memory), every tile size, signs, R or R.T."""
+    """Rows (columns == 0) or a transposed view (the rotated dim first in memory), every block size, signs, R or R.T."""
     n = 1 << bits
     r = rotfn.hadamard(n, block=1 << min(block_bits, bits), seed=seed if signed else None)
     r = r.T if transposed else r
@@ -46,7 +46,7 @@ def test_kernel_returns_the_reference_bits_or_nothing(bits, block_bits, signed, 
 @pytest.mark.parametrize("layout", ["rows", "columns"])
 @pytest.mark.parametrize("n", [128, 4096])
 def test_kernel_serves_typical_weights(source, scaled, layout, n):
-    """bf16/fp16 weights with a folded norm scale and fp32 weights: every tile passes the exactness test."""
+    """bf16/fp16 weights with a folded norm scale and fp32 weights: every block passes the exactness test."""
     x = _weights((16, n), 0, source, scaled=scaled)
     x = x if layout == "rows" else x.T.contiguous().T
     for r in (rotfn.hadamard(n, seed=1), rotfn.hadamard(n, seed=1).T, rotfn.hadamard(n, block=64)):

@@ -28,6 +28,7 @@ PAGES = {
     "concepts/plans/index.html": [],
     "concepts/fold-vs-online/index.html": [],
     "concepts/backends/index.html": [],
+    "concepts/glossary/index.html": ["plan.rotations vs plan.weights", "<dl>"],
     "howto/tensor/index.html": [],
     "howto/per-linear/index.html": [],
     "howto/quarot/index.html": [],

@@ -45,16 +45,16 @@ def test_every_rotation_kind_round_trips_bit_identically(rotation):
     plan = _plan_with(rotation)
     _, loaded, stored = _round_trip({"w": torch.zeros(2)}, plan)
     assert loaded == plan
-    again = loaded.weight[0].rotation
+    again = loaded.rotations[0].rotation
     rt.assert_bits_equal(again.matrix(), rotation.matrix(), name=repr(rotation))
     signs = [t for k, t in stored.items() if k.endswith(".signs")]
-    tiles = [t for k, t in stored.items() if k.endswith(".tile")]
+    blocks = [t for k, t in stored.items() if k.endswith(".block")]
     if rotation.signs is not None:  # random signs are data in the file: an int8 tensor, not only the seed
         assert signs[0].dtype == torch.int8
         rt.assert_bits_equal(signs[0], rotation.sign_vector().to(torch.int8))
     assert len(signs) == (rotation.signs is not None)
-    assert len(tiles) == (rotation.kind in ("orthogonal", "matrix"))
-    assert all(t.dtype == torch.float64 and t.shape == (rotation.tile, rotation.tile) for t in tiles)
+    assert len(blocks) == (rotation.kind in ("orthogonal", "matrix"))
+    assert all(t.dtype == torch.float64 and t.shape == (rotation.block_size, rotation.block_size) for t in blocks)
 
 
 def test_signs_come_from_the_file_not_the_generator(monkeypatch):
@@ -67,26 +67,26 @@ def test_signs_come_from_the_file_not_the_generator(monkeypatch):
         assert rotfn.hadamard(32, seed=7) != rotation
         _, loaded = rotfn.load(path)
     assert loaded == plan
-    rt.assert_bits_equal(loaded.weight[0].rotation.matrix(), rotation.matrix())
+    rt.assert_bits_equal(loaded.rotations[0].rotation.matrix(), rotation.matrix())
 
 
 def test_a_changed_orthogonal_generator_falls_back_to_the_stored_matrix(monkeypatch):
     rotation = rotfn.orthogonal(16, seed=3, block=8).T
     plan = _plan_with(rotation)
     expected = rotation.matrix()
-    original = rotation_module._tile
+    original = rotation_module._block
 
     def other_generator(kind, b, factor, seed, data):
-        tile = original(kind, b, factor, seed, data)
-        return -tile if kind == "orthogonal" else tile
+        block = original(kind, b, factor, seed, data)
+        return -block if kind == "orthogonal" else block
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "a.safetensors")
         rotfn.save(path, {}, plan)
-        monkeypatch.setattr(rotation_module, "_tile", other_generator)
+        monkeypatch.setattr(rotation_module, "_block", other_generator)
         with pytest.warns(CheckpointWarning, match="stored matrix"):
             _, loaded = rotfn.load(path)
-    again = loaded.weight[0].rotation
+    again = loaded.rotations[0].rotation
     assert (again.kind, again.block, again.transposed) == ("matrix", 8, True)
     rt.assert_bits_equal(again.matrix(), expected)
 
@@ -239,7 +239,7 @@ def _set_signs_to_zero(doc, tensors):
 def _forget_signs(doc, tensors):
     key = doc["rotation_tensors"][0]["signs"]
     layout = {k: v for k, v in doc["tensors"].items() if k != key}
-    refs = [{"signs": None, "tile": None}, *doc["rotation_tensors"][1:]]
+    refs = [{"signs": None, "block": None}, *doc["rotation_tensors"][1:]]
     return _edit(doc, tensors=layout, rotation_tensors=refs), {k: v for k, v in tensors.items() if k != key}
 
 
@@ -260,7 +260,7 @@ BAD_EDITS = {
                        "dtype name"),
     "unknown entry kind": (lambda doc, t: (_edit(doc, params=[{"name": "a", "kind": "pickle"}]), t), "kind"),
     "alias to nothing": (lambda doc, t: (_edit(doc, params=[{"name": "a", "kind": "alias", "of": "b"}]), t), "alias"),
-    "malformed plan": (lambda doc, t: (_edit(doc, plan={**doc["plan"], "weight": [{"key": "w"}]}), t), "Plan.from_dict"),
+    "malformed plan": (lambda doc, t: (_edit(doc, plan={**doc["plan"], "rotations": [{"key": "w"}]}), t), "Plan.from_dict"),
     "rotation table mismatch": (lambda doc, t: (_edit(doc, rotation_tensors=[]), t), "malformed"),
     "signs not +-1": (_set_signs_to_zero, "signs"),
     "signs not named": (_forget_signs, "stored signs"),
@@ -317,6 +317,75 @@ def test_load_argument_errors(tmp_path):
         rotfn.load(tmp_path / "missing.safetensors")
     with pytest.raises(ArgumentError, match="load: argument 'path'"):
         rotfn.load(3)
+
+
+# ----- files of earlier versions ----------------------------------------------------------------------
+def _v1_format(d):
+    """A format dict as rotfn wrote it before format version 2 (the scale group under "block")."""
+    return None if d is None else {**{"block" if k == "group" else k: v for k, v in d.items()}, "version": 1}
+
+
+def _v1_plan(d):
+    """A plan dict as rotfn wrote it before plan version 2 ("weight" entries, "rotations" table)."""
+    names = {"rotations": "weight", "rotation_table": "rotations"}
+    old = {names.get(k, k): v for k, v in d.items()}
+    old["online"] = [{**o, "fmt": _v1_format(o["fmt"])} for o in d["online"]]
+    return {**old, "version": 1, "weights": _v1_format(d["weights"]), "acts": _v1_format(d["acts"])}
+
+
+def _v1_file(doc, tensors):
+    """A saved file's metadata and tensors as rotfn wrote them before plan version 2 (dense blocks as "tile")."""
+    def rename(key):
+        return key.removesuffix(".block") + ".tile" if key.endswith(".block") else key
+
+    refs = [{"signs": r["signs"], "tile": r["block"] and rename(r["block"])} for r in doc["rotation_tensors"]]
+    params = [{**p, "format": _v1_format(p["format"])} if p["kind"] == "qtensor" else p for p in doc["params"]]
+    old = {**doc, "plan": _v1_plan(doc["plan"]), "rotation_tensors": refs, "params": params,
+           "tensors": {rename(k): v for k, v in doc["tensors"].items()}}
+    return old, {rename(k): v for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=repr)
+def test_format_dicts_of_version_1_still_load(fmt):
+    d = fmt.to_dict()
+    assert d["version"] == 2 and "block" not in d
+    assert rotfn.format_from_dict(_v1_format(d)) == fmt
+
+
+def test_plan_dicts_of_version_1_still_load():
+    model = rt.tiny_model(rt.make_config("llama", layers=1), dtype=torch.float32)
+    plan = rotfn.plans.quarot(model, r1=rotfn.orthogonal(32, seed=0, block=16), r3=rotfn.hadamard(8, seed=2),
+                              weights=rotfn.intq(4, group=16), acts=rotfn.mxfp4())
+    d = plan.to_dict()
+    assert (d["version"], "weight" in d, len(d["rotations"])) == (2, False, len(plan.rotations))
+    old = json.loads(json.dumps(_v1_plan(d)))
+    assert "rotation_table" not in old and "weight" in old
+    assert rotfn.Plan.from_dict(old) == plan
+
+
+def test_a_file_saved_before_plan_version_2_still_loads(tmp_path):
+    model = rt.tiny_model(rt.make_config("llama", layers=1), dtype=torch.float32)
+    plan = rotfn.plans.quarot(model, r1=rotfn.orthogonal(32, seed=0), r3=rotfn.hadamard(8, seed=2),
+                              weights=rotfn.intq(4, group=16), acts=rotfn.nvfp4())
+    params = rotfn.plans.FoldedParams(
+        {**rotfn.fold(rotfn.params(model), plan), "q": rotfn.quantize(torch.randn(2, 32), rotfn.mxfp4())}, plan)
+    path = tmp_path / "new.safetensors"
+    rotfn.save(path, params, plan)
+    with safetensors.safe_open(path, framework="pt") as f:
+        doc = json.loads(f.metadata()["rotfn"])
+    assert any(k.endswith(".block") for k in doc["tensors"]) and "weight" not in doc["plan"]
+    old = tmp_path / "old.safetensors"
+    _rewrite(old, *_v1_file(doc, safetensors.torch.load_file(path)))
+    new_params, new_plan = rotfn.load(path)
+    old_params, old_plan = rotfn.load(old)
+    assert old_plan == new_plan == plan and sorted(old_params) == sorted(new_params)
+    for key, value in new_params.items():
+        if isinstance(value, rotfn.QTensor):
+            assert old_params[key].format == value.format
+            value, again = rotfn.dequantize(value), rotfn.dequantize(old_params[key])
+        else:
+            again = old_params[key]
+        rt.assert_bits_equal(again, value, name=key)
 
 
 # ----- atomic writes ---------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ FORMATS = [
     rotfn.intq(4), rotfn.intq(8, symmetric=False), rotfn.intq(3, clip=0.9),
     rotfn.fp8(), rotfn.fp8("token"), rotfn.fp8("channel"),
 ]
-TILES = kernels.launch._TILES
+BLOCKS = kernels.launch._DENSE_BLOCKS
 
 
 def inputs(n=256, *, dtypes=DTYPES, rows=rt.row_counts(300 if CUDA else 5), scale_exponents=(-6, 6)):
@@ -40,9 +40,9 @@ def inputs(n=256, *, dtypes=DTYPES, rows=rt.row_counts(300 if CUDA else 5), scal
     return rt.tensors(n, dtypes=dtypes, rows=rows, scale_exponents=scale_exponents).map(lambda x: x.to(DEVICE))
 
 
-def _dtypes(tile):
-    """The dtypes the fused kernels take with a rotation tile (fp32 256 x 256 tiles are refused: shared memory)."""
-    return HALF if tile == 256 else DTYPES
+def _dtypes(block):
+    """The dtypes the fused kernels take with a rotation block (fp32 256 x 256 blocks are refused: shared memory)."""
+    return HALF if block == 256 else DTYPES
 
 
 @contextlib.contextmanager
@@ -123,12 +123,12 @@ def _close_to_reference(got, ref, dtype):
 
 
 @pytest.mark.parametrize("kind", rt.ROTATION_KINDS)
-@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("block", BLOCKS)
 @settings(max_examples=4 if not CUDA else 6)
 @given(data=st.data())
-def test_block_rotation_within_ulps(kind, tile, data):
-    x = data.draw(inputs(dtypes=_dtypes(tile)), label="x")
-    r = data.draw(rt.rotations(256, kinds=(kind,), tiles=(tile,)), label="rotation")
+def test_block_rotation_within_ulps(kind, block, data):
+    x = data.draw(inputs(dtypes=_dtypes(block)), label="x")
+    r = data.draw(rt.rotations(256, kinds=(kind,), blocks=(block,)), label="rotation")
     with _on_triton("rotate"):
         got = rotfn.rotate(x, r, backend="triton")
     ref = rotfn.rotate(x, r, backend="torch")
@@ -140,7 +140,7 @@ def test_block_rotation_within_ulps(kind, tile, data):
 @given(data=st.data())
 def test_large_hadamard_rotation_within_ulps(n, block, data):
     x = data.draw(inputs(n, rows=rt.row_counts(3 if not CUDA else 70), scale_exponents=(0, 0)), label="x")
-    r = data.draw(rt.rotations(n, kinds=("hadamard", "signed"), tiles=(block or n,)), label="rotation")
+    r = data.draw(rt.rotations(n, kinds=("hadamard", "signed"), blocks=(block or n,)), label="rotation")
     with _on_triton("rotate", "rotate"):
         got = rotfn.rotate(x, r, backend="triton")
         back = rotfn.rotate_back(got, r, backend="triton")
@@ -155,7 +155,7 @@ def test_large_hadamard_rotation_within_ulps(n, block, data):
 @given(data=st.data())
 def test_large_hadamard_rotate_qdq_is_qdq_of_the_kernel_rotation(fmt, n, data):
     x = data.draw(inputs(n, rows=3, scale_exponents=(0, 0)), label="x")
-    r = data.draw(rt.rotations(n, kinds=("signed",), tiles=(n,), transposed=False), label="rotation")
+    r = data.draw(rt.rotations(n, kinds=("signed",), blocks=(n,), transposed=False), label="rotation")
     with _on_triton("rotate", "rotate_qdq", "rotate_qdq", "rotate"):
         rotated = rotfn.rotate(x, r, backend="triton")
         fused = rotfn.rotate_qdq(x, r, fmt, backend="triton")
@@ -167,13 +167,13 @@ def test_large_hadamard_rotate_qdq_is_qdq_of_the_kernel_rotation(fmt, n, data):
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=repr)
 @settings(max_examples=4 if not CUDA else 6)
-@given(tile=st.sampled_from(TILES), data=st.data())
-def test_fused_rotate_qdq_is_qdq_of_the_kernel_rotation(fmt, tile, data):
+@given(block=st.sampled_from(BLOCKS), data=st.data())
+def test_fused_rotate_qdq_is_qdq_of_the_kernel_rotation(fmt, block, data):
     """Every difference from the reference comes from the rotation, never from the quantizer:
     the fused kernel equals the reference qdq of the kernel's own rotation, bit for bit, and
-    that rotation is within ulps of the reference (test above). Every tile: test_every_launch_layout."""
-    x = data.draw(inputs(dtypes=_dtypes(tile)), label="x")
-    r = data.draw(rt.rotations(256, kinds=("signed", "orthogonal"), tiles=(tile,)), label="rotation")
+    that rotation is within ulps of the reference (test above). Every block: test_every_launch_layout."""
+    x = data.draw(inputs(dtypes=_dtypes(block)), label="x")
+    r = data.draw(rt.rotations(256, kinds=("signed", "orthogonal"), blocks=(block,)), label="rotation")
     with _on_triton("rotate", "rotate_qdq", "rotate_qdq"):
         rotated = rotfn.rotate(x, r, backend="triton")
         fused = rotfn.rotate_qdq(x, r, fmt, backend="triton")
@@ -192,7 +192,7 @@ def test_fused_rotate_qdq_is_qdq_of_the_kernel_rotation(fmt, tile, data):
 def test_fused_mismatches_sit_next_to_rounding_ties(fmt, x, seed):
     """Against the full reference, a fused MX / fixed-scale NVFP4 value may differ only where the
     reference rotation lies within a few ulps of a decision point (a grid midpoint, or a power
-    of two that moves a block scale)."""
+    of two that moves a group scale)."""
     r = rotfn.hadamard(256, block=32, seed=seed)
     with _on_triton("rotate_qdq"):
         fused = rotfn.rotate_qdq(x, r, fmt, backend="triton")
@@ -214,20 +214,20 @@ def test_fused_mismatches_sit_next_to_rounding_ties(fmt, x, seed):
 def _launch_layouts():
     """Every launch layout of the fused kernels, with the narrowest row width and a format that picks it.
 
-    A layout is ``(tile, W, G, BR)``: the rotation tile of the tensor-core dot (None: no rotation) and
+    A layout is ``(block, W, G, BR)``: the rotation block of the tensor-core dot (None: no rotation) and
     :func:`rotfn.kernels.launch._layout`'s chunk width, scale group inside a chunk and chunks per
-    program. Rows 16..1024 wide with every tile and format reach all of them (wider rows only repeat
+    program. Rows 16..1024 wide with every block and format reach all of them (wider rows only repeat
     W = 1024).
     """
     layouts = {}
     for n in (16, 32, 64, 128, 256, 512, 1024):
-        for tile in (None, *(t for t in TILES if n % t == 0)):
-            r = None if tile is None else rotfn.hadamard(n, block=None if tile == n else tile)
+        for block in (None, *(t for t in BLOCKS if n % t == 0)):
+            r = None if block is None else rotfn.hadamard(n, block=None if block == n else block)
             for fmt in (None, *FORMATS) if r is not None else FORMATS:
                 probe = torch.empty(1, n, dtype=torch.float16, device=DEVICE)
                 op = "rotate" if fmt is None else "qdq" if r is None else "rotate_qdq"
                 if kernels.unsupported(op, probe, rotation=r, fmt=fmt) is None:
-                    layouts.setdefault((tile, *kernels.launch._layout(n, r, fmt)), (n, fmt))
+                    layouts.setdefault((block, *kernels.launch._layout(n, r, fmt)), (n, fmt))
     return layouts
 
 
@@ -246,12 +246,12 @@ LAYOUTS = [(layout, n, fmt, _rows(i, n)) for i, (layout, (n, fmt)) in enumerate(
 @settings(max_examples=1 if not CUDA else 3)
 @given(data=st.data())
 def test_every_launch_layout(layout, n, fmt, rows, data):
-    """Every (tile, W, G, BR) the launcher picks, on odd row counts: the rotation within ulps of the reference,
+    """Every (block, W, G, BR) the launcher picks, on odd row counts: the rotation within ulps of the reference,
     the quantizer bit for bit (on the kernel's own rotation), on the kernels."""
-    tile = layout[0]
-    x = data.draw(inputs(n, dtypes=_dtypes(tile), rows=rows), label="x")
-    r = None if tile is None else data.draw(rt.rotations(n, tiles=(tile,)), label="rotation")
-    assert (tile, *kernels.launch._layout(n, r, fmt)) == layout
+    block = layout[0]
+    x = data.draw(inputs(n, dtypes=_dtypes(block), rows=rows), label="x")
+    r = None if block is None else data.draw(rt.rotations(n, blocks=(block,)), label="rotation")
+    assert (block, *kernels.launch._layout(n, r, fmt)) == layout
     if fmt is None:
         with _on_triton("rotate"):
             got = rotfn.rotate(x, r, backend="triton")
@@ -274,7 +274,7 @@ def test_the_fwht_sizes_reach_every_launch_plan_of_the_fwht_kernel():
     plans = []
     for n, block in FWHT_SIZES:
         r = rotfn.hadamard(n, block=block)
-        k, kp, *radices = kernels.launch._fwht_plan(r.tile, r.factor)
+        k, kp, *radices = kernels.launch._fwht_plan(r.block_size, r.factor)
         size = kp * radices[0] * radices[1] * radices[2]
         plans.append((k > 1, sum(p > 1 for p in radices), kp > kernels.launch._FWHT_KC,
                       kernels.launch._FWHT_ELEMENTS // size > 1))
@@ -325,7 +325,7 @@ def test_gradients_through_kernels():
 UNSUPPORTED = [
     (lambda: rotfn.rotate(torch.zeros(2, 96, device=DEVICE), rotfn.hadamard(96), backend="triton"), "96 = 12\\*8"),
     (lambda: rotfn.rotate(torch.zeros(2, 512, device=DEVICE), rotfn.orthogonal(512, seed=0), backend="triton"),
-     "tile 512"),
+     "block 512"),
     (lambda: rotfn.rotate(torch.zeros(2, 344, device=DEVICE), rotfn.hadamard(344), backend="triton"), "172\\*2"),
     (lambda: rotfn.rotate(torch.zeros(1, 65536, device=DEVICE), rotfn.hadamard(65536), backend="triton"),
      "up to 32768"),

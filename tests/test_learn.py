@@ -65,7 +65,7 @@ def test_orthogonal_at_every_step(learned):
     _, result = learned
     assert len(result.orthogonality) == len(result.losses) == 20
     assert max(result.orthogonality) <= 1e-6
-    for w in result.plan.weight:
+    for w in result.plan.rotations:
         rt.assert_orthogonal(w.rotation, atol=1e-6)
         m = w.rotation.matrix(torch.float32)
         assert (m @ m.T - torch.eye(m.shape[0])).abs().max() <= 1e-6
@@ -76,8 +76,8 @@ def test_slots_follow_spinquant_one_r1_one_r2_per_layer(learned):
     assert result.slots == ("R1 Rotation(hadamard, n=64, seed=0)",
                             "R2 Rotation(hadamard, n=16, seed=1) in model.layers.0",
                             "R2 Rotation(hadamard, n=16, seed=1) in model.layers.1")
-    r1 = {w.rotation for w in result.plan.weight if w.role == "R1"}
-    r2 = {w.key.split(".")[2]: w.rotation for w in result.plan.weight if w.role == "R2"}
+    r1 = {w.rotation for w in result.plan.rotations if w.role == "R1"}
+    r2 = {w.key.split(".")[2]: w.rotation for w in result.plan.rotations if w.role == "R2"}
     assert len(r1) == 1 and r2["0"] != r2["1"] and all(r.kind == "matrix" for r in r1 | set(r2.values()))
 
 
@@ -104,9 +104,9 @@ def test_the_fold_program_with_learned_rotations_at_identity_is_fold(llama):
     model, p = llama
     plan = quarot_plan(model, rotfn.intq(4))
     slots = find_slots("test", plan, ("R1", "R2"), shared=False)
-    eye = {s: torch.eye(s.base.tile, dtype=torch.float64) for s in slots.slots}
-    fns = {plan.weight[i].transform(): (lambda x, r, q=eye[s]: rotate_learned(x, r, q))
-           for i, s in slots.weight.items()}
+    eye = {s: torch.eye(s.base.block_size, dtype=torch.float64) for s in slots.slots}
+    fns = {plan.rotations[i].transform(): (lambda x, r, q=eye[s]: rotate_learned(x, r, q))
+           for i, s in slots.rotations.items()}
     ours, reference = rotfn.transforms.compile_fold(plan.transform(), p).run(p, rotate=fns), rotfn.fold(p, plan)
     for k in reference:
         torch.testing.assert_close(ours[k], reference[k], rtol=0, atol=1e-6)
@@ -143,7 +143,7 @@ def test_learning_under_float_weights_keeps_the_weight_format_for_gptq(llama, da
                    loss="fidelity", progress=False)
     assert w16.losses == a4.losses and w16.losses != w4.losses   # the same learning as a W16A4 plan
     assert w16.plan.weights == fmt and w16.plan.quantized == plan.quantized
-    assert [w.rotation for w in w16.plan.weight] == [w.rotation for w in a4.plan.weight]
+    assert [w.rotation for w in w16.plan.rotations] == [w.rotation for w in a4.plan.rotations]
     calib = rotfn.calibrate(model, p, w16.plan, data[0][:2], progress=False)
     folded = rotfn.fold(p, w16.plan, weights_by=calib)
     assert torch.isfinite(rotfn.call(model, folded, w16.plan, **data[1][0]).logits).all()
@@ -185,7 +185,7 @@ def test_cayley_sgd_recovers_a_rotation(seed):
 @given(rt.rotations(max_n=64), rt.seeds())
 def test_rotate_learned_is_rotate_by_the_learned_spec(r, seed):
     gen = torch.Generator().manual_seed(seed)
-    q = rotfn.orthogonal(r.tile, seed=seed).matrix()
+    q = rotfn.orthogonal(r.block_size, seed=seed).matrix()
     x = torch.randn(3, r.n, generator=gen, dtype=torch.float64)
     base = r.T if r.transposed else r
     spec = Slot("per_linear", base, None).learned(q)
@@ -232,7 +232,7 @@ def test_default_loss_elsewhere_is_fidelity_to_the_float_model():
     assert result.loss == "relative squared error" and len(result.slots) == 2
 
 
-def test_per_linear_rotations_learn_one_tile_per_linear(llama, data):
+def test_per_linear_rotations_learn_one_block_per_linear(llama, data):
     model, p = llama
     plan = rotfn.plans.per_linear(model, rotation=lambda n: rotfn.hadamard(n, block=16, seed=0), weights=rotfn.intq(4),
                                   acts=rotfn.intq(4, group=16))

@@ -98,7 +98,7 @@ CASES = [
     (lambda c: T.fuse_norm("n", "w").inverse(), ArgumentError, ValueError, r"fuse_norm.inverse: argument 'self'"),
     (lambda c: rotfn.Plan.from_dict({"version": 1}), SpecError, ValueError, r"Plan.from_dict: argument 'd': expected all keys"),
     (lambda c: rotfn.Plan.from_dict({**c["plan"].to_dict(), "version": 9}), SpecError, ValueError, r"Plan.from_dict: argument 'd\['version'\]'"),
-    (lambda c: rotfn.Plan.from_dict({**c["plan"].to_dict(), "weight": [{"key": "w"}]}), SpecError, ValueError, r"Plan.from_dict: argument 'd': expected well-formed entries"),
+    (lambda c: rotfn.Plan.from_dict({**c["plan"].to_dict(), "rotations": [{"key": "w"}]}), SpecError, ValueError, r"Plan.from_dict: argument 'd': expected well-formed entries"),
 ]
 
 

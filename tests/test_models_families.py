@@ -85,7 +85,7 @@ def test_qwen3_head_norms_are_left_alone_and_noted():
         assert folded[key] is p[key]
         assert all(key not in n.into and key != n.norm for n in plan.norms)
     assert any("q_norm/k_norm" in note and "R3" in note for note in plan.notes)
-    touched_qk_rows = [w for w in plan.weight if w.key.endswith(("q_proj.weight", "k_proj.weight")) and w.side == "output"]
+    touched_qk_rows = [w for w in plan.rotations if w.key.endswith(("q_proj.weight", "k_proj.weight")) and w.side == "output"]
     assert touched_qk_rows == []
 
 
@@ -109,7 +109,7 @@ def test_phi3_fused_qkv_rotates_only_v_rows_and_gate_up_as_one():
     rt.assert_bits_equal(folded[key][:qk_rows], p[key][:qk_rows], name="q and k rows")
     assert not torch.equal(folded[key][qk_rows:], p[key][qk_rows:])
     full = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=0), r4=rotfn.hadamard(96 if cfg.intermediate_size == 96 else 64))
-    assert "model.layers.0.mlp.gate_up_proj.weight" in {w.key for w in full.weight}
+    assert "model.layers.0.mlp.gate_up_proj.weight" in {w.key for w in full.rotations}
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 import pytest
 
@@ -19,3 +20,11 @@ def test_notebook_runs(path):
 
 def test_there_are_notebooks():
     assert NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebooks_use_only_the_public_api(path):
+    """No code cell names a private rotfn module (``rotfn._demo``, ``rotfn.io._file``, ...)."""
+    cells = json.loads(path.read_text())["cells"]
+    code = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    assert not re.findall(r"\brotfn(?:\.\w+)*\._\w+", code)

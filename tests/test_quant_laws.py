@@ -119,7 +119,7 @@ def test_rotation_lowers_mxfp4_error_on_heavy_tails(seed, dist):
 @settings(max_examples=8)
 @given(rt.seeds())
 def test_rotation_can_raise_nvfp4_error_on_outlier_channels(seed):
-    """NVFP4's fine E4M3 block scales already isolate outlier channels; rotation spreads them (FORMATS.md)."""
+    """NVFP4's fine E4M3 group scales already isolate outlier channels; rotation spreads them (FORMATS.md)."""
     plain, rotated = _sqnr_without_and_with_rotation("outliers", rotfn.nvfp4(), seed)
     assert rotated < plain - 1.0, (plain, rotated)
 

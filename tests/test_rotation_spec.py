@@ -68,7 +68,7 @@ def test_block_matrix_is_block_diagonal():
     m = r.matrix()
     mask = torch.block_diag(*[torch.ones(16, 16, dtype=torch.float64)] * 4)
     assert torch.equal(m * (1 - mask), torch.zeros(64, 64, dtype=torch.float64))
-    assert r.block == 16 and r.tile == 16 and r.n == 64
+    assert r.block == 16 and r.block_size == 16 and r.n == 64
     assert rotfn.hadamard(64, block=64).block is None
 
 

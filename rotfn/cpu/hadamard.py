@@ -7,7 +7,7 @@ module computes the same rotation with fused radix-8 butterflies (one pass over 
 cache instead of a matrix product per radix pass), and returns a result only where every sum
 either algorithm forms is exact, so the bits cannot differ:
 
-* every output of a tile is ``sum_j +-v_j`` over the tile's inputs ``v`` (signs included), and
+* every output of a block is ``sum_j +-v_j`` over the block's inputs ``v`` (signs included), and
   every partial sum of any order is a signed sum of a subset of them, so
   ``|partial| <= S = sum_j |v_j|``;
 * with ``2^e <= S_computed < 2^(e+1)`` (``S_computed`` is within ``b * 2^-53`` of ``S``)
@@ -17,7 +17,7 @@ either algorithm forms is exact, so the bits cannot differ:
   which the reference folds into its last pass; one rounded product for odd ``m``, the same
   product the reference forms), and the output signs are exact.
 
-A tile whose inputs miss the test (a spread of more than ~2^38 between its largest and
+A block whose inputs miss the test (a spread of more than ~2^38 between its largest and
 finest bits, a NaN or infinity, or ``L < -1000``), or whose output has an exact zero
 (whose sign depends on the order), makes :func:`rotate` decline the whole call; the
 dispatcher then runs the reference. Weights in bf16/fp16 (also times a bf16/fp16 norm scale
@@ -57,8 +57,8 @@ def _abs_sum(v):
 
 @_jit
 def _exact_scale(s):
-    """``2^-L`` for a tile whose ``sum |v_j|`` is ``s`` (see the module docstring), or 0.0 when no ``L`` fits."""
-    if not s < math.inf or s == 0.0:  # NaN, infinity, or an all-zero tile (zero outputs)
+    """``2^-L`` for a block whose ``sum |v_j|`` is ``s`` (see the module docstring), or 0.0 when no ``L`` fits."""
+    if not s < math.inf or s == 0.0:  # NaN, infinity, or an all-zero block (zero outputs)
         return 0.0
     low = math.frexp(s)[1] - 1 - 51  # frexp: s = f * 2^E with 0.5 <= f < 1, so e = E - 1
     return math.ldexp(1.0, -low) if low >= _MIN_EXPONENT else 0.0
@@ -119,7 +119,7 @@ def _low8(src, dst, signs, use_signs):
 
 @_jit
 def _radix8(src, dst, h):
-    """Three butterfly levels ``h, 2h, 4h`` on a flat vector: 8 strided runs of ``h`` entries per block of ``8h``."""
+    """Three butterfly levels ``h, 2h, 4h`` on a flat vector: 8 strided runs of ``h`` entries in each span of ``8h``."""
     for i in range(0, src.shape[0], 8 * h):
         s0, s1, s2, s3 = src[i:i + h], src[i + h:i + 2 * h], src[i + 2 * h:i + 3 * h], src[i + 3 * h:i + 4 * h]
         s4, s5, s6, s7 = src[i + 4 * h:i + 5 * h], src[i + 5 * h:i + 6 * h], src[i + 6 * h:i + 7 * h], src[i + 7 * h:i + 8 * h]
@@ -166,16 +166,16 @@ def _fwht_flat(a, t, h):
 
 @_jit
 def _rows(x, out, signs, signs_first, signs_last, scale):
-    """Rotate every ``b``-tile of the rows of ``x`` ``[tiles, b]`` into ``out``; False where a tile is not exact.
+    """Rotate every ``b``-block of the rows of ``x`` ``[blocks, b]`` into ``out``; False where a block is not exact.
 
-    ``signs`` is ``[tiles per row, b]`` (applied before the transform with ``signs_first``, after it with
+    ``signs`` is ``[blocks per row, b]`` (applied before the transform with ``signs_first``, after it with
     ``signs_last``).
     """
-    tiles, b = x.shape
+    blocks, b = x.shape
     per_row = signs.shape[0]
     a = np.empty(b)
     t = np.empty(b)
-    for k in range(tiles):
+    for k in range(blocks):
         v = x[k]
         q = _exact_scale(_abs_sum(v))
         if q == 0.0 or _off_grid(v, q) != 0.0:
@@ -200,18 +200,18 @@ def _rows(x, out, signs, signs_first, signs_last, scale):
 
 @_jit
 def _columns(x, out, signs, signs_first, signs_last, scale, strip):
-    """Rotate ``x`` ``[tiles, b, columns]`` along its middle dim into ``out``; False where a column is not exact.
+    """Rotate ``x`` ``[blocks, b, columns]`` along its middle dim into ``out``; False where a column is not exact.
 
     Columns go in strips: each strip is copied to a ``[b, strip]`` panel (signs applied), transformed with
     butterflies that mix its rows, and written back normalized.
     """
-    tiles, b, columns = x.shape
+    blocks, b, columns = x.shape
     per_row = signs.shape[0]
     sums = np.empty(strip)
     grid = np.empty(strip)
     panel = np.empty(b * strip)
     scratch = np.empty(b * strip)
-    for k in range(tiles):
+    for k in range(blocks):
         sg = signs[k % per_row]
         for c0 in range(0, columns, strip):
             w = min(strip, columns - c0)
@@ -264,7 +264,7 @@ def rotate(x: torch.Tensor, r: Rotation) -> torch.Tensor | None:
     Args:
         x: float64 CPU tensor ``[..., n]``; a transposed view (the rotated dim lies first in memory, e.g.
             a weight's columns) is rotated where it lies.
-        r: a Sylvester Hadamard rotation (``factor == 1``), any tile and signs.
+        r: a Sylvester Hadamard rotation (``factor == 1``), any block size and signs.
 
     Returns:
         A new float64 tensor, laid out like the reference's result, or None.
@@ -281,7 +281,7 @@ def rotate(x: torch.Tensor, r: Rotation) -> torch.Tensor | None:
     if p is None or x.numel() == 0:
         return None
     y = x.detach().movedim(-1, p)  # contiguous, the rotated dim at p
-    b, n = r.tile, r.n
+    b, n = r.block_size, r.n
     lead = y.shape[:p].numel()
     columns = y.shape[p + 1:].numel()
     s = r.sign_vector(torch.float64, x.device)

@@ -5,6 +5,7 @@
 from rotfn.io._checkpoint import inventory as inventory
 from rotfn.io._checkpoint import skeleton
 from rotfn.io._encode import decode_plan as decode_plan
+from rotfn.io._encode import rotation_tensor_names as rotation_tensor_names
 from rotfn.io._file import METADATA_KEY as METADATA_KEY
 from rotfn.io._file import load, save
 from rotfn.io._hf import export_hf, load_hf

@@ -6,7 +6,7 @@ versioned JSON::
     {"format": "rotfn", "version": 1,
      "folded": true | false,                       # params are FoldedParams of this plan
      "plan": Plan.to_dict() | null,                # signs and dense data as tensors, see rotfn.io._encode
-     "rotation_tensors": [{"signs": key | null, "tile": key | null}, ...],
+     "rotation_tensors": [{"signs": key | null, "block": key | null}, ...],
      "tensors": {key: {"dtype": "float32", "shape": [...]}, ...},   # every tensor in the file
      "params": [{"name": ..., "kind": "tensor", "tensor": key},
                 {"name": ..., "kind": "alias", "of": name},        # a tie: the same tensor as an earlier name
@@ -14,7 +14,7 @@ versioned JSON::
                  "parts": {"codes": key, "scales": key, "global_scale": key, "zero_points": key}}, ...]}
 
 Plain tensors are stored under their own names, QTensor parts as ``name::part``,
-rotation data as ``__rotfn__.rotations.<i>.signs`` / ``.tile``. Dtypes outside the
+rotation data as ``__rotfn__.rotations.<i>.signs`` / ``.block`` (``<i>``: the index in the plan's rotation table). Dtypes outside the
 set every safetensors release knows (e.g. ``float8_e8m0fnu`` MX scales) are stored
 as their raw bytes (uint8, flattened) and viewed back on load.
 """
@@ -122,7 +122,7 @@ def save(path: str | os.PathLike, params: Mapping, plan: Plan | None = None) -> 
     QTensors as codes / scales (/ global scale / zero points) plus their format
     and shape, ties (names holding one tensor) stored once and restored as one
     tensor, the plan as versioned JSON in the metadata with random signs (int8)
-    and dense rotation tiles (float64) as tensors. Params folded with ``plan``
+    and dense rotation blocks (float64) as tensors. Params folded with ``plan``
     (a :class:`rotfn.FoldedParams`) are recorded as folded. Tensors are written
     contiguous, from CPU copies where needed; nothing passed in is modified.
     The file appears at ``path`` complete or not at all (temporary sibling,

@@ -9,7 +9,7 @@ data when the plan has random signs or dense rotations)::
 
     {"format": "rotfn-hf", "version": 1,
      "plan": Plan.to_dict() (signs and dense data as tensors, see rotfn.io._encode),
-     "rotation_tensors": [{"signs": name | null, "tile": name | null}, ...],
+     "rotation_tensors": [{"signs": name | null, "block": name | null}, ...],
      "tensors": "rotfn.safetensors" | null,
      "online": [{"site": ..., "kind": ..., "rotation": repr, "fmt": repr, "role": ...}, ...]}
 
@@ -73,7 +73,7 @@ def write_rotfn_json(dir: str | os.PathLike, plan: Plan) -> None:
     """Write ``rotfn.json`` (and ``rotfn.safetensors`` if needed) recording ``plan`` in an HF directory.
 
     The JSON layout is in the module docstring; the plan's random signs and
-    dense rotation tiles go to ``rotfn.safetensors`` as int8 / float64 tensors
+    dense rotation blocks go to ``rotfn.safetensors`` as int8 / float64 tensors
     (a stale one is removed when the plan has none). Each file is written
     atomically; ``rotfn.json`` last, since readers start from it.
 

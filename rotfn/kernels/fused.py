@@ -1,4 +1,4 @@
-"""Fused Triton kernels: block rotation (tensor-core tile) + quantization in one pass.
+"""Fused Triton kernels: block rotation (on the tensor cores) + quantization in one pass.
 
 Legend: ``x`` is viewed as ``[M, N]`` (rows = all leading dims) and cut into
 *chunks* of ``W`` consecutive elements of a row, ``W`` spanning whole rotation
@@ -16,7 +16,7 @@ tile helpers:
 
 A rotation is the sign vector, then ``x @ T`` per ``B``-block on the tensor cores
 (for a transposed spec: ``T.T``, then the signs), times ``1/sqrt(B)`` for +-1
-Hadamard tiles, and is rounded to x's dtype exactly where the unfused
+Hadamard blocks, and is rounded to x's dtype exactly where the unfused
 ``rotfn.rotate`` would round it. The quantizers are :mod:`rotfn.ops.quant` line by
 line (``div_rn`` for every division, scales from bits), so codes, scales and
 values equal the torch reference's bit for bit on the same rotated input.
@@ -55,7 +55,7 @@ def _rotate_tile(v, cols, t_ptr, tlo_ptr, s_ptr, BR: tl.constexpr, W: tl.constex
     if W != B:
         v = tl.reshape(v, [BR * W // B, B])
     acc = tl.dot(v, tl.load(t_ptr + rb[:, None] * B + rb[None, :]), input_precision=PREC, out_dtype=tl.float32)
-    if TWO:  # hi + lo parts of a dense tile in half precision
+    if TWO:  # hi + lo parts of a dense block in half precision
         acc += tl.dot(v, tl.load(tlo_ptr + rb[:, None] * B + rb[None, :]), input_precision=PREC,
                       out_dtype=tl.float32)
     if W != B:
@@ -91,7 +91,7 @@ def _load_rotated(x_ptr, offs, cols, kmask, t_ptr, tlo_ptr, s_ptr,
 
 @triton.jit
 def _mx_exponent(amax, RULE: tl.constexpr, EMAX: tl.constexpr, MBITS: tl.constexpr, INV_MAX: tl.constexpr):
-    """Clamped int32 scale exponent of MX blocks (ScaleRule: 0 floor, 1 even, 2 rceil)."""
+    """Clamped int32 scale exponent of MX groups (ScaleRule: 0 floor, 1 even, 2 rceil)."""
     if RULE == 0:
         e = fp32_exponent(amax) - EMAX
     elif RULE == 1:

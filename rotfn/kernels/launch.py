@@ -30,12 +30,12 @@ __all__ = ["rotate", "rotate_qdq", "qdq", "quantize", "unsupported", "INTERPRET"
 #: True when kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1 at import).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TILES = (16, 32, 64, 128, 256)
+_DENSE_BLOCKS = (16, 32, 64, 128, 256)
 _MIN_W = 32  # chunks narrower than this are widened (when n allows) for longer contiguous runs
 _MAX_W = 1024
 _TILE_ELEMENTS = 2048  # elements of one program's [BR, W] tile (fused block kernels; swept on an H200)
 _WARPS = 2  # warps per program of the fused block kernels (2048-element tiles: 2 warps were fastest)
-_WARPS_256 = 4  # ... and for 256 x 256 rotation tiles (2 warps spill: 4x slower on an H200)
+_WARPS_256 = 4  # ... and for 256 x 256 rotation blocks (2 warps spill: 4x slower on an H200)
 _PREC = "ieee"  # fp32 inputs: exact fp32 products (half inputs ignore it)
 _FWHT_MAX = 32768  # largest Hadamard block of the FWHT kernel (one block in registers per program)
 _FWHT_MAX_ELEMENTS = 32768  # registers: one padded block [KP, 2^m] per program
@@ -66,7 +66,7 @@ def _scope(fmt: Format | None) -> int:
 @functools.lru_cache(maxsize=256)  # asked by unsupported(), pass 1 and the main launch of every call
 def _layout(n: int, rotation: Rotation | None, fmt: Format | None) -> tuple[int, int, int] | str:
     """(W, G, BR) for rows of n: chunk width, scale group inside a chunk, chunks per program; or why none fits."""
-    b = rotation.tile if rotation is not None else 1
+    b = rotation.block_size if rotation is not None else 1
     grouped = fmt is not None and _scope(fmt) == GROUP.value
     g = fmt.group if grouped else 1
     if g & (g - 1):
@@ -78,7 +78,7 @@ def _layout(n: int, rotation: Rotation | None, fmt: Format | None) -> tuple[int,
         w *= 2
     if n % w or w > _MAX_W:
         return f"last dim {n} does not split into chunks of {w} (<= {_MAX_W})"
-    # BR * W elements per program, so that the rotation's dot is [E / b, b] x [b, b] with E fixed per tile b
+    # BR * W elements per program, so that the rotation's dot is [E / b, b] x [b, b] with E fixed per block size b
     # (>= 16 rows for the tensor cores): every kernel rotates the same blocks with the same dot shape, and
     # rotate, the fused kernels and pass 1 give bit-identical rotations (W <= _MAX_W <= E).
     return w, (g if grouped else w), max(_TILE_ELEMENTS, 16 * b) // w
@@ -107,14 +107,14 @@ def _path(rotation: Rotation | None, dtype: torch.dtype) -> str | None:
     """Which kernel rotates: ``"tile"`` (fused tensor-core tile), ``"fwht"`` (large Hadamard), or why none can."""
     if rotation is None:
         return None
-    if rotation.tile in _TILES and not (rotation.tile == 256 and dtype == torch.float32):
+    if rotation.block_size in _DENSE_BLOCKS and not (rotation.block_size == 256 and dtype == torch.float32):
         return "tile"
     if rotation.kind == "hadamard":
-        plan = _fwht_plan(rotation.tile, rotation.factor)
+        plan = _fwht_plan(rotation.block_size, rotation.factor)
         return "fwht" if not isinstance(plan, str) else plan
-    if rotation.tile == 256:
-        return "float32 with a dense 256 tile: the fp32 tile alone needs 256 KiB of shared memory (use tile <= 128)"
-    return f"rotation tile {rotation.tile}: kernels serve dense tiles {_TILES} and Hadamard blocks K*2^m"
+    if rotation.block_size == 256:
+        return "float32 with a dense 256 block: the fp32 block alone needs 256 KiB of shared memory (use block <= 128)"
+    return f"rotation block {rotation.block_size}: kernels serve dense blocks {_DENSE_BLOCKS} and Hadamard blocks K*2^m"
 
 
 @functools.lru_cache(maxsize=256)
@@ -142,16 +142,16 @@ def _fwht_plan(b: int, k: int) -> tuple[int, int, int, int, int] | str:
 
 
 @functools.lru_cache(maxsize=64)
-def _tiles(rotation: Rotation, dtype: torch.dtype, device: torch.device):
+def _block_matrices(rotation: Rotation, dtype: torch.dtype, device: torch.device):
     """(T, T_lo, T_back, T_back_lo, scale, two, signs) for the kernel's dot products, cached on the device.
 
-    Power-of-two Hadamard tiles are passed as exact +-1 matrices (scale 1/sqrt(b)
-    applied in fp32); other tiles in half precision are split into hi + lo parts
+    Power-of-two Hadamard blocks are passed as exact +-1 matrices (scale 1/sqrt(b)
+    applied in fp32); other blocks in half precision are split into hi + lo parts
     (two dots) so the rotation keeps ~16 bits of the matrix, not 8.
     """
-    fwd = rotation.tile_matrix()
+    fwd = rotation.block_matrix()
     if rotation.kind == "hadamard":
-        fwd, scale = torch.sign(fwd), 1.0 / math.sqrt(rotation.tile)
+        fwd, scale = torch.sign(fwd), 1.0 / math.sqrt(rotation.block_size)
     else:
         scale = 1.0
     two = dtype != torch.float32 and rotation.kind != "hadamard"
@@ -166,8 +166,8 @@ def _tiles(rotation: Rotation, dtype: torch.dtype, device: torch.device):
 
 
 def _warps(rotation: Rotation | None) -> int:
-    """Warps per program of the fused block kernels for this rotation's tile."""
-    return _WARPS_256 if rotation is not None and rotation.tile >= 256 else _WARPS
+    """Warps per program of the fused block kernels for this rotation's block size."""
+    return _WARPS_256 if rotation is not None and rotation.block_size >= 256 else _WARPS
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -176,14 +176,14 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rotation_args(x2: torch.Tensor, rotation: Rotation | None) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
-    """Pointer and constexpr arguments that describe the rotation to every kernel, and the back tiles."""
+    """Pointer and constexpr arguments that describe the rotation to every kernel, and the transposed blocks."""
     if rotation is None:
         dummy = x2.new_empty(1)
         return dict(t_ptr=dummy, tlo_ptr=dummy, s_ptr=dummy.float(), ROT=False, B=1, TWO=False, SIGN_FIRST=False,
                     HAS_SIGNS=False, TSCALE=1.0), (dummy, dummy)
-    t, tlo, tb, tblo, tscale, two, signs = _tiles(rotation, x2.dtype, x2.device)
+    t, tlo, tb, tblo, tscale, two, signs = _block_matrices(rotation, x2.dtype, x2.device)
     args = dict(t_ptr=t, tlo_ptr=tlo, s_ptr=signs if signs is not None else t.new_empty(1, dtype=torch.float32),
-                ROT=True, B=rotation.tile, TWO=two, SIGN_FIRST=not rotation.transposed, HAS_SIGNS=signs is not None,
+                ROT=True, B=rotation.block_size, TWO=two, SIGN_FIRST=not rotation.transposed, HAS_SIGNS=signs is not None,
                 TSCALE=tscale)
     return args, (tb, tblo)
 
@@ -272,16 +272,16 @@ def _sylvester_table(device: torch.device) -> torch.Tensor:
 def _fwht_rotate(x2: torch.Tensor, r: Rotation) -> torch.Tensor:
     """``x2 @ R`` for a Hadamard rotation with large blocks (:mod:`rotfn.kernels.fwht`)."""
     m, n = x2.shape
-    k, kp, r1, r2, r3 = _fwht_plan(r.tile, r.factor)
+    k, kp, r1, r2, r3 = _fwht_plan(r.block_size, r.factor)
     out = torch.empty_like(x2)
     signs = r.sign_vector(torch.float32, x2.device)
     a = _factor(k, kp, x2.device) if k > 1 else x2.new_empty(1, dtype=torch.float32)
     size = kp * r1 * r2 * r3
     rows = max(1, _FWHT_ELEMENTS // size)  # small blocks: several per program
-    blocks = m * (n // r.tile)
+    blocks = m * (n // r.block_size)
     hadamard_kernel[(triton.cdiv(blocks, rows),)](
-        x2, out, _sylvester_table(x2.device), a, a if signs is None else signs, blocks, n // r.tile, x2.stride(0),
-        ROWS=rows, K=k, KP=kp, KC=min(kp, _FWHT_KC), R1=r1, R2=r2, R3=r3, SCALE=1.0 / math.sqrt(r.tile),
+        x2, out, _sylvester_table(x2.device), a, a if signs is None else signs, blocks, n // r.block_size, x2.stride(0),
+        ROWS=rows, K=k, KP=kp, KC=min(kp, _FWHT_KC), R1=r1, R2=r2, R3=r3, SCALE=1.0 / math.sqrt(r.block_size),
         HAS_SIGNS=signs is not None, SIGN_FIRST=not r.transposed, TRANSPOSE=r.transposed,
         PARTS=1 if INTERPRET else 3 if x2.dtype == torch.float32 else 2,
         num_warps=4 if rows * size <= 2048 else 8 if rows * size <= 8192 else 16,
@@ -290,7 +290,7 @@ def _fwht_rotate(x2: torch.Tensor, r: Rotation) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, r: Rotation) -> torch.Tensor:
-    """``x @ R`` in x's dtype: block rotations with tiles 16..256, Hadamard blocks ``K * 2^m`` up to 32768."""
+    """``x @ R`` in x's dtype: block rotations with blocks 16..256, Hadamard blocks ``K * 2^m`` up to 32768."""
     x2 = _flat(x)
     if _path(r, x.dtype) == "fwht":
         return _fwht_rotate(x2, r).reshape(x.shape)

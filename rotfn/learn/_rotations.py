@@ -30,7 +30,7 @@ class LearnResult:
     Attributes:
         plan: the plan with the learned rotations (``from_matrix`` specs); fold, call, save as any plan.
         losses: the training loss of each step (on that step's batch, before its update).
-        orthogonality: after each step, ``max |R R^T - I|`` (float64) over the learned rotations' tiles.
+        orthogonality: after each step, ``max |R R^T - I|`` (float64) over the learned rotations' blocks.
         slots: one line per learned matrix (role, base rotation, scope).
         loss: which loss was minimized (``"next-token cross-entropy"``, ``"relative squared error"``, ``"custom"``).
     """
@@ -175,7 +175,7 @@ def rotations(
     # the learning plan differs from plan in the weight format only: slot indices hold for both
     learning = plan if weights == "quantized" else dataclasses.replace(plan, weights=None, quantized=())
     training = slots.training_plan(learning)
-    transforms = {plan.weight[i].transform(): s for i, s in slots.weight.items()}
+    transforms = {plan.rotations[i].transform(): s for i, s in slots.rotations.items()}
     program = compile_fold(learning.transform(), params, fn=fn)
 
     def step_loss(qs: tuple[torch.Tensor, ...], i: int):
@@ -186,9 +186,9 @@ def rotations(
         return value, value.detach()
 
     grad = torch.func.grad(step_loss, has_aux=True)
-    qs = tuple(torch.eye(s.base.tile, dtype=torch.float64, device=device) for s in slots.slots)
+    qs = tuple(torch.eye(s.base.block_size, dtype=torch.float64, device=device) for s in slots.slots)
     velocity = tuple(torch.zeros_like(q) for q in qs)
-    tiles = [s.base.tile_matrix(device=device) for s in slots.slots]
+    blocks = [s.base.block_matrix(device=device) for s in slots.slots]
     losses, ortho = [], []
     bar = tqdm(range(steps), desc=fn, disable=not progress)
     for step in bar:
@@ -196,7 +196,7 @@ def rotations(
         moved = [cayley_step(q, g, v, lr=lr, momentum=momentum) for q, g, v in zip(qs, grads, velocity, strict=True)]
         qs, velocity = tuple(m[0] for m in moved), tuple(m[1] for m in moved)
         losses.append(value.item())
-        ortho.append(max(orthogonality_error(t @ q) for t, q in zip(tiles, qs, strict=True)))
+        ortho.append(max(orthogonality_error(t @ q) for t, q in zip(blocks, qs, strict=True)))
         bar.set_postfix(loss=f"{losses[-1]:.4g}")
     note = (f"learned {', '.join(roles)} ({len(slots.slots)} matrices): {steps} Cayley SGD steps, lr {lr:g}, "
             f"{objective.kind} {losses[0]:.4g} -> {losses[-1]:.4g}")

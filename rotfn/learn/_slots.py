@@ -9,13 +9,13 @@ module for R4 and per_linear (a linear's online input and its folded weight). En
 must hold one matrix for the plan to stay exact therefore always share a slot; ``shared=True``
 drops the scope (one matrix per role and spec).
 
-A slot holds a ``b x b`` orthogonal ``Q`` (``b`` = the spec's tile), starting at ``I``.
+A slot holds a ``b x b`` orthogonal ``Q`` (``b`` = the spec's block size), starting at ``I``.
 With the base spec ``U = diag(s) blockdiag(T, ..., T)`` the learned rotation is
 
     U' = U blockdiag(Q, ..., Q) = diag(s) blockdiag(T Q, ..., T Q)
 
 so the plan starts exactly where it was, a Hadamard base keeps its fast transform during
-learning, and the result is again a tile plus signs: ``from_matrix(T Q, n=n)`` with the
+learning, and the result is again a block plus signs: ``from_matrix(T Q, n=n)`` with the
 signs of ``U`` (an entry that held ``U.T`` gets ``U'.T``).
 """
 
@@ -51,8 +51,8 @@ class Slot:
 
     def learned(self, q: torch.Tensor) -> Rotation:
         """The spec of ``U blockdiag(Q)``: ``from_matrix(T Q, n=n)`` with the base's signs."""
-        tile = self.base.tile_matrix() @ q.detach().to(device="cpu", dtype=torch.float64)
-        spec = from_matrix(tile, n=self.base.n)
+        block = self.base.block_matrix() @ q.detach().to(device="cpu", dtype=torch.float64)
+        spec = from_matrix(block, n=self.base.n)
         return spec if self.base.signs is None else dataclasses.replace(spec, signs=self.base.signs)
 
     def label(self) -> str:
@@ -79,12 +79,12 @@ class Slots:
 
     Attributes:
         slots: the slots, in first-use order.
-        weight: ``{index into plan.weight: slot}``.
+        rotations: ``{index into plan.rotations: slot}``.
         online: ``{index into plan.online: slot}`` (all of kind ``"linear"``).
     """
 
     slots: tuple[Slot, ...]
-    weight: dict[int, Slot]
+    rotations: dict[int, Slot]
     online: dict[int, Slot]
 
     def training_plan(self, plan: Plan) -> Plan:
@@ -98,11 +98,11 @@ class Slots:
         def spec(r: Rotation, s: Slot) -> Rotation:
             return specs[s].T if r.transposed else specs[s]
 
-        weight = tuple(dataclasses.replace(w, rotation=spec(w.rotation, self.weight[i])) if i in self.weight else w
-                       for i, w in enumerate(plan.weight))
+        rotations = tuple(dataclasses.replace(w, rotation=spec(w.rotation, self.rotations[i])) if i in self.rotations
+                          else w for i, w in enumerate(plan.rotations))
         online = tuple(dataclasses.replace(o, rotation=spec(o.rotation, self.online[i])) if i in self.online else o
                        for i, o in enumerate(plan.online))
-        return dataclasses.replace(plan, weight=weight, online=online, notes=(*plan.notes, note))
+        return dataclasses.replace(plan, rotations=rotations, online=online, notes=(*plan.notes, note))
 
 
 def scope_of(entry: WeightRotation | Online) -> str | None:
@@ -129,10 +129,10 @@ def find_slots(fn: str, plan: Plan, roles: Iterable[str], *, shared: bool) -> Sl
     """
     roles = tuple(roles)
     entries: list[tuple[str, int, WeightRotation | Online]] = [
-        ("weight", i, w) for i, w in enumerate(plan.weight) if w.role in roles
+        ("rotations", i, w) for i, w in enumerate(plan.rotations) if w.role in roles
     ] + [("online", i, o) for i, o in enumerate(plan.online) if o.role in roles and o.rotation is not None]
     if not entries:
-        present = sorted({w.role for w in plan.weight} | {o.role for o in plan.online if o.rotation is not None})
+        present = sorted({w.role for w in plan.rotations} | {o.role for o in plan.online if o.rotation is not None})
         raise ArgumentError(message(fn, "roles", f"roles of rotations in the plan, one of {present}", repr(roles),
                                     f"pass roles={tuple(r for r in present if r in LEARNABLE_ROLES)}"))
     for side, _, entry in entries:
@@ -142,16 +142,16 @@ def find_slots(fn: str, plan: Plan, roles: Iterable[str], *, shared: bool) -> Sl
                                         f"leave {entry.role!r} out of roles (its rotation stays as it is)"))
 
     order: dict[Slot, None] = {}
-    found: dict[str, dict[int, Slot]] = {"weight": {}, "online": {}}
+    found: dict[str, dict[int, Slot]] = {"rotations": {}, "online": {}}
     for side, i, entry in entries:
         base = entry.rotation.T if entry.rotation.transposed else entry.rotation
         slot = Slot(entry.role, base, None if shared else scope_of(entry))
         order[slot] = None
         found[side][i] = slot
-    return Slots(tuple(order), found["weight"], found["online"])
+    return Slots(tuple(order), found["rotations"], found["online"])
 
 
-def _tiles(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def _blocks(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``x @ blockdiag(Q, ..., Q)`` on the last dim, in x's dtype."""
     lead, n, b = x.shape[:-1], x.shape[-1], q.shape[-1]
     return (x.reshape(*lead, n // b, b) @ q.to(x.dtype)).reshape(*lead, n)
@@ -173,5 +173,5 @@ def rotate_learned(x: torch.Tensor, r: Rotation, q: torch.Tensor) -> torch.Tenso
         True
     """
     if r.transposed:
-        return rotate(_tiles(x, q.T), r)
-    return _tiles(rotate(x, r), q)
+        return rotate(_blocks(x, q.T), r)
+    return _blocks(rotate(x, r), q)

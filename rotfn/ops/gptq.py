@@ -42,7 +42,7 @@ __all__ = ["gptq", "rtn", "search_scales", "inverse_factor", "CLIP_RATIOS", "SCA
 CLIP_RATIOS = tuple(1 - k / 100 for k in range(0, 21))
 SCALE_SEARCHES = (None, "mse")
 
-# float8_e4m3fn bytes of the smallest subnormal and of 448: the range of NVFP4 block scales
+# float8_e4m3fn bytes of the smallest subnormal and of 448: the range of NVFP4 group scales
 _E4M3_MIN_BYTE, _E4M3_MAX_BYTE = 0x01, 0x7E
 
 
@@ -50,7 +50,7 @@ def _candidates(xg: torch.Tensor, fmt: Format, rule: Scales) -> list[Scales]:
     """Scales to try for fp32 groups ``xg`` ``[..., G, g]``; ``rule`` (the format's own) first.
 
     MX: the floor rule's exponent and the next one up (every scale rule picks one of the two);
-    NVFP4: the rule's E4M3 block scale and its two neighbours; intq, fp8: the rule applied to
+    NVFP4: the rule's E4M3 group scale and its two neighbours; intq, fp8: the rule applied to
     the group scaled by each of :data:`CLIP_RATIOS` (a clipped range).
     """
     if isinstance(fmt, MX):

@@ -38,7 +38,7 @@ def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
     """Round fp32 values to E2M1 (RNE, saturating at +-6) and return 4-bit codes.
 
     Code = ``sign << 3 | m`` with ``|value| = E2M1_VALUES[m]``; the sign of zero is kept
-    (``-0.25 -> code 8 = -0``). NaN gives code 0 (callers mark NaN blocks separately).
+    (``-0.25 -> code 8 = -0``). NaN gives code 0 (callers mark NaN groups separately).
 
     Args:
         v: fp32 tensor, any shape.

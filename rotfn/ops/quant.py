@@ -64,7 +64,7 @@ def _amax_all(x32: torch.Tensor) -> torch.Tensor:
 
 
 def mx_scale_exponent(amax: torch.Tensor, fmt: MX) -> torch.Tensor:
-    """The clamped int32 scale exponent ``e`` of MX blocks with fp32 maxima ``amax``.
+    """The clamped int32 scale exponent ``e`` of MX groups with fp32 maxima ``amax``.
 
     See :class:`rotfn.ScaleRule` for the three rules; the byte stored is ``e + 127``.
     """

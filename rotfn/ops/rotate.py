@@ -1,9 +1,9 @@
 """Reference rotations: ``x @ R`` and ``x @ R.T`` for a :class:`rotfn.Rotation`, never densifying Hadamards.
 
 Legend: ``x`` is ``[..., n]``; ``R = diag(s) @ blockdiag(T, ..., T)`` with ``b x b``
-tile ``T`` (see :mod:`rotfn.specs.rotation`). Math in fp32 (fp64 for fp64 inputs),
-cast back once. Hadamard tiles go through the FWHT (``O(n log b)``); other
-tiles are a ``b x b`` matmul per block.
+block ``T`` (see :mod:`rotfn.specs.rotation`). Math in fp32 (fp64 for fp64 inputs),
+cast back once. Hadamard blocks go through the FWHT (``O(n log b)``); other
+blocks are a ``b x b`` matmul each.
 """
 
 from __future__ import annotations
@@ -48,15 +48,15 @@ def _apply(x: torch.Tensor, r: Rotation) -> torch.Tensor:
         s = s.reshape(r.n, *(1,) * len(trail))
     if not r.transposed and s is not None:  # R = diag(s) @ blockdiag(T): signs first
         y = y * s
-    b = r.tile
+    b = r.block_size
     blocks = y.reshape(*lead, r.n // b, b, *trail)
     if r.kind == "hadamard":
         blocks = hadamard_apply(blocks, r.factor, transpose=r.transposed, dim=p + 1)
     elif trail:  # (x @ T) along dim p + 1: T.T @ [b, columns] panels
-        t = r.tile_matrix(x.dtype, x.device)
+        t = r.block_matrix(x.dtype, x.device)
         blocks = torch.matmul(t.mT, blocks.reshape(*lead, r.n // b, b, trail.numel()))
     else:
-        blocks = blocks @ r.tile_matrix(x.dtype, x.device)
+        blocks = blocks @ r.block_matrix(x.dtype, x.device)
     y = blocks.reshape(*lead, r.n, *trail)
     if r.transposed and s is not None:  # R.T = blockdiag(T.T) @ diag(s): signs last
         y = y * s

@@ -57,7 +57,7 @@ class _Builder:
     """Collects plan entries; merges online transforms that land on one site."""
 
     def __init__(self):
-        self.weight: list[WeightRotation] = []
+        self.rotations: list[WeightRotation] = []
         self.norms: list[NormFusion] = []
         self.online: dict[tuple[str, str], list] = {}
         self.quantized: list[str] = []
@@ -66,7 +66,7 @@ class _Builder:
 
     def rotate(self, key: str, r: Rotation | None, side: str, role: str, *, per_head=False, span=None) -> None:
         if r is not None:
-            self.weight.append(WeightRotation(key, r, side, per_head, span, role))
+            self.rotations.append(WeightRotation(key, r, side, per_head, span, role))
 
     def add_online(self, site: str, kind: str, r: Rotation | None, f: Format | None, role: str) -> None:
         if r is None and f is None:
@@ -81,7 +81,7 @@ class _Builder:
              kv: Format | None = None) -> Plan:
         online = tuple(Online(site, kind, r, f, role) for (site, kind), (r, f, role) in self.online.items())
         return Plan(
-            method=method, family=family, model=info.cls, signature=info.signature, weight=tuple(self.weight),
+            method=method, family=family, model=info.cls, signature=info.signature, rotations=tuple(self.rotations),
             norms=tuple(self.norms), online=online, weights=weights if self.quantized else None,
             quantized=tuple(self.quantized), acts=acts, kv=kv, tied=info.tied, untied=tuple(self.untied),
             notes=tuple(self.notes),

@@ -3,7 +3,7 @@
 A plan has a weight side (folded offline by :func:`rotfn.fold`) and an online
 side (applied by :func:`rotfn.call` for one call):
 
-* :class:`WeightRotation`: one parameter key, one :class:`rotfn.Rotation`, one side
+* ``rotations``, :class:`WeightRotation` entries: one parameter key, one :class:`rotfn.Rotation`, one side
   (``"input"``: ``W @ R``; ``"output"``: ``R.T @ W`` and ``b @ R``), optionally per
   head and on a span of rows;
 * :class:`NormFusion`: a norm scale folded into the linears that read it;
@@ -14,8 +14,8 @@ side (applied by :func:`rotfn.call` for one call):
   inside fused experts (``"experts_in"``, ``"experts_down"``).
 
 Plans are frozen, compare by value, print as a table (``print(plan)``) and round
-trip through :meth:`Plan.to_dict` / :meth:`Plan.from_dict` (JSON-safe; rotations
-are stored once each in a table).
+trip through :meth:`Plan.to_dict` / :meth:`Plan.from_dict` (JSON-safe; rotation
+specs are stored once each in a table, ``"rotation_table"``, that entries index).
 """
 
 from __future__ import annotations
@@ -30,9 +30,12 @@ from rotfn.specs.formats import Format, format_from_dict
 from rotfn.specs.rotation import Rotation
 from rotfn.transforms import Chain, Where, chain, fuse_norm, qdq_weights, rotate_input, rotate_output
 
-__all__ = ["Plan", "WeightRotation", "NormFusion", "Online", "signature", "PLAN_VERSION", "ONLINE_KINDS"]
+__all__ = ["Plan", "WeightRotation", "NormFusion", "Online", "signature", "upgrade_plan_dict", "PLAN_VERSION",
+           "ONLINE_KINDS"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+# version 1 called the weight-side entries "weight" and the rotation table "rotations"
+_V1_KEYS = {"weight": "rotations", "rotations": "rotation_table"}
 ONLINE_KINDS = ("linear", "qk", "key", "value", "experts_in", "experts_down")
 _SIDES = ("input", "output")
 
@@ -126,10 +129,10 @@ class Plan:
         family: the model family adapter used (``"llama"``, ...), or None.
         model: the model class name the plan was built for.
         signature: hash of the model's parameter names and shapes (see :func:`signature`).
-        weight: weight-side rotations, folded by :func:`rotfn.fold`.
+        rotations: weight-side rotations (:class:`WeightRotation`), folded by :func:`rotfn.fold`.
         norms: norm fusions, folded first.
         online: activation-side transforms, applied by :func:`rotfn.call`.
-        weights: format of the weight qdq folded last, or None.
+        weights: the format of the weight qdq folded last (a format, not rotations: see ``rotations``), or None.
         quantized: keys whose weights are fake-quantized with ``weights``.
         acts: the activation format the online entries use, or None (for printing; entries carry it).
         kv: the KV-cache format of the ``"key"`` / ``"value"`` entries, or None (for printing; entries carry it).
@@ -142,7 +145,7 @@ class Plan:
     family: str | None
     model: str
     signature: str
-    weight: tuple[WeightRotation, ...] = ()
+    rotations: tuple[WeightRotation, ...] = ()
     norms: tuple[NormFusion, ...] = ()
     online: tuple[Online, ...] = ()
     weights: Format | None = None
@@ -157,7 +160,7 @@ class Plan:
     @property
     def needs_fold(self) -> bool:
         """True when the plan changes weights, so :func:`rotfn.call` needs folded params."""
-        return bool(self.weight or self.norms or self.quantized)
+        return bool(self.rotations or self.norms or self.quantized)
 
     def touched(self) -> tuple[str, ...]:
         """Every key the weight side reads and writes, in first-use order."""
@@ -167,7 +170,7 @@ class Plan:
             if n.bias is not None:
                 keys[n.bias] = None
                 keys.update(dict.fromkeys(k.removesuffix("weight") + "bias" for k in n.into))
-        keys.update(dict.fromkeys(w.key for w in self.weight))
+        keys.update(dict.fromkeys(w.key for w in self.rotations))
         keys.update(dict.fromkeys(self.quantized))
         return tuple(keys)
 
@@ -178,7 +181,7 @@ class Plan:
         output-side rotations of one weight commute; qdq comes last, or ``rounding(key, W)``
         in its place (see :func:`rotfn.transforms.qdq_weights`).
         """
-        parts = [n.transform() for n in self.norms] + [w.transform() for w in self.weight]
+        parts = [n.transform() for n in self.norms] + [w.transform() for w in self.rotations]
         if self.quantized:
             parts.append(qdq_weights(self.weights, Where.names(self.quantized), rounding=rounding))
         return chain(*parts)
@@ -186,7 +189,7 @@ class Plan:
     # ----- printing -------------------------------------------------------------
     def __repr__(self) -> str:
         parts = [self.method, f"family={self.family}", f"model={self.model}",
-                 f"{len(self.weight)} weight rotations", f"{len(self.norms)} norm fusions", f"{len(self.online)} online"]
+                 f"{len(self.rotations)} weight rotations", f"{len(self.norms)} norm fusions", f"{len(self.online)} online"]
         if self.weights is not None:
             parts.append(f"weights={self.weights!r}")
         if self.acts is not None:
@@ -199,7 +202,7 @@ class Plan:
 
     def __str__(self) -> str:
         lines = [repr(self)]
-        roles = collections.Counter((w.role, w.side, w.rotation) for w in self.weight)
+        roles = collections.Counter((w.role, w.side, w.rotation) for w in self.rotations)
         for (role, side, r), count in roles.items():
             lines.append(f"  weight  {role or '-':<10} {side:<6} {r!r} x{count}")
         if self.norms:
@@ -218,7 +221,7 @@ class Plan:
 
         Example:
             >>> import rotfn
-            >>> p = Plan("quarot", "llama", "M", "0" * 16, weight=(WeightRotation("w", rotfn.hadamard(4), "input"),))
+            >>> p = Plan("quarot", "llama", "M", "0" * 16, rotations=(WeightRotation("w", rotfn.hadamard(4), "input"),))
             >>> Plan.from_dict(p.to_dict()) == p
             True
         """
@@ -231,8 +234,8 @@ class Plan:
                 table.append(r)
             return table.index(r)
 
-        weight = [{"key": w.key, "rotation": ref(w.rotation), "side": w.side, "per_head": w.per_head,
-                   "span": None if w.span is None else list(w.span), "role": w.role} for w in self.weight]
+        rotations = [{"key": w.key, "rotation": ref(w.rotation), "side": w.side, "per_head": w.per_head,
+                   "span": None if w.span is None else list(w.span), "role": w.role} for w in self.rotations]
         online = [{"site": o.site, "kind": o.kind, "rotation": ref(o.rotation),
                    "fmt": None if o.fmt is None else o.fmt.to_dict(), "role": o.role} for o in self.online]
         return {
@@ -241,8 +244,8 @@ class Plan:
             "family": self.family,
             "model": self.model,
             "signature": self.signature,
-            "rotations": [r.to_dict() for r in table],
-            "weight": weight,
+            "rotation_table": [r.to_dict() for r in table],
+            "rotations": rotations,
             "norms": [{"norm": n.norm, "into": list(n.into), "bias": n.bias} for n in self.norms],
             "online": online,
             "weights": None if self.weights is None else self.weights.to_dict(),
@@ -258,21 +261,25 @@ class Plan:
     def from_dict(cls, d: dict) -> Plan:
         """Rebuild a plan from :meth:`to_dict` output.
 
+        Dicts of an older version (files saved by an earlier rotfn) are read too,
+        see :func:`upgrade_plan_dict`.
+
         Raises:
             SpecError: unknown version, missing keys, or malformed entries.
         """
         fn = "Plan.from_dict"
         if not isinstance(d, dict):
             raise SpecError(message(fn, "d", "a dict from Plan.to_dict()", type(d).__name__))
+        d = upgrade_plan_dict(d)
         if d.get("version") != PLAN_VERSION:
             raise SpecError(message(fn, "d['version']", str(PLAN_VERSION), d.get("version"), "rebuild the plan with this rotfn"))
-        fields = ("method", "family", "model", "signature", "rotations", "weight", "norms", "online", "weights",
+        fields = ("method", "family", "model", "signature", "rotation_table", "rotations", "norms", "online", "weights",
                   "quantized", "acts", "tied", "untied", "notes")
         missing = [f for f in fields if f not in d]
         if missing:
             raise SpecError(message(fn, "d", "all keys of Plan.to_dict()", f"missing {missing}"))
         try:
-            table = [Rotation.from_dict(r) for r in d["rotations"]]
+            table = [Rotation.from_dict(r) for r in d["rotation_table"]]
 
             def rot(i):
                 return None if i is None else table[i]
@@ -280,15 +287,15 @@ class Plan:
             def fmt(f):
                 return None if f is None else format_from_dict(f)
 
-            weight = tuple(
+            rotations = tuple(
                 WeightRotation(w["key"], rot(w["rotation"]), w["side"], w["per_head"],
                                None if w["span"] is None else tuple(w["span"]), w["role"])
-                for w in d["weight"]
+                for w in d["rotations"]
             )
             norms = tuple(NormFusion(n["norm"], tuple(n["into"]), n["bias"]) for n in d["norms"])
             online = tuple(Online(o["site"], o["kind"], rot(o["rotation"]), fmt(o["fmt"]), o["role"]) for o in d["online"])
             plan = cls(
-                method=d["method"], family=d["family"], model=d["model"], signature=d["signature"], weight=weight,
+                method=d["method"], family=d["family"], model=d["model"], signature=d["signature"], rotations=rotations,
                 norms=norms, online=online, weights=fmt(d["weights"]), quantized=tuple(d["quantized"]),
                 acts=fmt(d["acts"]), kv=fmt(d.get("kv")), tied=tuple(tuple(g) for g in d["tied"]), untied=tuple(d["untied"]),
                 notes=tuple(d["notes"]),
@@ -297,7 +304,7 @@ class Plan:
             raise
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise SpecError(message(fn, "d", "well-formed entries as written by Plan.to_dict()", repr(err))) from None
-        bad_side = [w.key for w in plan.weight if w.side not in _SIDES or w.rotation is None]
+        bad_side = [w.key for w in plan.rotations if w.side not in _SIDES or w.rotation is None]
         bad_kind = [o.site for o in plan.online if o.kind not in ONLINE_KINDS]
         if bad_side or bad_kind:
             raise SpecError(message(fn, "d", f"sides in {_SIDES} and online kinds in {ONLINE_KINDS}",
@@ -305,3 +312,18 @@ class Plan:
         if plan.quantized and plan.weights is None:
             raise SpecError(message(fn, "d['weights']", "a format when 'quantized' lists keys", None))
         return plan
+
+
+def upgrade_plan_dict(d: dict) -> dict:
+    """``d`` in the layout of :data:`PLAN_VERSION`: a version-1 dict (keys ``"weight"`` for the
+    entries and ``"rotations"`` for the table) gets the current keys and version; any other
+    dict is returned as it is, for :meth:`Plan.from_dict` to check.
+
+    Example:
+        >>> v1 = {"version": 1, "rotations": [], "weight": [], "notes": []}
+        >>> upgrade_plan_dict(v1)
+        {'version': 2, 'rotation_table': [], 'rotations': [], 'notes': []}
+    """
+    if d.get("version") != 1:
+        return d
+    return {"version": PLAN_VERSION, **{_V1_KEYS.get(k, k): v for k, v in d.items() if k != "version"}}

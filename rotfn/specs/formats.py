@@ -30,11 +30,13 @@ __all__ = [
     "FORMAT_VERSION",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# version 1 called the scale group "block"
+_V1_KEYS = {"block": "group"}
 
 
 class ScaleRule(str, enum.Enum):
-    """How an MX block's power-of-two scale exponent ``e`` is chosen from the block amax ``a``.
+    """How an MX group's power-of-two scale exponent ``e`` is chosen from the group amax ``a``.
 
     ``e_a`` is the unbiased exponent read from the fp32 bits of ``a`` (-127 for
     zero and subnormals), ``emax`` the element's largest exponent (2 for E2M1,
@@ -42,7 +44,7 @@ class ScaleRule(str, enum.Enum):
     """
 
     FLOOR = "floor"
-    """``e = e_a - emax`` (OCP MX v1.0 section 6.3). The block max may saturate."""
+    """``e = e_a - emax`` (OCP MX v1.0 section 6.3). The group max may saturate."""
     EVEN = "even"
     """Round ``a`` to the element's mantissa width first (add half an ulp to the
     fp32 bits, clear the mantissa), then as FLOOR. Lowest MSE of the three."""
@@ -56,12 +58,8 @@ class Format:
     """Base of all format specs: a name, a scale group and a dict round trip."""
 
     name: str
-    block: int | None
-
-    @property
-    def group(self) -> int | None:
-        """Elements per scale along the last dim (None: a whole row, or the whole tensor)."""
-        return self.block
+    group: int | None
+    """Elements per scale along the last dim (None: a whole row, or the whole tensor)."""
 
     @property
     def bits(self) -> int:
@@ -86,17 +84,17 @@ class Format:
 
 @dataclasses.dataclass(frozen=True)
 class MX(Format):
-    """OCP microscaling: blocks of 32 elements sharing one E8M0 (power of two) scale.
+    """OCP microscaling: groups of 32 elements (the spec's "blocks") sharing one E8M0 (power of two) scale.
 
     Attributes:
         element: ``"e2m1"`` (MXFP4) or ``"e4m3"`` (MXFP8).
         scale_rule: a :class:`ScaleRule`.
-        block: elements per scale (32 in the spec).
+        group: elements per scale (32 in the spec).
     """
 
     element: str = "e2m1"
     scale_rule: ScaleRule = ScaleRule.FLOOR
-    block: int = 32
+    group: int = 32
 
     @property
     def name(self) -> str:
@@ -117,11 +115,11 @@ class NVFP4(Format):
     Attributes:
         global_scale: ``"tensor"`` (amax of the finite values / (448 * 6)), a
             positive float used as is, or None (global scale 1).
-        block: elements per block scale (16).
+        group: elements per E4M3 scale (16).
     """
 
     global_scale: str | float | None = "tensor"
-    block: int = 16
+    group: int = 16
     name = "nvfp4"
 
     @property
@@ -138,13 +136,13 @@ class IntQ(Format):
 
     Attributes:
         bits: 2..8.
-        block: group size along the last dim, or None for one group per row.
+        group: elements per scale along the last dim, or None for one group per row.
         symmetric: symmetric (signed codes) or asymmetric (unsigned codes + zero point).
         clip: symmetric only: the scale covers ``clip * amax`` (values beyond saturate).
     """
 
     bits: int = 4
-    block: int | None = None
+    group: int | None = None
     symmetric: bool = True
     clip: float = 1.0
     name = "intq"
@@ -152,7 +150,7 @@ class IntQ(Format):
     def __repr__(self) -> str:
         extra = "" if self.symmetric else ", symmetric=False"
         extra += "" if self.clip == 1.0 else f", clip={self.clip}"
-        return f"intq({self.bits}, group={self.block}{extra})"
+        return f"intq({self.bits}, group={self.group}{extra})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +165,7 @@ class FP8(Format):
 
     granularity: str = "tensor"
     name = "fp8"
-    block = None
+    group = None
 
     @property
     def bits(self) -> int:
@@ -186,9 +184,9 @@ def _rule(fn: str, scale_rule) -> ScaleRule:
 
 
 def mxfp4(scale_rule: str | ScaleRule = "floor") -> MX:
-    """MXFP4: E2M1 elements in blocks of 32 with an E8M0 scale (OCP MX v1.0).
+    """MXFP4: E2M1 elements in groups of 32 with an E8M0 scale (OCP MX v1.0).
 
-    ``y = E2M1_RNE(x * 2^-e) * 2^e`` per block, ``e`` from :class:`ScaleRule`.
+    ``y = E2M1_RNE(x * 2^-e) * 2^e`` per group, ``e`` from :class:`ScaleRule`.
 
     Args:
         scale_rule: ``"floor"`` (OCP, default), ``"even"`` or ``"rceil"``.
@@ -211,7 +209,7 @@ def mxfp4(scale_rule: str | ScaleRule = "floor") -> MX:
 
 
 def mxfp8(scale_rule: str | ScaleRule = "floor") -> MX:
-    """MXFP8: E4M3 elements in blocks of 32 with an E8M0 scale (OCP MX v1.0).
+    """MXFP8: E4M3 elements in groups of 32 with an E8M0 scale (OCP MX v1.0).
 
     Args:
         scale_rule: ``"floor"`` (OCP, default), ``"even"`` or ``"rceil"``.
@@ -330,7 +328,7 @@ _FACTORIES = {
     "mxfp4": lambda d: mxfp4(d["scale_rule"]),
     "mxfp8": lambda d: mxfp8(d["scale_rule"]),
     "nvfp4": lambda d: nvfp4(d["global_scale"]),
-    "intq": lambda d: intq(d["bits"], group=d["block"], symmetric=d["symmetric"], clip=d["clip"]),
+    "intq": lambda d: intq(d["bits"], group=d["group"], symmetric=d["symmetric"], clip=d["clip"]),
     "fp8": lambda d: fp8(d["granularity"]),
 }
 
@@ -338,17 +336,25 @@ _FACTORIES = {
 def format_from_dict(d: dict) -> Format:
     """Rebuild a format spec from :meth:`Format.to_dict` output.
 
+    A version-1 dict (written by an earlier rotfn, with ``"block"`` for the scale
+    group) is read too.
+
     Raises:
         SpecError: not a dict, unknown version or name, missing or invalid fields.
 
     Example:
         >>> import rotfn
-        >>> rotfn.format_from_dict({"version": 1, "name": "fp8", "granularity": "token"})
+        >>> rotfn.format_from_dict({"version": 2, "name": "fp8", "granularity": "token"})
         fp8('token')
+        >>> old = {"version": 1, "name": "intq", "bits": 4, "block": 32, "symmetric": True, "clip": 1.0}
+        >>> rotfn.format_from_dict(old)
+        intq(4, group=32)
     """
     fn = "format_from_dict"
     if not isinstance(d, dict):
         raise SpecError(message(fn, "d", "a dict from Format.to_dict()", type(d).__name__))
+    if d.get("version") == 1:
+        d = {**{_V1_KEYS.get(k, k): v for k, v in d.items()}, "version": FORMAT_VERSION}
     if d.get("version") != FORMAT_VERSION:
         raise SpecError(message(fn, "d['version']", str(FORMAT_VERSION), d.get("version")))
     if d.get("name") not in _FACTORIES:

@@ -23,7 +23,7 @@ class QTensor:
             ``[..., ceil(n / 2)]``, two codes per byte, lower index in the low nibble.
             mxfp8 / fp8: float8_e4m3fn ``[..., n]``. intq bits > 4: int8 (symmetric)
             or uint8 (asymmetric) ``[..., n]``. Signed intq nibbles are two's complement.
-        scales: mxfp4/8: float8_e8m0fnu ``[..., G]`` (0xFF = NaN block); nvfp4:
+        scales: mxfp4/8: float8_e8m0fnu ``[..., G]`` (0xFF = NaN group); nvfp4:
             float8_e4m3fn ``[..., G]``; intq: float32 ``[..., G]``; fp8: float32 ``[]``
             (tensor) or ``[..., 1]`` (per row).
         shape: shape of the quantized tensor.

@@ -2,7 +2,7 @@
 
 A :class:`Rotation` describes an orthogonal ``n x n`` matrix
 
-    R = diag(s) @ blockdiag(T, T, ..., T)        (n / b copies of the b x b tile T)
+    R = diag(s) @ blockdiag(T, T, ..., T)        (n / b copies of the b x b block T)
 
 where ``T`` is a normalized Hadamard matrix, a Haar-random orthogonal matrix or a
 user matrix, and ``s`` is an optional +-1 sign vector of length ``n`` (the
@@ -46,12 +46,12 @@ class Rotation:
     Attributes:
         kind: ``"hadamard"``, ``"orthogonal"`` or ``"matrix"``.
         n: size of the rotated dimension.
-        block: tile size ``b`` of a block-diagonal rotation, or None for a full one (``b = n``).
+        block: block size ``b`` of a block-diagonal rotation, or None for a full one (``b = n``).
         seed: the seed the random part came from (signs or Haar matrix), or None.
         factor: Hadamard only: ``K`` in ``b = K * 2^m`` (which small Hadamard factor is used).
         transposed: True for the inverse spec ``R.T``.
         signs: packed +-1 sign vector of length n (random-sign Hadamard), or None.
-        data: float64 bytes of the ``b x b`` tile (kind ``"matrix"``), or None.
+        data: float64 bytes of the ``b x b`` block ``T`` (kind ``"matrix"``), or None.
     """
 
     kind: str
@@ -65,8 +65,8 @@ class Rotation:
 
     # ----- derived views -------------------------------------------------
     @property
-    def tile(self) -> int:
-        """The tile size b (``n`` for a full rotation)."""
+    def block_size(self) -> int:
+        """The block size b (``n`` for a full rotation, whose ``block`` is None)."""
         return self.block or self.n
 
     @property
@@ -77,7 +77,7 @@ class Rotation:
     @property
     def symmetric(self) -> bool:
         """True when ``R == R.T`` exactly (then rotate and rotate_back agree)."""
-        return _tile_symmetric(self) and self.signs is None
+        return _block_symmetric(self) and self.signs is None
 
     def sign_vector(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor | None:
         """The length-n +-1 sign vector ``s`` (or None when the rotation has no signs)."""
@@ -85,9 +85,9 @@ class Rotation:
             return None
         return _unpack_signs(self.signs, self.n).to(dtype=dtype, device=device, copy=True)
 
-    def tile_matrix(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-        """The ``b x b`` tile ``T`` (or ``T.T`` for a transposed spec), a new tensor."""
-        t = _tile(self.kind, self.tile, self.factor, self.seed, self.data)
+    def block_matrix(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+        """The ``b x b`` block ``T`` (or ``T.T`` for a transposed spec), a new tensor."""
+        t = _block(self.kind, self.block_size, self.factor, self.seed, self.data)
         return (t.T if self.transposed else t).to(dtype=dtype, device=device, copy=True)
 
     def matrix(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
@@ -102,8 +102,8 @@ class Rotation:
             >>> bool(torch.allclose(m @ m.T, torch.eye(8, dtype=torch.float64)))
             True
         """
-        t = _tile(self.kind, self.tile, self.factor, self.seed, self.data)
-        full = torch.block_diag(*([t] * (self.n // self.tile)))
+        t = _block(self.kind, self.block_size, self.factor, self.seed, self.data)
+        full = torch.block_diag(*([t] * (self.n // self.block_size)))
         s = self.sign_vector()
         if s is not None:
             full = s[:, None] * full
@@ -206,8 +206,8 @@ def _random_signs(n: int, seed: int) -> bytes:
 
 
 @functools.lru_cache(maxsize=32)
-def _tile(kind: str, b: int, factor: int | None, seed: int | None, data: bytes | None) -> torch.Tensor:
-    """The b x b tile in float64 on CPU (cached; callers copy before handing it out)."""
+def _block(kind: str, b: int, factor: int | None, seed: int | None, data: bytes | None) -> torch.Tensor:
+    """The b x b block in float64 on CPU (cached; callers copy before handing it out)."""
     if kind == "hadamard":
         return _had.hadamard_dense(b, factor)
     if kind == "orthogonal":
@@ -218,8 +218,8 @@ def _tile(kind: str, b: int, factor: int | None, seed: int | None, data: bytes |
     return torch.frombuffer(bytearray(data), dtype=torch.float64).reshape(b, b)
 
 
-def _tile_symmetric(spec: Rotation) -> bool:
-    t = _tile(spec.kind, spec.tile, spec.factor, spec.seed, spec.data)
+def _block_symmetric(spec: Rotation) -> bool:
+    t = _block(spec.kind, spec.block_size, spec.factor, spec.seed, spec.data)
     return bool(torch.equal(t, t.T))
 
 
@@ -277,19 +277,19 @@ def _check_spec(spec: Rotation, fn: str) -> None:
     if spec.signs is not None and len(spec.signs) != (spec.n + 7) // 8:
         raise SpecError(message(fn, "signs", f"{(spec.n + 7) // 8} packed bytes", len(spec.signs)))
     if spec.kind == "hadamard":
-        if spec.factor != _had.choose_factor(spec.tile) and not (
-            isinstance(spec.factor, int) and spec.factor > 0 and spec.tile % spec.factor == 0
-            and _had.can_build_factor(spec.factor) and (spec.tile // spec.factor).bit_count() == 1
+        if spec.factor != _had.choose_factor(spec.block_size) and not (
+            isinstance(spec.factor, int) and spec.factor > 0 and spec.block_size % spec.factor == 0
+            and _had.can_build_factor(spec.factor) and (spec.block_size // spec.factor).bit_count() == 1
         ):
-            raise SpecError(message(fn, "factor", f"a constructible K with {spec.tile} = K * 2^m", spec.factor))
+            raise SpecError(message(fn, "factor", f"a constructible K with {spec.block_size} = K * 2^m", spec.factor))
     elif spec.factor is not None:
         raise SpecError(message(fn, "factor", f"None for kind {spec.kind!r}", spec.factor))
     if spec.kind == "orthogonal" and spec.seed is None:
         raise SpecError(message(fn, "seed", "an int for kind 'orthogonal'", None))
     if spec.kind == "matrix":
-        if spec.data is None or len(spec.data) != 8 * spec.tile * spec.tile:
+        if spec.data is None or len(spec.data) != 8 * spec.block_size * spec.block_size:
             got = None if spec.data is None else len(spec.data)
-            raise SpecError(message(fn, "data", f"{8 * spec.tile * spec.tile} bytes of float64", got))
+            raise SpecError(message(fn, "data", f"{8 * spec.block_size * spec.block_size} bytes of float64", got))
     elif spec.data is not None:
         raise SpecError(message(fn, "data", f"None for kind {spec.kind!r}", f"{len(spec.data)} bytes"))
 
@@ -308,7 +308,7 @@ def hadamard(n: int, *, block: int | None = None, seed: int | None = None) -> Ro
 
     Args:
         n: size of the rotated (last) dimension.
-        block: tile size b dividing n for a block-diagonal rotation; None = full.
+        block: block size b dividing n for a block-diagonal rotation; None = full.
         seed: int for the random-sign variant ``diag(s) @ H``; None = no signs.
 
     Returns:
@@ -346,13 +346,13 @@ def orthogonal(n: int, *, seed: int, block: int | None = None) -> Rotation:
     """A Haar-random orthogonal rotation (QR of a Gaussian matrix with the sign fix).
 
     ``T = Q @ diag(sign(diag(R_qr)))`` for ``G = Q R_qr``, ``G`` a ``b x b``
-    float64 Gaussian from a seeded CPU generator; the same tile is used on every
+    float64 Gaussian from a seeded CPU generator; the same matrix is used on every
     block of a block-diagonal rotation.
 
     Args:
         n: size of the rotated dimension.
         seed: int seed of the Gaussian draw.
-        block: tile size b dividing n, or None for a full ``n x n`` rotation.
+        block: block size b dividing n, or None for a full ``n x n`` rotation.
 
     Returns:
         A frozen :class:`Rotation`.
@@ -379,7 +379,7 @@ def from_matrix(m: torch.Tensor, *, n: int | None = None, atol: float = 1e-6) ->
     """A rotation from a user matrix, checked orthogonal in float64.
 
     ``max |M @ M.T - I| <= atol`` is required. With ``n`` given, ``M`` is the
-    ``b x b`` tile of a block-diagonal rotation of size n.
+    ``b x b`` block of a block-diagonal rotation of size n.
 
     Args:
         m: ``[b, b]`` floating tensor (any device; copied to float64 CPU bytes).
@@ -415,7 +415,7 @@ def from_matrix(m: torch.Tensor, *, n: int | None = None, atol: float = 1e-6) ->
         )
     total = b if n is None else _check_int(fn, "n", n, minimum=1)
     if total % b:
-        raise RotationError(message(fn, "n", f"a multiple of the tile size {b}", total))
+        raise RotationError(message(fn, "n", f"a multiple of the block size {b}", total))
     block = None if total == b else b
     return Rotation("matrix", total, block, None, None, False, None, t.numpy().tobytes())
 

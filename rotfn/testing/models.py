@@ -228,7 +228,7 @@ class RotationFactory:
     Attributes:
         kind: ``"hadamard"``, ``"signed"`` (random-sign Hadamard), ``"orthogonal"`` or ``"matrix"``.
         seed: seed of the random part.
-        block: tile size, used where it is smaller than n and divides it; None = full.
+        block: block size, used where it is smaller than n and divides it; None = full.
         transposed: hand out ``R.T`` (still orthogonal, and non-symmetric for random kinds).
     """
 

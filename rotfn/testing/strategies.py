@@ -60,8 +60,7 @@ def rotations(
     *,
     kinds: tuple[str, ...] = ROTATION_KINDS,
     max_n: int = 256,
-    blocks: bool = True,
-    tiles: tuple[int, ...] | None = None,
+    blocks: bool | tuple[int, ...] = True,
     transposed: bool = True,
 ) -> Rotation:
     """Rotation specs of every kind, optionally block-diagonal and transposed.
@@ -69,14 +68,14 @@ def rotations(
     Args:
         n: fixed size, or None to draw one (<= max_n, constructible for Hadamard kinds).
         kinds: subset of :data:`ROTATION_KINDS`.
-        max_n: cap on a drawn n (and on the tile of dense kinds).
-        blocks: also draw block-diagonal rotations (tile = a divisor of n).
-        tiles: draw the tile (block size; n itself is a full rotation) from these instead, e.g. the
-            tiles a kernel serves; each must divide n (pass n too). Overrides ``blocks``.
+        max_n: cap on a drawn n (and on the block size of dense kinds).
+        blocks: True: also draw block-diagonal rotations (block size = any divisor of n);
+            False: full rotations only; a tuple: draw the block size from these (n itself is a
+            full rotation), e.g. the blocks a kernel serves; each must divide n (pass n too).
         transposed: also draw ``R.T`` specs.
 
     Raises:
-        ValueError: a tile in ``tiles`` that does not divide n, or ``tiles`` without n.
+        ValueError: a block size in ``blocks`` that does not divide n, or a tuple ``blocks`` without n.
 
     Example:
         >>> from hypothesis import given
@@ -88,18 +87,19 @@ def rotations(
     """
     kind = draw(st.sampled_from(kinds))
     is_hadamard = kind in ("hadamard", "signed")
+    given_n = n
     if n is None:
         n = draw(hadamard_orders(max_n) if is_hadamard else st.integers(1, max_n))
-    if tiles is not None:
-        if n is None or any(n % b for b in tiles):
-            raise ValueError(f"rotations: tiles {tiles} must divide a given n, got n={n}")
-        choices = list(tiles)
+    if isinstance(blocks, (tuple, list)):
+        if given_n is None or any(n % b for b in blocks):
+            raise ValueError(f"rotations: blocks {blocks} must divide a given n, got n={given_n}")
+        choices = list(blocks)
     else:
         choices = [n]
         if blocks:
             choices += [b for b in range(1, n) if n % b == 0 and (not is_hadamard or b in constructible_orders(1 << 15))]
-    tile = draw(st.sampled_from(sorted(choices, reverse=True)))
-    block = None if tile == n else tile
+    size = draw(st.sampled_from(sorted(choices, reverse=True)))
+    block = None if size == n else size
     seed = draw(seeds())
     if kind == "hadamard":
         r = hadamard(n, block=block)
@@ -108,7 +108,7 @@ def rotations(
     elif kind == "orthogonal":
         r = orthogonal(n, block=block, seed=seed)
     else:
-        r = from_matrix(orthogonal(tile, seed=seed).matrix(), n=n)
+        r = from_matrix(orthogonal(size, seed=seed).matrix(), n=n)
     return r.T if transposed and draw(st.booleans()) else r
 
 
