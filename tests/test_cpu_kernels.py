@@ -148,17 +148,20 @@ def test_typical_weights_with_full_tiles_run_on_numba(rows, source, scaled, layo
         rt.assert_bits_equal(got, ops.rotate(x, r))
 
 
-def test_small_tiles_of_half_precision_weights_have_exact_zeros_and_run_the_reference():
-    """The kernel declines a whole call for one exact zero output: with tiles of 2, ``v_0 = +-v_1`` in some tile
-    of a bf16 weight is all but certain, while the fp32 copy of the same values (finer bits) has none."""
-    x = _weights(torch.bfloat16, 16, 4096, 0, scaled=False)
-    r = rotfn.hadamard(4096, block=2)
-    assert bool((ops.rotate(x, r) == 0).any()) and cpu.rotate(x, r) is None
-    assert _rotate_traced(x, r)[1] == "torch"
-    x32 = _weights(torch.float32, 16, 4096, 0, scaled=False)
-    got, ran = _rotate_traced(x32, r)
-    assert ran == "numba"
-    rt.assert_bits_equal(got, ops.rotate(x32, r))
+def test_what_passes_depends_on_the_tile_size():
+    """The kernel declines a whole call for one exact zero output or one value too far below its tile's sum.
+    Tiles of 2: ``v_0 = +-v_1`` in some tile of a bf16 weight is all but certain, while the fp32 copy of the
+    same values (finer bits) has none; tiles of 4096: the bf16 weight passes, and some row of the fp32 one
+    has a value more than ~2^28 below its sum."""
+    x16, x32 = (_weights(source, 64, 4096, 0, scaled=False) for source in (torch.bfloat16, torch.float32))
+    for x, r, served in [(x16, rotfn.hadamard(4096, block=2), False), (x32, rotfn.hadamard(4096, block=2), True),
+                         (x16, rotfn.hadamard(4096), True), (x32, rotfn.hadamard(4096), False)]:
+        assert _must_serve(x, r) is served
+        assert (cpu.rotate(x, r) is not None) is served
+        got, ran = _rotate_traced(x, r)
+        assert ran == ("numba" if served else "torch")
+        rt.assert_bits_equal(got, ops.rotate(x, r))
+    assert bool((ops.rotate(x16, rotfn.hadamard(4096, block=2)) == 0).any())  # why the bf16 tiles of 2 decline
 
 
 def _with(value, where=5, n=64):
