@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MiB (default 5GB)")
     fold.add_argument("--precision", choices=("float64", "float32"), default="float64",
                       help="what the fold computes in: float64 (default, rounded once) or float32 (as fast with rotfn[cpu] "
-                           "installed, ~1.5x faster without it; "
+                           "installed, faster without it; "
                            "half-precision weights may differ from the float64 fold by one ulp in rare elements)")
     fold.add_argument("--torch-threads", type=int, default=1, metavar="N",
                       help="torch intra-op threads while folding (default 1: one per worker is fastest; 0 leaves them)")

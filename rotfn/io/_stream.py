@@ -521,9 +521,9 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
         overwrite: replace a complete checkpoint (any non-empty directory without the marker) in ``dst_dir``.
         progress: show a tqdm progress bar (bytes, with tensors done) on stderr.
         workers: pieces folded at once, each by one thread (None: ``torch.get_num_threads()`` as the call starts).
-        precision: ``"float64"`` (default; the bits of :func:`rotfn.fold`) or ``"float32"`` (no faster
-            with the CPU kernel of ``rotfn[cpu]`` (numba), ~1.5x faster without it, on 2 CPU cores; the bits of
-            ``rotfn.fold(..., precision="float32")``, see there). Part of the job: a rerun
+        precision: ``"float64"`` (default; the bits of :func:`rotfn.fold`) or ``"float32"`` (faster without
+            the CPU kernel of ``rotfn[cpu]`` (numba), not with it: measurements in ``docs/performance.md``; the
+            bits of ``rotfn.fold(..., precision="float32")``, see there). Part of the job: a rerun
             with another precision restarts rather than resumes.
         piece_elements: elements per piece a worker folds (:func:`rotfn.transforms.piece_cuts`; default
             :data:`rotfn.transforms.PIECE_ELEMENTS`, 2 MiB of float64). Any size gives the same bits.

@@ -100,12 +100,12 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
         params: ``{name: Tensor}`` from :func:`rotfn.params` (all parameters and buffers).
         plan: a :class:`rotfn.plans.Plan` built for the same model.
         precision: ``"float64"`` (default): every touched tensor is computed in float64 and
-            rounded once. ``"float32"``: in float32, about twice as fast on a CPU. For bfloat16
-            params the result then differs from the float64 fold in rare elements (4 in 100,000
-            on a tiny Llama), by one unit in the last place, or, for elements far below the
-            tensor's scale, by float32's rounding error (~1e-7 of its largest element); where
-            weights are quantized such an element may land one quantization step away. Meant
-            for half-precision checkpoints; float32 params lose accuracy with it.
+            rounded once. ``"float32"``: in float32, faster on a CPU. For bfloat16 params the
+            result then differs from the float64 fold in rare elements, by one unit in the last
+            place, or, for elements far below the tensor's scale, by float32's rounding error
+            (~1e-7 of its largest element); where weights are quantized such an element may land
+            one quantization step away. Meant for half-precision checkpoints; float32 params lose
+            accuracy with it. Measurements of both: ``docs/performance.md``.
         weights_by: None (the plan's weights are rounded to nearest, ``qdq``) or a
             :class:`rotfn.calibration.Calibration` of this plan: its rounding (GPTQ) in place of
             round to nearest, ``folded = rotfn.fold(params, plan, weights_by=rotfn.calibrate(...))``.
