@@ -7,30 +7,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from rotfn.errors import PlanError, message
 from rotfn.model._intercept import Site, SiteFn, intercepted
 from rotfn.model._online import online
 from rotfn.plans import Plan, check_fold_state, check_keys, check_model, check_plan, describe, require_plan
-from rotfn.transforms import check_params
+from rotfn.transforms import check_params, kept_ties, tie
 
 __all__ = ["call", "call_with"]
-
-
-def _tie_fix(fn: str, flat: dict, tied, untied: set[str]) -> None:
-    """Make each kept tie group one tensor object in ``flat`` (bit-equal values), else raise."""
-    for group in tied:
-        kept = [n for n in group if n not in untied]
-        if len(kept) < 2:
-            continue
-        first = flat[kept[0]]
-        for name in kept[1:]:
-            t = flat[name]
-            if t is first:
-                continue
-            if t.dtype != first.dtype or t.shape != first.shape or not torch.equal(t, first):
-                raise PlanError(message(fn, "params", f"one value for the tied keys {kept}", "different tensors",
-                                        "give tied keys the same tensor, or use a plan that unties them"))
-            flat[name] = first
 
 
 def call_with(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan | None,
@@ -79,9 +61,8 @@ def _call(fn: str, model: nn.Module, params, plan: Plan | None, extra, args, kwa
         check_plan(fn, info, plan)
     check_fold_state(fn, params, plan)
     check_keys(fn, info, params)
-    flat = dict(params)
-    untied = set(plan.untied) if plan is not None else set()
-    _tie_fix(fn, flat, info.tied, untied)
+    untied = plan.untied if plan is not None else ()
+    flat = tie(fn, params, kept_ties(info.tied, untied))
     with intercepted(fn, model, (online(plan), *extra)) as m:
         return torch.func.functional_call(m, flat, args, kwargs, tie_weights=not untied, strict=True)
 
