@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from rotfn.errors import ArgumentError, FoldError, PlanError, message
-from rotfn.plans._checks import require_plan
+from rotfn.plans._checks import check_signature, require_plan
 from rotfn.plans._plan import Plan, signature
 from rotfn.transforms import check_params, compile_fold, precision_dtype
 
@@ -139,10 +139,8 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
         raise FoldError(message(fn, "params", "params not folded yet", f"params already folded with {prior!r}",
                                 "fold the original rotfn.params(model) once; folding again would rotate twice"))
     sig = signature((k, tuple(t.shape)) for k, t in params.items())
-    if sig != plan.signature:
-        raise PlanError(message(fn, "plan", f"a plan for params with signature {sig}",
-                                f"a plan for {plan.model} (signature {plan.signature})",
-                                "build the plan from the model these params come from, with params = rotfn.params(model)"))
+    check_signature(fn, plan, sig, f"a plan for params with signature {sig}",
+                    "build the plan from the model these params come from, with params = rotfn.params(model)")
     program = compile_fold(plan.transform(_rounding(fn, weights_by, plan)), params, tied=plan.tied, untied=plan.untied, fn=fn)
     out = program.run(params, precision=dtype, fn=fn)
     for k in plan.touched():
