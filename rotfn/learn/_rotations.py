@@ -173,7 +173,7 @@ def rotations(
         by_slot = dict(zip(slots.slots, qs, strict=True))
         rotate = {t: (lambda x, r, q=by_slot[s]: rotate_learned(x, r, q)) for t, s in transforms.items()}
         folded = FoldedParams(program.run(params, rotate=rotate, fn=fn), training)
-        value = objective(run(model, folded, training, batches[i], _learned_inputs(plan, slots, by_slot)), i)
+        value = objective(run(fn, model, folded, training, batches[i], _learned_inputs(plan, slots, by_slot)), i)
         return value, value.detach()
 
     grad = torch.func.grad(step_loss, has_aux=True)
