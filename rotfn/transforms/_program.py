@@ -217,6 +217,11 @@ def _bind(op: Op, versions: Mapping[str, int]) -> Op:
 
 
 # ----- stages and keys ------------------------------------------------------------------------------
+def _read_keys(ops: tuple[Op, ...]) -> tuple[str, ...]:
+    """The keys ``ops`` read (at any version), each once, in first-read order."""
+    return tuple(dict.fromkeys(k for op in ops for k, _ in op.reads))
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """Consecutive operations of one key and the dim along which they may be cut (None: run on the whole key)."""
@@ -227,7 +232,7 @@ class Stage:
     @property
     def reads(self) -> tuple[str, ...]:
         """Other keys the operations read (as given: the program reads them at version 0)."""
-        return tuple(dict.fromkeys(k for op in self.ops for k, _ in op.reads))
+        return _read_keys(self.ops)
 
     def cuts(self, shape: tuple[int, ...], piece_elements: int) -> list[slice | None]:
         """``[None]`` (whole) or :func:`piece_cuts` along :attr:`axis` of a key of ``shape``."""
@@ -273,7 +278,7 @@ class KeyProgram:
     @property
     def reads(self) -> tuple[str, ...]:
         """Other keys the operations read."""
-        return tuple(dict.fromkeys(k for op in self.ops for k, _ in op.reads))
+        return _read_keys(self.ops)
 
     @property
     def reads_given(self) -> bool:
