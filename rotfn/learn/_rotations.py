@@ -17,8 +17,8 @@ from rotfn.learn._data import Batch, check_batches, to_device
 from rotfn.learn._loss import LossArg, Objective, run
 from rotfn.learn._slots import LEARNABLE_ROLES, Slots, find_slots, rotate_learned
 from rotfn.model import Site
-from rotfn.plans import FoldedParams, Plan, check_keys, check_plan, describe, folded_with, require_plan
-from rotfn.transforms import check_params, compile_fold
+from rotfn.plans import FoldedParams, Plan, check_keys, check_plan, describe, fold_program, folded_with, require_plan
+from rotfn.transforms import check_params
 
 __all__ = ["rotations", "LearnResult"]
 
@@ -124,7 +124,8 @@ def rotations(
         ArgumentError: bad steps, lr, momentum, roles (unknown, or none in the plan, or an online
             rotation inside attention), loss or data (empty).
         DTypeError: a batch or params of another type.
-        PlanError: plan not a Plan, or built for another model.
+        PlanError: plan not a Plan, built for another model, or changing tied keys differently (as for
+            :func:`rotfn.fold`).
         FoldError: params already folded.
         SelectionError: params miss or add keys.
 
@@ -161,13 +162,13 @@ def rotations(
         if not isinstance(value, bool):
             raise ArgumentError(message(fn, arg, "a bool", repr(value)))
     slots = find_slots(fn, plan, _check_roles(fn, roles), shared=shared)
+    program = fold_program(fn, plan, params)  # the fold's own program (and tie checks), before any model runs
     device = next(iter(params.values())).device
     batches = [to_device(b, device) for b in check_batches(fn, data)]
     objective = Objective(fn, model, params, batches, loss)
 
     training = slots.training_plan(plan)
     transforms = {plan.weight[i].transform(): s for i, s in slots.weight.items()}
-    program = compile_fold(plan.transform(), params, fn=fn)
 
     def step_loss(qs: tuple[torch.Tensor, ...], i: int):
         by_slot = dict(zip(slots.slots, qs, strict=True))

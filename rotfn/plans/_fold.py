@@ -9,9 +9,9 @@ import torch
 from rotfn.errors import ArgumentError, FoldError, PlanError, message
 from rotfn.plans._checks import check_signature, require_plan
 from rotfn.plans._plan import Plan, signature
-from rotfn.transforms import check_params, compile_fold, precision_dtype
+from rotfn.transforms import FoldProgram, check_params, compile_fold, precision_dtype
 
-__all__ = ["fold", "FoldedParams", "folded_with", "check_fold_state"]
+__all__ = ["fold", "FoldedParams", "folded_with", "check_fold_state", "fold_program"]
 
 _MARK = "_rotfn_folded_with"  # attribute fold sets on every tensor it creates
 
@@ -85,6 +85,16 @@ def check_fold_state(fn: str, params: Mapping, plan: Plan | None) -> None:
                                 "fold the original params with the plan you call with"))
 
 
+def fold_program(fn: str, plan: Plan, tensors: Mapping[str, torch.Tensor], rounding=None) -> FoldProgram:
+    """The plan's weight side compiled for ``tensors`` (names, shapes, dtypes), with the plan's ties.
+
+    The one place a plan becomes a fold program, for :func:`fold`, :func:`rotfn.fold_checkpoint` and
+    :func:`rotfn.learn.rotations`: tied keys the plan keeps tied must change identically (else PlanError
+    naming ``fn``) and come out as one tensor; untied ones are folded on their own.
+    """
+    return compile_fold(plan.transform(rounding), tensors, tied=plan.tied, untied=plan.untied, fn=fn)
+
+
 def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "float64", weights_by=None) -> FoldedParams:
     """Apply a plan's weight side to a params dict: norm fusions, rotations, weight qdq.
 
@@ -141,7 +151,7 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
     sig = signature((k, tuple(t.shape)) for k, t in params.items())
     check_signature(fn, plan, sig, f"a plan for params with signature {sig}",
                     "build the plan from the model these params come from, with params = rotfn.params(model)")
-    program = compile_fold(plan.transform(_rounding(fn, weights_by, plan)), params, tied=plan.tied, untied=plan.untied, fn=fn)
+    program = fold_program(fn, plan, params, _rounding(fn, weights_by, plan))
     out = program.run(params, precision=dtype, fn=fn)
     for k in plan.touched():
         if k not in params:
