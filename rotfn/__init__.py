@@ -9,7 +9,10 @@ Example:
     torch.Size([8, 4096])
 """
 
+# the user-facing subpackages (rotfn.testing is imported on first use, by __getattr__ below)
 from rotfn import calibration, dispatch, errors, io, learn, metrics, model, plans, transforms
+
+# the curated names, each from the room that defines it (grouped by topic in __all__)
 from rotfn._report import LayerReport, Report, report
 from rotfn.calibration import calibrate, gptq
 from rotfn.functional import dequantize, qdq, quantize, rotate, rotate_back, rotate_qdq
@@ -61,7 +64,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # rotfn.testing needs hypothesis (the `test` extra): imported on first use, not with rotfn
+    # rotfn.testing needs hypothesis (the `test` extra): imported on first use, not with rotfn (and importlib
+    # imported here, so that it does not become an attribute of rotfn)
     if name == "testing":
         import importlib
 

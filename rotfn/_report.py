@@ -32,7 +32,7 @@ from rotfn._table import format_table
 from rotfn.errors import ArgumentError, FoldError, PlanError, RotfnError, message
 from rotfn.functional import qdq
 from rotfn.metrics import energy_ratio_db
-from rotfn.model import Site, call_with
+from rotfn.model import Site, call_as
 from rotfn.plans import Plan, check_keys, check_plan, describe, fold, folded_with, require_plan
 from rotfn.specs import Format
 from rotfn.transforms import check_params
@@ -180,7 +180,7 @@ def _linear_name(key: str) -> str:
 def _recorders(sites: Mapping[str, Format], energies: dict[str, list[float]]) -> dict[Site, Callable]:
     """Site functions that add ``(sum x^2, sum (x - qdq(x))^2)`` of each linear's input to ``energies[site]``.
 
-    Passed to :func:`rotfn.model.call_with`, they run after the plan's online functions at the
+    Passed to :func:`rotfn.model.call_with` (as ``call_as``), they run after the plan's online functions at the
     same input, so they see ``x @ R`` as the linear does. They return None (the input is kept).
     """
     def record(x, *, site: str, fmt: Format):
@@ -195,9 +195,9 @@ def _recorders(sites: Mapping[str, Format], energies: dict[str, list[float]]) ->
 def _run(model: nn.Module, params, plan: Plan | None, inputs, sites) -> None:
     with torch.no_grad():
         if isinstance(inputs, Mapping):
-            call_with(model, params, plan, sites, **inputs)
+            call_as("report", model, params, plan, sites, kwargs=inputs)
         else:
-            call_with(model, params, plan, sites, *(inputs if isinstance(inputs, tuple) else (inputs,)))
+            call_as("report", model, params, plan, sites, inputs if isinstance(inputs, tuple) else (inputs,))
 
 
 def _check_inputs(fn: str, inputs) -> None:

@@ -235,24 +235,23 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # ----- the parser ---------------------------------------------------------------------------------
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse ``type=``: the argument as an int >= ``minimum``, else an error saying it expected ``what``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
-    return value
+_positive = _int_at_least(1, "a positive int")
+_seed = _int_at_least(0, "an int >= 0")
 
 
 def _subparser(commands, name: str, help_text: str, epilog: str, func) -> argparse.ArgumentParser:
@@ -304,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MiB (default 5GB)")
     fold.add_argument("--precision", choices=("float64", "float32"), default="float64",
                       help="what the fold computes in: float64 (default, rounded once) or float32 (as fast with rotfn[cpu] "
-                           "installed, ~1.5x faster without it; "
+                           "installed, faster without it; "
                            "half-precision weights may differ from the float64 fold by one ulp in rare elements)")
     fold.add_argument("--torch-threads", type=int, default=1, metavar="N",
                       help="torch intra-op threads while folding (default 1: one per worker is fastest; 0 leaves them)")

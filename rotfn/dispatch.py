@@ -28,7 +28,6 @@ import torch
 
 from rotfn import ops
 from rotfn.errors import BackendUnavailableError, message
-from rotfn.ops.gptq import gptq as _gptq
 
 __all__ = ["BACKENDS", "kernels_available", "select", "trace"]
 
@@ -40,7 +39,7 @@ _REFERENCE: dict[str, Callable] = {
     "qdq": ops.qdq,
     "quantize": ops.quantize,
     "dequantize": ops.dequantize,
-    "gptq": _gptq,
+    "gptq": ops.gptq,
 }
 
 _trace: contextvars.ContextVar[list | None] = contextvars.ContextVar("rotfn_dispatch_trace", default=None)

@@ -135,3 +135,12 @@ def test_no_private_module_of_another_package_is_imported():
 def test_the_graph_is_not_empty():
     # the rules above hold vacuously on an empty graph: prove the parser sees real imports
     assert any(t == "rotfn.errors" for *_, t in EDGES) and len(EDGES) > 100
+
+
+def test_dispatch_takes_every_reference_op_from_rotfn_ops():
+    # rotfn.ops' __init__ is the one door to the reference math: dispatch reaches no ops module directly
+    from rotfn import dispatch, ops
+
+    assert dispatch._REFERENCE == {op: getattr(ops, op) for op in dispatch._REFERENCE}
+    assert callable(ops.gptq)  # the function: no module of that name behind it
+    assert not any(t.startswith("rotfn.ops.") for at, _, _, t in EDGES if at.startswith("rotfn/dispatch.py"))

@@ -386,3 +386,23 @@ def test_learns_on_the_gpu_through_the_kernels(llama, data):
     assert max(result.orthogonality) <= 1e-6
     hadamard = evaluate(model, p, plan, held_out, loss="fidelity")
     assert evaluate(model, p, result.plan, held_out, loss="fidelity") < 0.95 * hadamard
+
+
+def test_learning_folds_tied_embeddings_as_fold_does(data):
+    """Tied embeddings: learning runs rotfn.fold's program with the plan's ties. Its first loss (Q = I) is
+    evaluate's through rotfn.fold, and a plan that changes the tied keys differently without untying them is
+    refused as fold refuses it, before any model runs."""
+    cfg = rt.make_config("llama", hidden=64, heads=4, kv_heads=2, layers=1, intermediate=128, vocab=256, tied=True)
+    model = rt.tiny_model(cfg, dtype=torch.float64, seed=3)
+    p = rotfn.params(model)
+    batch = data[0][:1]
+    plan = quarot_plan(model, rotfn.intq(4))
+    assert plan.tied and set(plan.untied) == set(plan.tied[0])
+    res = rotations(model, p, plan, batch, steps=1, lr=0.5, roles=("R1",), progress=False)
+    assert res.losses[0] == pytest.approx(evaluate(model, p, plan, batch), rel=1e-12)
+    kept = dataclasses.replace(plan, untied=())  # embedding and lm_head get different changes, still tied
+    pattern = r"argument 'plan': expected a plan that changes the tied keys .* identically or unties them"
+    with pytest.raises(PlanError, match="fold: " + pattern):
+        rotfn.fold(p, kept)
+    with pytest.raises(PlanError, match="learn.rotations: " + pattern):
+        rotations(model, p, kept, batch, steps=1, lr=0.5, roles=("R1",), progress=False)

@@ -221,3 +221,49 @@ def test_apply_is_gone_and_plans_do_not_import_the_bridge():
             assert not any(n.startswith("rotfn.model") for n in names), f"{path.name} imports rotfn.model"
     for module in (rotfn.model, rotfn.plans, rotfn):
         assert "check_plan" not in module.__all__ and "check_keys" not in module.__all__
+
+
+def test_fold_and_call_check_ties_with_one_check():
+    """Tied keys that stay tied must hold one value; fold and call say so in the same words, naming themselves,
+    and both give the keys one tensor when the values agree. (Tied keys of different dtypes or shapes fold into
+    different programs: fold refuses them when it compiles the plan.)"""
+    cfg = rt.make_config("llama", hidden=32, layers=1, tied=True)
+    model = rt.tiny_model(cfg)
+    p = rotfn.params(model)
+    ids = torch.randint(0, cfg.vocab_size, (1, 5))
+    plan = rotfn.plans.per_linear(model, rotation=rt.RotationFactory("signed", 1))  # keeps the tie
+    head, emb = "lm_head.weight", "model.embed_tokens.weight"
+    for fn, run, t in [("fold", lambda q: rotfn.fold(q, plan), p[head] + 1),
+                       ("call", lambda q: rotfn.call(model, q, None, ids), p[head] + 1),
+                       ("call", lambda q: rotfn.call(model, q, None, ids), p[head].float())]:
+        with pytest.raises(PlanError, match=rf"{fn}: argument 'params': expected one value under the tied keys "
+                                            rf"\['{emb}', '{head}'\], got different tensors; fix: give tied keys"):
+            run({**p, head: t})
+    same = {**p, head: p[head].clone()}
+    folded = rotfn.fold(same, plan)
+    assert folded[head] is folded[emb]
+    torch.testing.assert_close(rotfn.call(model, same, None, ids).logits, rotfn.call(model, p, None, ids).logits,
+                               rtol=0, atol=0)
+
+
+def test_errors_from_the_bridge_name_the_function_the_user_called():
+    """call_with, report, calibrate and learn run models through one bridge; an error found there (here: an R3 plan
+    on flex attention, which rotfn cannot intercept) names the public function that was called, not ``call``."""
+    model, cfg = _llama()
+    model.config._attn_implementation = "flex_attention"
+    p = rotfn.params(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    fmt = rotfn.intq(8)
+    plan = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=0), r3=rotfn.hadamard(16), weights=fmt, acts=fmt)
+    loss = lambda out, batch: out.logits.square().mean()  # noqa: E731 - a custom loss runs no float model first
+    calls = {
+        "call_with": lambda: call_with(model, rotfn.fold(p, plan), plan, {}, ids),
+        "report": lambda: rotfn.report(model, p, plan, ids),
+        "calibrate": lambda: rotfn.calibrate(model, p, plan, [ids]),
+        "learn.rotations": lambda: rotfn.learn.rotations(model, p, plan, [ids], steps=1, lr=0.1, roles=("R1",),
+                                                         loss=loss, progress=False),
+        "learn.evaluate": lambda: rotfn.learn.evaluate(model, p, plan, [ids], loss=loss),
+    }
+    for fn, run in calls.items():
+        with pytest.raises(PlanError, match=rf"^{fn}: argument 'model': expected attention implementation 'sdpa' or 'eager'"):
+            run()

@@ -16,7 +16,7 @@ from rotfn.calibration._gptq import gptq
 from rotfn.errors import ArgumentError, PlanError, message
 from rotfn.functional import dequantize, quantize
 from rotfn.learn import check_batches, to_device
-from rotfn.model import Site, call_with
+from rotfn.model import Site, call_as
 from rotfn.plans import FoldedParams, Plan, check_model, describe, fold, require_plan
 from rotfn.specs import QTensor
 
@@ -226,9 +226,9 @@ def _collect(model, params, plan, data, keys, stop_after) -> tuple[dict[str, tor
         for batch in data:
             try:
                 if isinstance(batch, Mapping):
-                    call_with(model, params, plan, sites, **batch)
+                    call_as("calibrate", model, params, plan, sites, kwargs=batch)
                 else:
-                    call_with(model, params, plan, sites, batch)
+                    call_as("calibrate", model, params, plan, sites, (batch,))
             except _Stop:
                 pass
     missing = [k for k in keys if counts[k] == 0]

@@ -1,13 +1,12 @@
-"""``rotfn.gptq``: validation and dispatch around the reference in :mod:`rotfn.ops.gptq`."""
+"""``rotfn.gptq``: validation and dispatch around the reference :func:`rotfn.ops.gptq`."""
 
 from __future__ import annotations
 
 import torch
 
-from rotfn import dispatch
+from rotfn import dispatch, ops
 from rotfn.errors import ArgumentError, DTypeError, FormatError, ShapeError, message
 from rotfn.functional import FLOAT_DTYPES, quantize
-from rotfn.ops import gptq as ref
 from rotfn.specs import QTensor
 from rotfn.specs.formats import Format
 
@@ -38,7 +37,8 @@ def gptq(
     one column at a time: with ``U`` the upper Cholesky factor of ``(H + \lambda I)^{-1}``
     (``\lambda`` = ``damp`` times the mean of ``diag H``), rounding column ``j`` to ``q_j``
     updates every later column ``k`` by ``w_k -= (w_j - q_j) U_{jk} / U_{jj}``. The steps and
-    choices (dead inputs, column blocks, when group scales are fixed) are in :mod:`rotfn.ops.gptq`.
+    choices (dead inputs, column blocks, when group scales are fixed) are in the reference's
+    module docstring (``rotfn/ops/_gptq.py``).
     ``h=None`` is round to nearest (``quantize``), with the scale search when asked, and
     ``h = I`` gives round to nearest exactly.
 
@@ -98,7 +98,7 @@ def gptq(
     impl = dispatch.select("gptq", "gptq", backend, w, fmt=fmt)
     with torch.no_grad():
         if h is None:
-            return ref.rtn(w.detach(), fmt, scale_search=scale_search)
+            return ops.rtn(w.detach(), fmt, scale_search=scale_search)
         return impl(w.detach(), h.detach(), fmt, block_size=block_size, damp=damp, act_order=act_order,
                         static_groups=static_groups, scale_search=scale_search, work=_PRECISIONS[precision])
 
@@ -137,8 +137,8 @@ def _check(w, h, fmt, block_size, damp, scale_search, precision, backend) -> Non
         raise ArgumentError(message("gptq", "block_size", "an int >= 1", repr(block_size), "keep 128"))
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0 or damp == float("inf"):
         raise ArgumentError(message("gptq", "damp", "a finite float >= 0", repr(damp), "keep 0.01"))
-    if scale_search not in ref.SCALE_SEARCHES:
-        raise ArgumentError(message("gptq", "scale_search", f"one of {ref.SCALE_SEARCHES}", repr(scale_search)))
+    if scale_search not in ops.SCALE_SEARCHES:
+        raise ArgumentError(message("gptq", "scale_search", f"one of {ops.SCALE_SEARCHES}", repr(scale_search)))
     if precision not in _PRECISIONS:
         raise ArgumentError(message("gptq", "precision", f"one of {sorted(_PRECISIONS)}", repr(precision),
                                     'keep "float64"'))

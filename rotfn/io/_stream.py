@@ -53,8 +53,8 @@ from rotfn.io._checkpoint import INDEX, SINGLE, Checkpoint, inventory, is_weight
 from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _shard_bytes, _shards, read_rotfn_json, write_rotfn_json
 from rotfn.io._malloc import freed_blocks_kept
 from rotfn.io._shard import ShardWriter, TensorEntry, header_bytes
-from rotfn.plans import Plan, check_plan, describe
-from rotfn.transforms import PIECE_ELEMENTS, KeyProgram, Stage, compile_fold, precision_dtype
+from rotfn.plans import Plan, check_plan, describe, fold_program
+from rotfn.transforms import PIECE_ELEMENTS, KeyProgram, Stage, precision_dtype
 
 __all__ = ["COPY_PIECE_BYTES", "MAP_BUDGET", "MARKER", "READ_AHEAD", "FoldStats", "fold_checkpoint"]
 
@@ -190,7 +190,7 @@ def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan) -> list[_Out]:
             "fold a checkpoint saved by transformers for this config (fused MoE experts are not supported)"))
     stored = {k: ckpt.tensors[m][1].dtype for k in info.shapes for m in (k, *tied.get(k, ())) if m in ckpt.tensors}
     tensors = {k: torch.empty(tuple(s), dtype=stored.get(k, torch.float32), device="meta") for k, s in info.shapes.items()}
-    program = compile_fold(plan.transform(), tensors, tied=plan.tied, untied=plan.untied, fn=fn)
+    program = fold_program(fn, plan, tensors)
     late = [k for k, kp in program.keys.items() if not kp.reads_given]
     if late:
         raise PlanError(message(fn, "plan", "a plan whose entries read tensors as the checkpoint holds them",
@@ -521,9 +521,9 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
         overwrite: replace a complete checkpoint (any non-empty directory without the marker) in ``dst_dir``.
         progress: show a tqdm progress bar (bytes, with tensors done) on stderr.
         workers: pieces folded at once, each by one thread (None: ``torch.get_num_threads()`` as the call starts).
-        precision: ``"float64"`` (default; the bits of :func:`rotfn.fold`) or ``"float32"`` (no faster
-            with the CPU kernel of ``rotfn[cpu]`` (numba), ~1.5x faster without it, on 2 CPU cores; the bits of
-            ``rotfn.fold(..., precision="float32")``, see there). Part of the job: a rerun
+        precision: ``"float64"`` (default; the bits of :func:`rotfn.fold`) or ``"float32"`` (faster without
+            the CPU kernel of ``rotfn[cpu]`` (numba), not with it: measurements in ``docs/performance.md``; the
+            bits of ``rotfn.fold(..., precision="float32")``, see there). Part of the job: a rerun
             with another precision restarts rather than resumes.
         piece_elements: elements per piece a worker folds (:func:`rotfn.transforms.piece_cuts`; default
             :data:`rotfn.transforms.PIECE_ELEMENTS`, 2 MiB of float64). Any size gives the same bits.

@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from rotfn.errors import ArgumentError, message
 from rotfn.learn._data import Batch, check_batches, to_device
-from rotfn.model import Site, SiteFn, call_with
+from rotfn.model import Site, SiteFn, call_as
 from rotfn.plans import Plan, describe, fold
 from rotfn.transforms import check_params
 
@@ -77,15 +77,14 @@ LossArg = LossFn | Fidelity | str | None
 _NAMES = ("next_token", "fidelity")
 
 
-def run(model, params, plan: Plan | None, batch: Batch, sites: Mapping[Site, SiteFn] | None = None):
-    """``rotfn.call`` on one batch, with more ``sites`` if given (see :func:`rotfn.model.call_with`).
+def run(fn: str, model, params, plan: Plan | None, batch: Batch, sites: Mapping[Site, SiteFn] | None = None):
+    """``rotfn.call`` on one batch, with more ``sites`` if given (see :func:`rotfn.model.call_with`); errors name ``fn``.
 
     A tensor batch is the positional input, a dict the keyword inputs (but ``labels``).
     """
-    sites = sites or {}
     if isinstance(batch, torch.Tensor):
-        return call_with(model, params, plan, sites, batch)
-    return call_with(model, params, plan, sites, **{k: v for k, v in batch.items() if k != "labels"})
+        return call_as(fn, model, params, plan, sites, (batch,))
+    return call_as(fn, model, params, plan, sites, kwargs={k: v for k, v in batch.items() if k != "labels"})
 
 
 def _output(out) -> torch.Tensor:
@@ -145,7 +144,7 @@ class Objective:
         if callable(loss) and not isinstance(loss, Fidelity):
             return
         with torch.no_grad():
-            first = run(model, params, None, batches[0])
+            first = run(fn, model, params, None, batches[0])
             causal = _is_causal(first, batches[0])
             if loss == "next_token" and not causal:
                 raise ArgumentError(message(fn, "loss", "'next_token' for a causal LM (logits [B, T, V], batches with "
@@ -155,7 +154,7 @@ class Objective:
                 self.loss = Fidelity()
             if isinstance(self.loss, Fidelity):
                 self.references = [self._view(first, batches[0]).detach()] + [
-                    self._view(run(model, params, None, b), b).detach() for b in batches[1:]]
+                    self._view(run(fn, model, params, None, b), b).detach() for b in batches[1:]]
 
     def _view(self, outputs, batch: Batch) -> torch.Tensor:
         return _output(outputs) if self.loss.view is None else self.loss.view(outputs, batch)
@@ -222,5 +221,5 @@ def evaluate(model, params: Mapping[str, torch.Tensor], plan: Plan | None, data:
     objective = Objective(fn, model, params, batches, loss)
     folded = params if plan is None else fold(params, plan)
     with torch.no_grad():
-        values = [objective(run(model, folded, plan, b), i).item() for i, b in enumerate(batches)]
+        values = [objective(run(fn, model, folded, plan, b), i).item() for i, b in enumerate(batches)]
     return sum(values) / len(values)

@@ -17,8 +17,8 @@ from rotfn.learn._data import Batch, check_batches, to_device
 from rotfn.learn._loss import LossArg, Objective, run
 from rotfn.learn._slots import LEARNABLE_ROLES, Slots, find_slots, rotate_learned
 from rotfn.model import Site
-from rotfn.plans import FoldedParams, Plan, check_keys, check_plan, describe, folded_with, require_plan
-from rotfn.transforms import check_params, compile_fold
+from rotfn.plans import FoldedParams, Plan, check_keys, check_plan, describe, fold_program, folded_with, require_plan
+from rotfn.transforms import check_params
 
 __all__ = ["rotations", "LearnResult"]
 
@@ -128,7 +128,8 @@ def rotations(
         ArgumentError: bad steps, lr, momentum, roles (unknown, or none in the plan, or an online
             rotation inside attention), weights, loss or data (empty).
         DTypeError: a batch or params of another type.
-        PlanError: plan not a Plan, or built for another model.
+        PlanError: plan not a Plan, built for another model, or changing tied keys differently (as for
+            :func:`rotfn.fold`).
         FoldError: params already folded.
         SelectionError: params miss or add keys.
 
@@ -168,21 +169,21 @@ def rotations(
         raise ArgumentError(message(fn, "weights", "'quantized' or 'float'", repr(weights),
                                     "weights='float' learns under unquantized weights (W16A4)"))
     slots = find_slots(fn, plan, _check_roles(fn, roles), shared=shared)
+    # the learning plan differs from plan in the weight format only: slot indices hold for both
+    learning = plan if weights == "quantized" else dataclasses.replace(plan, weights=None, quantized=())
+    program = fold_program(fn, learning, params)  # the fold's own program (and tie checks), before any model runs
     device = next(iter(params.values())).device
     batches = [to_device(b, device) for b in check_batches(fn, data)]
     objective = Objective(fn, model, params, batches, loss)
 
-    # the learning plan differs from plan in the weight format only: slot indices hold for both
-    learning = plan if weights == "quantized" else dataclasses.replace(plan, weights=None, quantized=())
     training = slots.training_plan(learning)
     transforms = {plan.rotations[i].transform(): s for i, s in slots.rotations.items()}
-    program = compile_fold(learning.transform(), params, fn=fn)
 
     def step_loss(qs: tuple[torch.Tensor, ...], i: int):
         by_slot = dict(zip(slots.slots, qs, strict=True))
         rotate = {t: (lambda x, r, q=by_slot[s]: rotate_learned(x, r, q)) for t, s in transforms.items()}
         folded = FoldedParams(program.run(params, rotate=rotate, fn=fn), training)
-        value = objective(run(model, folded, training, batches[i], _learned_inputs(plan, slots, by_slot)), i)
+        value = objective(run(fn, model, folded, training, batches[i], _learned_inputs(plan, slots, by_slot)), i)
         return value, value.detach()
 
     grad = torch.func.grad(step_loss, has_aux=True)

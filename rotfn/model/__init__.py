@@ -25,6 +25,7 @@ Example:
 """
 
 from rotfn.model._call import call, call_with
+from rotfn.model._call import call_as as call_as  # internal (not in __all__): report, calibrate and learn
 from rotfn.model._intercept import POINTS, Site, SiteFn, intercept
 from rotfn.model._online import activation, online
 from rotfn.model._params import params

@@ -7,30 +7,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from rotfn.errors import PlanError, message
 from rotfn.model._intercept import Site, SiteFn, intercepted
 from rotfn.model._online import online
 from rotfn.plans import Plan, check_fold_state, check_keys, check_model, check_plan, describe, require_plan
-from rotfn.transforms import check_params
+from rotfn.transforms import check_params, kept_ties, tie
 
-__all__ = ["call", "call_with"]
-
-
-def _tie_fix(fn: str, flat: dict, tied, untied: set[str]) -> None:
-    """Make each kept tie group one tensor object in ``flat`` (bit-equal values), else raise."""
-    for group in tied:
-        kept = [n for n in group if n not in untied]
-        if len(kept) < 2:
-            continue
-        first = flat[kept[0]]
-        for name in kept[1:]:
-            t = flat[name]
-            if t is first:
-                continue
-            if t.dtype != first.dtype or t.shape != first.shape or not torch.equal(t, first):
-                raise PlanError(message(fn, "params", f"one value for the tied keys {kept}", "different tensors",
-                                        "give tied keys the same tensor, or use a plan that unties them"))
-            flat[name] = first
+__all__ = ["call", "call_with", "call_as"]
 
 
 def call_with(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan | None,
@@ -54,7 +36,8 @@ def call_with(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan |
         Whatever ``model(*args, **kwargs)`` returns.
 
     Raises:
-        RotfnError: what :func:`rotfn.call` raises, and :func:`rotfn.model.intercept` for ``sites``.
+        RotfnError: what :func:`rotfn.call` raises (naming ``call_with``), and :func:`rotfn.model.intercept` for
+            ``sites``.
 
     Example:
         >>> import torch, rotfn
@@ -66,11 +49,17 @@ def call_with(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan |
         >>> torch.allclose(seen[0], rotfn.rotate(torch.ones(1, 4), rotfn.hadamard(4)))   # x @ R, as the layer sees it
         True
     """
-    return _call("call", model, params, plan, (sites,), args, kwargs)
+    return call_as("call_with", model, params, plan, sites, args, kwargs)
 
 
-def _call(fn: str, model: nn.Module, params, plan: Plan | None, extra, args, kwargs):
-    """Checks, then ``functional_call`` on ``intercept(model, online(plan), *extra)``."""
+def call_as(fn: str, model: nn.Module, params, plan: Plan | None, sites: Mapping[Site, SiteFn] | None = None,
+            args: tuple = (), kwargs: Mapping | None = None):
+    """:func:`call_with` for rotfn's own entry points: every check and error names ``fn``, the public function
+    the user called (``"report"``, ``"calibrate"``, ``"learn.rotations"``, ...).
+
+    Checks, then ``functional_call`` on ``intercept(model, online(plan), sites)``; ``args`` and ``kwargs`` are
+    the model's inputs.
+    """
     check_model(fn, model)
     check_params(fn, params)
     require_plan(fn, plan, optional=True)
@@ -79,11 +68,10 @@ def _call(fn: str, model: nn.Module, params, plan: Plan | None, extra, args, kwa
         check_plan(fn, info, plan)
     check_fold_state(fn, params, plan)
     check_keys(fn, info, params)
-    flat = dict(params)
-    untied = set(plan.untied) if plan is not None else set()
-    _tie_fix(fn, flat, info.tied, untied)
-    with intercepted(fn, model, (online(plan), *extra)) as m:
-        return torch.func.functional_call(m, flat, args, kwargs, tie_weights=not untied, strict=True)
+    untied = plan.untied if plan is not None else ()
+    flat = tie(fn, params, kept_ties(info.tied, untied))
+    with intercepted(fn, model, (online(plan), sites or {})) as m:
+        return torch.func.functional_call(m, flat, args, kwargs or {}, tie_weights=not untied, strict=True)
 
 
 def call(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan | None, *args, **kwargs):
@@ -123,4 +111,4 @@ def call(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan | None
         >>> torch.allclose(rotfn.call(m, rotfn.fold(rotfn.params(m), plan), plan, x), m(x), atol=1e-6)
         True
     """
-    return _call("call", model, params, plan, (), args, kwargs)
+    return call_as("call", model, params, plan, None, args, kwargs)

@@ -25,6 +25,7 @@ from rotfn.plans._describe import named_tensors as named_tensors
 from rotfn.plans._families import FAMILIES, Family, MoE, family_for
 from rotfn.plans._fold import FoldedParams, fold, folded_with
 from rotfn.plans._fold import check_fold_state as check_fold_state
+from rotfn.plans._fold import fold_program as fold_program
 from rotfn.plans._plan import ONLINE_KINDS, NormFusion, Online, Plan, WeightRotation, signature
 from rotfn.plans._plan import upgrade_plan_dict as upgrade_plan_dict  # internal, as above: io reads old files
 

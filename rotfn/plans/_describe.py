@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from rotfn.errors import ArgumentError, PlanError, SelectionError, message
+from rotfn.errors import ArgumentError, SelectionError, message
+from rotfn.plans._checks import check_signature
 from rotfn.plans._plan import Plan, signature
 from rotfn.transforms import Where
 
@@ -127,10 +128,8 @@ def describe(model: nn.Module, *, fn: str = "describe") -> ModelInfo:
 
 def check_plan(fn: str, info: ModelInfo, plan: Plan) -> None:
     """Raise PlanError unless ``plan`` was built for the model ``info`` describes (same names and shapes)."""
-    if plan.signature != info.signature:
-        raise PlanError(message(fn, "plan", f"a plan built for this model ({info.cls}, signature {info.signature})",
-                                f"a plan for {plan.model} (signature {plan.signature})",
-                                "build the plan from this model with rotfn.plans.*"))
+    check_signature(fn, plan, info.signature, f"a plan built for this model ({info.cls}, signature {info.signature})",
+                    "build the plan from this model with rotfn.plans.*")
 
 
 def check_keys(fn: str, info: ModelInfo, params: dict) -> None:

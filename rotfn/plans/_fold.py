@@ -7,11 +7,11 @@ from collections.abc import Mapping
 import torch
 
 from rotfn.errors import ArgumentError, FoldError, PlanError, message
-from rotfn.plans._checks import require_plan
+from rotfn.plans._checks import check_signature, require_plan
 from rotfn.plans._plan import Plan, signature
-from rotfn.transforms import check_params, compile_fold, precision_dtype
+from rotfn.transforms import FoldProgram, check_params, compile_fold, precision_dtype
 
-__all__ = ["fold", "FoldedParams", "folded_with", "check_fold_state"]
+__all__ = ["fold", "FoldedParams", "folded_with", "check_fold_state", "fold_program"]
 
 _MARK = "_rotfn_folded_with"  # attribute fold sets on every tensor it creates
 
@@ -85,6 +85,16 @@ def check_fold_state(fn: str, params: Mapping, plan: Plan | None) -> None:
                                 "fold the original params with the plan you call with"))
 
 
+def fold_program(fn: str, plan: Plan, tensors: Mapping[str, torch.Tensor], rounding=None) -> FoldProgram:
+    """The plan's weight side compiled for ``tensors`` (names, shapes, dtypes), with the plan's ties.
+
+    The one place a plan becomes a fold program, for :func:`fold`, :func:`rotfn.fold_checkpoint` and
+    :func:`rotfn.learn.rotations`: tied keys the plan keeps tied must change identically (else PlanError
+    naming ``fn``) and come out as one tensor; untied ones are folded on their own.
+    """
+    return compile_fold(plan.transform(rounding), tensors, tied=plan.tied, untied=plan.untied, fn=fn)
+
+
 def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "float64", weights_by=None) -> FoldedParams:
     """Apply a plan's weight side to a params dict: norm fusions, rotations, weight qdq.
 
@@ -100,12 +110,12 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
         params: ``{name: Tensor}`` from :func:`rotfn.params` (all parameters and buffers).
         plan: a :class:`rotfn.plans.Plan` built for the same model.
         precision: ``"float64"`` (default): every touched tensor is computed in float64 and
-            rounded once. ``"float32"``: in float32, about twice as fast on a CPU. For bfloat16
-            params the result then differs from the float64 fold in rare elements (4 in 100,000
-            on a tiny Llama), by one unit in the last place, or, for elements far below the
-            tensor's scale, by float32's rounding error (~1e-7 of its largest element); where
-            weights are quantized such an element may land one quantization step away. Meant
-            for half-precision checkpoints; float32 params lose accuracy with it.
+            rounded once. ``"float32"``: in float32, faster on a CPU. For bfloat16 params the
+            result then differs from the float64 fold in rare elements, by one unit in the last
+            place, or, for elements far below the tensor's scale, by float32's rounding error
+            (~1e-7 of its largest element); where weights are quantized such an element may land
+            one quantization step away. Meant for half-precision checkpoints; float32 params lose
+            accuracy with it. Measurements of both: ``docs/performance.md``.
         weights_by: None (the plan's weights are rounded to nearest, ``qdq``) or a
             :class:`rotfn.calibration.Calibration` of this plan: its rounding (GPTQ) in place of
             round to nearest, ``folded = rotfn.fold(params, plan, weights_by=rotfn.calibrate(...))``.
@@ -139,11 +149,9 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
         raise FoldError(message(fn, "params", "params not folded yet", f"params already folded with {prior!r}",
                                 "fold the original rotfn.params(model) once; folding again would rotate twice"))
     sig = signature((k, tuple(t.shape)) for k, t in params.items())
-    if sig != plan.signature:
-        raise PlanError(message(fn, "plan", f"a plan for params with signature {sig}",
-                                f"a plan for {plan.model} (signature {plan.signature})",
-                                "build the plan from the model these params come from, with params = rotfn.params(model)"))
-    program = compile_fold(plan.transform(_rounding(fn, weights_by, plan)), params, tied=plan.tied, untied=plan.untied, fn=fn)
+    check_signature(fn, plan, sig, f"a plan for params with signature {sig}",
+                    "build the plan from the model these params come from, with params = rotfn.params(model)")
+    program = fold_program(fn, plan, params, _rounding(fn, weights_by, plan))
     out = program.run(params, precision=dtype, fn=fn)
     for k in plan.touched():
         if k not in params:

@@ -54,6 +54,8 @@ from rotfn.transforms._program import (
     piece_cuts,
     precision_dtype,
 )
+from rotfn.transforms._program import kept_ties as kept_ties  # internal (not in __all__): rotfn.fold and rotfn.call
+from rotfn.transforms._program import tie as tie
 from rotfn.transforms._where import Where, where
 
 __all__ = [

@@ -39,7 +39,8 @@ from rotfn.specs.rotation import Rotation
 
 __all__ = [
     "PIECE_ELEMENTS", "MIN_PIECE", "PRECISIONS", "precision_dtype", "piece_cuts", "RotateFn",
-    "Rotate", "Scale", "ShiftBias", "Fill", "QDQ", "Stage", "KeyProgram", "FoldProgram", "compile_fold",
+    "Rotate", "Scale", "ShiftBias", "Fill", "QDQ", "Stage", "KeyProgram", "FoldProgram", "compile_fold", "kept_ties",
+    "tie",
 ]
 
 #: Elements per piece: 2 MiB of float64 per temporary, so the FWHT passes stay in cache.
@@ -216,6 +217,11 @@ def _bind(op: Op, versions: Mapping[str, int]) -> Op:
 
 
 # ----- stages and keys ------------------------------------------------------------------------------
+def _read_keys(ops: tuple[Op, ...]) -> tuple[str, ...]:
+    """The keys ``ops`` read (at any version), each once, in first-read order."""
+    return tuple(dict.fromkeys(k for op in ops for k, _ in op.reads))
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """Consecutive operations of one key and the dim along which they may be cut (None: run on the whole key)."""
@@ -226,7 +232,7 @@ class Stage:
     @property
     def reads(self) -> tuple[str, ...]:
         """Other keys the operations read (as given: the program reads them at version 0)."""
-        return tuple(dict.fromkeys(k for op in self.ops for k, _ in op.reads))
+        return _read_keys(self.ops)
 
     def cuts(self, shape: tuple[int, ...], piece_elements: int) -> list[slice | None]:
         """``[None]`` (whole) or :func:`piece_cuts` along :attr:`axis` of a key of ``shape``."""
@@ -272,7 +278,7 @@ class KeyProgram:
     @property
     def reads(self) -> tuple[str, ...]:
         """Other keys the operations read."""
-        return tuple(dict.fromkeys(k for op in self.ops for k, _ in op.reads))
+        return _read_keys(self.ops)
 
     @property
     def reads_given(self) -> bool:
@@ -320,6 +326,49 @@ def _apply(ops, x: torch.Tensor, value, run: _Run, *, each: bool) -> torch.Tenso
     return x.to(run.dtype) if not each else x
 
 
+# ----- ties ---------------------------------------------------------------------------------------------
+def kept_ties(tied, untied=(), keys=None) -> tuple[tuple[str, ...], ...]:
+    """The tie groups that stay tied: each group's keys not in ``untied`` (and in ``keys``, if given), 2 or more.
+
+    Example:
+        >>> kept_ties([("emb", "head"), ("a", "b", "c")], untied=("head",))
+        (('a', 'b', 'c'),)
+    """
+    groups = ([k for k in group if k not in untied and (keys is None or k in keys)] for group in tied)
+    return tuple(tuple(g) for g in groups if len(g) > 1)
+
+
+def tie(fn: str, tensors: Mapping[str, torch.Tensor], groups) -> dict[str, torch.Tensor]:
+    """A new dict in which each group's keys hold the group's first tensor, after checking they hold one value.
+
+    The one tie check of :func:`rotfn.fold` (:meth:`FoldProgram.run`) and :func:`rotfn.call`.
+
+    Args:
+        fn: the public function to name in an error.
+        tensors: ``{name: Tensor}`` with every key of ``groups``.
+        groups: tie groups that stay tied (:func:`kept_ties`).
+
+    Raises:
+        PlanError: a group whose tensors differ in dtype, shape or a value.
+
+    Example:
+        >>> w = torch.ones(2)
+        >>> out = tie("fold", {"emb": w, "head": w.clone()}, [("emb", "head")])
+        >>> out["head"] is out["emb"] is w
+        True
+    """
+    out = dict(tensors)
+    for group in groups:
+        first = out[group[0]]
+        for name in group[1:]:
+            t = out[name]
+            if t is not first and (t.dtype != first.dtype or t.shape != first.shape or not torch.equal(t, first)):
+                raise PlanError(message(fn, "params", f"one value under the tied keys {list(group)}", "different tensors",
+                                        "give tied keys one tensor, or untie them in the plan (Plan.untied)"))
+            out[name] = first
+    return out
+
+
 # ----- the program -------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class FoldProgram:
@@ -365,6 +414,7 @@ class FoldProgram:
             True
         """
         run = _Run(precision, piece_elements, rotate or {})
+        params = tie(fn, params, self.tied)
         memo: dict[tuple[str, int], torch.Tensor] = {}
 
         def value(key: str, at: int) -> torch.Tensor:
@@ -374,14 +424,7 @@ class FoldProgram:
                 memo[key, at] = _apply(self.keys[key].ops[:at], params[key], value, run, each=round_each)
             return memo[key, at]
 
-        shared = {}
-        for group in self.tied:
-            for name in group[1:]:
-                a, b = params[group[0]], params[name]
-                if a is not b and not torch.equal(a, b):
-                    raise PlanError(message(fn, "params", f"one tensor under the tied keys {list(group)}",
-                                            "different tensors", "untie them in the plan (Plan.untied)"))
-                shared[name] = group[0]
+        shared = {name: group[0] for group in self.tied for name in group[1:]}
         out = dict(params)
         for key, kp in self.keys.items():
             if kp.ops and key not in shared:
@@ -427,12 +470,9 @@ def compile_fold(transform, tensors: Mapping[str, torch.Tensor], *, tied=(), unt
             ops[key].append(_bind(op, versions))
     keys = {k: KeyProgram(k, tuple(t.shape), t.dtype, tuple(ops[k]), _stages(tuple(ops[k]), tuple(t.shape)))
             for k, t in tensors.items()}
-    groups = []
-    for group in tied:
-        kept = [k for k in group if k in keys and k not in untied]
-        if len({(keys[k].ops, keys[k].shape, keys[k].dtype) for k in kept}) > 1:
-            raise PlanError(message(fn, "plan", f"a plan that changes the tied keys {kept} identically or unties them",
-                                    "different changes", "untie them in the plan (Plan.untied)"))
-        if len(kept) > 1:
-            groups.append(tuple(kept))
-    return FoldProgram(keys, tuple(groups))
+    groups = kept_ties(tied, untied, keys)
+    for group in groups:
+        if len({(keys[k].ops, keys[k].shape, keys[k].dtype) for k in group}) > 1:
+            raise PlanError(message(fn, "plan", f"a plan that changes the tied keys {list(group)} identically or "
+                                    "unties them", "different changes", "untie them in the plan (Plan.untied)"))
+    return FoldProgram(keys, groups)
