@@ -17,19 +17,14 @@ either algorithm forms is exact, so the bits cannot differ:
   which the reference folds into its last pass; one rounded product for odd ``m``, the same
   product the reference forms), and the output signs are exact.
 
-<<<<<<< HEAD
-A block whose inputs miss the test (a spread of more than ~2^38 between its largest and
-finest bits, a NaN or infinity, or ``L < -1000``), or whose output has an exact zero
-=======
-A tile whose inputs miss the test (a value whose finest bit lies more than 51 binades below
-the tile's sum ``S``, a NaN or infinity, or ``L < -1000``), or whose output has an exact zero
->>>>>>> tests6
+A block whose inputs miss the test (a value whose finest bit lies more than 51 binades below
+the block's sum ``S``, a NaN or infinity, or ``L < -1000``), or whose output has an exact zero
 (whose sign depends on the order), makes :func:`rotate` decline the whole call; the
-dispatcher then runs the reference. So what passes depends on the tile size ``b`` as much as
-on the data. In large tiles, weights in bf16/fp16 (also times a bf16/fp16 norm scale folded
+dispatcher then runs the reference. So what passes depends on the block size ``b`` as much as
+on the data. In large blocks, weights in bf16/fp16 (also times a bf16/fp16 norm scale folded
 in) pass; fp32 values (24 significant bits) fail wherever one lies more than ~2^28 below
-``S``, which a large fp32 weight usually has in some row. In small tiles (2 up to a few dozen
-entries) the spread is harmless, but bf16/fp16 data have exact zero outputs (in a tile of 2,
+``S``, which a large fp32 weight usually has in some row. In small blocks (2 up to a few dozen
+entries) the spread is harmless, but bf16/fp16 data have exact zero outputs (in a block of 2,
 any ``|v_0| == |v_1|``), so calls on whole bf16/fp16 weights mostly decline there, while
 fp32 copies pass. The float64 results of a first rotation (an input to a second one) do not
 pass.

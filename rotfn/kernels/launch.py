@@ -35,11 +35,7 @@ _MIN_W = 32  # chunks narrower than this are widened (when n allows) for longer 
 _MAX_W = 1024
 _TILE_ELEMENTS = 2048  # elements of one program's [BR, W] tile (fused block kernels; swept on an H200)
 _WARPS = 2  # warps per program of the fused block kernels (2048-element tiles: 2 warps were fastest)
-<<<<<<< HEAD
-_WARPS_256 = 4  # ... and for 256 x 256 rotation blocks (2 warps spill: 4x slower on an H200)
-=======
-_WARPS_256 = 4  # ... and for 256 x 256 rotation tiles (2 warps spill registers: docs/performance.md)
->>>>>>> tests6
+_WARPS_256 = 4  # ... and for 256 x 256 rotation blocks (2 warps spill registers: docs/performance.md)
 _PREC = "ieee"  # fp32 inputs: exact fp32 products (half inputs ignore it)
 _FWHT_MAX = 32768  # largest Hadamard block of the FWHT kernel (one block in registers per program)
 _FWHT_MAX_ELEMENTS = 32768  # registers: one padded block [KP, 2^m] per program
