@@ -36,6 +36,7 @@ PAGES = {
     "howto/gpu/index.html": [],
     "howto/checkpoints/index.html": [],
     "howto/learn/index.html": [],
+    "howto/recipes/index.html": ["W4A4KV4", "MR-GPTQ"],
     "api/index.html": ['id="rotfn"'],
     "api/specs/index.html": ['id="rotfn.specs.rotation.hadamard"', 'id="rotfn.specs.rotation.Rotation"',
                              'id="rotfn.specs.formats.mxfp4"', 'id="rotfn.specs.formats.nvfp4"'],
@@ -52,6 +53,7 @@ PAGES = {
     "api/dispatch/index.html": ['id="rotfn.dispatch.trace"'],
     "api/io/index.html": ['id="rotfn.io.save"', 'id="rotfn.io.export_hf"', 'id="rotfn.io.fold_checkpoint"'],
     "api/learn/index.html": ['id="rotfn.learn.rotations"'],
+    "api/calibration/index.html": ['id="rotfn.calibration.gptq"', 'id="rotfn.calibration.calibrate"'],
     "api/kernels/index.html": ['id="rotfn.kernels.launch.rotate_qdq"'],
 }
 

@@ -127,7 +127,12 @@ def calibrate(
             keyword inputs), e.g. :func:`rotfn.learn.calibration`; moved to the params' device.
         sequential: block by block (see above).
         activations: ``"float"`` or ``"quantized"`` (see above).
-        block_size, damp, act_order, static_groups, scale_search, precision: as :func:`rotfn.gptq`.
+        block_size: as for :func:`rotfn.gptq`.
+        damp: as for :func:`rotfn.gptq`.
+        act_order: as for :func:`rotfn.gptq`.
+        static_groups: as for :func:`rotfn.gptq`.
+        scale_search: as for :func:`rotfn.gptq`.
+        precision: as for :func:`rotfn.gptq`.
         keep_hessians: keep the Hessians in the result (all of them: memory).
         progress: a tqdm bar over blocks (sequential) or keys on stderr.
 

@@ -182,7 +182,7 @@ class Objective:
 
 
 def evaluate(model, params: Mapping[str, torch.Tensor], plan: Plan | None, data: Iterable[Batch], *,
-             loss: LossArg = None) -> float:
+             loss: LossArg = None, weights_by=None) -> float:
     """The mean loss of ``plan`` over ``data``, through the ordinary ``rotfn.fold`` and ``rotfn.call``.
 
     The same loss :func:`rotfn.learn.rotations` minimizes (see :mod:`rotfn.learn`): with the
@@ -195,6 +195,8 @@ def evaluate(model, params: Mapping[str, torch.Tensor], plan: Plan | None, data:
         data: an iterable of batches (tensors or dicts of tensors), e.g. held-out ones.
         loss: None for the default, ``"next_token"``, ``"fidelity"``, a :func:`rotfn.learn.fidelity` value,
             or ``loss(outputs, batch) -> scalar tensor``.
+        weights_by: a :func:`rotfn.calibrate` result for ``plan`` (GPTQ-rounded weights), passed
+            to :func:`rotfn.fold`; None rounds to nearest as the plan says.
 
     Returns:
         The mean of the per-batch losses, a float.
@@ -219,7 +221,7 @@ def evaluate(model, params: Mapping[str, torch.Tensor], plan: Plan | None, data:
     device = next(iter(params.values())).device if params else torch.device("cpu")
     batches = [to_device(b, device) for b in batches]
     objective = Objective(fn, model, params, batches, loss)
-    folded = params if plan is None else fold(params, plan)
+    folded = params if plan is None else fold(params, plan, weights_by=weights_by)
     with torch.no_grad():
         values = [objective(run(fn, model, folded, plan, b), i).item() for i, b in enumerate(batches)]
     return sum(values) / len(values)
