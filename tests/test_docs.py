@@ -22,6 +22,7 @@ PAGES = {
     "index.html": ["rotfn"],
     "comparison/index.html": ["AutoRound", "llm-compressor", "ModelOpt", "SpinQuant", "Sources"],
     "performance/index.html": [],
+    "accuracy/index.html": ["GPTQ"],
     "formats/index.html": ["MXFP4"],
     "rotations/index.html": ["Hadamard"],
     "concepts/rotations/index.html": [],
