@@ -144,3 +144,26 @@ def test_bad_input():
         rotfn.calibrate(model, p, plan, batches, damp=-1.0)
     with pytest.raises(ArgumentError, match=r"argument 'data'"):
         rotfn.calibrate(model, p, plan, [])
+
+
+def test_input_amax_and_static_input_scales():
+    """amax of each linear's inputs, as the plan's online rotation leaves them; NVFP4 / FP8 scales from it."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    r = {64: rotfn.hadamard(64, seed=3), 32: rotfn.hadamard(32, seed=4)}
+    plan = rotfn.plans.per_linear(m, rotation=lambda n: r[n], weights=FMT)
+    batches = [torch.randn(40, 64) * 3, torch.randn(24, 64)]
+    calib = rotfn.calibrate(m, rotfn.params(m), plan, batches, progress=False)
+    with torch.no_grad():
+        first = [rotfn.rotate(b, r[64]) for b in batches]
+        second = [rotfn.rotate(torch.relu(m[0](b)), r[32]) for b in batches]
+    want = {"0.weight": max(x.abs().max() for x in first), "2.weight": max(x.abs().max() for x in second)}
+    assert sorted(calib.input_amax) == ["0.weight", "2.weight"]
+    for key, a in want.items():
+        torch.testing.assert_close(calib.input_amax[key], a.float(), rtol=1e-6, atol=0)
+        assert calib.input_scale(key, rotfn.nvfp4()).item() == pytest.approx(a.item() / 2688, rel=1e-6)
+        assert calib.input_scale(key, rotfn.fp8()).item() == pytest.approx(a.item() / 448, rel=1e-6)
+    with pytest.raises(PlanError, match="input_scale"):
+        calib.input_scale("1.weight", rotfn.nvfp4())
+    with pytest.raises(rotfn.errors.FormatError, match="nvfp4"):
+        calib.input_scale("0.weight", rotfn.mxfp4())

@@ -13,12 +13,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rotfn.calibration._gptq import gptq
-from rotfn.errors import ArgumentError, PlanError, message
+from rotfn.errors import ArgumentError, FormatError, PlanError, message
 from rotfn.functional import dequantize, quantize
 from rotfn.learn import check_batches, to_device
 from rotfn.model import Site, call_as
+from rotfn.ops.quant import fp8_scale, nvfp4_global_from_amax
 from rotfn.plans import FoldedParams, Plan, check_model, describe, fold, require_plan
 from rotfn.specs import QTensor
+from rotfn.specs.formats import FP8, NVFP4, Format
 
 __all__ = ["calibrate", "Calibration", "ACTIVATIONS"]
 
@@ -41,6 +43,10 @@ class Calibration:
         tokens: calibration tokens (rows of the linears' inputs) each Hessian was collected over.
         settings: the GPTQ and collection settings used, as keyword arguments of :func:`calibrate`.
         hessians: ``{key: [in, in] float64}`` when ``keep_hessians=True``, else None.
+        input_amax: ``{key: 0-d float32}``: ``max |x|`` over the finite inputs the linear of weight
+            ``key`` received during collection (as the plan sees them, see :func:`calibrate`), for
+            the static activation scales of :meth:`input_scale`.
+        digests: ``{key: digest}`` of each folded weight that was rounded (checked by :meth:`round`).
     """
 
     plan: Plan
@@ -49,6 +55,7 @@ class Calibration:
     tokens: int
     settings: Mapping[str, object]
     hessians: Mapping[str, torch.Tensor] | None = None
+    input_amax: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     digests: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def round(self, key: str, w: torch.Tensor) -> torch.Tensor:
@@ -66,6 +73,32 @@ class Calibration:
             raise PlanError(message("fold", "weights_by", f"a calibration of these params (weight {key!r})",
                                     "one made from other weights", "calibrate the params you fold"))
         return dequantize(q, w.dtype)
+
+    def input_scale(self, key: str, fmt: Format) -> torch.Tensor:
+        """The static tensor-wide scale of activation format ``fmt`` for the input of weight ``key``'s linear.
+
+        From the calibration's :attr:`input_amax` ``a``: NVFP4's global scale
+        ``s_g = a / (448 * 6)`` (:func:`rotfn.ops.quant.nvfp4_global_from_amax`), FP8's tensor scale
+        ``a / 448`` (1 when ``a`` is 0), the scales a serving engine applies to the inputs
+        instead of measuring each batch.
+
+        Returns:
+            A 0-d float32 tensor.
+
+        Raises:
+            PlanError: no input statistics for ``key`` (not a calibrated linear, or a fused expert).
+            FormatError: ``fmt`` is not :func:`rotfn.nvfp4` or :func:`rotfn.fp8`.
+        """
+        amax = self.input_amax.get(key)
+        if amax is None:
+            raise PlanError(message("Calibration.input_scale", "key", "a weight whose inputs were collected",
+                                    repr(key), f"pick one of {sorted(self.input_amax)[:3]} ..."))
+        if isinstance(fmt, NVFP4):
+            return nvfp4_global_from_amax(amax)
+        if isinstance(fmt, FP8):
+            return fp8_scale(amax)
+        raise FormatError(message("Calibration.input_scale", "fmt", "rotfn.nvfp4() or rotfn.fp8() (formats with a "
+                                  "tensor-wide activation scale)", repr(fmt)))
 
     def __repr__(self) -> str:
         gptq_keys = len(self.weights) - len(self.rtn)
@@ -180,10 +213,11 @@ def calibrate(
     current = dict(folded)
     weights: dict[str, QTensor] = {k: quantize(folded[k], plan.weights) for k in rtn}
     kept: dict[str, torch.Tensor] = {}
+    amax: dict[str, torch.Tensor] = {}
     tokens = 0
     bar = tqdm(blocks.items(), desc=fn, disable=not progress, leave=False)
     for block, keys in bar:
-        hessians, tokens = _collect(model, FoldedParams(current, collecting), collecting, data, keys, block)
+        hessians, tokens = _collect(model, FoldedParams(current, collecting), collecting, data, keys, block, amax)
         for key in keys:
             h = hessians.pop(key)
             q = gptq(folded[key], h, plan.weights, **settings)
@@ -193,7 +227,7 @@ def calibrate(
                 kept[key] = h
     digests = {k: _digest(folded[k]) for k in plan.quantized}
     settings.update(sequential=sequential, activations=activations)
-    return Calibration(plan, weights, rtn, tokens, settings, kept if keep_hessians else None, digests)
+    return Calibration(plan, weights, rtn, tokens, settings, kept if keep_hessians else None, amax, digests)
 
 
 def _blocks(keys: list[str]) -> dict[str | None, list[str]]:
@@ -209,8 +243,11 @@ def _blocks(keys: list[str]) -> dict[str | None, list[str]]:
     return out
 
 
-def _collect(model, params, plan, data, keys, stop_after) -> tuple[dict[str, torch.Tensor], int]:
-    """``{key: X^T X / N}`` (float64) of the inputs of ``keys``' linears over ``data``; also N."""
+def _collect(model, params, plan, data, keys, stop_after, amax) -> tuple[dict[str, torch.Tensor], int]:
+    """``{key: X^T X / N}`` (float64) of the inputs of ``keys``' linears over ``data``; also N.
+
+    Also puts each key's ``max |x|`` over the finite inputs into ``amax``.
+    """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(keys, 0)
 
@@ -219,6 +256,9 @@ def _collect(model, params, plan, data, keys, stop_after) -> tuple[dict[str, tor
             rows = x.detach().reshape(-1, x.shape[-1]).double()
             sums[key] = rows.T @ rows if key not in sums else sums[key].addmm_(rows.T, rows)
             counts[key] += rows.shape[0]
+            if rows.numel():
+                top = torch.where(torch.isfinite(rows), rows.abs(), 0).max().float()
+                amax[key] = top if key not in amax else torch.maximum(amax[key], top)
         return record
 
     def stop(_):
