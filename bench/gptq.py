@@ -6,6 +6,9 @@ size a Hessian ``H = X^T X / N`` of correlated inputs with outlier channels (``N
 rows), are made once on the device; then ``rotfn.gptq`` rounds all seven, per format and
 setting, and the wall time (median of ``--runs``, after one warm-up) and the GPTQ objective
 ``tr((W - Q) H (W - Q)^T)`` summed over the layer, relative to round-to-nearest, are printed.
+On CUDA every case runs with the GPTQ kernel (``backend="triton"``); the first case also runs
+the torch reference on the same device (``backend="torch"``, one run), whose codes the kernel
+must equal, to show what the kernel saves.
 Layers of other sizes: ``--hidden`` / ``--intermediate`` (``--small`` is a 1024 / 2816
 layer, for CPUs).
 
@@ -61,27 +64,37 @@ def main() -> None:
         ("nvfp4 mse", rotfn.nvfp4(), {"scale_search": "mse"}),
         ("mxfp4", rotfn.mxfp4(), {}),
     ]
-    rows = []
-    for label, fmt, kw in cases:
-        for precision in ("float32", "float64"):
-            def layer():
-                out = {k: rotfn.gptq(w, hs[w.shape[1]], fmt, precision=precision, **kw) for k, w in weights.items()}
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                return out
-            layer()
-            times = []
-            for _ in range(args.runs):
-                t0 = time.perf_counter()
-                out = layer()
-                times.append(time.perf_counter() - t0)
-            gptq_obj = sum(_objective(w, rotfn.dequantize(out[k], torch.float32), hs[w.shape[1]])
-                           for k, w in weights.items())
-            rtn_obj = sum(_objective(w, rotfn.qdq(w, fmt), hs[w.shape[1]]) for k, w in weights.items())
-            rows.append((label, precision, statistics.median(times), gptq_obj / rtn_obj))
-    print(f"{'format':>22} {'precision':>9} {'s/layer':>8} {'obj/RTN':>8}")
-    for label, precision, t, ratio in rows:
-        print(f"{label:>22} {precision:>9} {t:8.2f} {ratio:8.3f}")
+    backend = "triton" if dev.type == "cuda" else "torch"
+    runs = [(label, fmt, kw, precision, backend, args.runs) for label, fmt, kw in cases for precision in ("float32", "float64")]
+    if dev.type == "cuda":
+        runs.insert(1, (*runs[0][:4], "torch", 1))
+    rows, first = [], {}
+    for label, fmt, kw, precision, backend, n_runs in runs:
+        def layer():
+            out = {k: rotfn.gptq(w, hs[w.shape[1]], fmt, precision=precision, backend=backend, **kw)
+                   for k, w in weights.items()}
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+        if n_runs > 1 or backend != "torch" or dev.type != "cuda":
+            layer()  # warm-up (compiles the kernel); the reference on CUDA is timed once, cold
+        times = []
+        for _ in range(n_runs):
+            t0 = time.perf_counter()
+            out = layer()
+            times.append(time.perf_counter() - t0)
+        same = ""
+        if (label, precision) in first:
+            same = "yes" if all(torch.equal(out[k].codes.view(torch.uint8), first[label, precision][k].codes.view(
+                torch.uint8)) for k in out) else "NO"
+        first.setdefault((label, precision), out)
+        gptq_obj = sum(_objective(w, rotfn.dequantize(out[k], torch.float32), hs[w.shape[1]])
+                       for k, w in weights.items())
+        rtn_obj = sum(_objective(w, rotfn.qdq(w, fmt), hs[w.shape[1]]) for k, w in weights.items())
+        rows.append((label, precision, backend, statistics.median(times), gptq_obj / rtn_obj, same))
+    print(f"{'format':>22} {'precision':>9} {'backend':>7} {'s/layer':>8} {'obj/RTN':>8} {'same codes':>10}")
+    for label, precision, backend, t, ratio, same in rows:
+        print(f"{label:>22} {precision:>9} {backend:>7} {t:8.2f} {ratio:8.3f} {same:>10}")
 
 
 if __name__ == "__main__":

@@ -61,9 +61,11 @@ def gptq(
             chosen when the group's scales are fixed, as MR-GPTQ does.
         precision: ``"float64"`` or ``"float32"``: the dtype of the Hessian math (the
             format's rounding is fp32 either way).
-        backend: ``"auto"`` or ``"torch"``: the reference runs on ``w``'s device (CPU or
-            CUDA); ``"triton"`` raises, there is no GPTQ kernel yet (round to nearest,
-            ``h=None`` without a scale search, is :func:`rotfn.quantize` and dispatches as it does).
+        backend: ``"auto"`` (the Triton kernel for CUDA tensors, the reference otherwise),
+            ``"torch"`` (the reference, on ``w``'s device) or ``"triton"``: the column loop in one
+            kernel launch per scale group (:mod:`rotfn.kernels.gptq`), the same codes as the
+            reference on the same device and precision. Round to nearest (``h=None`` without a
+            scale search) is :func:`rotfn.quantize` and dispatches as it does.
 
     Returns:
         A :class:`rotfn.QTensor` of ``fmt`` with ``w``'s shape and dtype.
@@ -75,7 +77,7 @@ def gptq(
             ``scale_search``, ``precision`` or ``backend``; ``h`` not positive definite after
             damping (the message says how much was added).
         FormatError: ``fmt`` not a format spec.
-        BackendUnavailableError: ``backend="triton"``.
+        BackendUnavailableError: ``backend="triton"`` and the kernel cannot run (no CUDA tensor, no Triton).
 
     Example:
         >>> import torch, rotfn

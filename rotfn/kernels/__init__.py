@@ -6,6 +6,7 @@ under Triton's interpreter (``TRITON_INTERPRET=1`` set before the import);
 into a typed error for ``backend="triton"`` (``"auto"`` then uses the reference).
 """
 
+from rotfn.kernels.gptq import gptq
 from rotfn.kernels.launch import INTERPRET, qdq, quantize, rotate, rotate_qdq, unsupported
 
-__all__ = ["rotate", "rotate_qdq", "qdq", "quantize", "unsupported", "INTERPRET"]
+__all__ = ["rotate", "rotate_qdq", "qdq", "quantize", "gptq", "unsupported", "INTERPRET"]

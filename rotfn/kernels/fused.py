@@ -118,6 +118,7 @@ def _quantize_tile(vg, row, kmask, rowscale_ptr, gscale_ptr,
     bad = tl.max(((vg.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000).to(tl.int32), axis=2) > 0
     amax = tl.max(tl.abs(vg), axis=2)
     z = amax * 0.0
+    s_g = 1.0
     if SCOPE != GROUP:  # row / tensor scales come from pass 1, derived on the host by the reference
         if SCOPE == ROW:
             sidx = row
@@ -127,23 +128,12 @@ def _quantize_tile(vg, row, kmask, rowscale_ptr, gscale_ptr,
         z = tl.load(rowscale_ptr + sidx * 2 + 1, mask=kmask, other=0.0)[:, None]
         bad = s != s
     if FMT == 1 or FMT == 2:
-        e = _mx_exponent(amax, RULE, EMAX, MBITS, INV_MAX)
-        scaled = vg * exp2_exact(-e)[:, :, None]
-        if FMT == 1:
-            code = e2m1_code(scaled)  # only the quantize kernel stores codes; qdq uses the value alone
-            val = e2m1_round(scaled)
-        else:
-            val = e4m3_value(scaled)
-            code = e4m3_byte(val)
-        y = val * exp2_exact(e)[:, :, None]
-        scale = tl.where(bad, 255, e + 127)
+        s = _mx_exponent(amax, RULE, EMAX, MBITS, INV_MAX)
+        scale = tl.where(bad, 255, s + 127)
     elif FMT == 3:
         s_g = tl.load(gscale_ptr)
-        s_b = e4m3_value(tl.minimum(tl.maximum(tl.math.div_rn(tl.math.div_rn(amax, 6.0), s_g), 0.001953125), 448.0))
-        scaled = tl.minimum(tl.maximum(tl.math.div_rn(vg, (s_b * s_g)[:, :, None]), -6.0), 6.0)
-        code = e2m1_code(scaled)
-        y = (e2m1_round(scaled) * s_b[:, :, None]) * s_g
-        scale = tl.where(bad, 0x7F, e4m3_byte(s_b))
+        s = e4m3_value(tl.minimum(tl.maximum(tl.math.div_rn(tl.math.div_rn(amax, 6.0), s_g), 0.001953125), 448.0))
+        scale = tl.where(bad, 0x7F, e4m3_byte(s))
     elif FMT == 4 or FMT == 5:
         if SCOPE == GROUP:
             if FMT == 4:
@@ -155,23 +145,50 @@ def _quantize_tile(vg, row, kmask, rowscale_ptr, gscale_ptr,
                 s = tl.where(s == 0, 1.0, s)
                 z = tl.where(bad, 0.0, rint(tl.math.div_rn(-lo, s)))
             s = tl.where(bad, _nan(), s)
-        q = rint(tl.math.div_rn(vg, s[:, :, None]))
-        if FMT == 4:
-            q = tl.minimum(tl.maximum(q, -(1 << (BITS - 1)) * 1.0), (1 << (BITS - 1)) - 1.0)
-            y = q * s[:, :, None]
-        else:
-            q = tl.minimum(tl.maximum(q + z[:, :, None], 0.0), (1 << BITS) - 1.0)
-            y = (q - z[:, :, None]) * s[:, :, None]
-        code = q.to(tl.int32) & 0xFF  # two's complement byte; nibble packing keeps the low 4 bits
         scale = s
     else:  # FP8, one scale per row or tensor
-        val = e4m3_value(tl.math.div_rn(vg, s[:, :, None]))
-        code = e4m3_byte(val)
-        y = val * s[:, :, None]
         scale = s
-    code = tl.where(bad[:, :, None], 0, code)
-    y = tl.where(bad[:, :, None] | (y != y), _nan(), y)  # canonical NaN, as the reference
+    y, code = code_value(vg, s[:, :, None], z[:, :, None], s_g, bad[:, :, None], FMT, BITS)
     return y, code, scale, z, bad
+
+
+@triton.jit
+def code_value(v, s, z, s_g, bad, FMT: tl.constexpr, BITS: tl.constexpr):
+    """int32 codes and dequantized fp32 values of ``v`` under given scales, broadcast to ``v``.
+
+    ``s``: MX the int32 scale exponent, NVFP4 the E4M3 group scale (fp32, with the global
+    ``s_g``), intq and FP8 the fp32 scale; ``z``: asymmetric intq's zero point (float);
+    ``bad``: groups whose codes are 0 and values NaN (a NaN/Inf group).
+    """
+    if FMT == 1 or FMT == 2:
+        scaled = v * exp2_exact(-s)
+        if FMT == 1:
+            code = e2m1_code(scaled)  # only the quantize kernel stores codes; qdq uses the value alone
+            val = e2m1_round(scaled)
+        else:
+            val = e4m3_value(scaled)
+            code = e4m3_byte(val)
+        y = val * exp2_exact(s)
+    elif FMT == 3:
+        scaled = tl.minimum(tl.maximum(tl.math.div_rn(v, s * s_g), -6.0), 6.0)
+        code = e2m1_code(scaled)
+        y = (e2m1_round(scaled) * s) * s_g
+    elif FMT == 4 or FMT == 5:
+        q = rint(tl.math.div_rn(v, s))
+        if FMT == 4:
+            q = tl.minimum(tl.maximum(q, -(1 << (BITS - 1)) * 1.0), (1 << (BITS - 1)) - 1.0)
+            y = q * s
+        else:
+            q = tl.minimum(tl.maximum(q + z, 0.0), (1 << BITS) - 1.0)
+            y = (q - z) * s
+        code = q.to(tl.int32) & 0xFF  # two's complement byte; nibble packing keeps the low 4 bits
+    else:
+        val = e4m3_value(tl.math.div_rn(v, s))
+        code = e4m3_byte(val)
+        y = val * s
+    code = tl.where(bad, 0, code)
+    y = tl.where(bad | (y != y), _nan(), y)  # canonical NaN, as the reference
+    return y, code
 
 
 @triton.jit(do_not_specialize=["K"])  # one compiled kernel for every token count

@@ -88,10 +88,10 @@ def unsupported(op: str, x: torch.Tensor, *, rotation=None, fmt=None, back=False
     """Why the kernels cannot run this call, or None when they can."""
     if op == "dequantize":
         return "no dequantize kernel (the reference decodes in one elementwise pass on any device)"
-    if op == "gptq":
-        return "no GPTQ kernel (the reference runs on CUDA tensors too)"
     if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
         return f"x is on {x.device}: kernels need a CUDA tensor (or TRITON_INTERPRET=1 set before import for CPU)"
+    if op == "gptq":  # every weight format and precision; w and h are converted to the working precision
+        return None
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype}: kernels take float16, bfloat16 and float32"
     if x.numel() == 0:

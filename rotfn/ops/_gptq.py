@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -138,8 +139,12 @@ def gptq(
     static_groups: bool = False,
     scale_search: str | None = None,
     work: torch.dtype = torch.float64,
+    columns: Callable | None = None,
 ) -> QTensor:
     """GPTQ codes of ``w`` ``[out, n]`` against ``h`` ``[n, n]`` (reference; validated by :func:`rotfn.gptq`).
+
+    ``columns``: the column loop inside a block, :func:`_columns` by default; the GPTQ kernel
+    (:func:`rotfn.kernels.gptq`) passes its own, so both share every other step.
 
     Raises:
         ArgumentError: ``h`` is not positive definite after damping.
@@ -166,27 +171,53 @@ def gptq(
             "raise damp (e.g. 0.1), or collect the Hessian over more calibration tokens"))
     block = block_size if static else math.ceil(block_size / g) * g
     codes = torch.empty(out, n, dtype=code_dtype(fmt), device=w.device)
-    order = range(n) if perm is None else perm.tolist()
+    order = torch.arange(n, device=w.device) if perm is None else perm
     reached: list[Scales] = []
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         E1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            j = i1 + i
-            column = order[j]
-            if not static and j % g == 0:
-                reached.append(_scales(W1[:, None, i:i + g].float(), fmt, s_g, scale_search))
-            sc = _column(fixed, column // g) if static else _column(reached[-1], 0)
-            c = encode(W1[:, i, None, None].float(), fmt, sc)
-            q = decode(c, fmt, sc)[:, 0, 0].to(work)
-            codes[:, column] = c[:, 0, 0]
-            e = (W1[:, i] - q) / U1[i, i]
-            W1[:, i:] -= e[:, None] * U1[i, i:]
-            E1[:, i] = e
+        step = i2 - i1 if static else g
+        for a in range(0, i2 - i1, step):  # a run of columns that share their scales' origin
+            b = min(a + step, i2 - i1)
+            cols = order[i1 + a:i1 + b]
+            if static:
+                sc = _gather(fixed, cols // g)
+            else:
+                reached.append(_scales(W1[:, None, a:a + g].float(), fmt, s_g, scale_search))
+                sc = _gather(reached[-1], torch.zeros(b - a, dtype=torch.long, device=w.device))
+            codes[:, cols] = (columns or _columns)(W1, U1, E1, a, b, fmt, sc)
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     sc = fixed if static else _concat(reached, s_g)
     return pack(codes.reshape(out, n // g, g), fmt, sc, w.dtype)
+
+
+def _columns(W1: torch.Tensor, U1: torch.Tensor, E1: torch.Tensor, a: int, b: int, fmt: Format, sc: Scales
+            ) -> torch.Tensor:
+    """Round columns ``a .. b - 1`` of a column block in order, each error spread over the block's later columns.
+
+    ``W1`` ``[out, B]`` (updated in place) and ``E1`` ``[out, B]`` (the scaled errors, written)
+    are the block's working copies, ``U1`` ``[B, B]`` its part of the inverse Hessian factor;
+    ``sc`` holds column ``a + p``'s scales at ``[:, p]`` (a tensor-wide scale is 0-d).
+    Returns the codes ``[out, b - a]`` (:func:`rotfn.ops.quant.code_dtype`).
+    """
+    codes = torch.empty(W1.shape[0], b - a, dtype=code_dtype(fmt), device=W1.device)
+    for p in range(b - a):
+        i = a + p
+        col = _column(sc, p)
+        c = encode(W1[:, i, None, None].float(), fmt, col)
+        q = decode(c, fmt, col)[:, 0, 0].to(W1.dtype)
+        codes[:, p] = c[:, 0, 0]
+        e = (W1[:, i] - q) / U1[i, i]
+        W1[:, i:] -= e[:, None] * U1[i, i:]
+        E1[:, i] = e
+    return codes
+
+
+def _gather(sc: Scales, groups: torch.Tensor) -> Scales:
+    """The scales of groups ``groups`` ``[P]`` of every row, ``[out, P]`` (a tensor-wide scale stays 0-d)."""
+    pick = lambda t: t if t is None or t.ndim == 0 else t[:, groups]  # noqa: E731
+    return Scales(pick(sc.scales), sc.global_scale, pick(sc.zero_points))
 
 
 def _column(sc: Scales, k: int) -> Scales:
