@@ -15,22 +15,26 @@ A rotation is orthogonal, so ``|x' - qdq(x')| = |x'R^T - qdq(x')R^T|``: the two 
 measure the same error in two bases and can be compared directly. Rotation spreads
 outlier channels over a whole group (a gain), but it can also mix an outlier back into
 groups that small-group formats such as NVFP4 had isolated (a loss).
+
+With ``gptq=True`` it also measures the error the rounding of ``W'`` makes in the linear's
+*output* ``x' W'^T`` on those inputs, for round to nearest and for :func:`rotfn.gptq`:
+``10 log10(tr(W' H W'^T) / tr((W' - Q) H (W' - Q)^T))`` with ``H = X'^T X' / N``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from rotfn import calibration
 from rotfn._table import format_table
 from rotfn.errors import ArgumentError, FoldError, PlanError, RotfnError, message
-from rotfn.functional import qdq
+from rotfn.functional import dequantize, qdq
 from rotfn.metrics import energy_ratio_db
 from rotfn.model import Site, call_as
 from rotfn.plans import Plan, check_keys, check_plan, describe, fold, folded_with, require_plan
@@ -47,6 +51,13 @@ def _energies(x: torch.Tensor, fmt: Format) -> tuple[float, float]:
     """``(sum x^2, sum (x - qdq(x, fmt))^2)`` in float64."""
     x64 = x.detach().double()
     return x64.square().sum().item(), (x64 - qdq(x.detach(), fmt).double()).square().sum().item()
+
+
+def _output_energies(w: torch.Tensor, h: torch.Tensor, q: torch.Tensor) -> tuple[float, float]:
+    """``(tr(W H W^T), tr((W - Q) H (W - Q)^T))`` in float64: the energies of ``x @ W.T`` and of its error."""
+    w64 = w.detach().double()
+    e = w64 - q.double()
+    return ((w64 @ h) * w64).sum().item(), ((e @ h) * e).sum().item()
 
 
 def _gain(plain: float | None, rotated: float | None) -> float | None:
@@ -66,6 +77,9 @@ class LayerReport:
             plan does not quantize this weight.
         act_plain, act_rotated: SQNR of ``qdq(x, acts)`` / ``qdq(x', acts)`` over every call of the linear on
             the inputs, or None when the plan does not quantize this input.
+        out_rtn, out_gptq: SQNR of the output ``x' W'^T`` with ``W'`` rounded to ``weights`` by round to nearest
+            (``qdq(W', weights)``) / by :func:`rotfn.gptq` fitted on the same inputs, or None when the report
+            was made without ``gptq=True``, the plan does not quantize this weight or the linear did not run.
     """
 
     layer: str
@@ -74,6 +88,8 @@ class LayerReport:
     weight_rotated: float | None
     act_plain: float | None
     act_rotated: float | None
+    out_rtn: float | None = None
+    out_gptq: float | None = None
 
     @property
     def weight_gain(self) -> float | None:
@@ -85,9 +101,15 @@ class LayerReport:
         """``act_rotated - act_plain`` in dB (positive: rotation helps), or None."""
         return _gain(self.act_plain, self.act_rotated)
 
+    @property
+    def gptq_gain(self) -> float | None:
+        """``out_gptq - out_rtn`` in dB (positive: GPTQ helps, in-sample), or None."""
+        return _gain(self.out_rtn, self.out_gptq)
+
     def to_dict(self) -> dict:
         """The row as a plain dict, gains included."""
-        return {**dataclasses.asdict(self), "weight_gain": self.weight_gain, "act_gain": self.act_gain}
+        return {**dataclasses.asdict(self), "weight_gain": self.weight_gain, "act_gain": self.act_gain,
+                "gptq_gain": self.gptq_gain}
 
 
 def _cell(value: float | None, sign: bool = False) -> str:
@@ -117,22 +139,27 @@ class Report:
     notes: tuple[str, ...] = ()
 
     def summary(self) -> dict:
-        """Median gains (dB) and the layers where rotation lowers the SQNR, for weights and activations.
+        """Median gains (dB), the layers where rotation lowers the SQNR, and the median gain of GPTQ over round to nearest.
 
         Returns:
-            ``{"layers", "median_weight_gain", "median_act_gain", "weight_hurt", "act_hurt"}``;
-            a median is None when nothing was measured; ``*_hurt`` list the layers whose gain is below
-            ``-HURT_DB``.
+            ``{"layers", "median_weight_gain", "median_act_gain", "weight_hurt", "act_hurt", "median_gptq_gain"}``;
+            a median is None when nothing was measured (``median_gptq_gain`` without ``gptq=True``);
+            ``*_hurt`` list the layers whose gain is below ``-HURT_DB``.
         """
         out: dict = {"layers": len(self.rows)}
         for side in ("weight", "act"):
             gains = [(r.layer, g) for r in self.rows if (g := getattr(r, f"{side}_gain")) is not None]
             out[f"median_{side}_gain"] = statistics.median(g for _, g in gains) if gains else None
             out[f"{side}_hurt"] = [name for name, g in gains if g < -HURT_DB]
+        gptq_gains = [g for r in self.rows if (g := r.gptq_gain) is not None]
+        out["median_gptq_gain"] = statistics.median(gptq_gains) if gptq_gains else None
         return out
 
     def summary_line(self) -> str:
-        """The summary in one line, e.g. ``"12 layers; median gain: weights +0.41 dB, acts +1.93 dB; ..."``."""
+        """The summary in one line, e.g. ``"12 layers; median gain from rotation: weights +0.41 dB, acts +1.93 dB; ..."``.
+
+        With GPTQ measured it ends with ``"GPTQ over round to nearest: median output gain +2.10 dB (in-sample)"``.
+        """
         s = self.summary()
         gains = f"weights {_cell(s['median_weight_gain'], True)} dB, acts {_cell(s['median_act_gain'], True)} dB"
         parts = [f"{s['layers']} layers; median gain from rotation: {gains}"]
@@ -143,6 +170,9 @@ class Report:
                 parts.append(f"rotation hurts {label} (< -{HURT_DB} dB) on {len(hurt)}: {shown}")
         if not s["weight_hurt"] and not s["act_hurt"]:
             parts.append(f"rotation hurts no layer by more than {HURT_DB} dB")
+        if s["median_gptq_gain"] is not None:
+            parts.append(f"GPTQ over round to nearest: median output gain {_cell(s['median_gptq_gain'], True)} dB "
+                         "(in-sample)")
         return "; ".join(parts)
 
     def to_dict(self) -> dict:
@@ -157,11 +187,16 @@ class Report:
         }
 
     def __str__(self) -> str:
-        header = ["layer", "in", "W none", "W rot", "W gain", "x none", "x rot", "x gain"]
-        cells = [[r.layer, r.in_features, _cell(r.weight_plain), _cell(r.weight_rotated), _cell(r.weight_gain, True),
-                  _cell(r.act_plain), _cell(r.act_rotated), _cell(r.act_gain, True)] for r in self.rows]
-        lines = [f"SQNR in dB (higher is better): weights {self.weights!r}, acts {self.acts!r}; plan {self.plan}",
-                 format_table(header, cells), self.summary_line()]
+        columns = [("W none", "weight_plain"), ("W rot", "weight_rotated"), ("W gain", "weight_gain"),
+                   ("x none", "act_plain"), ("x rot", "act_rotated"), ("x gain", "act_gain")]
+        title = f"SQNR in dB (higher is better): weights {self.weights!r}, acts {self.acts!r}; plan {self.plan}"
+        if any(r.out_rtn is not None for r in self.rows):
+            columns += [("y RTN", "out_rtn"), ("y GPTQ", "out_gptq"), ("GPTQ gain", "gptq_gain")]
+            title += "\ny: the output x' W'^T with W' rounded to nearest / by GPTQ fitted on these inputs (in-sample)"
+        header = ["layer", "in", *(name for name, _ in columns)]
+        cells = [[r.layer, r.in_features, *(_cell(getattr(r, field), field.endswith("gain")) for _, field in columns)]
+                 for r in self.rows]
+        lines = [title, format_table(header, cells), self.summary_line()]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -177,22 +212,39 @@ def _linear_name(key: str) -> str:
     return key.removesuffix("weight").removesuffix(".")
 
 
-def _recorders(sites: Mapping[str, Format], energies: dict[str, list[float]]) -> dict[Site, Callable]:
-    """Site functions that add ``(sum x^2, sum (x - qdq(x))^2)`` of each linear's input to ``energies[site]``.
+class _Inputs:
+    """A site function that adds up one linear's inputs over a run: their energies under ``fmt``, and ``X^T X``.
 
-    Passed to :func:`rotfn.model.call_with` (as ``call_as``), they run after the plan's online functions at the
-    same input, so they see ``x @ R`` as the linear does. They return None (the input is kept).
+    Passed to :func:`rotfn.model.call_with` (as ``call_as``), it runs after the plan's online functions at the same
+    input, so it sees ``x @ R`` as the linear does. It returns None (the input is kept).
+
+    Attributes:
+        fmt: the activation format whose ``(sum x^2, sum (x - qdq(x))^2)`` is added to ``signal`` and ``noise``,
+            or None.
+        hessian: whether to add ``x^T x`` of the ``[rows, in]`` input rows to ``xtx`` (``[in, in]`` float64).
+        calls: how many times the linear ran.
     """
-    def record(x, *, site: str, fmt: Format):
-        signal, noise = _energies(x, fmt)
-        energies[site][0] += signal
-        energies[site][1] += noise
-        energies[site][2] += 1
 
-    return {Site(site): functools.partial(record, site=site, fmt=fmt) for site, fmt in sites.items()}
+    def __init__(self, fmt: Format | None, hessian: bool):
+        self.fmt, self.hessian = fmt, hessian
+        self.signal = self.noise = 0.0
+        self.calls = self.rows = 0
+        self.xtx: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> None:
+        self.calls += 1
+        if self.fmt is not None:
+            signal, noise = _energies(x, self.fmt)
+            self.signal += signal
+            self.noise += noise
+        if self.hessian:
+            rows = x.detach().reshape(-1, x.shape[-1]).double()
+            self.xtx = rows.T @ rows if self.xtx is None else self.xtx.addmm_(rows.T, rows)
+            self.rows += rows.shape[0]
 
 
-def _run(model: nn.Module, params, plan: Plan | None, inputs, sites) -> None:
+def _run(model: nn.Module, params, plan: Plan | None, inputs, recorders: Mapping[str, _Inputs]) -> None:
+    sites = {Site(name): record for name, record in recorders.items()}
     with torch.no_grad():
         if isinstance(inputs, Mapping):
             call_as("report", model, params, plan, sites, kwargs=inputs)
@@ -209,8 +261,8 @@ def _check_inputs(fn: str, inputs) -> None:
                                     "pass e.g. tokenizer(texts, return_tensors='pt') or input_ids"))
 
 
-def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inputs) -> Report:
-    """Measure, per quantized linear, the SQNR of the plan's weight and activation formats with and without its rotations.
+def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inputs, *, gptq: bool = False) -> Report:
+    r"""Measure, per quantized linear, the SQNR of the plan's weight and activation formats with and without its rotations.
 
     Runs the model twice through :func:`rotfn.call` on ``inputs``: with ``params`` and no
     plan, and with ``params`` folded by the plan's rotations alone (no qdq) and its online
@@ -219,20 +271,42 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
     after the fold. Both runs compute the same function, so the "rotated" columns say what
     the plan's rotations do to the quantization error of the same activations.
 
+    With ``gptq=True`` the rotated run also collects, for every quantized weight ``W'`` (folded,
+    ``[out, in]``), the Hessian of its linear's unquantized inputs ``X'`` (``[N, in]``, every call's rows),
+    and measures the SQNR of the linear's output ``X' W'^T`` when ``W'`` is rounded to the plan's
+    weight format ``Q``, by round to nearest (``Q = qdq(W')``) and by :func:`rotfn.gptq` with its
+    default settings (``Q = gptq(W', H)``):
+
+    .. math:: H = X'^\top X' / N, \qquad
+              \mathrm{SQNR} = 10 \log_{10} \frac{\operatorname{tr}(W' H W'^\top)}
+              {\operatorname{tr}\big((W' - Q)\, H\, (W' - Q)^\top\big)}.
+
+    GPTQ is fitted and measured on the same inputs (in-sample), so its column is an upper bound on
+    what GPTQ calibrated on other data gives on these; with fewer input rows ``N`` than ``in``,
+    ``H`` is singular and GPTQ can move its error into the null space of these very inputs, so
+    the bound is loose (give more input rows than in-features). Each Hessian is ``[in, in]`` float64 and all
+    of them are held during the rotated run: ``8 * sum(in^2)`` bytes over the quantized linears
+    (about 2.5 GB per decoder layer of an 8B Llama); measure a large model on a ``where=`` subset.
+
     Args:
         model: the ``nn.Module`` the plan was built for, in eval mode (no dropout); not modified.
         params: ``rotfn.params(model)`` (unfolded); not modified.
         plan: a :class:`rotfn.plans.Plan` with a weight format, an activation format or both.
         inputs: a tensor ``model(inputs)``, a tuple ``model(*inputs)`` or a dict ``model(**inputs)``.
+        gptq: also measure the output SQNR of each quantized weight rounded to nearest and by GPTQ
+            (``LayerReport.out_rtn`` / ``out_gptq``, three more columns in the table).
 
     Returns:
         A frozen :class:`Report` (``print`` it, or read ``rows`` / ``to_dict()``).
 
     Raises:
         ArgumentError: model not an ``nn.Module`` or in training mode; inputs of the wrong type or
-            rejected by the model. DTypeError / SelectionError: params not ``rotfn.params(model)``.
+            rejected by the model; ``gptq`` not a bool. DTypeError / SelectionError: params not
+            ``rotfn.params(model)``.
         PlanError: plan not a Plan, built for another model, or quantizing no linear.
         FoldError: params already folded.
+        ShapeError: with ``gptq=True``, what :func:`rotfn.gptq` raises (in-features not divisible by the
+            format's group).
 
     Example:
         >>> import torch, rotfn
@@ -240,8 +314,11 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
         >>> fmt = rotfn.mxfp4()
         >>> plan = rotfn.plans.per_linear(m, rotation=lambda n: rotfn.hadamard(n, seed=0), weights=fmt, acts=fmt)
         >>> r = rotfn.report(m, rotfn.params(m), plan, torch.randn(16, 64))
-        >>> [row.layer for row in r.rows], r.rows[0].act_plain > 10
-        (['0', '2'], True)
+        >>> [row.layer for row in r.rows], r.rows[0].act_plain > 10, r.rows[0].out_gptq
+        (['0', '2'], True, None)
+        >>> g = rotfn.report(m, rotfn.params(m), plan, torch.randn(64, 64), gptq=True)
+        >>> all(row.out_gptq >= row.out_rtn for row in g.rows)
+        True
     """
     fn = "report"
     info = describe(model, fn=fn)
@@ -257,6 +334,9 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
                                 f"params folded with {prior!r}", "pass rotfn.params(model)"))
     check_keys(fn, info, params)
     _check_inputs(fn, inputs)
+    if not isinstance(gptq, bool):
+        raise ArgumentError(message(fn, "gptq", "True or False", repr(gptq),
+                                    "pass gptq=True for the output SQNR of round to nearest and GPTQ"))
 
     linears = dict(info.linears)
     act_sites = {o.site: o.fmt for o in plan.online if o.kind == "linear" and o.fmt is not None and o.site in linears}
@@ -270,35 +350,45 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
                    | {k for k in plan.quantized if _linear_name(k) not in weight_keys})
     if other:
         notes.append(f"quantized sites that are not nn.Linear are not reported: {other[:4]}")
+    if gptq and not weight_keys:
+        notes.append("gptq=True, but the plan quantizes no linear's weight: no output SQNR")
 
     rotations = _rotations_only(plan)
     rotated_params = fold(params, rotations) if rotations.needs_fold else params
-    plain_e = {site: [0.0, 0.0, 0] for site in act_sites}
-    rotated_e = {site: [0.0, 0.0, 0] for site in act_sites}
+    gptq_sites = set(weight_keys) if gptq else set()
+    plain = {name: _Inputs(fmt, hessian=False) for name, fmt in act_sites.items()}
+    rotated = {name: _Inputs(act_sites.get(name), hessian=name in gptq_sites)
+               for name in act_sites.keys() | gptq_sites}
     try:
-        _run(model, params, None, inputs, _recorders(act_sites, plain_e))
+        _run(model, params, None, inputs, plain)
     except RotfnError:
         raise
     except Exception as err:  # the model rejected the inputs: say so in rotfn's terms
         raise ArgumentError(message(fn, "inputs", f"inputs {info.cls} accepts",
                                     f"{type(err).__name__}: {str(err)[:200]}",
                                     "pass what model(...) takes, as a tensor, tuple or dict")) from err
-    _run(model, rotated_params, rotations, inputs, _recorders(act_sites, rotated_e))
+    _run(model, rotated_params, rotations, inputs, rotated)
 
-    idle = [s for s, (_, _, calls) in plain_e.items() if calls == 0]
+    idle = [name for name, _ in info.linears if name in rotated and rotated[name].calls == 0]
     if idle:
-        notes.append(f"linears that did not run on these inputs (no activation SQNR): {idle[:4]}")
+        notes.append(f"linears that did not run on these inputs (no SQNR measured on their inputs): {idle[:4]}")
     rows = []
     for name, n in info.linears:
         if name not in act_sites and name not in weight_keys:
             continue
-        w_plain = w_rot = a_plain = a_rot = None
+        w_plain = w_rot = a_plain = a_rot = out_rtn = out_gptq = None
         if name in weight_keys:
             key = weight_keys[name]
             w_plain = energy_ratio_db(*_energies(params[key], plan.weights))
             w_rot = energy_ratio_db(*_energies(rotated_params[key], plan.weights))
-        if name in act_sites and plain_e[name][2]:
-            a_plain, a_rot = energy_ratio_db(*plain_e[name][:2]), energy_ratio_db(*rotated_e[name][:2])
-        rows.append(LayerReport(name, n, w_plain, w_rot, a_plain, a_rot))
+        if name in act_sites and plain[name].calls:
+            a_plain = energy_ratio_db(plain[name].signal, plain[name].noise)
+            a_rot = energy_ratio_db(rotated[name].signal, rotated[name].noise)
+        if name in gptq_sites and rotated[name].rows:
+            w, h = rotated_params[weight_keys[name]], rotated[name].xtx / rotated[name].rows
+            out_rtn = energy_ratio_db(*_output_energies(w, h, qdq(w, plan.weights)))
+            rounded = dequantize(calibration.gptq(w, h, plan.weights), w.dtype)
+            out_gptq = energy_ratio_db(*_output_energies(w, h, rounded))
+        rows.append(LayerReport(name, n, w_plain, w_rot, a_plain, a_rot, out_rtn, out_gptq))
     acts = plan.acts if plan.acts is not None else next(iter(act_sites.values()), None)
     return Report(tuple(rows), plan.weights if weight_keys else None, acts, repr(plan), tuple(notes))

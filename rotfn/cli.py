@@ -7,7 +7,7 @@ Subcommands:
 * ``rotfn inspect PATH``: what a rotfn file (:func:`rotfn.save`) or an HF directory holds:
   plan, rotations, formats, tensors, bytes, dtypes;
 * ``rotfn report DIR --format mxfp4``: the per-layer SQNR table of :func:`rotfn.report` for a
-  ``per_linear`` plan on the directory's model;
+  ``per_linear`` plan on the directory's model (``--gptq``: with round to nearest vs GPTQ columns);
 * ``rotfn demo``: rotfn's main job on an embedded real model (the private ``rotfn._demo``, imported
   only when the command runs).
 
@@ -218,7 +218,7 @@ def _run_report(args: argparse.Namespace) -> int:
     shape = f"{args.block} x {args.block} blocks" if args.block else "full size"
     print(f"{args.dir}: per_linear {args.rotation} rotation ({shape}, seed {args.seed}), {fmt!r} weights and "
           f"activations, on {ids.shape[1]} tokens of {what}")
-    print(rotfn.report(model, rotfn.params(model), plan, ids))
+    print(rotfn.report(model, rotfn.params(model), plan, ids, gptq=args.gptq))
     return EXIT_OK
 
 
@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = _subparser(commands, "report", "per-layer SQNR of a format with and without rotation on a checkpoint's model",
                         "examples:\n  rotfn report llama --format mxfp4\n"
-                        "  rotfn report llama --format nvfp4 --rotation hadamard --block 16 --tokens 64 --random\n\n"
+                        "  rotfn report llama --format nvfp4 --rotation hadamard --block 16 --tokens 64 --random\n"
+                        "  rotfn report llama --format int4 --gptq --tokens 512\n\n"
                         "The model is loaded in float32; tokens come from the directory's tokenizer on a built-in "
                         "text, or are random ids.\n"
                         f"Formats: {formats}.", _run_report)
@@ -332,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seed", type=_seed, default=0, help="seed of the signs and of random ids (default 0)")
     report.add_argument("--tokens", type=_positive, default=32, help="tokens to run (default 32)")
     report.add_argument("--random", action="store_true", help="random token ids even if the directory has a tokenizer")
+    report.add_argument("--gptq", action="store_true",
+                        help="also the SQNR of each linear's output with its weight rounded to nearest and by GPTQ, "
+                             "fitted on these same tokens (in-sample: an upper bound; give more tokens than the "
+                             "in-features); holds an [in, in] float64 Hessian per linear")
 
     demo_parser = _subparser(commands, "demo", "print rotfn's main job on an embedded real model and built-in data "
                              "(seconds on a CPU)", "example:\n  rotfn demo --seed 1", _run_demo)

@@ -102,6 +102,20 @@ def test_report_prints_the_table(src, capsys):
     assert main(["report", src, "--format", "mxfp4", "--block", "32", "--tokens", "8", "--random"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "random token ids (seed 0)" in out and "model.layers.1.mlp.down_proj" in out and "SQNR" in out
+    assert "GPTQ" not in out
+
+
+def test_report_gptq_through_the_executable(src):
+    # 160 tokens: more rows than any linear's in-features (64, 128), so GPTQ's gain is not a null-space artefact
+    done = subprocess.run([sys.executable, "-m", "rotfn", "report", src, "--format", "int4", "--tokens", "160",
+                           "--random", "--gptq"], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    header = next(line.split() for line in lines if line.startswith("layer"))
+    assert header[-6:] == ["y", "RTN", "y", "GPTQ", "GPTQ", "gain"]
+    rows = [line.split() for line in lines if line.startswith("model.layers.")]
+    assert len(rows) == 14 and all(float(row[-1]) >= 0 for row in rows), done.stdout
+    assert "GPTQ over round to nearest: median output gain +" in done.stdout and "in-sample" in done.stdout
 
 
 @pytest.mark.parametrize("argv, text", [

@@ -1,5 +1,7 @@
-"""rotfn.report: per-layer SQNR with and without a plan's rotations; rotation helps MXFP4 on outlier channels."""
+"""rotfn.report: per-layer SQNR with and without a plan's rotations; rotation helps MXFP4 on outlier channels;
+with gptq=True, the output SQNR of round to nearest and GPTQ."""
 
+import dataclasses
 import functools
 import math
 
@@ -108,7 +110,73 @@ def test_summary_lists_layers_where_rotation_hurts():
     r = rotfn.Report(rows, rotfn.nvfp4(), rotfn.nvfp4(), "Plan(...)")
     s = r.summary()
     assert s["weight_hurt"] == ["a"] and s["act_hurt"] == [] and s["median_act_gain"] == 3.0
-    assert "rotation hurts weights (< -0.1 dB) on 1: a" in r.summary_line()
+    assert "rotation hurts weights (< -0.1 dB) on 1: a" in r.summary_line() and "GPTQ" not in r.summary_line()
+    rows = tuple(dataclasses.replace(row, out_rtn=15.0, out_gptq=15.0 + g) for row, g in zip(rows, (1.0, 2.5)))
+    r = rotfn.Report(rows, rotfn.nvfp4(), rotfn.nvfp4(), "Plan(...)")
+    assert r.summary()["median_gptq_gain"] == 1.75
+    assert r.summary_line().endswith("GPTQ over round to nearest: median output gain +1.75 dB (in-sample)")
+
+
+@pytest.mark.parametrize("rotation", [lambda n: rotfn.hadamard(n, seed=0), None], ids=["hadamard", "none"])
+@pytest.mark.parametrize("fmt", [rotfn.mxfp4(), rotfn.intq(4, group=32), rotfn.nvfp4()], ids=repr)
+def test_gptq_output_sqnr_is_at_least_round_to_nearest_on_every_linear(fmt, rotation):
+    model, _ = outlier_llama()
+    # 256 rows: more than any linear's in-features, so H is full rank and GPTQ cannot hide its error in a null space
+    ids = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(3))
+    p, inputs = rotfn.params(model), {"input_ids": ids}
+    plan = rotfn.plans.per_linear(model, rotation=rotation, weights=fmt, acts=fmt)
+    snap = _snapshot(model, p, inputs)
+    with_gptq = rotfn.report(model, p, plan, inputs, gptq=True)
+    _assert_unchanged(model, p, inputs, snap)
+    without = rotfn.report(model, p, plan, inputs)
+
+    assert len(with_gptq.rows) == 14 and all(None not in (r.out_rtn, r.out_gptq) for r in with_gptq.rows)
+    # GPTQ minimises tr((W'-Q) H (W'-Q)^T) column by column from the round-to-nearest start: never worse in-sample
+    assert all(r.out_gptq >= r.out_rtn for r in with_gptq.rows), str(with_gptq)
+    assert with_gptq.summary()["median_gptq_gain"] > 1.0, str(with_gptq)
+    # the GPTQ columns add to the report and change nothing else
+    assert [dataclasses.replace(r, out_rtn=None, out_gptq=None) for r in with_gptq.rows] == list(without.rows)
+    assert all(r.out_rtn is r.out_gptq is r.gptq_gain is None for r in without.rows)
+    assert without.summary()["median_gptq_gain"] is None
+    text, plain_text = str(with_gptq), str(without)
+    assert "y GPTQ" in text and "GPTQ over round to nearest" in text and "in-sample" in text
+    assert "GPTQ" not in plain_text and plain_text.splitlines()[1].split() == [
+        "layer", "in", "W", "none", "W", "rot", "W", "gain", "x", "none", "x", "rot", "x", "gain"]
+    row = with_gptq.to_dict()["rows"][0]
+    assert row["gptq_gain"] == row["out_gptq"] - row["out_rtn"] and with_gptq.rows[0].out_rtn == row["out_rtn"]
+
+
+def test_output_sqnr_is_the_error_of_the_linear_outputs_on_recorded_inputs():
+    model, ids = outlier_llama()
+    p = rotfn.params(model)
+    fmt, R = rotfn.intq(4, group=32), rotfn.hadamard(HIDDEN, seed=5)
+    rotations = rotfn.plans.quarot(model, r1=R)
+    plan = rotfn.plans.quarot(model, r1=R, weights=fmt)
+    folded = rotfn.fold(p, rotations)
+    seen = {}
+    names = [k.removesuffix(".weight") for k in plan.quantized]
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda m, args, name=name: seen.setdefault(name, args[0].detach().clone())) for name in names]
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, folded, (ids,), strict=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    r = rotfn.report(model, p, plan, ids, gptq=True)
+    assert [row.layer for row in r.rows] == names and r.acts is None
+
+    def output_sqnr(x, w, q):  # SQNR of x @ W'.T against x @ Q.T, from the outputs themselves
+        y, err = x @ w.double().T, x @ (w.double() - q.double()).T
+        return 10 * math.log10(y.square().sum().item() / err.square().sum().item())
+
+    for row in r.rows:
+        x = seen[row.layer].reshape(-1, row.in_features).double()
+        w = folded[f"{row.layer}.weight"]
+        h = x.T @ x / x.shape[0]
+        assert math.isclose(row.out_rtn, output_sqnr(x, w, rotfn.qdq(w, fmt)), rel_tol=1e-9), row
+        gptq_q = rotfn.dequantize(rotfn.gptq(w, h, fmt), w.dtype)
+        assert math.isclose(row.out_gptq, output_sqnr(x, w, gptq_q), rel_tol=1e-9), row
 
 
 @functools.cache
@@ -142,6 +210,8 @@ CASES = [
     (lambda c: rotfn.report(c["model"], c["p"], c["plan"], {1: c["ids"]}), ArgumentError, ValueError, r"report: argument 'inputs'.*got dict"),
     (lambda c: rotfn.report(c["model"], c["p"], c["plan"], {"input_idz": c["ids"]}), ArgumentError, ValueError, r"report: argument 'inputs': expected inputs LlamaForCausalLM accepts, got \w+Error"),
     (lambda c: rotfn.report(c["model"], c["p"], c["plan"], c["ids"].float()), ArgumentError, ValueError, r"report: argument 'inputs': expected inputs LlamaForCausalLM accepts"),
+    (lambda c: rotfn.report(c["model"], c["p"], c["plan"], c["ids"], gptq="yes"), ArgumentError, ValueError, r"report: argument 'gptq': expected True or False, got 'yes'.*fix: pass gptq=True"),
+    (lambda c: rotfn.report(c["model"], c["p"], c["plan"], c["ids"], gptq=1), ArgumentError, ValueError, r"report: argument 'gptq': expected True or False, got 1"),
 ]
 
 
