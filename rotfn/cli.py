@@ -43,6 +43,7 @@ WEIGHT_FORMATS = {
     "int4": rotfn.intq(4, group=32), "int8": rotfn.intq(8), "fp8": rotfn.fp8("channel"),
 }
 _ROTATIONS = ("hadamard", "orthogonal", "none")
+_REPORT_TOKENS, _GPTQ_TOKENS = 32, 512  # GPTQ fits a Hessian: it needs more tokens than a linear has inputs
 #: A sentence for ``rotfn report`` when the directory has no tokenizer (or with --random).
 TEXT = ("Rotations spread the outliers of weights and activations over many channels, "
         "so a coarse number format loses less of the signal.")
@@ -214,10 +215,15 @@ def _run_report(args: argparse.Namespace) -> int:
     fmt = WEIGHT_FORMATS[args.format]
     plan = rotfn.plans.per_linear(model, rotation=_rotation_factory(args.rotation, args.seed, args.block),
                                   weights=fmt, acts=fmt)
-    ids, what = _token_ids(args.dir, args.tokens, args.seed, args.random, model.config.vocab_size)
+    tokens = args.tokens or (_GPTQ_TOKENS if args.gptq else _REPORT_TOKENS)
+    ids, what = _token_ids(args.dir, tokens, args.seed, args.random, model.config.vocab_size)
     shape = f"{args.block} x {args.block} blocks" if args.block else "full size"
     print(f"{args.dir}: per_linear {args.rotation} rotation ({shape}, seed {args.seed}), {fmt!r} weights and "
           f"activations, on {ids.shape[1]} tokens of {what}")
+    widest = max(n for _, n in rotfn.plans.describe(model).linears)
+    if args.gptq and ids.numel() <= widest:
+        print(f"note: {ids.numel()} tokens <= {widest} in-features: GPTQ fits directions these inputs never take, "
+              f"so its in-sample gain is inflated; pass --tokens {2 * widest}", file=sys.stderr)
     print(rotfn.report(model, rotfn.params(model), plan, ids, gptq=args.gptq))
     return EXIT_OK
 
@@ -331,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--rotation", choices=_ROTATIONS[:2], default="hadamard", help="rotation (default hadamard)")
     report.add_argument("--block", type=_positive, default=None, help="block-diagonal rotation with B x B blocks")
     report.add_argument("--seed", type=_seed, default=0, help="seed of the signs and of random ids (default 0)")
-    report.add_argument("--tokens", type=_positive, default=32, help="tokens to run (default 32)")
+    report.add_argument("--tokens", type=_positive, default=None,
+                        help=f"tokens to run (default {_REPORT_TOKENS}, {_GPTQ_TOKENS} with --gptq)")
     report.add_argument("--random", action="store_true", help="random token ids even if the directory has a tokenizer")
     report.add_argument("--gptq", action="store_true",
                         help="also the SQNR of each linear's output with its weight rounded to nearest and by GPTQ, "

@@ -10,6 +10,7 @@ Imports inside functions count: a lazy import that dodges a cycle is still a cyc
 import ast
 import collections
 import pathlib
+import re
 
 import pytest
 
@@ -144,3 +145,12 @@ def test_dispatch_takes_every_reference_op_from_rotfn_ops():
     assert dispatch._REFERENCE == {op: getattr(ops, op) for op in dispatch._REFERENCE}
     assert callable(ops.gptq)  # the function: no module of that name behind it
     assert not any(t.startswith("rotfn.ops.") for at, _, _, t in EDGES if at.startswith("rotfn/dispatch.py"))
+
+
+def test_the_docs_table_is_this_tests_table():
+    """docs/concepts/architecture.md lists the same rooms in the same layers as LAYERS."""
+    doc = (ROOT.parent / "docs" / "concepts" / "architecture.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| ([^|]+) \|", doc, flags=re.MULTILINE)
+    table = [tuple(re.findall(r"`(\w+)`", re.sub(r"\(.*?\)", "", rooms))) for _, rooms in rows]
+    assert [int(n) for n, _ in rows] == list(range(len(LAYERS)))
+    assert table == list(LAYERS)

@@ -116,6 +116,13 @@ def test_report_gptq_through_the_executable(src):
     rows = [line.split() for line in lines if line.startswith("model.layers.")]
     assert len(rows) == 14 and all(float(row[-1]) >= 0 for row in rows), done.stdout
     assert "GPTQ over round to nearest: median output gain +" in done.stdout and "in-sample" in done.stdout
+    assert "note:" not in done.stderr
+
+
+def test_report_gptq_on_too_few_tokens_says_so(src, capsys):
+    assert main(["report", src, "--format", "int4", "--tokens", "16", "--random", "--gptq"]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "note: 16 tokens <= 128 in-features" in err and "--tokens 256" in err
 
 
 @pytest.mark.parametrize("argv, text", [

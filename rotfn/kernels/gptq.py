@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from rotfn.kernels.fused import code_value
-from rotfn.ops import _gptq as ref
+from rotfn import ops
 from rotfn.ops.quant import Scales, code_dtype
 from rotfn.specs import QTensor
 from rotfn.specs.formats import MX, NVFP4, Format, IntQ
@@ -111,4 +111,4 @@ def _columns(W1: torch.Tensor, U1: torch.Tensor, E1: torch.Tensor, a: int, b: in
 
 def gptq(w: torch.Tensor, h: torch.Tensor, fmt: Format, **settings) -> QTensor:
     """:func:`rotfn.ops.gptq` with the column loop in :func:`columns_kernel` (same arguments, same codes)."""
-    return ref.gptq(w, h, fmt, columns=_columns, **settings)
+    return ops.gptq(w, h, fmt, columns=_columns, **settings)
