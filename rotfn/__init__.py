@@ -16,7 +16,7 @@ from rotfn import calibration, dispatch, errors, io, learn, metrics, model, plan
 from rotfn._report import LayerReport, Report, report
 from rotfn.calibration import calibrate, gptq
 from rotfn.functional import dequantize, qdq, quantize, rotate, rotate_back, rotate_qdq
-from rotfn.io import export_hf, fold_checkpoint, load, load_hf, save
+from rotfn.io import export_compressed, export_hf, fold_checkpoint, load, load_hf, save
 from rotfn.model import call, params
 from rotfn.plans import FoldedParams, Plan, fold
 from rotfn.specs import (
@@ -55,7 +55,7 @@ __all__ = [
     # parameter dicts and models
     "params", "call", "fold", "FoldedParams", "Plan", "where", "Where", "chain",
     # checkpoints
-    "save", "load", "export_hf", "load_hf", "fold_checkpoint",
+    "save", "load", "export_hf", "export_compressed", "load_hf", "fold_checkpoint",
     # measuring a plan
     "report", "Report", "LayerReport",
     # subpackages

@@ -31,6 +31,8 @@ FORMATS = [
     rotfn.intq(4, group=32), rotfn.intq(4, group=16, symmetric=False), rotfn.intq(8, group=128),
     rotfn.intq(4), rotfn.intq(8, symmetric=False), rotfn.intq(3, clip=0.9),
     rotfn.fp8(), rotfn.fp8("token"), rotfn.fp8("channel"),
+    # rules of the serving export: power-of-two NVFP4 global scales, scales rounded to the model's dtype
+    rotfn.nvfp4("pow2"), rotfn.fp8("channel", scale_dtype="bfloat16"), rotfn.intq(8, scale_dtype="float16"),
 ]
 BLOCKS = kernels.launch._DENSE_BLOCKS
 
@@ -398,3 +400,13 @@ def test_element_functions_equal_the_reference_bit_for_bit():
     rt.assert_bits_equal(e4m3.cpu(), ref.e4m3_round(x).float(), name="e4m3_value")
     # torch.round rounds ties to even too; a zero result is +0 in rint, as integer codes decode
     rt.assert_bits_equal(rnd.cpu(), torch.round(x * 1024.0) + 0.0, name="rint")
+
+
+def test_group_scales_rounded_to_a_dtype_are_declined_not_approximated():
+    x = torch.randn(4, 64, device=DEVICE)
+    fmt = rotfn.intq(4, group=32, scale_dtype="bfloat16")
+    with pytest.raises(rotfn.errors.BackendUnavailableError, match="rounded to bfloat16 inside the kernel"):
+        rotfn.qdq(x, fmt, backend="triton")
+    with rotfn.dispatch.trace() as ran:
+        rotfn.qdq(x, fmt)
+    assert ran == [("qdq", "torch")]

@@ -64,8 +64,11 @@ def test_error_is_at_most_half_a_grid_step_inside_the_range(fmt, x):
         element_max, half_step = 448.0, _e4m3_half_step
     v = xd / scale
     inside = v.abs() <= element_max
-    if isinstance(fmt, rotfn.IntQ):
-        inside &= (v.round() >= -(2 ** (fmt.bits - 1))) & (v.round() <= 2 ** (fmt.bits - 1) - 1) if fmt.symmetric else inside
+    if isinstance(fmt, rotfn.IntQ) and fmt.symmetric:
+        inside &= (v.round() >= -(2 ** (fmt.bits - 1))) & (v.round() <= 2 ** (fmt.bits - 1) - 1)
+    elif isinstance(fmt, rotfn.IntQ):  # a scale rounded down (scale_dtype) may clip the range's ends
+        u = v.round() + q.zero_points.double().repeat_interleave(fmt.group or x.shape[-1], -1)
+        inside &= (u >= 0) & (u <= 2**fmt.bits - 1)
     bound = scale * half_step(v) * (1 + 1e-6)
     err = (xd - y).abs()
     assert bool((err[inside] <= bound[inside]).all()), float((err - bound)[inside].max())
@@ -148,3 +151,31 @@ def test_e2m1_encode_matches_nearest_grid_point_exhaustively_on_a_fine_grid():
     dist = (v.abs().clamp(max=6)[:, None] - grid[None, :]).abs()
     assert torch.equal(dist.gather(1, (codes & 7).long()[:, None])[:, 0], dist.min(1).values)
     assert got.shape == v.shape
+
+
+@given(st.sampled_from(["bfloat16", "float16"]), st.sampled_from(["intq", "fp8"]), rt.tensors(N, scale_exponents=(-12, 12)))
+def test_scale_dtype_rounds_each_scale_down_to_a_value_of_that_dtype(dtype, name, x):
+    """scale_dtype: the fp32 rule's scale, rounded down to the next value of the dtype (at least its smallest)."""
+    fmt, plain = ((rotfn.intq(4, group=32, scale_dtype=dtype), rotfn.intq(4, group=32)) if name == "intq"
+                  else (rotfn.fp8("channel", scale_dtype=dtype), rotfn.fp8("channel")))
+    got, ref = rotfn.quantize(x, fmt).scales, rotfn.quantize(x, plain).scales
+    finite = torch.isfinite(ref)
+    got, ref = got[finite], ref[finite]
+    target = getattr(torch, dtype)
+    tiny = torch.finfo(target).smallest_normal * torch.finfo(target).eps
+    assert torch.equal(got, got.to(target).float())  # a value of the dtype
+    assert ((got <= ref) | (got == tiny)).all()  # at or below the rule's scale ...
+    nxt = torch.where(got.to(target) < torch.finfo(target).max, (got.to(target).view(torch.int16) + 1).view(target).float(),
+                      torch.tensor(float("inf")))
+    assert (nxt > ref).all()  # ... and the next value of the dtype is above it
+
+
+@given(rt.tensors(N, scale_exponents=(-30, 30)))
+def test_nvfp4_pow2_global_scale_is_the_power_of_two_at_or_above_the_tensor_rule(x):
+    s = rotfn.quantize(x, rotfn.nvfp4("pow2")).global_scale
+    t = rotfn.quantize(x, rotfn.nvfp4("tensor")).global_scale
+    mantissa, _ = torch.frexp(s)
+    assert mantissa.item() == 0.5 and t <= s < 2 * t
+    values = rotfn.qdq(x.float(), rotfn.nvfp4("pow2"))
+    finite = torch.isfinite(values)
+    assert torch.equal(values[finite], values[finite].bfloat16().float())  # E2M1 x E4M3 x 2^k: exact in bf16

@@ -13,7 +13,7 @@ SURFACE = (
     "rotate", "rotate_back", "qdq", "quantize", "dequantize", "rotate_qdq",
     "gptq", "calibrate",
     "params", "call", "fold", "FoldedParams", "Plan", "where", "Where", "chain",
-    "save", "load", "export_hf", "load_hf", "fold_checkpoint",
+    "save", "load", "export_hf", "export_compressed", "load_hf", "fold_checkpoint",
     "report", "Report", "LayerReport",
     "plans", "transforms", "model", "learn", "calibration", "io", "metrics", "errors", "dispatch", "testing",
 )

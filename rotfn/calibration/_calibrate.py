@@ -58,8 +58,8 @@ class Calibration:
     input_amax: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     digests: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
-    def round(self, key: str, w: torch.Tensor) -> torch.Tensor:
-        """The rounded values of weight ``key`` (``w``: the same weight as folded now), in ``w``'s dtype.
+    def round(self, key: str, w: torch.Tensor) -> QTensor:
+        """The rounded weight ``key`` (``w``: the same weight as folded now), for :func:`rotfn.fold`.
 
         Raises:
             PlanError: no rounded weight for ``key``, or ``w`` is not the weight that was rounded
@@ -72,13 +72,14 @@ class Calibration:
         if tuple(w.shape) != tuple(q.shape) or _digest(w.to(q.dtype)) != self.digests[key]:
             raise PlanError(message("fold", "weights_by", f"a calibration of these params (weight {key!r})",
                                     "one made from other weights", "calibrate the params you fold"))
-        return dequantize(q, w.dtype)
+        return q
 
     def input_scale(self, key: str, fmt: Format) -> torch.Tensor:
         """The static tensor-wide scale of activation format ``fmt`` for the input of weight ``key``'s linear.
 
         From the calibration's :attr:`input_amax` ``a``: NVFP4's global scale
-        ``s_g = a / (448 * 6)`` (:func:`rotfn.ops.quant.nvfp4_global_from_amax`), FP8's tensor scale
+        ``s_g = a / (448 * 6)`` (:func:`rotfn.ops.quant.nvfp4_global_from_amax`; rounded up to a power
+        of two for ``nvfp4("pow2")``), FP8's tensor scale
         ``a / 448`` (1 when ``a`` is 0), the scales a serving engine applies to the inputs
         instead of measuring each batch.
 
@@ -94,9 +95,9 @@ class Calibration:
             raise PlanError(message("Calibration.input_scale", "key", "a weight whose inputs were collected",
                                     repr(key), f"pick one of {sorted(self.input_amax)[:3]} ..."))
         if isinstance(fmt, NVFP4):
-            return nvfp4_global_from_amax(amax)
+            return nvfp4_global_from_amax(amax, pow2=fmt.global_scale == "pow2")
         if isinstance(fmt, FP8):
-            return fp8_scale(amax)
+            return fp8_scale(amax, fmt.scale_dtype)
         raise FormatError(message("Calibration.input_scale", "fmt", "rotfn.nvfp4() or rotfn.fp8() (formats with a "
                                   "tensor-wide activation scale)", repr(fmt)))
 

@@ -8,10 +8,11 @@ from rotfn.io._encode import decode_plan as decode_plan
 from rotfn.io._encode import rotation_tensor_names as rotation_tensor_names
 from rotfn.io._file import METADATA_KEY as METADATA_KEY
 from rotfn.io._file import load, save
+from rotfn.io._compressed import export_compressed
 from rotfn.io._hf import export_hf, load_hf
 from rotfn.io._hf import read_rotfn_json as read_rotfn_json
 from rotfn.io._shard import read_header as read_header
 from rotfn.io._stream import MARKER as MARKER
 from rotfn.io._stream import FoldStats, fold_checkpoint
 
-__all__ = ["save", "load", "export_hf", "load_hf", "fold_checkpoint", "FoldStats", "skeleton"]
+__all__ = ["save", "load", "export_hf", "export_compressed", "load_hf", "fold_checkpoint", "FoldStats", "skeleton"]

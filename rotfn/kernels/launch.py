@@ -22,7 +22,7 @@ from rotfn.kernels.fwht import hadamard_kernel
 from rotfn.ops import quant as ref
 from rotfn.ops.hadamard import radix_bits
 from rotfn.specs import QTensor, factor_matrix
-from rotfn.specs.formats import FP8, MX, NVFP4, Format, IntQ
+from rotfn.specs.formats import FP8, MX, NVFP4, NVFP4_GLOBAL_RULES, Format, IntQ
 from rotfn.specs.rotation import Rotation
 
 __all__ = ["rotate", "rotate_qdq", "qdq", "quantize", "unsupported", "INTERPRET"]
@@ -92,6 +92,8 @@ def unsupported(op: str, x: torch.Tensor, *, rotation=None, fmt=None, back=False
         return f"x is on {x.device}: kernels need a CUDA tensor (or TRITON_INTERPRET=1 set before import for CPU)"
     if op == "gptq":  # every weight format and precision; w and h are converted to the working precision
         return None
+    if getattr(fmt, "scale_dtype", None) is not None and _scope(fmt) == GROUP.value:
+        return f"{fmt!r}: scales rounded to {fmt.scale_dtype} inside the kernel are not implemented"
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype}: kernels take float16, bfloat16 and float32"
     if x.numel() == 0:
@@ -208,7 +210,7 @@ def _pass1(x2, rotation, fmt):
     """Row/tensor scales (``[scopes, 2]``: s, z) and the NVFP4 global scale, from one statistics pass."""
     scope = _scope(fmt)
     if isinstance(fmt, NVFP4):
-        if fmt.global_scale != "tensor":
+        if fmt.global_scale not in NVFP4_GLOBAL_RULES:
             return None, _fixed_global_scale(fmt, x2.device)
         scope = TENSOR.value
     elif scope == GROUP.value:
@@ -224,9 +226,9 @@ def _pass1(x2, rotation, fmt):
     amax, pos, neg = stats[:, :3].view(torch.float32).unbind(-1)
     finite = stats[:, 3] == 0
     if isinstance(fmt, NVFP4):
-        return None, ref.nvfp4_global_from_amax(amax[0]).reshape(1)
+        return None, ref.nvfp4_global_from_amax(amax[0], pow2=fmt.global_scale == "pow2").reshape(1)
     if isinstance(fmt, FP8):
-        s, z = ref.fp8_scale(torch.where(finite, amax, torch.inf)), None
+        s, z = ref.fp8_scale(torch.where(finite, amax, torch.inf), fmt.scale_dtype), None
     else:
         s, z = ref.intq_params(fmt, amax, -neg, pos, finite)
     rowscale = torch.stack([s, torch.zeros_like(s) if z is None else z], dim=-1).contiguous()

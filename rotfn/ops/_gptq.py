@@ -125,7 +125,8 @@ def inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, f
     if info.item():
         return None, added
     upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-    return (None if info.item() else upper), added
+    # LAPACK hands back a column-major factor; the column loop reads its rows
+    return (None if info.item() else upper.contiguous()), added
 
 
 def gptq(

@@ -29,12 +29,12 @@ from rotfn.ops.numbers import (
 )
 from rotfn.ops.pack import pack_nibbles, unpack_nibbles
 from rotfn.specs import QTensor
-from rotfn.specs.formats import MX, NVFP4, Format, IntQ, ScaleRule
+from rotfn.specs.formats import MX, NVFP4, NVFP4_GLOBAL_RULES, Format, IntQ, ScaleRule
 
 __all__ = [
     "quantize", "dequantize", "qdq",
     "Scales", "group_view", "choose_scales", "code_dtype", "encode", "decode", "pack", "unpack", "scales_of",
-    "mx_scale_exponent", "nvfp4_global_scale", "nvfp4_global_from_amax", "intq_params", "fp8_scale",
+    "mx_scale_exponent", "nvfp4_global_scale", "nvfp4_global_from_amax", "intq_params", "fp8_scale", "round_scale",
 ]
 
 # element facts per MX element type: (largest exponent, mantissa bits, largest value)
@@ -86,17 +86,26 @@ def mx_scale_exponent(amax: torch.Tensor, fmt: MX) -> torch.Tensor:
 def nvfp4_global_scale(x32: torch.Tensor, fmt: NVFP4) -> torch.Tensor:
     """The fp32 global scale ``s_g`` (0-d) of an NVFP4 tensor.
 
-    ``"tensor"``: ``amax / 2688`` over the finite values (1 when that is 0); a float: itself; None: 1.
+    ``"tensor"``: ``amax / 2688`` over the finite values (1 when that is 0); ``"pow2"``: that rounded
+    up to a power of two; a float: itself; None: 1.
     """
-    if fmt.global_scale == "tensor":
-        return nvfp4_global_from_amax(_amax_all(torch.where(torch.isfinite(x32), x32.abs(), 0.0)))
+    if fmt.global_scale in NVFP4_GLOBAL_RULES:
+        amax = _amax_all(torch.where(torch.isfinite(x32), x32.abs(), 0.0))
+        return nvfp4_global_from_amax(amax, pow2=fmt.global_scale == "pow2")
     value = 1.0 if fmt.global_scale is None else fmt.global_scale
     return torch.tensor(value, dtype=torch.float32, device=x32.device)
 
 
-def nvfp4_global_from_amax(finite_amax: torch.Tensor) -> torch.Tensor:
-    """``s_g = amax / (448 * 6)`` from the amax of the finite values, 1 when that is 0."""
+def nvfp4_global_from_amax(finite_amax: torch.Tensor, *, pow2: bool = False) -> torch.Tensor:
+    """``s_g = amax / (448 * 6)`` from the amax of the finite values, 1 when that is 0.
+
+    ``pow2``: ``2^ceil(log2 s_g)`` (at most ``2^127``), so that ``1 / s_g`` is exact and every group
+    scale still fits E4M3 (``amax / s_g <= 2688``).
+    """
     s = _div(finite_amax, E4M3_MAX * E2M1_MAX)
+    if pow2:
+        mantissa, exponent = torch.frexp(s)  # s = mantissa * 2^exponent, mantissa in [0.5, 1)
+        s = torch.where(mantissa == 0.5, s, torch.ldexp(torch.ones_like(s), exponent.clamp(max=127)))
     return torch.where(s > 0, s, 1.0)
 
 
@@ -110,18 +119,34 @@ def intq_params(
     """
     if fmt.symmetric:
         s = _div(amax * torch.tensor(fmt.clip, dtype=torch.float32), 2 ** (fmt.bits - 1) - 1)
-        s = torch.where(amax == 0, 1.0, s)
+        s = round_scale(torch.where(amax == 0, 1.0, s), fmt.scale_dtype)
         z = None
     else:
         s = _div(hi - lo, 2**fmt.bits - 1)
-        s = torch.where(s == 0, 1.0, s)
+        s = round_scale(torch.where(s == 0, 1.0, s), fmt.scale_dtype)
         z = torch.where(finite, torch.round(-lo / s), 0.0)
     return torch.where(finite, s, torch.nan), z
 
 
-def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
-    """``s = amax / 448`` (1 for a zero group, NaN for a non-finite one)."""
-    s = torch.where(amax == 0, 1.0, _div(amax, E4M3_MAX))
+def round_scale(s: torch.Tensor, dtype: str | None) -> torch.Tensor:
+    """Positive fp32 scales rounded down to a value of ``dtype`` (None: unchanged), at least its smallest subnormal.
+
+    Down, not to nearest: a group's range still reaches the last code, so qdq stays idempotent
+    and the outermost values are clipped by at most ``2^-8`` of a step (bf16; fp16 ``2^-11``).
+    """
+    if dtype is None:
+        return s
+    target = getattr(torch, dtype)
+    info = torch.finfo(target)
+    nearest = s.clamp(max=info.max).to(target)
+    above = nearest.float() > s
+    down = torch.where(above, (nearest.view(torch.int16) - 1).view(target), nearest).float()  # one ulp down
+    return torch.where(torch.isnan(s), s, down.clamp(min=info.smallest_normal * info.eps))
+
+
+def fp8_scale(amax: torch.Tensor, scale_dtype: str | None = None) -> torch.Tensor:
+    """``s = amax / 448`` (1 for a zero group, NaN for a non-finite one), rounded to ``scale_dtype`` if given."""
+    s = round_scale(torch.where(amax == 0, 1.0, _div(amax, E4M3_MAX)), scale_dtype)
     return torch.where(torch.isfinite(amax), s, torch.nan)
 
 
@@ -162,7 +187,7 @@ def choose_scales(xg: torch.Tensor, fmt: Format, global_scale: torch.Tensor | No
         s, z = intq_params(fmt, xg.abs().amax(-1), lo, hi, finite)
         return Scales(s, zero_points=None if z is None else z.to(torch.uint8))
     amax = xg.abs().amax(-1) if fmt.granularity != "tensor" else _amax_all(xg)
-    return Scales(fp8_scale(amax))
+    return Scales(fp8_scale(amax, fmt.scale_dtype))
 
 
 def code_dtype(fmt: Format) -> torch.dtype:

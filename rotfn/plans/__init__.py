@@ -23,7 +23,7 @@ from rotfn.plans._describe import check_model as check_model
 from rotfn.plans._describe import check_plan as check_plan
 from rotfn.plans._describe import named_tensors as named_tensors
 from rotfn.plans._families import FAMILIES, Family, MoE, family_for
-from rotfn.plans._fold import FoldedParams, fold, folded_with
+from rotfn.plans._fold import FoldedParams, codes_of, fold, folded_with
 from rotfn.plans._fold import check_fold_state as check_fold_state
 from rotfn.plans._fold import fold_program as fold_program
 from rotfn.plans._plan import ONLINE_KINDS, NormFusion, Online, Plan, WeightRotation, signature
@@ -33,5 +33,5 @@ __all__ = [
     "Plan", "WeightRotation", "NormFusion", "Online", "ONLINE_KINDS", "signature",
     "per_linear", "quarot", "describe", "ModelInfo",
     "FAMILIES", "Family", "MoE", "family_for",
-    "fold", "FoldedParams", "folded_with",
+    "fold", "FoldedParams", "folded_with", "codes_of",
 ]

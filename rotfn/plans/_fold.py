@@ -9,11 +9,13 @@ import torch
 from rotfn.errors import ArgumentError, FoldError, PlanError, message
 from rotfn.plans._checks import check_signature, require_plan
 from rotfn.plans._plan import Plan, signature
+from rotfn.specs import QTensor
 from rotfn.transforms import FoldProgram, check_params, compile_fold, precision_dtype
 
-__all__ = ["fold", "FoldedParams", "folded_with", "check_fold_state", "fold_program"]
+__all__ = ["fold", "FoldedParams", "folded_with", "check_fold_state", "fold_program", "codes_of"]
 
 _MARK = "_rotfn_folded_with"  # attribute fold sets on every tensor it creates
+_CODES = "_rotfn_codes"  # and, on each weight it rounds, the QTensor its values decode from
 
 
 class FoldedParams(dict):
@@ -42,6 +44,20 @@ class FoldedParams(dict):
 
     def __reduce__(self):
         return (FoldedParams, (dict(self), self.plan))
+
+
+def codes_of(t: torch.Tensor) -> QTensor | None:
+    """The QTensor :func:`fold` rounded weight ``t`` to (its values are ``dequantize`` of it), or None.
+
+    Example:
+        >>> import torch, rotfn
+        >>> m = torch.nn.Sequential(torch.nn.Linear(32, 4))
+        >>> plan = rotfn.plans.per_linear(m, rotation=None, weights=rotfn.mxfp4())
+        >>> w = rotfn.fold(rotfn.params(m), plan)["0.weight"]
+        >>> torch.equal(rotfn.dequantize(codes_of(w), w.dtype), w)
+        True
+    """
+    return getattr(t, _CODES, None)
 
 
 def folded_with(params: Mapping) -> Plan | None:
@@ -121,7 +137,10 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
             round to nearest, ``folded = rotfn.fold(params, plan, weights_by=rotfn.calibrate(...))``.
 
     Returns:
-        A :class:`FoldedParams` (a dict) whose ``.plan`` is ``plan``.
+        A :class:`FoldedParams` (a dict) whose ``.plan`` is ``plan``. Each weight the plan rounds
+        also carries the QTensor its values decode from (:func:`codes_of`: codes and scales, about
+        a quarter of a bf16 weight's size for 4-bit formats), what :func:`rotfn.export_compressed`
+        writes.
 
     Raises:
         DTypeError: params not a dict of tensors.
@@ -152,7 +171,8 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
     check_signature(fn, plan, sig, f"a plan for params with signature {sig}",
                     "build the plan from the model these params come from, with params = rotfn.params(model)")
     program = fold_program(fn, plan, params, _rounding(fn, weights_by, plan))
-    out = program.run(params, precision=dtype, fn=fn)
+    codes: dict = {}
+    out = program.run(params, precision=dtype, fn=fn, codes=codes)
     for k in plan.touched():
         if k not in params:
             continue
@@ -160,6 +180,8 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
         if t is params[k]:  # never hand back (and mark) a caller's tensor
             t = t.clone()
         setattr(t, _MARK, plan)
+        if k in codes:
+            setattr(t, _CODES, codes[k])
         out[k] = t
     for group in program.tied:  # marking may have cloned: tied keys share the one tensor again
         for name in group[1:]:

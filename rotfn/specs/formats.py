@@ -28,6 +28,7 @@ __all__ = [
     "fp8",
     "format_from_dict",
     "FORMAT_VERSION",
+    "SCALE_DTYPES",
 ]
 
 FORMAT_VERSION = 2
@@ -113,8 +114,8 @@ class NVFP4(Format):
     """NVFP4: E2M1 elements, one E4M3 scale per 16, one fp32 global scale.
 
     Attributes:
-        global_scale: ``"tensor"`` (amax of the finite values / (448 * 6)), a
-            positive float used as is, or None (global scale 1).
+        global_scale: ``"tensor"`` (amax of the finite values / (448 * 6)), ``"pow2"`` (that,
+            rounded up to a power of two), a positive float used as is, or None (global scale 1).
         group: elements per E4M3 scale (16).
     """
 
@@ -130,6 +131,14 @@ class NVFP4(Format):
         return f"nvfp4(global_scale={self.global_scale!r})"
 
 
+#: Dtypes an intq / fp8 scale may be rounded to (None: kept in fp32). Engines and compressed-tensors hold
+#: these scales in the model's dtype, so a served model has rotfn's values only with the matching rounding.
+SCALE_DTYPES = (None, "bfloat16", "float16")
+
+#: NVFP4 global scales measured on the tensor: ``amax / 2688``, and that rounded up to a power of two.
+NVFP4_GLOBAL_RULES = ("tensor", "pow2")
+
+
 @dataclasses.dataclass(frozen=True)
 class IntQ(Format):
     """Integer quantization with an fp32 scale per group (and a zero point if asymmetric).
@@ -139,17 +148,21 @@ class IntQ(Format):
         group: elements per scale along the last dim, or None for one group per row.
         symmetric: symmetric (signed codes) or asymmetric (unsigned codes + zero point).
         clip: symmetric only: the scale covers ``clip * amax`` (values beyond saturate).
+        scale_dtype: None, or ``"bfloat16"`` / ``"float16"``: each scale rounded down to a value of
+            that dtype (see :data:`SCALE_DTYPES`).
     """
 
     bits: int = 4
     group: int | None = None
     symmetric: bool = True
     clip: float = 1.0
+    scale_dtype: str | None = None
     name = "intq"
 
     def __repr__(self) -> str:
         extra = "" if self.symmetric else ", symmetric=False"
         extra += "" if self.clip == 1.0 else f", clip={self.clip}"
+        extra += "" if self.scale_dtype is None else f", scale_dtype={self.scale_dtype!r}"
         return f"intq({self.bits}, group={self.group}{extra})"
 
 
@@ -161,9 +174,11 @@ class FP8(Format):
         granularity: ``"tensor"``; ``"channel"`` (rows of a weight ``[out, in]``) and
             ``"token"`` (rows of an activation ``[..., n]``) both take one scale per
             row of the last dim.
+        scale_dtype: None, or ``"bfloat16"`` / ``"float16"``: each scale rounded down to a value of that dtype.
     """
 
     granularity: str = "tensor"
+    scale_dtype: str | None = None
     name = "fp8"
     group = None
 
@@ -172,7 +187,8 @@ class FP8(Format):
         return 8
 
     def __repr__(self) -> str:
-        return f"fp8({self.granularity!r})"
+        extra = "" if self.scale_dtype is None else f", scale_dtype={self.scale_dtype!r}"
+        return f"fp8({self.granularity!r}{extra})"
 
 
 def _rule(fn: str, scale_rule) -> ScaleRule:
@@ -236,7 +252,10 @@ def nvfp4(global_scale: str | float | None = "tensor") -> NVFP4:
 
     Args:
         global_scale: ``"tensor"`` (``amax / 2688`` over the finite values; 1 for an
-            all-zero tensor), a positive finite float, or None (1).
+            all-zero tensor); ``"pow2"``: the same rounded up to a power of two, so that
+            its reciprocal is exact: compressed-tensors and vLLM store ``1 / s_g`` and divide
+            by it, which gives rotfn's values bit for bit only then (the serving export,
+            :func:`rotfn.export_compressed`, needs it); a positive finite float; or None (1).
 
     Returns:
         A frozen :class:`NVFP4` spec.
@@ -249,18 +268,19 @@ def nvfp4(global_scale: str | float | None = "tensor") -> NVFP4:
         >>> rotfn.nvfp4(None)
         nvfp4(global_scale=None)
     """
-    ok = global_scale is None or global_scale == "tensor" or (
+    ok = global_scale is None or global_scale in NVFP4_GLOBAL_RULES or (
         isinstance(global_scale, (int, float)) and not isinstance(global_scale, bool)
         and math.isfinite(global_scale) and global_scale > 0
     )
     if not ok:
         raise FormatError(
-            message("nvfp4", "global_scale", "'tensor', None or a positive finite float", repr(global_scale))
+            message("nvfp4", "global_scale", "'tensor', 'pow2', None or a positive finite float", repr(global_scale))
         )
     return NVFP4(float(global_scale) if isinstance(global_scale, int) else global_scale)
 
 
-def intq(bits: int, *, group: int | None = None, symmetric: bool = True, clip: float = 1.0) -> IntQ:
+def intq(bits: int, *, group: int | None = None, symmetric: bool = True, clip: float = 1.0,
+         scale_dtype: str | None = None) -> IntQ:
     """Integer quantization of 2..8 bits per group of the last dim.
 
     Symmetric: ``s = clip * amax / (2^(b-1) - 1)``, ``q = clamp(RNE(x / s), -2^(b-1), 2^(b-1) - 1)``.
@@ -273,12 +293,17 @@ def intq(bits: int, *, group: int | None = None, symmetric: bool = True, clip: f
         group: elements per scale along the last dim, or None for one per row.
         symmetric: signed codes (True) or unsigned codes with a zero point.
         clip: symmetric only, in (0, 1]: shrink the range to ``clip * amax``.
+        scale_dtype: None (fp32 scales), ``"bfloat16"`` or ``"float16"``: ``s`` rounded down to a
+            value of that dtype before coding (down: the range still reaches the last code). What a served model holds: compressed-
+            tensors and vLLM's int4 kernels keep scales in the model's dtype, so a bf16 model is
+            exported bit for bit only with ``scale_dtype="bfloat16"``.
 
     Returns:
         A frozen :class:`IntQ` spec.
 
     Raises:
-        FormatError: bits outside 2..8, group < 1, clip outside (0, 1], clip with symmetric=False.
+        FormatError: bits outside 2..8, group < 1, clip outside (0, 1], clip with symmetric=False,
+            an unknown scale_dtype.
 
     Example:
         >>> import torch, rotfn
@@ -296,23 +321,32 @@ def intq(bits: int, *, group: int | None = None, symmetric: bool = True, clip: f
         raise FormatError(message(fn, "clip", "a float in (0, 1]", repr(clip)))
     if not symmetric and clip != 1.0:
         raise FormatError(message(fn, "clip", "1.0 for symmetric=False", clip, "clip the range yourself or use symmetric=True"))
-    return IntQ(bits, group, symmetric, float(clip))
+    _check_scale_dtype(fn, scale_dtype)
+    return IntQ(bits, group, symmetric, float(clip), scale_dtype)
+
+
+def _check_scale_dtype(fn: str, scale_dtype) -> None:
+    if scale_dtype not in SCALE_DTYPES:
+        raise FormatError(message(fn, "scale_dtype", f"one of {SCALE_DTYPES}", repr(scale_dtype),
+                                  "pass the model's dtype by name, e.g. scale_dtype='bfloat16'"))
 
 
 _GRANULARITIES = ("tensor", "channel", "token")
 
 
-def fp8(granularity: str = "tensor") -> FP8:
+def fp8(granularity: str = "tensor", *, scale_dtype: str | None = None) -> FP8:
     """FP8 E4M3 with ``s = amax / 448``: ``y = E4M3_RNE(x / s) * s``.
 
     Args:
         granularity: ``"tensor"`` (one scale), ``"channel"`` or ``"token"`` (one per row of the last dim).
+        scale_dtype: None (fp32 scales), ``"bfloat16"`` or ``"float16"``: ``s`` rounded down to a value
+            of that dtype before coding (compressed-tensors loads fp8 scales in the model's dtype).
 
     Returns:
         A frozen :class:`FP8` spec.
 
     Raises:
-        FormatError: unknown granularity.
+        FormatError: unknown granularity or scale_dtype.
 
     Example:
         >>> import rotfn
@@ -321,15 +355,17 @@ def fp8(granularity: str = "tensor") -> FP8:
     """
     if granularity not in _GRANULARITIES:
         raise FormatError(message("fp8", "granularity", f"one of {_GRANULARITIES}", repr(granularity)))
-    return FP8(granularity)
+    _check_scale_dtype("fp8", scale_dtype)
+    return FP8(granularity, scale_dtype)
 
 
 _FACTORIES = {
     "mxfp4": lambda d: mxfp4(d["scale_rule"]),
     "mxfp8": lambda d: mxfp8(d["scale_rule"]),
     "nvfp4": lambda d: nvfp4(d["global_scale"]),
-    "intq": lambda d: intq(d["bits"], group=d["group"], symmetric=d["symmetric"], clip=d["clip"]),
-    "fp8": lambda d: fp8(d["granularity"]),
+    "intq": lambda d: intq(d["bits"], group=d["group"], symmetric=d["symmetric"], clip=d["clip"],
+                           scale_dtype=d.get("scale_dtype")),
+    "fp8": lambda d: fp8(d["granularity"], scale_dtype=d.get("scale_dtype")),
 }
 
 
@@ -365,6 +401,7 @@ def format_from_dict(d: dict) -> Format:
         raise SpecError(message(fn, "d", f"the fields of a {d['name']} spec", f"missing {err}")) from None
     except FormatError as err:
         raise SpecError(str(err)) from None
-    if fmt.to_dict() != d:
+    # scale_dtype came later within version 2: a dict without it means None
+    if {k: v for k, v in fmt.to_dict().items() if k in d or k != "scale_dtype" or v is not None} != d:
         raise SpecError(message(fn, "d", "the fields of Format.to_dict()", d, "re-create it with to_dict()"))
     return fmt

@@ -114,7 +114,7 @@ def rotations(
 
 @st.composite
 def formats(draw, names: tuple[str, ...] = ("mxfp4", "mxfp8", "nvfp4", "intq", "fp8")) -> F.Format:
-    """Format specs with every option drawn (scale rules, global scales, bits, groups, clip).
+    """Format specs with every option drawn (scale rules, global scales, bits, groups, clip, scale dtypes).
 
     intq groups are drawn from (None, 16, 32); pair with tensors whose last dim is a multiple of 32.
 
@@ -130,12 +130,13 @@ def formats(draw, names: tuple[str, ...] = ("mxfp4", "mxfp8", "nvfp4", "intq", "
     if name in ("mxfp4", "mxfp8"):
         return getattr(F, name)(draw(st.sampled_from([r.value for r in F.ScaleRule])))
     if name == "nvfp4":
-        return F.nvfp4(draw(st.sampled_from(["tensor", None, 0.01, 1.0])))
+        return F.nvfp4(draw(st.sampled_from(["tensor", "pow2", None, 0.01, 1.0])))
     if name == "fp8":
-        return F.fp8(draw(st.sampled_from(["tensor", "channel", "token"])))
+        return F.fp8(draw(st.sampled_from(["tensor", "channel", "token"])), scale_dtype=draw(st.sampled_from(F.SCALE_DTYPES)))
     symmetric = draw(st.booleans())
     clip = draw(st.sampled_from([1.0, 0.9])) if symmetric else 1.0
-    return F.intq(draw(st.integers(2, 8)), group=draw(st.sampled_from([None, 16, 32])), symmetric=symmetric, clip=clip)
+    return F.intq(draw(st.integers(2, 8)), group=draw(st.sampled_from([None, 16, 32])), symmetric=symmetric, clip=clip,
+                  scale_dtype=draw(st.sampled_from(F.SCALE_DTYPES)))
 
 
 def row_counts(max_rows: int = 5) -> st.SearchStrategy[int]:

@@ -40,13 +40,14 @@ from rotfn.errors import (
     message,
 )
 from rotfn.functional import FLOAT_DTYPES
+from rotfn.specs import QTensor
 from rotfn.specs.formats import Format
 from rotfn.specs.rotation import Rotation
 from rotfn.transforms._program import QDQ, Fill, Rotate, Scale, ShiftBias, compile_fold
 from rotfn.transforms._where import Where, where
 
-#: ``rounding(key, W) -> W'``: a weight's values on its format's grid, chosen by the caller (GPTQ).
-WeightRounding = Callable[[str, torch.Tensor], torch.Tensor]
+#: ``rounding(key, W) -> QTensor``: a weight rounded to its format by the caller (GPTQ).
+WeightRounding = Callable[[str, torch.Tensor], QTensor]
 
 __all__ = [
     "Transform", "RotateInput", "RotateOutput", "FuseNorm", "QDQWeights", "Chain",
@@ -254,7 +255,8 @@ class QDQWeights(Transform):
             if w.ndim == 0 or (group is not None and w.shape[-1] % group):
                 raise ShapeError(message(self.name, f"params[{key!r}]", f"last dim divisible by {self.fmt!r}'s group of {group}",
                                          f"shape {tuple(w.shape)}", "leave this key out of where= (rotfn never pads)"))
-            phase.append((key, QDQ(self.fmt, None if self.rounding is None else functools.partial(self.rounding, key))))
+            rounding = None if self.rounding is None else functools.partial(self.rounding, key)
+            phase.append((key, QDQ(self.fmt, rounding, key)))
         return [phase]
 
     def __repr__(self) -> str:
@@ -398,8 +400,8 @@ def qdq_weights(fmt: Format, where: Where | str | tuple, *, rounding: WeightRoun
     Args:
         fmt: a number format (:func:`rotfn.mxfp4`, :func:`rotfn.intq`, ...).
         where: which keys.
-        rounding: ``rounding(key, W) -> W'`` in place of ``qdq(W, fmt)`` (its values on ``fmt``'s
-            grid, e.g. :meth:`rotfn.calibration.Calibration.round`: GPTQ's), or None.
+        rounding: ``rounding(key, W) -> QTensor`` of ``fmt`` whose values replace ``qdq(W, fmt)``
+            (e.g. :meth:`rotfn.calibration.Calibration.round`: GPTQ's), or None.
 
     Returns:
         A frozen :class:`QDQWeights`.
@@ -418,7 +420,7 @@ def qdq_weights(fmt: Format, where: Where | str | tuple, *, rounding: WeightRoun
     if not isinstance(fmt, Format):
         raise FormatError(message(fn, "fmt", "a rotfn format spec", type(fmt).__name__, "build one with rotfn.mxfp4() ..."))
     if rounding is not None and not callable(rounding):
-        raise ArgumentError(message(fn, "rounding", "rounding(key, W) -> Tensor, or None", type(rounding).__name__))
+        raise ArgumentError(message(fn, "rounding", "rounding(key, W) -> QTensor, or None", type(rounding).__name__))
     return QDQWeights(fmt, _check_where(fn, where), rounding)
 
 

@@ -33,8 +33,9 @@ from collections.abc import Callable, Mapping
 import torch
 
 from rotfn.errors import ArgumentError, PlanError, message
-from rotfn.functional import qdq, rotate
-from rotfn.specs.formats import FP8, NVFP4, Format
+from rotfn.functional import dequantize, qdq, quantize, rotate
+from rotfn.specs import QTensor
+from rotfn.specs.formats import FP8, NVFP4, NVFP4_GLOBAL_RULES, Format
 from rotfn.specs.rotation import Rotation
 
 __all__ = [
@@ -97,6 +98,7 @@ class _Run:
     dtype: torch.dtype
     piece_elements: int
     rotate: Mapping
+    codes: dict | None = None  # {key: QTensor} of each QDQ, when the caller keeps them
 
 
 # ----- operations ----------------------------------------------------------------------------------
@@ -188,20 +190,29 @@ class Fill:
 
 @dataclasses.dataclass(frozen=True)
 class QDQ:
-    """``qdq(x, fmt)`` along the last dim, or ``rounding(x)`` (e.g. GPTQ's result for this key)."""
+    """``qdq(x, fmt)`` along the last dim, or the values of ``rounding(x)`` (a QTensor, e.g. GPTQ's for this key).
+
+    A run that keeps codes (``FoldProgram.run(codes=...)``) records the QTensor under ``key``.
+    """
 
     fmt: Format
-    rounding: Callable[[torch.Tensor], torch.Tensor] | None = None
+    rounding: Callable[[torch.Tensor], QTensor] | None = None
+    key: str = ""
     reads = ()
 
     def mixes(self, ndim: int) -> set[int]:
         """The last dim, or every dim for a format with one scale for the whole tensor or a rounding of its own."""
-        whole = (isinstance(self.fmt, NVFP4) and self.fmt.global_scale == "tensor") or (
+        whole = (isinstance(self.fmt, NVFP4) and self.fmt.global_scale in NVFP4_GLOBAL_RULES) or (
             isinstance(self.fmt, FP8) and self.fmt.granularity == "tensor")
         return set(range(ndim)) if whole or self.rounding is not None else {ndim - 1}
 
     def apply(self, x, reads, run):
-        return qdq(x, self.fmt) if self.rounding is None else self.rounding(x)
+        if self.rounding is None and run.codes is None:
+            return qdq(x, self.fmt)
+        q = quantize(x, self.fmt) if self.rounding is None else self.rounding(x)
+        if run.codes is not None:
+            run.codes[self.key] = q
+        return dequantize(q, x.dtype)
 
 
 Op = Rotate | Scale | ShiftBias | Fill | QDQ
@@ -384,7 +395,7 @@ class FoldProgram:
 
     def run(self, params: Mapping[str, torch.Tensor], *, precision: torch.dtype = torch.float64,
             piece_elements: int = PIECE_ELEMENTS, rotate: Mapping[object, RotateFn] | None = None, round_each: bool = False,
-            fn: str = "fold") -> dict[str, torch.Tensor]:
+            fn: str = "fold", codes: dict | None = None) -> dict[str, torch.Tensor]:
         """The program on an in-memory source: a new dict, ``params`` and its tensors untouched.
 
         Args:
@@ -399,6 +410,7 @@ class FoldProgram:
             round_each: round to each tensor's dtype after every operation (what calling a chain of
                 transforms does) instead of once at the end (what :func:`rotfn.fold` does).
             fn: the public function to name in an error.
+            codes: a dict that receives ``{key: QTensor}`` of every quantized key (its rounded values' codes).
 
         Returns:
             ``{name: Tensor}``: keys without operations keep the given tensor object; tied keys share one.
@@ -413,7 +425,7 @@ class FoldProgram:
             >>> torch.equal(compile_fold(t, p).run(p)["w"], t(p)["w"])
             True
         """
-        run = _Run(precision, piece_elements, rotate or {})
+        run = _Run(precision, piece_elements, rotate or {}, codes)
         params = tie(fn, params, self.tied)
         memo: dict[tuple[str, int], torch.Tensor] = {}
 

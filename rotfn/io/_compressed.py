@@ -1,0 +1,365 @@
+"""``rotfn.export_compressed``: a compressed-tensors checkpoint that transformers and vLLM load, packed weights included.
+
+The directory is a transformers checkpoint whose ``config.json`` carries a
+``quantization_config`` with ``quant_method: "compressed-tensors"``: one config group for the
+plan's quantized linears (their weight format and, when the plan quantizes their inputs, the
+activation format), the linears the plan leaves in float under ``ignore``. Each quantized
+linear ``X`` stores, in place of ``X.weight``, what compressed-tensors' compressor for the format
+reads (the layouts are compressed-tensors'; the codes and scales are rotfn's own, taken from the
+QTensor each folded weight carries, so that compressed-tensors' decompression gives rotfn's
+values bit for bit):
+
+==========================  ======================================================================
+format                      tensors (weight ``[out, in]``, ``G`` groups per row)
+==========================  ======================================================================
+nvfp4-pack-quantized        ``weight_packed`` uint8 ``[out, in/2]`` (E2M1 codes, element ``2i`` in the
+                            low nibble), ``weight_scale`` float8_e4m3fn ``[out, in/16]``,
+                            ``weight_global_scale`` fp32 ``[1]`` = ``1 / s_g`` (compressed-tensors
+                            divides by it: exact for ``rotfn.nvfp4("pow2")``), and
+                            ``input_global_scale`` ``[1]`` with NVFP4 activations (from calibration)
+mxfp4-pack-quantized        ``weight_packed`` as above, ``weight_scale`` uint8 ``[out, in/32]`` (E8M0)
+pack-quantized              intq weights: ``weight_packed`` int32 ``[out, ceil(in b / 32)]`` (codes
+                            ``q + 2^(b-1)`` as a dense little-endian bit stream per row),
+                            ``weight_scale`` fp32 ``[out, G]``, ``weight_shape`` int64 ``[2]``, and for
+                            asymmetric formats ``weight_zero_point`` (``z - 2^(b-1)``, packed along
+                            the output dim)
+int-quantized               8-bit intq weights with 8-bit integer activations: ``weight`` int8,
+                            ``weight_scale`` fp32 (``weight_zero_point`` int8 when asymmetric)
+float-quantized             fp8 weights: ``weight`` float8_e4m3fn, ``weight_scale`` fp32 ``[out, 1]``
+                            (per channel) or ``[1]`` (per tensor)
+==========================  ======================================================================
+
+Activation formats become ``input_activations``: fp8 and 8-bit intq per token (dynamic), MXFP4
+(dynamic, per 32), NVFP4 (per 16, ``dynamic: "local"`` with each linear's static global scale
+from a :class:`rotfn.calibration.Calibration`), fp8 per tensor (static, from calibration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import torch
+
+from rotfn.errors import ArgumentError, FormatError, PlanError, message
+from rotfn.functional import dequantize
+from rotfn.io._atomic import write_text_atomic
+from rotfn.io._encode import storable
+from rotfn.io._hf import (
+    ROTFN_JSON,
+    ROTFN_TENSORS,
+    _check_export,
+    _config_text,
+    _hf_layout,
+    _remove_if_present,
+    _shard_bytes,
+    _weights,
+    _write_weights,
+)
+from rotfn.plans import Plan, codes_of, describe
+from rotfn.specs import QTensor
+from rotfn.specs.formats import FP8, MX, NVFP4, Format, IntQ
+
+__all__ = ["export_compressed"]
+
+FN = "export_compressed"
+#: Linears that vLLM loads into one fused linear (same parent module): they must share per-tensor scales.
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+# ----- the quantization config ----------------------------------------------------------------------
+def _weight_args(fmt: Format, acts: Format | None) -> tuple[dict, str]:
+    """compressed-tensors ``QuantizationArgs`` (as a dict) of a weight format, and the compression format."""
+    if isinstance(fmt, NVFP4):
+        if not _pow2_global(fmt):
+            raise FormatError(message(FN, "plan", "NVFP4 weights with a power-of-two global scale, "
+                                      "rotfn.nvfp4('pow2') (compressed-tensors divides by 1 / s_g, exact only then)",
+                                      f"weights={fmt!r}", "build the plan with weights=rotfn.nvfp4('pow2')"))
+        return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
+                "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}, "nvfp4-pack-quantized"
+    if isinstance(fmt, MX):
+        if fmt.element != "e2m1":
+            raise FormatError(message(FN, "plan", "weights rotfn.mxfp4(), rotfn.nvfp4('pow2'), rotfn.intq(...) or "
+                                      "rotfn.fp8(...)", f"weights={fmt!r}", "export MXFP8 with rotfn.export_hf"))
+        return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group",
+                "dynamic": False, "scale_dtype": "torch.uint8"}, "mxfp4-pack-quantized"
+    if isinstance(fmt, IntQ):
+        args = {"num_bits": fmt.bits, "type": "int", "symmetric": fmt.symmetric, "dynamic": False,
+                **({"group_size": fmt.group, "strategy": "group"} if fmt.group else {"strategy": "channel"})}
+        int_acts = isinstance(acts, IntQ) and acts.bits == 8
+        return args, "int-quantized" if fmt.bits == 8 and int_acts else "pack-quantized"
+    if fmt.granularity == "token":
+        raise FormatError(message(FN, "plan", "fp8 weights per channel or per tensor", f"weights={fmt!r}",
+                                  "use rotfn.fp8('channel') for weights"))
+    return {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
+            "strategy": "tensor" if fmt.granularity == "tensor" else "channel"}, "float-quantized"
+
+
+def _pow2_global(fmt: NVFP4) -> bool:
+    """The global scale is a power of two: ``"pow2"``, None (1) or a fixed power of two."""
+    g = fmt.global_scale
+    return g == "pow2" or g is None or (isinstance(g, float) and math.frexp(g)[0] == 0.5)
+
+
+def _check_fused(scales: dict[str, torch.Tensor]) -> None:
+    """Partitions an engine fuses into one linear (q/k/v, gate/up) must share their NVFP4 global scale."""
+    groups: dict[tuple[str, int], dict[str, float]] = {}
+    for name, s_g in scales.items():
+        parent, _, leaf = name.rpartition(".")
+        for i, fused in enumerate(FUSED):
+            if leaf in fused:
+                groups.setdefault((parent, i), {})[leaf] = s_g.item()
+    for (parent, _), found in groups.items():
+        if len(set(found.values())) > 1:
+            raise PlanError(message(
+                FN, "plan", f"one NVFP4 global scale for {parent}.{{{','.join(found)}}} (vLLM runs them as one fused "
+                "linear with one global scale)", f"global scales {found}",
+                "quantize with one fixed power-of-two global scale, e.g. weights=rotfn.nvfp4(2.0 ** -8) (rotfn does "
+                "not yet round fused partitions to a shared measured scale)"))
+
+
+def _act_args(fmt: Format, calibration) -> dict:
+    """compressed-tensors ``QuantizationArgs`` (as a dict) of an activation format."""
+    if isinstance(fmt, FP8) and fmt.granularity == "token":
+        return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
+    if isinstance(fmt, IntQ) and fmt.bits == 8 and fmt.group is None and fmt.symmetric and fmt.clip == 1.0:
+        return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    if isinstance(fmt, MX) and fmt.element == "e2m1":
+        return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group",
+                "dynamic": True, "scale_dtype": "torch.uint8"}
+    static = (isinstance(fmt, NVFP4) and fmt.global_scale == "pow2") or (
+        isinstance(fmt, FP8) and fmt.granularity == "tensor")
+    if static and calibration is None:
+        raise ArgumentError(message(FN, "calibration", f"a rotfn.calibrate(...) result: {fmt!r} activations need "
+                                    "each linear's static input scale", "None",
+                                    "pass calibration=rotfn.calibrate(model, params, plan, batches)"))
+    if isinstance(fmt, NVFP4) and fmt.global_scale == "pow2":
+        return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
+                "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn"}
+    if static:
+        return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
+    raise FormatError(message(FN, "plan", "activations fp8('token'), intq(8) per token, mxfp4(), nvfp4('pow2') "
+                              "or fp8('tensor')", f"acts={fmt!r}", "build the plan with one of those acts="))
+
+
+def _check_online(plan: Plan) -> Format | None:
+    """The activation format of the quantized linears' inputs; PlanError for what compressed-tensors cannot express."""
+    acts = None
+    for o in plan.online:
+        if o.kind != "linear" or o.rotation is not None:
+            what = o.role or o.kind
+            raise PlanError(message(
+                FN, "plan", "a plan whose online side is activation quantization at linear inputs",
+                f"an online {what} {'rotation' if o.rotation is not None else 'transform'} at {o.site!r} "
+                f"(kind {o.kind!r})",
+                "drop it (quarot(..., r3=None, r4=None, kv=None); per_linear(..., rotation=None)), or write the "
+                "directory for rotfn with rotfn.export_hf"))
+        if acts is not None and o.fmt != acts:
+            raise PlanError(message(FN, "plan", "one activation format for every quantized linear",
+                                    f"{acts!r} and {o.fmt!r}", "build the plan with one acts="))
+        acts = o.fmt
+    return acts
+
+
+def _quantization_config(plan: Plan, acts: Format | None, linears: list[str], calibration) -> dict:
+    weights, fmt_name = _weight_args(plan.weights, acts)
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None,
+             "format": fmt_name}
+    if acts is not None:
+        group["input_activations"] = _act_args(acts, calibration)
+    quantized = {k.removesuffix(".weight") for k in plan.quantized}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": fmt_name,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": group},
+        "ignore": [name for name in linears if name not in quantized],
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+    }
+
+
+# ----- packing ----------------------------------------------------------------------------------------
+def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned ``bits``-bit values ``[rows, n]`` as a dense little-endian bit stream in int32 words.
+
+    Value ``j`` of a row occupies bits ``j * bits .. (j + 1) * bits - 1`` of the row's stream, bit
+    ``k`` of the stream being bit ``k % 32`` of word ``k // 32``; the row is zero-padded to a
+    multiple of 32 values. Returns ``[rows, ceil(n * bits / 32)]`` int32.
+
+    Example:
+        >>> hex(pack_int32(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 15]]), 4).item() & 0xFFFFFFFF)
+        '0xf7654321'
+    """
+    rows, n = values.shape
+    padded = -(-n // 32) * 32
+    v = torch.nn.functional.pad(values.to(torch.int64), (0, padded - n))
+    stream = ((v[..., None] >> torch.arange(bits)) & 1).reshape(rows, -1)  # [rows, padded * bits] bits
+    words = (stream.reshape(rows, -1, 32) << torch.arange(32)).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words[:, : -(-n * bits // 32)].contiguous()
+
+
+def _unsigned(q: QTensor) -> torch.Tensor:
+    """intq codes ``[out, in]`` as unsigned ``b``-bit integers ``q + 2^(b-1)`` (compressed-tensors' offset)."""
+    fmt = q.format
+    codes = q.codes
+    if fmt.bits <= 4:
+        lo, hi = codes & 0xF, codes >> 4
+        codes = torch.stack([lo, hi], -1).reshape(q.shape[0], -1)[:, : q.shape[-1]]
+    signed = codes.to(torch.int32)
+    if fmt.symmetric:
+        if fmt.bits <= 4:
+            signed = signed - 16 * (signed >= 8)
+        return signed + (1 << (fmt.bits - 1))
+    return signed  # asymmetric codes u in [0, 2^b) are compressed-tensors' q + 2^(b-1), q = u - 2^(b-1)
+
+
+def _check_scale_dtype(key: str, fmt: Format, dtype: torch.dtype, what: str) -> None:
+    """compressed-tensors loads intq / fp8 scales in the model's dtype: they must be exact in it."""
+    if not isinstance(fmt, (IntQ, FP8)) or dtype == torch.float32:
+        return
+    name = str(dtype).removeprefix("torch.")
+    if fmt.scale_dtype != name:
+        raise FormatError(message(
+            FN, "plan", f"{what} whose scales are {name} values ({key!r} is {name}: compressed-tensors and vLLM "
+            f"hold its scales in {name})", f"{what}={fmt!r}",
+            f"build the plan with {what}=rotfn.{dataclasses.replace(fmt, scale_dtype=name)!r}"))
+
+
+def _tensors(name: str, q: QTensor, acts: Format | None, fmt_name: str, calibration) -> dict[str, torch.Tensor]:
+    """The tensors compressed-tensors stores for linear ``name`` (weight ``q``); scales in the model's dtype."""
+    fmt = q.format
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(fmt, NVFP4):
+        out = {"weight_packed": q.codes, "weight_scale": q.scales,
+               "weight_global_scale": (1.0 / q.global_scale.float()).reshape(1)}
+    elif isinstance(fmt, MX):
+        out = {"weight_packed": q.codes, "weight_scale": q.scales.view(torch.uint8)}
+    elif isinstance(fmt, IntQ) and fmt_name == "pack-quantized":
+        out = {"weight_packed": pack_int32(_unsigned(q), fmt.bits), "weight_scale": q.scales.to(q.dtype),
+               "weight_shape": torch.tensor(list(q.shape), dtype=torch.int64)}
+        if not fmt.symmetric:  # zero points in compressed-tensors' signed range, packed along the output dim
+            out["weight_zero_point"] = pack_int32(q.zero_points.to(torch.int32).T, fmt.bits).T.contiguous()
+    elif isinstance(fmt, IntQ):
+        out = {"weight": (_unsigned(q) - 128).to(torch.int8), "weight_scale": q.scales.to(q.dtype)}
+        if not fmt.symmetric:
+            out["weight_zero_point"] = (q.zero_points.to(torch.int32) - 128).to(torch.int8)
+    else:
+        scale = q.scales.reshape(-1, 1) if q.scales.ndim else q.scales.reshape(1)
+        out = {"weight": q.codes, "weight_scale": scale.to(q.dtype)}
+    key = f"{name}.weight"
+    if isinstance(acts, NVFP4):
+        out["input_global_scale"] = (1.0 / calibration.input_scale(key, acts).float()).reshape(1)
+    elif isinstance(acts, FP8) and acts.granularity == "tensor":
+        out["input_scale"] = calibration.input_scale(key, acts).reshape(1).to(q.dtype)
+    return {f"{name}.{part}": t.contiguous() for part, t in out.items()}
+
+
+def _qtensor(key: str, t: torch.Tensor, fmt: Format) -> QTensor:
+    """The QTensor fold rounded ``t`` to, checked against ``t``'s values."""
+    q = codes_of(t)
+    if q is None or q.format != fmt:
+        raise PlanError(message(FN, "params", f"params from rotfn.fold(params, plan) (weight {key!r} carrying its "
+                                f"{fmt!r} codes)", "a weight without them (loaded, copied or moved after the fold)",
+                                "fold the params in this process and export the result as it comes"))
+    if not torch.equal(dequantize(q, t.dtype).view(-1).view(torch.uint8), t.contiguous().view(-1).view(torch.uint8)):
+        raise PlanError(message(FN, "params", f"weight {key!r} as rotfn.fold left it", "a weight changed since",
+                                "fold again and export the result unchanged"))
+    return q
+
+
+def export_compressed(model, params, plan: Plan, dir: str | os.PathLike, *, calibration=None,
+                      max_shard_size: int | str = "5GB") -> None:
+    """Write folded, quantized params as a compressed-tensors checkpoint (packed weights) that vLLM and transformers load.
+
+    The directory is what :func:`rotfn.export_hf` writes (config, generation config, sharded
+    safetensors written atomically, ``config.json`` last), with each quantized linear's weight
+    replaced by the packed tensors compressed-tensors defines for its format and a
+    ``quantization_config`` in ``config.json`` (layouts: the module docstring of
+    ``rotfn/io/_compressed.py``). The codes and scales are those :func:`rotfn.fold` rounded
+    each weight to (round to nearest, or GPTQ with ``weights_by=``), so compressed-tensors'
+    decompression of every weight equals :func:`rotfn.dequantize` of rotfn's QTensor, bit for
+    bit, and ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` (with the
+    ``compressed-tensors`` package installed) computes what ``rotfn.call`` computes, up to the
+    engine's activation quantizer.
+
+    This first form writes plans whose online side is activation quantization at the quantized
+    linears' inputs (``per_linear(..., rotation=None)``, ``quarot`` with R1/R2 folded and no R3,
+    R4 or KV cache); online rotations are an error before anything is written.
+
+    Args:
+        model: the transformers ``*ForCausalLM`` model the params belong to.
+        params: ``rotfn.fold(rotfn.params(model), plan)`` (or with ``weights_by=``), as fold returns it.
+        plan: the plan folded in, with ``weights=`` one of ``rotfn.nvfp4("pow2")``,
+            ``rotfn.mxfp4()``, ``rotfn.intq(b, group=...)`` (symmetric or not), ``rotfn.fp8("channel")``
+            / ``rotfn.fp8("tensor")``, and ``acts=`` None or a format compressed-tensors has.
+        dir: output directory (created if missing).
+        calibration: the :func:`rotfn.calibrate` result, needed for activation formats with a static
+            per-tensor scale (``nvfp4("pow2")``: ``input_global_scale``; ``fp8("tensor")``: ``input_scale``).
+        max_shard_size: largest shard in bytes, or text such as ``"5GB"``.
+
+    Raises:
+        ArgumentError: model not a transformers model, dir a file, bad max_shard_size, a static
+            activation format without ``calibration``.
+        PlanError: plan None or without weights, online rotations, weights that are not fold's
+            (no codes, or changed since). FormatError: a format compressed-tensors cannot hold.
+        DTypeError / SelectionError / FoldError: as :func:`rotfn.export_hf`.
+
+    Example:
+        >>> import os, tempfile, torch, transformers, rotfn
+        >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        ...                                num_attention_heads=4, num_key_value_heads=2)
+        >>> model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        >>> plan = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=0), r2=rotfn.hadamard(16, seed=1),
+        ...                           weights=rotfn.intq(4, group=32))
+        >>> d = tempfile.mkdtemp()
+        >>> rotfn.export_compressed(model, rotfn.fold(rotfn.params(model), plan), plan, d)
+        >>> json_cfg = __import__("json").load(open(os.path.join(d, "config.json")))
+        >>> json_cfg["quantization_config"]["format"]
+        'pack-quantized'
+    """
+    _check_export(FN, model, params, plan)
+    if plan is None or plan.weights is None or not plan.quantized:
+        raise PlanError(message(FN, "plan", "a plan that quantizes weights", repr(plan),
+                                "build it with weights=, e.g. rotfn.plans.quarot(model, ..., weights=rotfn.mxfp4())"))
+    limit = _shard_bytes(FN, max_shard_size)
+    if not isinstance(dir, (str, os.PathLike)) or os.path.isfile(dir):
+        raise ArgumentError(message(FN, "dir", "a directory path", repr(dir), "name a directory (created if missing)"))
+    acts = _check_online(plan)
+    linears = [name for name, _ in describe(model, fn=FN).linears]
+    loose = [k for k in plan.quantized if k.removesuffix(".weight") not in set(linears)]
+    if loose:
+        raise PlanError(message(FN, "plan", "quantized weights of nn.Linear modules", f"also {loose[:3]} (not "
+                                "nn.Linear: fused experts)", "leave them out of the plan, or use rotfn.export_hf"))
+    qconfig = _quantization_config(plan, acts, linears, calibration)
+    fmt_name = qconfig["format"]
+    weights, untie = _weights(model, params)
+    packed: dict[str, torch.Tensor] = {}
+    global_scales: dict[str, torch.Tensor] = {}
+    for key in plan.quantized:
+        _check_scale_dtype(key, plan.weights, params[key].dtype, "weights")
+        if isinstance(acts, FP8) and acts.granularity == "tensor":
+            _check_scale_dtype(key, acts, params[key].dtype, "acts")
+        q = _qtensor(key, weights.pop(key), plan.weights)
+        if q.global_scale is not None:
+            global_scales[key.removesuffix(".weight")] = q.global_scale
+        packed.update(_tensors(key.removesuffix(".weight"), q, acts, fmt_name, calibration))
+    _check_fused(global_scales)
+    dtype = next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)
+    tensors = {**storable(_hf_layout(model, weights)), **packed}
+
+    directory = os.fspath(dir)
+    os.makedirs(directory, exist_ok=True)
+    _remove_if_present(os.path.join(directory, "config.json"))  # written last: a failed export does not load
+    _write_weights(directory, tensors, limit)
+    for stale in (ROTFN_JSON, ROTFN_TENSORS):
+        _remove_if_present(os.path.join(directory, stale))
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        write_text_atomic(os.path.join(directory, "generation_config.json"), generation.to_json_string(use_diff=True))
+    config = json.loads(_config_text(model, dtype, untie))
+    config["quantization_config"] = qconfig
+    write_text_atomic(os.path.join(directory, "config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,237 @@
+"""rotfn.export_compressed, proven with compressed-tensors itself: transformers loads the directory and
+computes rotfn.call's logits; compressed-tensors' decompression gives rotfn's weights bit for bit."""
+
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rotfn
+import rotfn.testing as rt
+from rotfn.errors import ArgumentError, FormatError, PlanError
+
+transformers = pytest.importorskip("transformers")
+ct = pytest.importorskip("compressed_tensors")
+from compressed_tensors.compressors import BaseCompressor  # noqa: E402
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32  # noqa: E402
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme  # noqa: E402
+
+from rotfn.io._compressed import pack_int32  # noqa: E402
+
+BF16 = "bfloat16"
+WEIGHTS = {  # bf16 models: scales held in bf16 where compressed-tensors keeps them in the model's dtype
+    "mxfp4": rotfn.mxfp4(), "mxfp4-even": rotfn.mxfp4("even"), "nvfp4": rotfn.nvfp4("pow2"),
+    "int4-g32": rotfn.intq(4, group=32, scale_dtype=BF16), "int3-g32": rotfn.intq(3, group=32, scale_dtype=BF16),
+    "int8-row": rotfn.intq(8, scale_dtype=BF16), "fp8-channel": rotfn.fp8("channel", scale_dtype=BF16),
+    "fp8-tensor": rotfn.fp8("tensor", scale_dtype=BF16),
+}
+
+
+def _model(family: str):
+    cfg = rt.make_config(family, hidden=64, heads=4, kv_heads=2, layers=2, intermediate=128)
+    return rt.tiny_model(cfg, dtype=torch.bfloat16, seed=1, outliers=8.0).eval()
+
+
+def _plan(model, kind: str, fmt, acts=None):
+    if kind == "quarot":
+        return rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16, seed=2), weights=fmt,
+                                  acts=acts, r3=None, r4=None)
+    return rotfn.plans.per_linear(model, rotation=None, weights=fmt, acts=acts)
+
+
+def _ids(model):
+    return torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _export_and_load(tmp_path, model, plan, folded, **kw):
+    """The exported directory through transformers, its weights decompressed (a first forward does it)."""
+    rotfn.export_compressed(model, folded, plan, tmp_path, **kw)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        loaded(_ids(model)[:, :2])
+    return loaded
+
+
+def _qconfig(path) -> dict:
+    return json.loads((path / "config.json").read_text())["quantization_config"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["per_linear", "quarot"])
+@pytest.mark.parametrize("name", list(WEIGHTS))
+def test_transformers_loads_rotfns_weights_and_logits(tmp_path, family, kind, name):
+    """Weight-only plans: every decompressed weight is rotfn's bit for bit, so the logits are rotfn.call's exactly."""
+    model = _model(family)
+    plan = _plan(model, kind, WEIGHTS[name])
+    folded = rotfn.fold(rotfn.params(model), plan)
+    loaded = _export_and_load(tmp_path, model, plan, folded)
+    state = loaded.state_dict()
+    for key in plan.quantized:
+        rt.assert_bits_equal(state[key], folded[key], name=key)
+    with torch.no_grad():
+        rt.assert_bits_equal(loaded(_ids(model)).logits, rotfn.call(model, folded, plan, _ids(model)).logits)
+    qc = _qconfig(tmp_path)
+    QuantizationConfig.model_validate(qc)
+    assert "lm_head" in qc["ignore"] and not any(k.removesuffix(".weight") in qc["ignore"] for k in plan.quantized)
+    assert not list(tmp_path.glob("rotfn*"))
+
+
+def test_gptq_rounded_params_export_their_own_codes(tmp_path):
+    model = _model("llama")
+    plan = _plan(model, "quarot", rotfn.intq(4, group=32, scale_dtype=BF16))
+    p = rotfn.params(model)
+    batches = [_ids(model) for _ in range(2)]
+    folded = rotfn.fold(p, plan, weights_by=rotfn.calibrate(model, p, plan, batches, progress=False))
+    assert not torch.equal(folded["model.layers.0.mlp.down_proj.weight"],
+                           rotfn.fold(p, plan)["model.layers.0.mlp.down_proj.weight"])  # GPTQ, not RTN
+    loaded = _export_and_load(tmp_path, model, plan, folded)
+    for key in plan.quantized:
+        rt.assert_bits_equal(loaded.state_dict()[key], folded[key], name=key)
+
+
+def test_mxfp4_activations_even_rule_is_compressed_tensors_quantizer(tmp_path):
+    """compressed-tensors' dynamic MXFP4 activation quantizer is rotfn's mxfp4("even"): the same logits, bit for bit."""
+    model = _model("llama")
+    plan = _plan(model, "quarot", rotfn.mxfp4(), acts=rotfn.mxfp4("even"))
+    folded = rotfn.fold(rotfn.params(model), plan)
+    loaded = _export_and_load(tmp_path, model, plan, folded)
+    acts = _qconfig(tmp_path)["config_groups"]["group_0"]["input_activations"]
+    assert acts["dynamic"] is True and acts["group_size"] == 32
+    with torch.no_grad():
+        rt.assert_bits_equal(loaded(_ids(model)).logits, rotfn.call(model, folded, plan, _ids(model)).logits)
+
+
+@pytest.mark.parametrize("weights, acts, fmt_name", [
+    (rotfn.fp8("channel", scale_dtype=BF16), rotfn.fp8("token"), "float-quantized"),
+    (rotfn.intq(8, scale_dtype=BF16), rotfn.intq(8), "int-quantized"),
+])
+def test_dynamic_token_activations(tmp_path, weights, acts, fmt_name):
+    """Per-token fp8 / int8 activations: written as dynamic token quantization; compressed-tensors quantizes them
+    in the model's dtype (bf16 arithmetic) where rotfn uses fp32, so the logits agree to that rounding only."""
+    model = _model("llama")
+    plan = _plan(model, "quarot", weights, acts=acts)
+    folded = rotfn.fold(rotfn.params(model), plan)
+    loaded = _export_and_load(tmp_path, model, plan, folded)
+    group = _qconfig(tmp_path)["config_groups"]["group_0"]
+    assert group["format"] == fmt_name and group["input_activations"]["strategy"] == "token"
+    with torch.no_grad():
+        a, b = loaded(_ids(model)).logits.float(), rotfn.call(model, folded, plan, _ids(model)).logits.float()
+    assert rt.relative_error(a, b) < 0.05
+
+
+def test_nvfp4_activations_take_static_global_scales_from_calibration(tmp_path):
+    model = _model("llama")
+    plan = _plan(model, "quarot", rotfn.nvfp4("pow2"), acts=rotfn.nvfp4("pow2"))
+    p = rotfn.params(model)
+    folded = rotfn.fold(p, plan)
+    with pytest.raises(ArgumentError, match="argument 'calibration'"):
+        rotfn.export_compressed(model, folded, plan, tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+    calib = rotfn.calibrate(model, p, plan, [_ids(model)], progress=False)
+    loaded = _export_and_load(tmp_path, model, plan, folded, calibration=calib)
+    from safetensors.torch import load_file
+    stored = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj"
+    assert stored[f"{key}.input_global_scale"].item() == 1 / calib.input_scale(f"{key}.weight", plan.acts).item()
+    assert _qconfig(tmp_path)["config_groups"]["group_0"]["input_activations"]["dynamic"] == "local"
+    with torch.no_grad():
+        a, b = loaded(_ids(model)).logits.float(), rotfn.call(model, folded, plan, _ids(model)).logits.float()
+    assert rt.relative_error(a, b) < 0.2  # served: static global scales; rotfn.call: each batch's own
+
+
+@pytest.mark.parametrize("fmt", [rotfn.intq(4, group=32, symmetric=False, scale_dtype=BF16),
+                                 rotfn.intq(8, group=32, symmetric=False, scale_dtype=BF16),
+                                 rotfn.intq(2, symmetric=False, scale_dtype=BF16)])
+def test_asymmetric_weights_decompress_bit_for_bit(tmp_path, fmt):
+    """compressed-tensors' own pack-quantized decompressor on the written tensors (transformers' loader does not
+    read asymmetric pack-quantized checkpoints in compressed-tensors 0.20: its meta shapes ignore the packing)."""
+    from safetensors.torch import load_file
+    model = _model("llama")
+    plan = _plan(model, "per_linear", fmt)
+    folded = rotfn.fold(rotfn.params(model), plan)
+    rotfn.export_compressed(model, folded, plan, tmp_path)
+    qc = _qconfig(tmp_path)
+    QuantizationConfig.model_validate(qc)
+    group = qc["config_groups"]["group_0"]
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**group["weights"]))
+    compressor = BaseCompressor.load_from_registry(group["format"])
+    stored = load_file(tmp_path / "model.safetensors")
+    for key in plan.quantized:
+        name = key.removesuffix(".weight")
+        local = {k.removeprefix(name + "."): v for k, v in stored.items() if k.startswith(name + ".")}
+        weight = compressor.decompress(local, scheme)["weight"]
+        rt.assert_bits_equal(weight.to(folded[key].dtype), folded[key], name=key)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(1, 8), rows=st.integers(1, 5), n=st.integers(1, 100), seed=rt.seeds())
+def test_pack_int32_is_compressed_tensors_packing(bits, rows, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randint(0, 2**bits, (rows, n), generator=g)
+    want = pack_to_int32((u - 2 ** (bits - 1)).to(torch.int8), bits)
+    rt.assert_bits_equal(pack_int32(u, bits), want)
+
+
+def _folded(fmt=WEIGHTS["int4-g32"], **kw):
+    model = _model("llama")
+    plan = _plan(model, "quarot", fmt, **kw)
+    return model, plan, rotfn.fold(rotfn.params(model), plan)
+
+
+def test_bad_exports_are_typed_errors_and_write_nothing(tmp_path):
+    model, plan, folded = _folded()
+    rotated = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1), r4=rotfn.hadamard(128, seed=3),
+                                 weights=WEIGHTS["int4-g32"])
+    copied = {k: v.clone() for k, v in folded.items()}
+    edited = _folded()[2]
+    edited["model.layers.0.mlp.up_proj.weight"].mul_(2)  # in place: the tensor keeps its codes, its values change
+    nv = _folded(rotfn.nvfp4())
+    fp32_scales = _folded(rotfn.intq(4, group=32))
+    cases = [
+        (lambda d: rotfn.export_compressed(model, rotfn.fold(rotfn.params(model), rotated), rotated, d), PlanError,
+         r"expected a plan whose online side is activation quantization.*online .*rotation at .*down_proj"),
+        (lambda d: rotfn.export_compressed(model, rotfn.params(model), None, d), PlanError, r"a plan that quantizes"),
+        (lambda d: rotfn.export_compressed(model, rotfn.plans.FoldedParams(copied, plan), plan, d), PlanError,
+         r"carrying its .* codes"),
+        (lambda d: rotfn.export_compressed(model, edited, plan, d), PlanError,
+         r"a weight changed since"),
+        (lambda d: rotfn.export_compressed(nv[0], nv[2], nv[1], d), FormatError, r"nvfp4\('pow2'\)"),
+        (lambda d: rotfn.export_compressed(fp32_scales[0], fp32_scales[2], fp32_scales[1], d), FormatError,
+         r"fix: build the plan with weights=rotfn.intq\(4, group=32, scale_dtype='bfloat16'\)"),
+        (lambda d: rotfn.export_compressed(model, folded, plan, d, max_shard_size="big"), ArgumentError,
+         r"max_shard_size"),
+    ]
+    for i, (call, error, pattern) in enumerate(cases):
+        out = tmp_path / str(i)
+        with pytest.raises(error, match=pattern):
+            call(out)
+        assert not out.exists() or not os.listdir(out), f"case {i} wrote files"
+
+
+def test_the_serving_howto_runs_as_written(capsys):
+    import pathlib
+    import re
+    page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "howto" / "serving.md"
+    (block,) = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+    exec(compile(block, str(page), "exec"), {})
+    assert capsys.readouterr().out.split() == ["pack-quantized", "True"]
+
+
+def test_fused_partitions_must_share_the_nvfp4_global_scale(tmp_path):
+    """vLLM loads q/k/v (and gate/up) into one linear with one global scale: unequal ones are an error, not a
+    silently wrong served model; one fixed power-of-two global scale exports."""
+    model = _model("llama")
+    p = dict(rotfn.params(model))
+    q = "model.layers.1.self_attn.q_proj.weight"
+    p[q] = p[q] * 16
+    plan = _plan(model, "per_linear", rotfn.nvfp4("pow2"))
+    with pytest.raises(PlanError, match=r"one NVFP4 global scale for model.layers.1.self_attn.\{q_proj,k_proj,v_proj\}"):
+        rotfn.export_compressed(model, rotfn.fold(p, plan), plan, tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+    fixed = _plan(model, "per_linear", rotfn.nvfp4(2.0**-6))
+    folded = rotfn.fold(p, fixed)
+    loaded = _export_and_load(tmp_path, model, fixed, folded)
+    rt.assert_bits_equal(loaded.state_dict()[q], folded[q])
