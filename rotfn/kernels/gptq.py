@@ -20,11 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
-from rotfn.kernels.fused import code_value
 from rotfn import ops
+from rotfn.kernels.fused import code_value
+from rotfn.kernels.launch import _fmt_code
 from rotfn.ops.quant import Scales, code_dtype
 from rotfn.specs import QTensor
-from rotfn.specs.formats import MX, NVFP4, Format, IntQ
+from rotfn.specs.formats import MX, Format
 
 __all__ = ["gptq"]
 
@@ -63,16 +64,6 @@ def columns_kernel(w_ptr, u_ptr, e_ptr, codes_ptr, s_ptr, z_ptr, gs_ptr, OUT, A,
     tl.store(w_ptr + rows[:, None] * stride_w + cols[None, :], tile, mask=tmask)
 
 
-def _code(fmt: Format) -> int:
-    if isinstance(fmt, MX):
-        return 1 if fmt.element == "e2m1" else 2
-    if isinstance(fmt, NVFP4):
-        return 3
-    if isinstance(fmt, IntQ):
-        return 4 if fmt.symmetric else 5
-    return 6
-
-
 def _scale_values(sc: Scales, fmt: Format, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 ``[out, P]`` scale and zero-point values and the fp32 global scale, as :func:`code_value` takes them."""
     if isinstance(fmt, MX):
@@ -104,7 +95,7 @@ def _columns(W1: torch.Tensor, U1: torch.Tensor, E1: torch.Tensor, a: int, b: in
     br = _ROWS if bw <= 256 else max(2, 4096 // bw)  # wide blocks: fewer rows, so the tile stays in registers
     columns_kernel[(triton.cdiv(out, br),)](
         W1, U1, E1, raw, s, z, g, out, a, b - a, width, W1.stride(0), U1.stride(0), U1.stride(1),
-        BR=br, BW=bw, FMT=_code(fmt), BITS=fmt.bits, F64=W1.dtype == torch.float64, num_warps=4,
+        BR=br, BW=bw, FMT=_fmt_code(fmt), BITS=fmt.bits, F64=W1.dtype == torch.float64, num_warps=4,
         enable_fp_fusion=False)
     return _codes(raw, fmt)
 
