@@ -1,6 +1,7 @@
 """rotfn.export_compressed, proven with compressed-tensors itself: transformers loads the directory and
 computes rotfn.call's logits; compressed-tensors' decompression gives rotfn's weights bit for bit."""
 
+import dataclasses
 import json
 import os
 
@@ -55,6 +56,27 @@ def _export_and_load(tmp_path, model, plan, folded, **kw):
     return loaded
 
 
+def _serve(path, model):
+    """What an engine runs: the loaded model with the online entries of the transform config applied
+    (transformers 5 loads only the quantization; compressed-tensors' own transforms, weights from the directory)."""
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from safetensors.torch import load_file
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        loaded(_ids(model)[:, :2])
+    config = TransformConfig.model_validate(_qconfig(path)["transform_config"])
+    for scheme in config.config_groups.values():
+        scheme.apply = [a for a in scheme.apply if a.location == "input"]  # the weight_input inverse is folded in
+    apply_transform_config(loaded, config)
+    stored, state = load_file(path / "model.safetensors"), loaded.state_dict()
+    keys = [k for k in stored if k.endswith("_input.weight")]
+    assert keys and all(k in state for k in keys)
+    with torch.no_grad():
+        for k in keys:
+            state[k].copy_(stored[k])
+    return loaded
+
+
 def _qconfig(path) -> dict:
     return json.loads((path / "config.json").read_text())["quantization_config"]
 
@@ -77,6 +99,61 @@ def test_transformers_loads_rotfns_weights_and_logits(tmp_path, family, kind, na
     QuantizationConfig.model_validate(qc)
     assert "lm_head" in qc["ignore"] and not any(k.removesuffix(".weight") in qc["ignore"] for k in plan.quantized)
     assert not list(tmp_path.glob("rotfn*"))
+
+
+ROTATIONS = {  # online input rotations and the compressed-tensors transform type each becomes
+    "sylvester": (rotfn.hadamard(128), "hadamard", None),
+    "signed": (rotfn.hadamard(128, seed=3), "random-hadamard", None),
+    "block-sylvester": (rotfn.hadamard(128, block=32), "hadamard", 32),
+    "block-orthogonal": (rotfn.orthogonal(128, seed=4, block=32), "random-hadamard", 32),
+    "order-12-blocks": (rotfn.hadamard(96, block=12), "random-hadamard", 12),
+}
+
+
+@pytest.mark.parametrize("name", list(ROTATIONS))
+def test_r4_exports_as_an_online_transform_with_rotfns_logits(tmp_path, name):
+    """QuaRot R1+R2+R4: R4 becomes an ``input`` transform on down_proj (a Sylvester Hadamard as type "hadamard",
+    anything else as a stored matrix); with compressed-tensors' own transforms the served logits are rotfn.call's,
+    bit for bit (MXFP4 weights and compressed-tensors' activation rule, mxfp4("even"))."""
+    r4, kind, head_dim = ROTATIONS[name]
+    intermediate = r4.n
+    cfg = rt.make_config("llama", hidden=64, heads=4, kv_heads=2, layers=2, intermediate=intermediate)
+    model = rt.tiny_model(cfg, dtype=torch.bfloat16, seed=1, outliers=8.0).eval()
+    plan = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16, seed=2), r4=r4, r3=None,
+                              weights=rotfn.mxfp4(), acts=rotfn.mxfp4("even"))
+    folded = rotfn.fold(rotfn.params(model), plan)
+    rotfn.export_compressed(model, folded, plan, tmp_path)
+    (scheme,) = _qconfig(tmp_path)["transform_config"]["config_groups"].values()
+    assert (scheme["type"], scheme["head_dim"]) == (kind, head_dim)
+    assert [a["location"] for a in scheme["apply"]] == ["input", "weight_input"]
+    assert scheme["apply"][0]["targets"] == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    want = rotfn.call(model, folded, plan, _ids(model)).logits
+    with torch.no_grad():
+        unrotated = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()(_ids(model)).logits
+        served = _serve(tmp_path, model)(_ids(model)).logits
+    assert not torch.equal(unrotated, want)  # the transform is what makes them agree
+    rt.assert_bits_equal(served, want)
+
+
+def test_per_linear_input_rotations_share_one_transform_per_fused_linear(tmp_path):
+    """per_linear with a block rotation on every linear's input: one scheme per distinct rotation, q/k/v and
+    gate/up in the same one (vLLM fuses them), logits bit for bit through compressed-tensors' transforms."""
+    model = _model("qwen3")
+    plan = rotfn.plans.per_linear(model, rotation=lambda n: rotfn.hadamard(n, block=32, seed=5),
+                                  weights=rotfn.mxfp4(), acts=rotfn.mxfp4("even"))
+    folded = rotfn.fold(rotfn.params(model), plan)
+    rotfn.export_compressed(model, folded, plan, tmp_path)
+    groups = _qconfig(tmp_path)["transform_config"]["config_groups"]
+    assert len(groups) == 2  # inputs of size 64 and of size 128 (down_proj)
+    for scheme in groups.values():
+        targets = scheme["apply"][0]["targets"]
+        assert scheme["type"] == "random-hadamard" and scheme["head_dim"] is None  # random signs span all n
+        for fused in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            parents = {t.rpartition(".")[0] for t in targets if t.rpartition(".")[2] in fused}
+            assert all(f"{p}.{leaf}" in targets for p in parents for leaf in fused)
+    with torch.no_grad():
+        rt.assert_bits_equal(_serve(tmp_path, model)(_ids(model)).logits,
+                             rotfn.call(model, folded, plan, _ids(model)).logits)
 
 
 def test_gptq_rounded_params_export_their_own_codes(tmp_path):
@@ -183,16 +260,25 @@ def _folded(fmt=WEIGHTS["int4-g32"], **kw):
 
 def test_bad_exports_are_typed_errors_and_write_nothing(tmp_path):
     model, plan, folded = _folded()
-    rotated = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1), r4=rotfn.hadamard(128, seed=3),
-                                 weights=WEIGHTS["int4-g32"])
+    r3 = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1), r3=rotfn.hadamard(16), weights=WEIGHTS["int4-g32"])
+    kv = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1), kv=rotfn.intq(4, group=16),
+                            weights=WEIGHTS["int4-g32"])
+    per = rotfn.plans.per_linear(model, rotation=lambda n: rotfn.hadamard(n, block=32), weights=WEIGHTS["int4-g32"])
+    k_site = "model.layers.0.self_attn.k_proj"
+    split = dataclasses.replace(per, online=tuple(
+        dataclasses.replace(o, rotation=rotfn.hadamard(64, seed=9)) if o.site == k_site else o for o in per.online))
     copied = {k: v.clone() for k, v in folded.items()}
     edited = _folded()[2]
     edited["model.layers.0.mlp.up_proj.weight"].mul_(2)  # in place: the tensor keeps its codes, its values change
     nv = _folded(rotfn.nvfp4())
     fp32_scales = _folded(rotfn.intq(4, group=32))
     cases = [
-        (lambda d: rotfn.export_compressed(model, rotfn.fold(rotfn.params(model), rotated), rotated, d), PlanError,
-         r"expected a plan whose online side is activation quantization.*online .*rotation at .*down_proj"),
+        (lambda d: rotfn.export_compressed(model, rotfn.fold(rotfn.params(model), r3), r3, d), PlanError,
+         r"expected a plan whose online side is at linear inputs.*online .*rotation at .*self_attn.*kind 'qk'"),
+        (lambda d: rotfn.export_compressed(model, rotfn.fold(rotfn.params(model), kv), kv, d), PlanError,
+         r"kind '(key|value)'.*fix: drop it"),
+        (lambda d: rotfn.export_compressed(model, rotfn.fold(rotfn.params(model), split), split, d), PlanError,
+         r"one online input rotation for all of model.layers.0.self_attn.\{q_proj,k_proj,v_proj\}"),
         (lambda d: rotfn.export_compressed(model, rotfn.params(model), None, d), PlanError, r"a plan that quantizes"),
         (lambda d: rotfn.export_compressed(model, rotfn.plans.FoldedParams(copied, plan), plan, d), PlanError,
          r"carrying its .* codes"),
@@ -215,9 +301,10 @@ def test_the_serving_howto_runs_as_written(capsys):
     import pathlib
     import re
     page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "howto" / "serving.md"
-    (block,) = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
-    exec(compile(block, str(page), "exec"), {})
-    assert capsys.readouterr().out.split() == ["pack-quantized", "True"]
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+    assert len(blocks) == 2
+    exec(compile("\n".join(blocks), str(page), "exec"), {})
+    assert capsys.readouterr().out.split() == ["pack-quantized", "True", "hadamard"]
 
 
 def test_fused_partitions_must_share_the_nvfp4_global_scale(tmp_path):
@@ -235,3 +322,55 @@ def test_fused_partitions_must_share_the_nvfp4_global_scale(tmp_path):
     folded = rotfn.fold(p, fixed)
     loaded = _export_and_load(tmp_path, model, fixed, folded)
     rt.assert_bits_equal(loaded.state_dict()[q], folded[q])
+
+
+def _moe(fmt):
+    cfg = rt.make_config("qwen3_moe", hidden=64, heads=4, kv_heads=2, layers=2, intermediate=128)
+    model = rt.tiny_model(cfg, dtype=torch.bfloat16, seed=1, outliers=8.0).eval()
+    plan = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16, seed=2), weights=fmt,
+                              r3=None, r4=None)
+    return model, plan, rotfn.fold(rotfn.params(model), plan)
+
+
+@pytest.mark.parametrize("fmt", [rotfn.mxfp4(), rotfn.nvfp4(None), rotfn.fp8("channel", scale_dtype=BF16),
+                                 rotfn.fp8("tensor", scale_dtype=BF16)], ids=repr)
+def test_moe_experts_export_per_expert_and_transformers_computes_rotfns_logits(tmp_path, fmt):
+    """Qwen3-MoE: the fused 3-D experts are written per expert and projection (the names transformers saves and
+    vLLM loads), the routers listed under ignore; transformers fuses them back to rotfn's experts, bit for bit."""
+    model, plan, folded = _moe(fmt)
+    assert any(k.endswith("experts.gate_up_proj") for k in plan.quantized)
+    loaded = _export_and_load(tmp_path, model, plan, folded)
+    from safetensors.torch import load_file
+    stored = load_file(tmp_path / "model.safetensors")
+    part = "weight" if isinstance(fmt, rotfn.specs.formats.FP8) else "weight_packed"
+    for e in range(model.config.num_experts):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert f"model.layers.1.mlp.experts.{e}.{proj}.{part}" in stored
+    assert {"model.layers.0.mlp.gate", "model.layers.1.mlp.gate"} <= set(_qconfig(tmp_path)["ignore"])
+    state = loaded.state_dict()
+    for key in plan.quantized:
+        rt.assert_bits_equal(state[key], folded[key], name=key)
+    with torch.no_grad():
+        rt.assert_bits_equal(loaded(_ids(model)).logits, rotfn.call(model, folded, plan, _ids(model)).logits)
+
+
+@pytest.mark.parametrize("fmt", [rotfn.nvfp4("pow2"), rotfn.intq(4, group=32, scale_dtype=BF16),
+                                 rotfn.intq(8, scale_dtype=BF16)], ids=repr)
+def test_moe_experts_decompress_bit_for_bit(tmp_path, fmt):
+    """Every expert's tensors through compressed-tensors' own decompressor equal rotfn's expert rows, bit for bit
+    (transformers 5.25's fused-experts loader drops weight_global_scale and runs int experts in float64: reader
+    limits, so the files are checked with the library's compressor)."""
+    from safetensors.torch import load_file
+    from transformers.core_model_loading import revert_weight_conversion
+    model, plan, folded = _moe(fmt)
+    rotfn.export_compressed(model, folded, plan, tmp_path)
+    group = _qconfig(tmp_path)["config_groups"]["group_0"]
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**group["weights"]))
+    compressor = BaseCompressor.load_from_registry(group["format"])
+    stored = load_file(tmp_path / "model.safetensors")
+    experts = revert_weight_conversion(model, {k: folded[k] for k in plan.quantized if "experts" in k})
+    assert len(experts) == 2 * 3 * model.config.num_experts
+    for name, want in experts.items():
+        base = name.removesuffix(".weight")
+        local = {k.removeprefix(base + "."): v for k, v in stored.items() if k.startswith(base + ".")}
+        rt.assert_bits_equal(compressor.decompress(local, scheme)["weight"].to(want.dtype), want, name=name)

@@ -4,11 +4,11 @@
 # `name as name`: internal (not in __all__), what `rotfn inspect` / `rotfn fold` read, for rotfn.cli
 from rotfn.io._checkpoint import inventory as inventory
 from rotfn.io._checkpoint import skeleton
+from rotfn.io._compressed import export_compressed
 from rotfn.io._encode import decode_plan as decode_plan
 from rotfn.io._encode import rotation_tensor_names as rotation_tensor_names
 from rotfn.io._file import METADATA_KEY as METADATA_KEY
 from rotfn.io._file import load, save
-from rotfn.io._compressed import export_compressed
 from rotfn.io._hf import export_hf, load_hf
 from rotfn.io._hf import read_rotfn_json as read_rotfn_json
 from rotfn.io._shard import read_header as read_header

@@ -32,10 +32,24 @@ float-quantized             fp8 weights: ``weight`` float8_e4m3fn, ``weight_scal
 Activation formats become ``input_activations``: fp8 and 8-bit intq per token (dynamic), MXFP4
 (dynamic, per 32), NVFP4 (per 16, ``dynamic: "local"`` with each linear's static global scale
 from a :class:`rotfn.calibration.Calibration`), fp8 per tensor (static, from calibration).
+
+Fused 3-D experts (``mlp.experts.gate_up_proj`` ``[E, out, in]``) are written per expert and
+projection under the names transformers saves them as (``mlp.experts.{e}.gate_proj``, ...: its
+own reverse weight conversion decides which rows go where), the routers beside them under
+``ignore``.
+
+Online input rotations (QuaRot's R4, ``per_linear`` input rotations) become the config's
+``transform_config``: one scheme per distinct rotation applying ``input`` on its linears (and
+recording the ``weight_input`` inverse fold already applied), type ``"hadamard"`` for an unsigned
+Sylvester Hadamard (full or block, ``head_dim`` the block) and ``"random-hadamard"`` with the
+stored matrix otherwise; each rotated linear ``X`` stores ``X.<scheme>_input.weight`` =
+``sqrt(m) R`` (``m x m`` fp32, ``m`` the block or the full size), which compressed-tensors and
+vLLM divide by ``sqrt(m)`` and apply as ``x @ W``.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -61,6 +75,7 @@ from rotfn.io._hf import (
 from rotfn.plans import Plan, codes_of, describe
 from rotfn.specs import QTensor
 from rotfn.specs.formats import FP8, MX, NVFP4, Format, IntQ
+from rotfn.specs.rotation import Rotation
 
 __all__ = ["export_compressed"]
 
@@ -144,32 +159,100 @@ def _act_args(fmt: Format, calibration) -> dict:
                               "or fp8('tensor')", f"acts={fmt!r}", "build the plan with one of those acts="))
 
 
-def _check_online(plan: Plan) -> Format | None:
-    """The activation format of the quantized linears' inputs; PlanError for what compressed-tensors cannot express."""
-    acts = None
+def _check_online(plan: Plan) -> tuple[Format | None, list]:
+    """The quantized linears' activation format and the online input rotations; PlanError for what the format lacks."""
+    acts, rotated = None, []
     for o in plan.online:
-        if o.kind != "linear" or o.rotation is not None:
+        if o.kind != "linear":
             what = o.role or o.kind
             raise PlanError(message(
-                FN, "plan", "a plan whose online side is activation quantization at linear inputs",
-                f"an online {what} {'rotation' if o.rotation is not None else 'transform'} at {o.site!r} "
-                f"(kind {o.kind!r})",
-                "drop it (quarot(..., r3=None, r4=None, kv=None); per_linear(..., rotation=None)), or write the "
-                "directory for rotfn with rotfn.export_hf"))
+                FN, "plan", "a plan whose online side is at linear inputs (activation quantization, input rotations)",
+                f"an online {what} {'rotation' if o.rotation is not None else 'quantizer'} at {o.site!r} "
+                f"(kind {o.kind!r}: compressed-tensors has no transform there that vLLM applies)",
+                ("quantize the experts' weights only (acts=None)" if o.kind.startswith("experts") else
+                 "drop it (quarot(..., r3=None, kv=None))") + ", or write the directory for rotfn with rotfn.export_hf"))
         if acts is not None and o.fmt != acts:
             raise PlanError(message(FN, "plan", "one activation format for every quantized linear",
                                     f"{acts!r} and {o.fmt!r}", "build the plan with one acts="))
         acts = o.fmt
-    return acts
+        if o.rotation is not None:
+            rotated.append(o)
+    return acts, rotated
 
 
-def _quantization_config(plan: Plan, acts: Format | None, linears: list[str], calibration) -> dict:
+# ----- online rotations: the transform config -----------------------------------------------------------
+def _sylvester(r: Rotation) -> bool:
+    """``r`` is a plain (unsigned) Sylvester Hadamard, block-diagonal or full: compressed-tensors' ``"hadamard"``."""
+    return r.kind == "hadamard" and r.signs is None and r.factor in (None, 1)
+
+
+def _stored(r: Rotation) -> tuple[torch.Tensor, int | None]:
+    """The transform weight compressed-tensors and vLLM read for ``x -> x @ R``, and its ``head_dim``.
+
+    Both engines compute ``x @ (W / sqrt(m))`` for a stored ``m x m`` weight ``W`` (``m`` the
+    head_dim, or the full size), so ``W = sqrt(m) R``: one block when ``R`` repeats it
+    (no random signs), else the dense ``n x n`` matrix. Held in fp32, the schemes' precision.
+    """
+    if r.signs is None:
+        t, head_dim = r.block_matrix(), (r.block if r.block and r.block != r.n else None)
+    else:
+        t, head_dim = r.matrix(), None
+    return (t * math.sqrt(t.shape[0])).to(torch.float32).contiguous(), head_dim
+
+
+def _transform_config(rotated: list, linears: set[str]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``transform_config`` (one scheme per distinct rotation) and the transform weights of every rotated linear.
+
+    Each scheme applies ``input`` (online, what the engine runs) on its linears and records the
+    ``weight_input`` inverse that :func:`rotfn.fold` already folded into their weights (as
+    llm-compressor writes it; engines apply only the online entries to a saved model).
+    """
+    by_rotation: dict[Rotation, list] = {}
+    for o in rotated:
+        by_rotation.setdefault(o.rotation, []).append(o)
+    _check_fused_inputs(rotated, linears)
+    groups, tensors = {}, {}
+    roles = collections.Counter(os_[0].role or "R" for os_ in by_rotation.values())
+    seen: collections.Counter = collections.Counter()
+    for r, ons in by_rotation.items():
+        role = ons[0].role or "R"
+        name = role if roles[role] == 1 else f"{role}_{seen[role]}"
+        seen[role] += 1
+        weight, head_dim = _stored(r)
+        sites = [o.site for o in ons]
+        groups[name] = {
+            "type": "hadamard" if _sylvester(r) else "random-hadamard",
+            "apply": [{"targets": sites, "location": "input", "inverse": False, "ignore": []},
+                      {"targets": sites, "location": "weight_input", "inverse": True, "ignore": []}],
+            "randomize": False, "requires_grad": False, "head_dim": head_dim, "precision": "torch.float32"}
+        tensors.update({f"{site}.{name}_input.weight": weight.clone() for site in sites})  # safetensors: no aliases
+    return {"config_groups": groups}, tensors
+
+
+def _check_fused_inputs(rotated: list, linears: set[str]) -> None:
+    """Partitions an engine fuses (q/k/v, gate/up) read one input: they need one input rotation (or none)."""
+    found: dict[tuple[str, int], dict[str, Rotation | None]] = {}
+    for o in rotated:
+        parent, _, leaf = o.site.rpartition(".")
+        for i, fused in enumerate(FUSED):
+            if leaf in fused:
+                found.setdefault((parent, i), {})[leaf] = o.rotation
+    for (parent, i), rots in found.items():
+        rots.update({leaf: None for leaf in FUSED[i] if f"{parent}.{leaf}" in linears and leaf not in rots})
+        if len(set(rots.values())) > 1:
+            raise PlanError(message(
+                FN, "plan", f"one online input rotation for all of {parent}.{{{','.join(FUSED[i])}}} (vLLM runs them "
+                "as one fused linear with one input transform)", f"{ {k: repr(v) for k, v in rots.items()} }",
+                "give them one rotation, e.g. per_linear(..., rotation=lambda n: rotfn.hadamard(n, block=32))"))
+
+
+def _quantization_config(plan: Plan, acts: Format | None, linears: list[str], calibration, model) -> dict:
     weights, fmt_name = _weight_args(plan.weights, acts)
     group = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None,
              "format": fmt_name}
     if acts is not None:
         group["input_activations"] = _act_args(acts, calibration)
-    quantized = {k.removesuffix(".weight") for k in plan.quantized}
+    quantized = {name for k in plan.quantized for name in _split_names(model, k)}
     return {
         "quant_method": "compressed-tensors",
         "format": fmt_name,
@@ -229,8 +312,10 @@ def _check_scale_dtype(key: str, fmt: Format, dtype: torch.dtype, what: str) -> 
             f"build the plan with {what}=rotfn.{dataclasses.replace(fmt, scale_dtype=name)!r}"))
 
 
-def _tensors(name: str, q: QTensor, acts: Format | None, fmt_name: str, calibration) -> dict[str, torch.Tensor]:
-    """The tensors compressed-tensors stores for linear ``name`` (weight ``q``); scales in the model's dtype."""
+def _tensors(name: str, q: QTensor, acts: Format | None, fmt_name: str, calibration,
+             key: str) -> dict[str, torch.Tensor]:
+    """The tensors compressed-tensors stores for linear ``name`` (weight ``q``, from param ``key``); scales in the
+    model's dtype."""
     fmt = q.format
     out: dict[str, torch.Tensor] = {}
     if isinstance(fmt, NVFP4):
@@ -250,12 +335,60 @@ def _tensors(name: str, q: QTensor, acts: Format | None, fmt_name: str, calibrat
     else:
         scale = q.scales.reshape(-1, 1) if q.scales.ndim else q.scales.reshape(1)
         out = {"weight": q.codes, "weight_scale": scale.to(q.dtype)}
-    key = f"{name}.weight"
     if isinstance(acts, NVFP4):
         out["input_global_scale"] = (1.0 / calibration.input_scale(key, acts).float()).reshape(1)
     elif isinstance(acts, FP8) and acts.granularity == "tensor":
         out["input_scale"] = calibration.input_scale(key, acts).reshape(1).to(q.dtype)
     return {f"{name}.{part}": t.contiguous() for part, t in out.items()}
+
+
+def _row_index(t: torch.Tensor) -> torch.Tensor:
+    """``[..., rows, 1]`` int64 numbering the rows of a ``[..., rows, in]`` tensor (to follow them through a layout)."""
+    return torch.arange(math.prod(t.shape[:-1])).reshape(*t.shape[:-1], 1)
+
+
+def _routers(model, experts: list[str]) -> list[str]:
+    """Routers next to fused experts that are not ``nn.Linear`` in transformers (``Qwen3MoeTopKRouter``): vLLM
+    loads them as linears, so the config must list them (in float) under ``ignore``."""
+    found = []
+    for site in experts:
+        parent, _, leaf = site.rpartition(".")
+        for name, module in model.get_submodule(parent).named_children():
+            weight = getattr(module, "weight", None)
+            if name != leaf and not isinstance(module, torch.nn.Linear) and isinstance(weight, torch.Tensor) \
+                    and weight.ndim == 2:
+                found.append(f"{parent}.{name}")
+    return found
+
+
+def _split_names(model, key: str) -> list[str]:
+    """The checkpoint linears a param is saved as: itself, or (fused experts) one per expert and projection."""
+    shape = model.get_parameter(key).shape
+    if len(shape) == 2:
+        return [key.removesuffix(".weight")]
+    index = _row_index(torch.empty(shape, device="meta"))
+    return [name.removesuffix(".weight") for name in _hf_layout(model, {key: index})]
+
+
+def _linear_qtensors(model, key: str, q: QTensor) -> dict[str, QTensor]:
+    """``{checkpoint linear: its 2-D QTensor}``: ``q`` itself, or a fused experts tensor split the way transformers
+    saves it (per expert and projection, e.g. ``experts.3.up_proj``), each expert's codes and scales its rows'."""
+    if len(q.shape) == 2:
+        return {key.removesuffix(".weight"): q}
+    rows = math.prod(q.shape[:-1])
+
+    def take(t, sel):
+        if t is None or t.ndim == 0:
+            return t
+        return t.reshape(rows)[sel] if t.shape == q.shape[:-1] else t.reshape(rows, t.shape[-1])[sel]
+
+    out = {}
+    for name, index in _hf_layout(model, {key: _row_index(torch.empty(q.shape, device="meta"))}).items():
+        sel = index.reshape(-1)
+        out[name.removesuffix(".weight")] = QTensor(
+            take(q.codes, sel), take(q.scales, sel), torch.Size([len(sel), q.shape[-1]]), q.dtype, q.format,
+            q.global_scale, take(q.zero_points, sel))
+    return out
 
 
 def _qtensor(key: str, t: torch.Tensor, fmt: Format) -> QTensor:
@@ -286,9 +419,10 @@ def export_compressed(model, params, plan: Plan, dir: str | os.PathLike, *, cali
     ``compressed-tensors`` package installed) computes what ``rotfn.call`` computes, up to the
     engine's activation quantizer.
 
-    This first form writes plans whose online side is activation quantization at the quantized
-    linears' inputs (``per_linear(..., rotation=None)``, ``quarot`` with R1/R2 folded and no R3,
-    R4 or KV cache); online rotations are an error before anything is written.
+    The plan's online side may be activation quantization and rotations at linear inputs
+    (``per_linear`` with or without ``rotation=``, ``quarot`` with R1/R2 folded and R4 online),
+    written as a ``transform_config``; R3 and KV-cache formats are an error before anything is
+    written (vLLM applies no compressed-tensors transform there).
 
     Args:
         model: the transformers ``*ForCausalLM`` model the params belong to.
@@ -304,8 +438,9 @@ def export_compressed(model, params, plan: Plan, dir: str | os.PathLike, *, cali
     Raises:
         ArgumentError: model not a transformers model, dir a file, bad max_shard_size, a static
             activation format without ``calibration``.
-        PlanError: plan None or without weights, online rotations, weights that are not fold's
-            (no codes, or changed since). FormatError: a format compressed-tensors cannot hold.
+        PlanError: plan None or without weights, online transforms other than at linear inputs (R3,
+            KV cache), fused partitions rotated or NVFP4-scaled differently, weights that are not
+            fold's (no codes, or changed since). FormatError: a format compressed-tensors cannot hold.
         DTypeError / SelectionError / FoldError: as :func:`rotfn.export_hf`.
 
     Example:
@@ -328,13 +463,17 @@ def export_compressed(model, params, plan: Plan, dir: str | os.PathLike, *, cali
     limit = _shard_bytes(FN, max_shard_size)
     if not isinstance(dir, (str, os.PathLike)) or os.path.isfile(dir):
         raise ArgumentError(message(FN, "dir", "a directory path", repr(dir), "name a directory (created if missing)"))
-    acts = _check_online(plan)
-    linears = [name for name, _ in describe(model, fn=FN).linears]
-    loose = [k for k in plan.quantized if k.removesuffix(".weight") not in set(linears)]
+    acts, rotated = _check_online(plan)
+    layout = describe(model, fn=FN)
+    experts = [f"{site}.{param}" for site, *params_ in layout.experts for param in params_]
+    linears = [name for name, _ in layout.linears] + [name for key in experts for name in _split_names(model, key)]
+    linears += _routers(model, [site for site, *_ in layout.experts])
+    loose = [k for k in plan.quantized if k.removesuffix(".weight") not in set(linears) and k not in experts]
     if loose:
-        raise PlanError(message(FN, "plan", "quantized weights of nn.Linear modules", f"also {loose[:3]} (not "
-                                "nn.Linear: fused experts)", "leave them out of the plan, or use rotfn.export_hf"))
-    qconfig = _quantization_config(plan, acts, linears, calibration)
+        raise PlanError(message(FN, "plan", "quantized weights of nn.Linear modules or fused experts",
+                                f"also {loose[:3]}", "leave them out of the plan, or use rotfn.export_hf"))
+    qconfig = _quantization_config(plan, acts, linears, calibration, model)
+    qconfig["transform_config"], transform_weights = _transform_config(rotated, set(linears)) if rotated else ({}, {})
     fmt_name = qconfig["format"]
     weights, untie = _weights(model, params)
     packed: dict[str, torch.Tensor] = {}
@@ -344,12 +483,13 @@ def export_compressed(model, params, plan: Plan, dir: str | os.PathLike, *, cali
         if isinstance(acts, FP8) and acts.granularity == "tensor":
             _check_scale_dtype(key, acts, params[key].dtype, "acts")
         q = _qtensor(key, weights.pop(key), plan.weights)
-        if q.global_scale is not None:
-            global_scales[key.removesuffix(".weight")] = q.global_scale
-        packed.update(_tensors(key.removesuffix(".weight"), q, acts, fmt_name, calibration))
+        for name, part in _linear_qtensors(model, key, q).items():
+            if part.global_scale is not None:
+                global_scales[name] = part.global_scale
+            packed.update(_tensors(name, part, acts, fmt_name, calibration, key))
     _check_fused(global_scales)
     dtype = next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)
-    tensors = {**storable(_hf_layout(model, weights)), **packed}
+    tensors = {**storable(_hf_layout(model, weights)), **packed, **transform_weights}
 
     directory = os.fspath(dir)
     os.makedirs(directory, exist_ok=True)
