@@ -4,6 +4,7 @@ Subcommands:
 
 * ``rotfn fold SRC DST --plan quarot --r1 hadamard --r2 hadamard``: fold a plan into a
   Hugging Face checkpoint directory on disk, streaming (:func:`rotfn.fold_checkpoint`);
+  ``--export compressed-tensors`` writes the packed checkpoint vLLM serves instead;
 * ``rotfn inspect PATH``: what a rotfn file (:func:`rotfn.save`) or an HF directory holds:
   plan, rotations, formats, tensors, bytes, dtypes;
 * ``rotfn report DIR --format mxfp4``: the per-layer SQNR table of :func:`rotfn.report` for a
@@ -23,13 +24,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 
+import torch
+
 import rotfn
 from rotfn.errors import RotfnError
+from rotfn.specs.formats import FP8, NVFP4, IntQ
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "WEIGHT_FORMATS", "build_parser", "main"]
 
@@ -74,12 +79,27 @@ def _usage(parser: argparse.ArgumentParser, text: str) -> None:
 # ----- rotfn fold ---------------------------------------------------------------------------------
 def _fold_plan(args: argparse.Namespace) -> Callable:
     """``model -> Plan`` from the fold options (seeds: R1 seed, R2 seed + 1, R3 seed + 2, R4 seed + 3)."""
-    weights = None if args.weights is None else WEIGHT_FORMATS[args.weights]
     r1, r2, r3, r4 = (_rotation_factory(k, args.seed + i, args.block) for i, k in enumerate(
         (args.r1, args.r2, args.r3, args.r4)))
-    if args.plan == "per_linear":
-        return lambda model: rotfn.plans.per_linear(model, rotation=r1, weights=weights)
-    return lambda model: rotfn.plans.quarot(model, r1=r1, r2=r2, r3=r3, r4=r4, weights=weights)
+
+    def plan(model):
+        weights = None if args.weights is None else WEIGHT_FORMATS[args.weights]
+        if args.export and weights is not None:
+            weights = _servable(weights, next(model.parameters()).dtype)
+        if args.plan == "per_linear":
+            return rotfn.plans.per_linear(model, rotation=r1, weights=weights)
+        return rotfn.plans.quarot(model, r1=r1, r2=r2, r3=r3, r4=r4, weights=weights)
+    return plan
+
+
+def _servable(fmt, dtype: torch.dtype):
+    """``fmt`` as a served checkpoint holds it bit for bit: NVFP4 with a power-of-two global scale, intq / fp8
+    scales in the model's dtype (see rotfn.export_compressed)."""
+    if isinstance(fmt, NVFP4):
+        return rotfn.nvfp4("pow2")
+    if isinstance(fmt, (IntQ, FP8)) and dtype in (torch.bfloat16, torch.float16):
+        return dataclasses.replace(fmt, scale_dtype=str(dtype).removeprefix("torch."))
+    return fmt
 
 
 def _run_fold(args: argparse.Namespace) -> int:
@@ -91,7 +111,16 @@ def _run_fold(args: argparse.Namespace) -> int:
         _usage(args.parser, "nothing to fold: give a rotation (--r1 ...) or --weights")
     stats = rotfn.fold_checkpoint(args.src, _fold_plan(args), args.dst, max_shard_size=args.max_shard_size,
                                   overwrite=args.overwrite, progress=not args.quiet, precision=args.precision,
-                                  torch_threads=args.torch_threads or None, keep_freed_blocks=args.keep_freed_blocks)
+                                  torch_threads=args.torch_threads or None, keep_freed_blocks=args.keep_freed_blocks,
+                                  export=args.export)
+    if args.export:
+        with open(os.path.join(args.dst, "config.json"), encoding="utf-8") as f:
+            qconfig = json.load(f)["quantization_config"]
+        transforms = ", ".join(qconfig["transform_config"].get("config_groups", {})) or "none"
+        print(f"exported {args.src} -> {args.dst} ({args.export}, format {qconfig['format']}, online transforms: "
+              f"{transforms}): {stats.tensors} tensors in {stats.shards} shards, {_size(stats.bytes_written)} in "
+              f"{stats.seconds:.1f} s")
+        return EXIT_OK
     plan = read_rotfn_json(args.dst)
     print(f"folded {args.src} -> {args.dst}: {stats.tensors} tensors written in {stats.shards} shards"
           + (f" ({stats.shards_skipped} kept from an interrupted run)" if stats.shards_skipped else "")
@@ -292,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "examples:\n"
                       "  rotfn fold llama llama-quarot --plan quarot --r1 hadamard --r2 hadamard\n"
                       "  rotfn fold llama llama-w4 --plan per_linear --r1 hadamard --block 32 --weights mxfp4\n"
-                      "  rotfn fold llama llama-quarot --plan quarot --r1 orthogonal --seed 7 --overwrite\n\n"
+                      "  rotfn fold llama llama-quarot --plan quarot --r1 orthogonal --seed 7 --overwrite\n"
+                      "  rotfn fold llama llama-nvfp4 --r1 hadamard --r2 hadamard --r4 hadamard --weights nvfp4 "
+                      "--export compressed-tensors\n\n"
                       "An interrupted fold leaves DST marked incomplete (.rotfn-incomplete); rerun the same command "
                       "to finish it.\nSeeds: R1 uses --seed, R2 --seed + 1, R3 --seed + 2, R4 --seed + 3.\n"
                       f"Formats: {formats}.", _run_fold)
@@ -316,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--keep-freed-blocks", action=argparse.BooleanOptionalAction, default=True,
                       help="glibc malloc keeps freed blocks while folding (default on; faster, see fold_checkpoint)")
     fold.add_argument("--overwrite", action="store_true", help="replace a complete checkpoint in DST")
+    fold.add_argument("--export", choices=("compressed-tensors",), default=None,
+                      help="write a checkpoint vLLM serves (packed weights, quantization_config, online transforms); "
+                           "--weights nvfp4 exports as nvfp4('pow2'), int/fp8 scales in the model's dtype")
     fold.add_argument("--quiet", action="store_true", help="no progress bar")
 
     inspect = _subparser(commands, "inspect", "show what a rotfn file or a Hugging Face checkpoint directory holds",

@@ -85,18 +85,18 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 # ----- the quantization config ----------------------------------------------------------------------
-def _weight_args(fmt: Format, acts: Format | None) -> tuple[dict, str]:
+def _weight_args(fn: str, fmt: Format, acts: Format | None) -> tuple[dict, str]:
     """compressed-tensors ``QuantizationArgs`` (as a dict) of a weight format, and the compression format."""
     if isinstance(fmt, NVFP4):
         if not _pow2_global(fmt):
-            raise FormatError(message(FN, "plan", "NVFP4 weights with a power-of-two global scale, "
+            raise FormatError(message(fn, "plan", "NVFP4 weights with a power-of-two global scale, "
                                       "rotfn.nvfp4('pow2') (compressed-tensors divides by 1 / s_g, exact only then)",
                                       f"weights={fmt!r}", "build the plan with weights=rotfn.nvfp4('pow2')"))
         return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
                 "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}, "nvfp4-pack-quantized"
     if isinstance(fmt, MX):
         if fmt.element != "e2m1":
-            raise FormatError(message(FN, "plan", "weights rotfn.mxfp4(), rotfn.nvfp4('pow2'), rotfn.intq(...) or "
+            raise FormatError(message(fn, "plan", "weights rotfn.mxfp4(), rotfn.nvfp4('pow2'), rotfn.intq(...) or "
                                       "rotfn.fp8(...)", f"weights={fmt!r}", "export MXFP8 with rotfn.export_hf"))
         return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group",
                 "dynamic": False, "scale_dtype": "torch.uint8"}, "mxfp4-pack-quantized"
@@ -106,7 +106,7 @@ def _weight_args(fmt: Format, acts: Format | None) -> tuple[dict, str]:
         int_acts = isinstance(acts, IntQ) and acts.bits == 8
         return args, "int-quantized" if fmt.bits == 8 and int_acts else "pack-quantized"
     if fmt.granularity == "token":
-        raise FormatError(message(FN, "plan", "fp8 weights per channel or per tensor", f"weights={fmt!r}",
+        raise FormatError(message(fn, "plan", "fp8 weights per channel or per tensor", f"weights={fmt!r}",
                                   "use rotfn.fp8('channel') for weights"))
     return {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
             "strategy": "tensor" if fmt.granularity == "tensor" else "channel"}, "float-quantized"
@@ -118,7 +118,7 @@ def _pow2_global(fmt: NVFP4) -> bool:
     return g == "pow2" or g is None or (isinstance(g, float) and math.frexp(g)[0] == 0.5)
 
 
-def _check_fused(scales: dict[str, torch.Tensor]) -> None:
+def _check_fused(fn: str, scales: dict[str, torch.Tensor]) -> None:
     """Partitions an engine fuses into one linear (q/k/v, gate/up) must share their NVFP4 global scale."""
     groups: dict[tuple[str, int], dict[str, float]] = {}
     for name, s_g in scales.items():
@@ -129,13 +129,13 @@ def _check_fused(scales: dict[str, torch.Tensor]) -> None:
     for (parent, _), found in groups.items():
         if len(set(found.values())) > 1:
             raise PlanError(message(
-                FN, "plan", f"one NVFP4 global scale for {parent}.{{{','.join(found)}}} (vLLM runs them as one fused "
+                fn, "plan", f"one NVFP4 global scale for {parent}.{{{','.join(found)}}} (vLLM runs them as one fused "
                 "linear with one global scale)", f"global scales {found}",
                 "quantize with one fixed power-of-two global scale, e.g. weights=rotfn.nvfp4(2.0 ** -8) (rotfn does "
                 "not yet round fused partitions to a shared measured scale)"))
 
 
-def _act_args(fmt: Format, calibration) -> dict:
+def _act_args(fn: str, fmt: Format, calibration) -> dict:
     """compressed-tensors ``QuantizationArgs`` (as a dict) of an activation format."""
     if isinstance(fmt, FP8) and fmt.granularity == "token":
         return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
@@ -147,32 +147,33 @@ def _act_args(fmt: Format, calibration) -> dict:
     static = (isinstance(fmt, NVFP4) and fmt.global_scale == "pow2") or (
         isinstance(fmt, FP8) and fmt.granularity == "tensor")
     if static and calibration is None:
-        raise ArgumentError(message(FN, "calibration", f"a rotfn.calibrate(...) result: {fmt!r} activations need "
+        raise ArgumentError(message(fn, "calibration", f"a rotfn.calibrate(...) result: {fmt!r} activations need "
                                     "each linear's static input scale", "None",
-                                    "pass calibration=rotfn.calibrate(model, params, plan, batches)"))
+                                    "pass calibration=rotfn.calibrate(model, params, plan, batches) to rotfn.export_compressed "
+                                    "(the streaming export of fold_checkpoint has none: use dynamic activations there)"))
     if isinstance(fmt, NVFP4) and fmt.global_scale == "pow2":
         return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
                 "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn"}
     if static:
         return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
-    raise FormatError(message(FN, "plan", "activations fp8('token'), intq(8) per token, mxfp4(), nvfp4('pow2') "
+    raise FormatError(message(fn, "plan", "activations fp8('token'), intq(8) per token, mxfp4(), nvfp4('pow2') "
                               "or fp8('tensor')", f"acts={fmt!r}", "build the plan with one of those acts="))
 
 
-def _check_online(plan: Plan) -> tuple[Format | None, list]:
+def _check_online(fn: str, plan: Plan) -> tuple[Format | None, list]:
     """The quantized linears' activation format and the online input rotations; PlanError for what the format lacks."""
     acts, rotated = None, []
     for o in plan.online:
         if o.kind != "linear":
             what = o.role or o.kind
             raise PlanError(message(
-                FN, "plan", "a plan whose online side is at linear inputs (activation quantization, input rotations)",
+                fn, "plan", "a plan whose online side is at linear inputs (activation quantization, input rotations)",
                 f"an online {what} {'rotation' if o.rotation is not None else 'quantizer'} at {o.site!r} "
                 f"(kind {o.kind!r}: compressed-tensors has no transform there that vLLM applies)",
                 ("quantize the experts' weights only (acts=None)" if o.kind.startswith("experts") else
                  "drop it (quarot(..., r3=None, kv=None))") + ", or write the directory for rotfn with rotfn.export_hf"))
         if acts is not None and o.fmt != acts:
-            raise PlanError(message(FN, "plan", "one activation format for every quantized linear",
+            raise PlanError(message(fn, "plan", "one activation format for every quantized linear",
                                     f"{acts!r} and {o.fmt!r}", "build the plan with one acts="))
         acts = o.fmt
         if o.rotation is not None:
@@ -200,7 +201,7 @@ def _stored(r: Rotation) -> tuple[torch.Tensor, int | None]:
     return (t * math.sqrt(t.shape[0])).to(torch.float32).contiguous(), head_dim
 
 
-def _transform_config(rotated: list, linears: set[str]) -> tuple[dict, dict[str, torch.Tensor]]:
+def _transform_config(fn: str, rotated: list, linears: set[str]) -> tuple[dict, dict[str, torch.Tensor]]:
     """``transform_config`` (one scheme per distinct rotation) and the transform weights of every rotated linear.
 
     Each scheme applies ``input`` (online, what the engine runs) on its linears and records the
@@ -210,7 +211,7 @@ def _transform_config(rotated: list, linears: set[str]) -> tuple[dict, dict[str,
     by_rotation: dict[Rotation, list] = {}
     for o in rotated:
         by_rotation.setdefault(o.rotation, []).append(o)
-    _check_fused_inputs(rotated, linears)
+    _check_fused_inputs(fn, rotated, linears)
     groups, tensors = {}, {}
     roles = collections.Counter(os_[0].role or "R" for os_ in by_rotation.values())
     seen: collections.Counter = collections.Counter()
@@ -229,7 +230,7 @@ def _transform_config(rotated: list, linears: set[str]) -> tuple[dict, dict[str,
     return {"config_groups": groups}, tensors
 
 
-def _check_fused_inputs(rotated: list, linears: set[str]) -> None:
+def _check_fused_inputs(fn: str, rotated: list, linears: set[str]) -> None:
     """Partitions an engine fuses (q/k/v, gate/up) read one input: they need one input rotation (or none)."""
     found: dict[tuple[str, int], dict[str, Rotation | None]] = {}
     for o in rotated:
@@ -241,17 +242,17 @@ def _check_fused_inputs(rotated: list, linears: set[str]) -> None:
         rots.update({leaf: None for leaf in FUSED[i] if f"{parent}.{leaf}" in linears and leaf not in rots})
         if len(set(rots.values())) > 1:
             raise PlanError(message(
-                FN, "plan", f"one online input rotation for all of {parent}.{{{','.join(FUSED[i])}}} (vLLM runs them "
+                fn, "plan", f"one online input rotation for all of {parent}.{{{','.join(FUSED[i])}}} (vLLM runs them "
                 "as one fused linear with one input transform)", f"{ {k: repr(v) for k, v in rots.items()} }",
                 "give them one rotation, e.g. per_linear(..., rotation=lambda n: rotfn.hadamard(n, block=32))"))
 
 
-def _quantization_config(plan: Plan, acts: Format | None, linears: list[str], calibration, model) -> dict:
-    weights, fmt_name = _weight_args(plan.weights, acts)
+def _quantization_config(fn: str, plan: Plan, acts: Format | None, linears: list[str], calibration, model) -> dict:
+    weights, fmt_name = _weight_args(fn, plan.weights, acts)
     group = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None,
              "format": fmt_name}
     if acts is not None:
-        group["input_activations"] = _act_args(acts, calibration)
+        group["input_activations"] = _act_args(fn, acts, calibration)
     quantized = {name for k in plan.quantized for name in _split_names(model, k)}
     return {
         "quant_method": "compressed-tensors",
@@ -300,14 +301,14 @@ def _unsigned(q: QTensor) -> torch.Tensor:
     return signed  # asymmetric codes u in [0, 2^b) are compressed-tensors' q + 2^(b-1), q = u - 2^(b-1)
 
 
-def _check_scale_dtype(key: str, fmt: Format, dtype: torch.dtype, what: str) -> None:
+def _check_scale_dtype(fn: str, key: str, fmt: Format, dtype: torch.dtype, what: str) -> None:
     """compressed-tensors loads intq / fp8 scales in the model's dtype: they must be exact in it."""
     if not isinstance(fmt, (IntQ, FP8)) or dtype == torch.float32:
         return
     name = str(dtype).removeprefix("torch.")
     if fmt.scale_dtype != name:
         raise FormatError(message(
-            FN, "plan", f"{what} whose scales are {name} values ({key!r} is {name}: compressed-tensors and vLLM "
+            fn, "plan", f"{what} whose scales are {name} values ({key!r} is {name}: compressed-tensors and vLLM "
             f"hold its scales in {name})", f"{what}={fmt!r}",
             f"build the plan with {what}=rotfn.{dataclasses.replace(fmt, scale_dtype=name)!r}"))
 
@@ -391,17 +392,65 @@ def _linear_qtensors(model, key: str, q: QTensor) -> dict[str, QTensor]:
     return out
 
 
-def _qtensor(key: str, t: torch.Tensor, fmt: Format) -> QTensor:
-    """The QTensor fold rounded ``t`` to, checked against ``t``'s values."""
-    q = codes_of(t)
+def _qtensor(fn: str, key: str, t: torch.Tensor, fmt: Format, q: QTensor | None = None) -> QTensor:
+    """The QTensor fold rounded ``t`` to (``q``, or the one ``t`` carries), checked against ``t``'s values."""
+    q = codes_of(t) if q is None else q
     if q is None or q.format != fmt:
-        raise PlanError(message(FN, "params", f"params from rotfn.fold(params, plan) (weight {key!r} carrying its "
+        raise PlanError(message(fn, "params", f"params from rotfn.fold(params, plan) (weight {key!r} carrying its "
                                 f"{fmt!r} codes)", "a weight without them (loaded, copied or moved after the fold)",
                                 "fold the params in this process and export the result as it comes"))
     if not torch.equal(dequantize(q, t.dtype).view(-1).view(torch.uint8), t.contiguous().view(-1).view(torch.uint8)):
-        raise PlanError(message(FN, "params", f"weight {key!r} as rotfn.fold left it", "a weight changed since",
+        raise PlanError(message(fn, "params", f"weight {key!r} as rotfn.fold left it", "a weight changed since",
                                 "fold again and export the result unchanged"))
     return q
+
+
+class Export:
+    """What a plan exports as, for one model: the quantization config (with the transform config) and each
+    quantized key's packed tensors. Shared by :func:`export_compressed` and the streaming export of
+    :func:`rotfn.fold_checkpoint`; every check of the plan runs when it is built, before anything is written.
+
+    Attributes:
+        qconfig: the ``quantization_config`` dict of ``config.json``.
+        transform_weights: ``{name: Tensor}`` of the online transforms' weights.
+    """
+
+    def __init__(self, fn: str, model, plan: Plan, calibration=None):
+        if plan is None or plan.weights is None or not plan.quantized:
+            raise PlanError(message(fn, "plan", "a plan that quantizes weights", repr(plan),
+                                    "build it with weights=, e.g. rotfn.plans.quarot(model, ..., weights=rotfn.mxfp4())"))
+        self.fn, self.model, self.plan, self.calibration = fn, model, plan, calibration
+        self.acts, rotated = _check_online(fn, plan)
+        layout = describe(model, fn=fn)
+        experts = [f"{site}.{param}" for site, *params in layout.experts for param in params]
+        linears = [name for name, _ in layout.linears] + [name for key in experts for name in _split_names(model, key)]
+        linears += _routers(model, [site for site, *_ in layout.experts])
+        loose = [k for k in plan.quantized if k.removesuffix(".weight") not in set(linears) and k not in experts]
+        if loose:
+            raise PlanError(message(fn, "plan", "quantized weights of nn.Linear modules or fused experts",
+                                    f"also {loose[:3]}", "leave them out of the plan, or use rotfn.export_hf"))
+        self.qconfig = _quantization_config(fn, plan, self.acts, linears, calibration, model)
+        self.qconfig["transform_config"], self.transform_weights = (
+            _transform_config(fn, rotated, set(linears)) if rotated else ({}, {}))
+        self.global_scales: dict[str, torch.Tensor] = {}
+
+    def packed(self, key: str, t: torch.Tensor, q: QTensor | None = None) -> dict[str, torch.Tensor]:
+        """The tensors stored for quantized param ``key``: ``t`` its folded value, ``q`` its codes (None: the ones
+        ``t`` carries from :func:`rotfn.fold`)."""
+        fn, fmt, acts = self.fn, self.plan.weights, self.acts
+        _check_scale_dtype(fn, key, fmt, t.dtype, "weights")
+        if isinstance(acts, FP8) and acts.granularity == "tensor":
+            _check_scale_dtype(fn, key, acts, t.dtype, "acts")
+        out = {}
+        for name, part in _linear_qtensors(self.model, key, _qtensor(fn, key, t, fmt, q)).items():
+            if part.global_scale is not None:
+                self.global_scales[name] = part.global_scale
+            out.update(_tensors(name, part, acts, self.qconfig["format"], self.calibration, key))
+        return out
+
+    def check_fused(self) -> None:
+        """After every key: fused partitions share their NVFP4 global scale (PlanError otherwise)."""
+        _check_fused(self.fn, self.global_scales)
 
 
 def export_compressed(model, params, plan: Plan, dir: str | os.PathLike, *, calibration=None,
@@ -457,39 +506,17 @@ def export_compressed(model, params, plan: Plan, dir: str | os.PathLike, *, cali
         'pack-quantized'
     """
     _check_export(FN, model, params, plan)
-    if plan is None or plan.weights is None or not plan.quantized:
-        raise PlanError(message(FN, "plan", "a plan that quantizes weights", repr(plan),
-                                "build it with weights=, e.g. rotfn.plans.quarot(model, ..., weights=rotfn.mxfp4())"))
     limit = _shard_bytes(FN, max_shard_size)
     if not isinstance(dir, (str, os.PathLike)) or os.path.isfile(dir):
         raise ArgumentError(message(FN, "dir", "a directory path", repr(dir), "name a directory (created if missing)"))
-    acts, rotated = _check_online(plan)
-    layout = describe(model, fn=FN)
-    experts = [f"{site}.{param}" for site, *params_ in layout.experts for param in params_]
-    linears = [name for name, _ in layout.linears] + [name for key in experts for name in _split_names(model, key)]
-    linears += _routers(model, [site for site, *_ in layout.experts])
-    loose = [k for k in plan.quantized if k.removesuffix(".weight") not in set(linears) and k not in experts]
-    if loose:
-        raise PlanError(message(FN, "plan", "quantized weights of nn.Linear modules or fused experts",
-                                f"also {loose[:3]}", "leave them out of the plan, or use rotfn.export_hf"))
-    qconfig = _quantization_config(plan, acts, linears, calibration, model)
-    qconfig["transform_config"], transform_weights = _transform_config(rotated, set(linears)) if rotated else ({}, {})
-    fmt_name = qconfig["format"]
+    export = Export(FN, model, plan, calibration)
     weights, untie = _weights(model, params)
     packed: dict[str, torch.Tensor] = {}
-    global_scales: dict[str, torch.Tensor] = {}
     for key in plan.quantized:
-        _check_scale_dtype(key, plan.weights, params[key].dtype, "weights")
-        if isinstance(acts, FP8) and acts.granularity == "tensor":
-            _check_scale_dtype(key, acts, params[key].dtype, "acts")
-        q = _qtensor(key, weights.pop(key), plan.weights)
-        for name, part in _linear_qtensors(model, key, q).items():
-            if part.global_scale is not None:
-                global_scales[name] = part.global_scale
-            packed.update(_tensors(name, part, acts, fmt_name, calibration, key))
-    _check_fused(global_scales)
+        packed.update(export.packed(key, weights.pop(key)))
+    export.check_fused()
     dtype = next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)
-    tensors = {**storable(_hf_layout(model, weights)), **packed, **transform_weights}
+    tensors = {**storable(_hf_layout(model, weights)), **packed, **export.transform_weights}
 
     directory = os.fspath(dir)
     os.makedirs(directory, exist_ok=True)
@@ -501,5 +528,5 @@ def export_compressed(model, params, plan: Plan, dir: str | os.PathLike, *, cali
     if generation is not None:
         write_text_atomic(os.path.join(directory, "generation_config.json"), generation.to_json_string(use_diff=True))
     config = json.loads(_config_text(model, dtype, untie))
-    config["quantization_config"] = qconfig
+    config["quantization_config"] = export.qconfig
     write_text_atomic(os.path.join(directory, "config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")

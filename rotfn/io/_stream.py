@@ -50,6 +50,8 @@ from tqdm.auto import tqdm
 from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError, message
 from rotfn.io._atomic import write_atomic, write_text_atomic
 from rotfn.io._checkpoint import INDEX, SINGLE, Checkpoint, inventory, is_weight_file, skeleton
+from rotfn.io._compressed import Export
+from rotfn.io._compressed_stream import write_compressed
 from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _shard_bytes, _shards, read_rotfn_json, write_rotfn_json
 from rotfn.io._malloc import freed_blocks_kept
 from rotfn.io._shard import ShardWriter, TensorEntry, header_bytes
@@ -69,6 +71,8 @@ MAP_BUDGET = 256 << 20
 #: whole (cut into columns, or in stages) is asked for whole: its column pieces touch every row of it, and
 #: page faults scattered over 100 MB read the disk a few KiB at a time.
 READ_AHEAD = 64 << 20
+#: ``export=`` of :func:`fold_checkpoint`: None (a folded checkpoint for rotfn.load_hf) or a serving format.
+EXPORTS = (None, "compressed-tensors")
 _MARKER_FORMAT = "rotfn-fold-progress"
 _MARKER_VERSION = 1
 
@@ -481,6 +485,22 @@ def _fold_write(writer: ShardWriter, offset: int, run_piece, stage: Stage, piece
     return writer.write_at(offset, run_piece(stage, piece, reads))
 
 
+def _finish_export(src: str, dst: str, plan: Plan, shards: list[tuple[str, list[TensorEntry]]], qconfig: dict) -> None:
+    """After the shards of an export: the index, the source's small files, config.json (with the quantization
+    config) last, and the marker removed."""
+    if len(shards) > 1:
+        entries = [e for _, group in shards for e in group]
+        index = {"metadata": {"total_size": sum(e.nbytes for e in entries),
+                              "total_parameters": sum(torch.Size(e.shape).numel() for e in entries)},
+                 "weight_map": dict(sorted((e.name, name) for name, group in shards for e in group))}
+        write_text_atomic(os.path.join(dst, INDEX), json.dumps(index, indent=2) + "\n")
+    _copy_small_files(src, dst)
+    config = json.loads(_config_text(src, plan))
+    config["quantization_config"] = qconfig
+    write_text_atomic(os.path.join(dst, "config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.remove(os.path.join(dst, MARKER))
+
+
 def _finish(src: str, dst: str, plan: Plan, shards: list[tuple[str, list[_Out]]]) -> None:
     """After the shards: the index, the source's small files, rotfn.json, config.json, and the marker removed."""
     if len(shards) > 1:
@@ -498,7 +518,8 @@ def _finish(src: str, dst: str, plan: Plan, shards: list[tuple[str, list[_Out]]]
 def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: str | os.PathLike, *,
                     max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
                     workers: int | None = None, precision: str = "float64", piece_elements: int = PIECE_ELEMENTS,
-                    torch_threads: int | None = None, keep_freed_blocks: bool = False) -> FoldStats:
+                    torch_threads: int | None = None, keep_freed_blocks: bool = False,
+                    export: str | None = None) -> FoldStats:
     """Fold a plan into a sharded Hugging Face checkpoint on disk, streaming: ``rotfn.fold`` without loading the model.
 
     For every tensor ``W`` of ``src_dir`` the output holds exactly
@@ -536,6 +557,12 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
             afresh). On exit mmap is back on and the free memory is returned; glibc cannot go back to its
             adaptive thresholds, so they stay where that scheme settles in a torch process (32 MiB mmap,
             64 MiB trim). No effect elsewhere than glibc or where the environment configures malloc.
+        export: None (a folded checkpoint for :func:`rotfn.load_hf`), or ``"compressed-tensors"``: the
+            checkpoint :func:`rotfn.export_compressed` writes for the same plan (packed weights,
+            ``quantization_config``, transforms), its tensors byte for byte those of the in-memory
+            export, for plans whose activation scales are dynamic (static ones need a calibration:
+            use the in-memory export). Each tensor is folded whole (memory: the largest tensor in
+            the work dtype, plus the shard being filled); an interrupted export restarts.
 
     Returns:
         A :class:`FoldStats` (tensors and bytes read and written, memory peaks, time).
@@ -547,6 +574,7 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
             config's model, or ``dst_dir`` holds a complete checkpoint and ``overwrite`` is False.
         PlanError: the plan was built for another model, or changes tied keys differently.
         FoldError: ``src_dir`` is already folded (it has a rotfn.json).
+        FormatError: with ``export=``, a format compressed-tensors cannot hold (as :func:`rotfn.export_compressed`).
 
     Example:
         >>> import os, tempfile, torch, transformers, rotfn
@@ -579,6 +607,9 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
                                         repr(value)))
     if not isinstance(keep_freed_blocks, bool):
         raise ArgumentError(message(fn, "keep_freed_blocks", "a bool", repr(keep_freed_blocks)))
+    if export not in EXPORTS:
+        raise ArgumentError(message(fn, "export", f"one of {EXPORTS}", repr(export),
+                                    'pass export="compressed-tensors" for a checkpoint vLLM serves'))
     prior = read_rotfn_json(ckpt.dir)
     if prior is not None:
         raise FoldError(message(fn, "src_dir", "an unfolded checkpoint", f"one folded with {prior!r} (it has {ROTFN_JSON})",
@@ -586,8 +617,9 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     model = skeleton(ckpt.dir)
     plan = _resolve_plan(fn, plan, model)
     outs = _outputs(fn, ckpt, model, plan)
+    exporter = None if export is None else Export(fn, model, plan)  # every check before anything is written
     shards = _layout(outs, limit)
-    marker = _prepare_dst(fn, dst, _job_hash(ckpt, plan, shards, precision), overwrite)
+    marker = _prepare_dst(fn, dst, _job_hash(ckpt, plan, shards, f"{precision} {export}"), overwrite)
     stats = FoldStats(shards=len(shards))
     total = sum(o.entry.nbytes for o in outs)
     threads = torch.get_num_threads()
@@ -600,6 +632,18 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
             process.callback(torch.set_num_threads, threads)
         if keep_freed_blocks:
             process.enter_context(freed_blocks_kept())
+        if exporter is not None:
+            with bar:
+                job = _Fold(_Reader(ckpt, stats), outs, stats, bar, None, 1, dtype, piece_elements)
+                job.prefetch()
+                written = write_compressed(dst, exporter, outs, job.read,
+                                           lambda out: {k: job.cache[job.sources[k]] for k in out.fold.reads},
+                                           limit=limit, dtype=dtype, piece_elements=piece_elements, stats=stats,
+                                           bar=bar)
+                job.reader.close()
+            _finish_export(ckpt.dir, dst, plan, written, exporter.qconfig)
+            stats.shards, stats.seconds = len(written), time.perf_counter() - start
+            return stats
         with bar, ThreadPoolExecutor(workers, thread_name_prefix="rotfn-fold") as pool:
             reader = _Reader(ckpt, stats)
             job = _Fold(reader, outs, stats, bar, pool, window=2 * workers + 1, dtype=dtype, piece_elements=piece_elements)

@@ -253,7 +253,8 @@ class Stage:
         return piece_cuts(size, torch.Size(shape).numel() // max(size, 1), piece_elements)
 
     def run(self, x: torch.Tensor, reads: Mapping[str, torch.Tensor], *, precision: torch.dtype = torch.float64,
-            piece_elements: int = PIECE_ELEMENTS, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+            piece_elements: int = PIECE_ELEMENTS, out_dtype: torch.dtype | None = None,
+            codes: dict | None = None) -> torch.Tensor:
         """This stage on ``x`` (the key, or a piece of it along :attr:`axis`), computed in ``precision``.
 
         Args:
@@ -262,6 +263,7 @@ class Stage:
             precision: the work dtype.
             piece_elements: the piece size of the rotations' work inside ``x``.
             out_dtype: the result's dtype (None: ``x``'s).
+            codes: a dict that receives ``{key: QTensor}`` of the stage's rounding (of ``x``'s rows, for a piece).
 
         Returns:
             The result, rounded once to ``out_dtype``.
@@ -272,7 +274,7 @@ class Stage:
             tensor([[1., 2., 3.],
                     [1., 2., 3.]], dtype=torch.bfloat16)
         """
-        run = _Run(precision, piece_elements, {})
+        run = _Run(precision, piece_elements, {}, codes)
         return _apply(self.ops, x, lambda k, _: reads[k], run, each=False).to(out_dtype or x.dtype)
 
 
