@@ -127,8 +127,9 @@ def _run_fold(args: argparse.Namespace) -> int:
           + f", {_size(stats.bytes_written)} in {stats.seconds:.1f} s")
     print(plan)
     if plan.online:
-        print(f"note: {len(plan.online)} online transforms (R3/R4) are not in the weights: load with "
-              "rotfn.load_hf(dst) and run with rotfn.call", file=sys.stderr)
+        print(f"note: {len(plan.online)} online transforms (R3/R4) are not in the weights, so plain transformers "
+              "refuses the directory: load with rotfn.load_hf(dst) and run with rotfn.call, or fold with "
+              "--export compressed-tensors for an inference engine", file=sys.stderr)
     return EXIT_OK
 
 
@@ -173,17 +174,23 @@ def _inspect_file(path: str) -> int:
 
 
 def _inspect_dir(path: str) -> int:
-    from rotfn.io import MARKER, inventory, read_rotfn_json
+    from rotfn.io import GUARDED_MODEL_TYPE, MARKER, ORIGINAL_MODEL_TYPE, inventory, read_rotfn_json
 
     ckpt = inventory(path, fn="inspect", arg="path")
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
+    guarded = config.get("model_type") == GUARDED_MODEL_TYPE
+    if guarded:
+        config["model_type"] = config.get(ORIGINAL_MODEL_TYPE)
     keys = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings", "dtype", "torch_dtype")
     print(f"Hugging Face checkpoint {path}")
     if os.path.exists(os.path.join(path, MARKER)):
         print("  INCOMPLETE: an interrupted rotfn fold is writing this directory; rerun the same `rotfn fold` to finish it")
     print("config: " + ", ".join(f"{k}={config[k]}" for k in keys if k in config))
+    if guarded:
+        print("  rotfn only: plain transformers refuses this directory (its weights need the plan's online "
+              "transforms): rotfn.load_hf + rotfn.call, or re-fold with --export compressed-tensors to serve it")
     per_file = collections.defaultdict(list)
     for file, entry in ckpt.tensors.values():
         per_file[file].append(entry)

@@ -184,8 +184,11 @@ def test_online_transforms_go_to_rotfn_json_and_load_hf_restores_exact_outputs(t
     ids = _ids(cfg, 5)
     expected = _logits(model, folded, plan, ids)
     rt.assert_bits_equal(_logits(model2, params2, plan2, ids), expected)
-    with torch.no_grad():  # what the warning says: plain transformers runs it without the online transforms
+    with torch.no_grad():  # the weights alone run the model without its online transforms...
         assert not torch.allclose(model2(ids).logits, expected, atol=1e-3)
+    with pytest.raises(ValueError, match="rotfn-load_hf-only"):  # ...so plain transformers refuses the directory
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["rotfn_model_type"] == cfg.model_type
     with pytest.raises(FoldError):
         rotfn.fold(params2, plan2)
 

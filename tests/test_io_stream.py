@@ -39,7 +39,8 @@ def tied_src(tmp_path_factory):
 
 def _loaded(directory):
     """The model transformers loads from ``directory``, its params, and every tensor stored in its shards."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype="auto").eval()
+    config = rotfn.io._checkpoint.read_config(directory)  # a directory with online transforms is rotfn-only
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, config=config, dtype="auto").eval()
     stored = {}
     for name in os.listdir(directory):
         if name.startswith("model") and name.endswith(".safetensors"):
@@ -348,3 +349,15 @@ def test_tied_keys_changed_differently_are_refused_by_both_folds_before_any_work
     with pytest.raises(PlanError, match="tied keys.*identically or unties them"):
         rotfn.fold_checkpoint(tied_src, kept_tied, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fold_with_online_transforms_is_refused_by_plain_transformers(src, tmp_path):
+    """Weights that are right only with the plan's online R4: plain transformers refuses the directory (instead of
+    running it silently wrong); rotfn.load_hf reads it; a fold without online transforms stays plain."""
+    rotfn.fold_checkpoint(src, PLANS["quarot R1..R4 + mxfp4"], tmp_path / "r4", progress=False)
+    with pytest.raises(ValueError, match="rotfn-load_hf-only"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "r4")
+    model, params, plan = rotfn.load_hf(tmp_path / "r4")
+    assert plan.online and type(model).__name__ == "LlamaForCausalLM"
+    rotfn.fold_checkpoint(src, _quarot, tmp_path / "r1", progress=False)
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "r1")

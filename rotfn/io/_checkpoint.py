@@ -136,6 +136,39 @@ def inventory(directory: str | os.PathLike, *, fn: str = "inventory", arg: str =
     return Checkpoint(directory, tuple(files), tensors)
 
 
+#: ``model_type`` in the ``config.json`` of a directory whose weights are right only with rotfn's online
+#: transforms (:func:`rotfn.load_hf` then :func:`rotfn.call`): plain transformers refuses to build a model from
+#: it instead of running it silently wrong. The real one is kept under :data:`ORIGINAL_MODEL_TYPE`.
+GUARDED_MODEL_TYPE = "rotfn-load_hf-only"
+ORIGINAL_MODEL_TYPE = "rotfn_model_type"
+GUARD_NOTE = ("rotfn: these weights need rotfn's online transforms (see rotfn.json): load with rotfn.load_hf(dir) "
+              "and run with rotfn.call; for an inference engine export with rotfn.export_compressed or "
+              "rotfn fold --export compressed-tensors")
+
+
+def guard_config(config: dict) -> dict:
+    """``config`` (a ``config.json`` dict) made unloadable by plain transformers: model_type swapped, note added."""
+    if config.get("model_type") == GUARDED_MODEL_TYPE:
+        return config
+    return {**config, ORIGINAL_MODEL_TYPE: config["model_type"], "model_type": GUARDED_MODEL_TYPE,
+            "rotfn_note": GUARD_NOTE}
+
+
+def read_config(directory: str):
+    """The transformers config of ``directory``'s ``config.json``, a guarded one (:func:`guard_config`) with its
+    real model_type. Raises what transformers raises for a config it cannot read."""
+    import transformers  # an optional dependency (rotfn[hf])
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("model_type") != GUARDED_MODEL_TYPE:
+        return transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    config = {k: v for k, v in config.items() if k != "rotfn_note"}
+    config["model_type"] = config.pop(ORIGINAL_MODEL_TYPE)
+    return CONFIG_MAPPING[config["model_type"]].from_dict(config)
+
+
 def skeleton(directory: str | os.PathLike):
     """The model of an HF directory built from its ``config.json`` on the ``meta`` device: names and shapes, no data.
 
@@ -169,7 +202,7 @@ def skeleton(directory: str | os.PathLike):
     fn = "skeleton"
     directory = _check_dir(fn, "dir", directory)
     try:
-        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+        config = read_config(directory)
         with torch.device("meta"):
             return transformers.AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, OSError) as err:

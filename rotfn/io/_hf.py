@@ -30,6 +30,7 @@ import torch
 
 from rotfn.errors import ArgumentError, CheckpointError, CheckpointWarning, PlanError, message
 from rotfn.io._atomic import write_atomic, write_text_atomic
+from rotfn.io._checkpoint import GUARDED_MODEL_TYPE, guard_config, read_config
 from rotfn.io._encode import Source, decode_plan, encode_plan, storable
 from rotfn.model import params as rotfn_params
 from rotfn.plans import FoldedParams, Plan, check_fold_state, check_keys, check_plan, describe, require_plan
@@ -336,12 +337,15 @@ def export_hf(model, params, plan: Plan | None, dir: str | os.PathLike, *,
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         write_text_atomic(os.path.join(directory, "generation_config.json"), generation.to_json_string(use_diff=True))
-    write_text_atomic(os.path.join(directory, "config.json"), _config_text(model, dtype, untie))
+    config = _config_text(model, dtype, untie)
+    if plan is not None and plan.online:  # plain transformers would run the model without them: it must refuse
+        config = json.dumps(guard_config(json.loads(config)), indent=2, sort_keys=True) + "\n"
+    write_text_atomic(os.path.join(directory, "config.json"), config)
     if plan is not None and plan.online:
         roles = sorted({o.role or o.kind for o in plan.online})
         warnings.warn(
             f"{fn}: {directory}: {len(plan.online)} online transforms ({', '.join(roles)}) are not in the weights; "
-            "transformers.from_pretrained(dir) would run the model without them. Load it with "
+            "plain transformers refuses the directory (config.json model_type " + repr(GUARDED_MODEL_TYPE) + "). Load it with "
             "rotfn.load_hf(dir) and run it with rotfn.call(model, params, plan, ...)",
             CheckpointWarning, stacklevel=2,
         )
@@ -401,6 +405,7 @@ def load_hf(dir: str | os.PathLike):
 
     plan = read_rotfn_json(directory)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
+                                                              config=read_config(directory),
                                                               **_auto_dtype(transformers)).eval()
     params = rotfn_params(model)
     if plan is None:

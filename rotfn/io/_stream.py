@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError, message
 from rotfn.io._atomic import write_atomic, write_text_atomic
-from rotfn.io._checkpoint import INDEX, SINGLE, Checkpoint, inventory, is_weight_file, skeleton
+from rotfn.io._checkpoint import INDEX, SINGLE, Checkpoint, guard_config, inventory, is_weight_file, skeleton
 from rotfn.io._compressed import Export
 from rotfn.io._compressed_stream import write_compressed
 from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _shard_bytes, _shards, read_rotfn_json, write_rotfn_json
@@ -282,12 +282,14 @@ def _shard_done(dst: str, name: str, group: list[_Out], marker: dict) -> bool:
         return f.read(len(prefix)) == prefix
 
 
-def _config_text(src: str, plan: Plan) -> str:
+def _config_text(src: str, plan: Plan, *, guard: bool = False) -> str:
+    """The source's config.json for the output: untied embeddings said so; ``guard``: refused by plain transformers
+    (:func:`rotfn.io._checkpoint.guard_config`, for weights that need the plan's online transforms)."""
     with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     if any(set(g) & set(plan.untied) for g in plan.tied):
         config["tie_word_embeddings"] = False
-    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+    return json.dumps(guard_config(config) if guard else config, indent=2, sort_keys=True) + "\n"
 
 
 def _copy_small_files(src: str, dst: str) -> None:
@@ -511,7 +513,7 @@ def _finish(src: str, dst: str, plan: Plan, shards: list[tuple[str, list[_Out]]]
         write_text_atomic(os.path.join(dst, INDEX), json.dumps(index, indent=2) + "\n")
     _copy_small_files(src, dst)
     write_rotfn_json(dst, plan)
-    write_text_atomic(os.path.join(dst, "config.json"), _config_text(src, plan))
+    write_text_atomic(os.path.join(dst, "config.json"), _config_text(src, plan, guard=bool(plan.online)))
     os.remove(os.path.join(dst, MARKER))
 
 
@@ -530,7 +532,9 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     embedding the plan unties is written under both names, and ``config.json`` then
     says ``tie_word_embeddings: false``. The plan is recorded in ``rotfn.json``, so
     :func:`rotfn.load_hf` knows the weights are folded; without online transforms,
-    ``transformers.AutoModelForCausalLM.from_pretrained(dst_dir)`` runs the folded model.
+    ``transformers.AutoModelForCausalLM.from_pretrained(dst_dir)`` runs the folded model, and with
+    them plain transformers refuses the directory (its ``config.json`` ``model_type`` is
+    ``"rotfn-load_hf-only"``, the real one kept for rotfn's readers) rather than run it without them.
 
     Args:
         src_dir: a transformers checkpoint directory: ``config.json`` and ``model.safetensors`` or
