@@ -247,13 +247,13 @@ def _check_fused_inputs(fn: str, rotated: list, linears: set[str]) -> None:
                 "give them one rotation, e.g. per_linear(..., rotation=lambda n: rotfn.hadamard(n, block=32))"))
 
 
-def _quantization_config(fn: str, plan: Plan, acts: Format | None, linears: list[str], calibration, model) -> dict:
+def _quantization_config(fn: str, plan: Plan, acts: Format | None, linears: list[str], quantized: set[str],
+                         calibration) -> dict:
     weights, fmt_name = _weight_args(fn, plan.weights, acts)
     group = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None,
              "format": fmt_name}
     if acts is not None:
         group["input_activations"] = _act_args(fn, acts, calibration)
-    quantized = {name for k in plan.quantized for name in _split_names(model, k)}
     return {
         "quant_method": "compressed-tensors",
         "format": fmt_name,
@@ -343,11 +343,6 @@ def _tensors(name: str, q: QTensor, acts: Format | None, fmt_name: str, calibrat
     return {f"{name}.{part}": t.contiguous() for part, t in out.items()}
 
 
-def _row_index(t: torch.Tensor) -> torch.Tensor:
-    """``[..., rows, 1]`` int64 numbering the rows of a ``[..., rows, in]`` tensor (to follow them through a layout)."""
-    return torch.arange(math.prod(t.shape[:-1])).reshape(*t.shape[:-1], 1)
-
-
 def _routers(model, experts: list[str]) -> list[str]:
     """Routers next to fused experts that are not ``nn.Linear`` in transformers (``Qwen3MoeTopKRouter``): vLLM
     loads them as linears, so the config must list them (in float) under ``ignore``."""
@@ -362,20 +357,20 @@ def _routers(model, experts: list[str]) -> list[str]:
     return found
 
 
-def _split_names(model, key: str) -> list[str]:
-    """The checkpoint linears a param is saved as: itself, or (fused experts) one per expert and projection."""
+def _split_rows(model, key: str) -> dict[str, torch.Tensor | None]:
+    """``{checkpoint linear: its rows of the param}`` as the param is saved: itself (None: all rows), or (fused
+    experts) one linear per expert and projection, with the indices of its rows (transformers' own reverse
+    weight conversion, applied to a row numbering, decides which rows go where)."""
     shape = model.get_parameter(key).shape
     if len(shape) == 2:
-        return [key.removesuffix(".weight")]
-    index = _row_index(torch.empty(shape, device="meta"))
-    return [name.removesuffix(".weight") for name in _hf_layout(model, {key: index})]
+        return {key.removesuffix(".weight"): None}
+    index = torch.arange(math.prod(shape[:-1])).reshape(*shape[:-1], 1)
+    return {name.removesuffix(".weight"): rows.reshape(-1) for name, rows in _hf_layout(model, {key: index}).items()}
 
 
-def _linear_qtensors(model, key: str, q: QTensor) -> dict[str, QTensor]:
-    """``{checkpoint linear: its 2-D QTensor}``: ``q`` itself, or a fused experts tensor split the way transformers
-    saves it (per expert and projection, e.g. ``experts.3.up_proj``), each expert's codes and scales its rows'."""
-    if len(q.shape) == 2:
-        return {key.removesuffix(".weight"): q}
+def _linear_qtensors(q: QTensor, split: dict[str, torch.Tensor | None]) -> dict[str, QTensor]:
+    """``{checkpoint linear: its 2-D QTensor}`` of a param's QTensor split as :func:`_split_rows` says (each
+    expert's codes and scales its rows')."""
     rows = math.prod(q.shape[:-1])
 
     def take(t, sel):
@@ -383,13 +378,9 @@ def _linear_qtensors(model, key: str, q: QTensor) -> dict[str, QTensor]:
             return t
         return t.reshape(rows)[sel] if t.shape == q.shape[:-1] else t.reshape(rows, t.shape[-1])[sel]
 
-    out = {}
-    for name, index in _hf_layout(model, {key: _row_index(torch.empty(q.shape, device="meta"))}).items():
-        sel = index.reshape(-1)
-        out[name.removesuffix(".weight")] = QTensor(
-            take(q.codes, sel), take(q.scales, sel), torch.Size([len(sel), q.shape[-1]]), q.dtype, q.format,
-            q.global_scale, take(q.zero_points, sel))
-    return out
+    return {name: q if sel is None else QTensor(
+        take(q.codes, sel), take(q.scales, sel), torch.Size([len(sel), q.shape[-1]]), q.dtype, q.format,
+        q.global_scale, take(q.zero_points, sel)) for name, sel in split.items()}
 
 
 def _qtensor(fn: str, key: str, t: torch.Tensor, fmt: Format, q: QTensor | None = None) -> QTensor:
@@ -419,17 +410,19 @@ class Export:
         if plan is None or plan.weights is None or not plan.quantized:
             raise PlanError(message(fn, "plan", "a plan that quantizes weights", repr(plan),
                                     "build it with weights=, e.g. rotfn.plans.quarot(model, ..., weights=rotfn.mxfp4())"))
-        self.fn, self.model, self.plan, self.calibration = fn, model, plan, calibration
+        self.fn, self.plan, self.calibration = fn, plan, calibration
         self.acts, rotated = _check_online(fn, plan)
         layout = describe(model, fn=fn)
         experts = [f"{site}.{param}" for site, *params in layout.experts for param in params]
-        linears = [name for name, _ in layout.linears] + [name for key in experts for name in _split_names(model, key)]
+        self.splits = {key: _split_rows(model, key) for key in dict.fromkeys([*experts, *plan.quantized])}
+        linears = [name for name, _ in layout.linears] + [name for key in experts for name in self.splits[key]]
         linears += _routers(model, [site for site, *_ in layout.experts])
         loose = [k for k in plan.quantized if k.removesuffix(".weight") not in set(linears) and k not in experts]
         if loose:
             raise PlanError(message(fn, "plan", "quantized weights of nn.Linear modules or fused experts",
                                     f"also {loose[:3]}", "leave them out of the plan, or use rotfn.export_hf"))
-        self.qconfig = _quantization_config(fn, plan, self.acts, linears, calibration, model)
+        quantized = {name for key in plan.quantized for name in self.splits[key]}
+        self.qconfig = _quantization_config(fn, plan, self.acts, linears, quantized, calibration)
         self.qconfig["transform_config"], self.transform_weights = (
             _transform_config(fn, rotated, set(linears)) if rotated else ({}, {}))
         self.global_scales: dict[str, torch.Tensor] = {}
@@ -442,7 +435,7 @@ class Export:
         if isinstance(acts, FP8) and acts.granularity == "tensor":
             _check_scale_dtype(fn, key, acts, t.dtype, "acts")
         out = {}
-        for name, part in _linear_qtensors(self.model, key, _qtensor(fn, key, t, fmt, q)).items():
+        for name, part in _linear_qtensors(_qtensor(fn, key, t, fmt, q), self.splits[key]).items():
             if part.global_scale is not None:
                 self.global_scales[name] = part.global_scale
             out.update(_tensors(name, part, acts, self.qconfig["format"], self.calibration, key))
