@@ -307,21 +307,58 @@ def test_the_serving_howto_runs_as_written(capsys):
     assert capsys.readouterr().out.split() == ["pack-quantized", "True", "hadamard"]
 
 
-def test_fused_partitions_must_share_the_nvfp4_global_scale(tmp_path):
-    """vLLM loads q/k/v (and gate/up) into one linear with one global scale: unequal ones are an error, not a
-    silently wrong served model; one fixed power-of-two global scale exports."""
+def _layer_groups(layer: int = 1) -> tuple[tuple[str, ...], ...]:
+    base = f"model.layers.{layer}"
+    return (tuple(f"{base}.self_attn.{p}_proj.weight" for p in "qkv"),
+            (f"{base}.mlp.gate_proj.weight", f"{base}.mlp.up_proj.weight"))
+
+
+@pytest.mark.parametrize("kind", ["per_linear", "quarot"])
+def test_fused_partitions_share_one_measured_nvfp4_global_scale(tmp_path, kind):
+    """vLLM loads q/k/v (and gate/up) into one linear with one global scale: plans group them (shared_scales),
+    the fold measures one scale over each group (the largest partition's: q, scaled by 16 here), the served
+    weights are rotfn's bit for bit; a plan without the groups is a typed error, not a wrong served model."""
     model = _model("llama")
     p = dict(rotfn.params(model))
-    q = "model.layers.1.self_attn.q_proj.weight"
-    p[q] = p[q] * 16
-    plan = _plan(model, "per_linear", rotfn.nvfp4("pow2"))
+    qkv, gate_up = _layer_groups()
+    p[qkv[0]] = p[qkv[0]] * 16
+    plan = _plan(model, kind, rotfn.nvfp4("pow2"))
+    assert qkv in plan.shared_scales and gate_up in plan.shared_scales and len(plan.shared_scales) == 4
+    folded = rotfn.fold(p, plan)
+    alone = rotfn.fold(p, dataclasses.replace(plan, shared_scales=()))
+    for group in (qkv, gate_up):
+        own = {k: rotfn.plans.codes_of(alone[k]).global_scale for k in group}
+        shared = {k: rotfn.plans.codes_of(folded[k]).global_scale for k in group}
+        assert len(set(own.values())) > 1 or group == gate_up
+        assert all(s == max(own.values()) for s in shared.values())
+        assert all(rotfn.plans.codes_of(folded[k]).format == plan.weights for k in group)
+    k_shared, k_alone = (rotfn.plans.codes_of(f[qkv[1]]).scales.float() for f in (folded, alone))
+    assert torch.equal(k_shared * 16, k_alone)  # k got q's 16x global scale: its block scales are 16x smaller
+    rt.assert_bits_equal(folded[qkv[0]], alone[qkv[0]])
     with pytest.raises(PlanError, match=r"one NVFP4 global scale for model.layers.1.self_attn.\{q_proj,k_proj,v_proj\}"):
-        rotfn.export_compressed(model, rotfn.fold(p, plan), plan, tmp_path / "no")
+        rotfn.export_compressed(model, alone, dataclasses.replace(plan, shared_scales=()), tmp_path / "no")
     assert not (tmp_path / "no").exists()
-    fixed = _plan(model, "per_linear", rotfn.nvfp4(2.0**-6))
-    folded = rotfn.fold(p, fixed)
-    loaded = _export_and_load(tmp_path, model, fixed, folded)
-    rt.assert_bits_equal(loaded.state_dict()[q], folded[q])
+    loaded = _export_and_load(tmp_path / "yes", model, plan, folded)
+    for key in plan.quantized:
+        rt.assert_bits_equal(loaded.state_dict()[key], folded[key], name=key)
+    with torch.no_grad():
+        ids = _ids(model)
+        rt.assert_bits_equal(loaded(ids).logits, rotfn.call(model, folded, plan, ids).logits)
+
+
+def test_gptq_rounds_fused_partitions_with_the_groups_global_scale(tmp_path):
+    """calibrate (GPTQ) measures a fused group's NVFP4 global scale over the group's folded weights, as the
+    fold does, so its codes export; the written global scales of q/k/v are one."""
+    model = _model("llama")
+    plan = _plan(model, "quarot", rotfn.nvfp4("pow2"))
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(3))
+    calib = rotfn.calibrate(model, rotfn.params(model), plan, [ids], progress=False)
+    folded = rotfn.fold(rotfn.params(model), plan, weights_by=calib)
+    for group in plan.shared_scales:
+        assert len({calib.weights[k].global_scale.item() for k in group}) == 1, group
+    loaded = _export_and_load(tmp_path, model, plan, folded)
+    for key in plan.quantized:
+        rt.assert_bits_equal(loaded.state_dict()[key], folded[key], name=key)
 
 
 def _moe(fmt):
@@ -399,6 +436,8 @@ STREAMED = {  # plan builders for the skeleton the streaming export gets
     "per-linear-int4": lambda m: rotfn.plans.per_linear(m, rotation=lambda n: rotfn.hadamard(n, block=32),
                                                         weights=rotfn.intq(4, group=32, scale_dtype=BF16)),
     "quarot-nvfp4-fixed": lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=1), weights=rotfn.nvfp4(2.0**-6)),
+    "per-linear-nvfp4-shared": lambda m: rotfn.plans.per_linear(m, rotation=lambda n: rotfn.hadamard(n, block=16),
+                                                                weights=rotfn.nvfp4("pow2")),
     "quarot-fp8-tensor": lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=1),
                                                       weights=rotfn.fp8("tensor", scale_dtype=BF16),
                                                       acts=rotfn.fp8("token")),
@@ -444,7 +483,8 @@ def test_streaming_export_errors_write_nothing(tmp_path):
               export="compressed-tensors"), FormatError, r"fold_checkpoint: .*export MXFP8 with rotfn.export_hf"),
         (dict(plan=lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64), weights=rotfn.mxfp4()), export="vllm"),
          ArgumentError, r"argument 'export'"),
-        (dict(plan=lambda m: rotfn.plans.per_linear(m, rotation=None, weights=rotfn.nvfp4("pow2")),
+        (dict(plan=lambda m: dataclasses.replace(rotfn.plans.per_linear(m, rotation=None, weights=rotfn.nvfp4("pow2")),
+                                                 shared_scales=()),  # a plan that does not group q/k/v
               export="compressed-tensors"), PlanError, r"one NVFP4 global scale"),
     ]
     with torch.no_grad():  # q's global scale differs from k's and v's: found only once they are folded

@@ -17,10 +17,11 @@ from rotfn.errors import ArgumentError, FormatError, PlanError, message
 from rotfn.functional import dequantize, quantize
 from rotfn.learn import check_batches, to_device
 from rotfn.model import Site, call_as
-from rotfn.ops.quant import fp8_scale, nvfp4_global_from_amax
+from rotfn.ops.quant import fp8_scale, nvfp4_global_from_amax, nvfp4_shared_global_scale
 from rotfn.plans import FoldedParams, Plan, check_model, describe, fold, require_plan
 from rotfn.specs import QTensor
-from rotfn.specs.formats import FP8, NVFP4, Format
+from rotfn.specs.formats import FP8, NVFP4, Format, nvfp4
+from rotfn.transforms import shares_global_scale
 
 __all__ = ["calibrate", "Calibration", "ACTIVATIONS"]
 
@@ -212,7 +213,8 @@ def calibrate(
     blocks = _blocks(stats) if sequential else {None: stats}
 
     current = dict(folded)
-    weights: dict[str, QTensor] = {k: quantize(folded[k], plan.weights) for k in rtn}
+    fmts = _rounding_formats(plan, folded)
+    weights: dict[str, QTensor] = {k: _as(quantize(folded[k], fmts.get(k, plan.weights)), plan) for k in rtn}
     kept: dict[str, torch.Tensor] = {}
     amax: dict[str, torch.Tensor] = {}
     tokens = 0
@@ -221,7 +223,7 @@ def calibrate(
         hessians, tokens = _collect(model, FoldedParams(current, collecting), collecting, data, keys, block, amax)
         for key in keys:
             h = hessians.pop(key)
-            q = gptq(folded[key], h, plan.weights, **settings)
+            q = _as(gptq(folded[key], h, fmts.get(key, plan.weights), **settings), plan)
             weights[key] = q
             current[key] = dequantize(q, folded[key].dtype)
             if keep_hessians:
@@ -229,6 +231,22 @@ def calibrate(
     digests = {k: _digest(folded[k]) for k in plan.quantized}
     settings.update(sequential=sequential, activations=activations)
     return Calibration(plan, weights, rtn, tokens, settings, kept if keep_hessians else None, amax, digests)
+
+
+def _rounding_formats(plan: Plan, folded: Mapping[str, torch.Tensor]) -> dict[str, Format]:
+    """``{key: format}`` for the keys of fused groups (:attr:`Plan.shared_scales`): NVFP4 with the global scale
+    measured over the group fixed (as :func:`rotfn.fold` rounds them); other keys round with the plan's format."""
+    if not shares_global_scale(plan.weights):
+        return {}
+    out: dict[str, Format] = {}
+    for group in plan.shared_scales:
+        out.update(dict.fromkeys(group, nvfp4(nvfp4_shared_global_scale([folded[k] for k in group], plan.weights).item())))
+    return out
+
+
+def _as(q: QTensor, plan: Plan) -> QTensor:
+    """``q`` labelled with the plan's weight format (a fused group's codes keep it, with the group's global scale)."""
+    return dataclasses.replace(q, format=plan.weights)
 
 
 def _blocks(keys: list[str]) -> dict[str | None, list[str]]:

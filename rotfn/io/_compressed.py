@@ -72,7 +72,7 @@ from rotfn.io._hf import (
     _weights,
     _write_weights,
 )
-from rotfn.plans import Plan, codes_of, describe
+from rotfn.plans import Plan, codes_of, describe, fused_groups
 from rotfn.specs import QTensor
 from rotfn.specs.formats import FP8, MX, NVFP4, Format, IntQ
 from rotfn.specs.rotation import Rotation
@@ -80,8 +80,6 @@ from rotfn.specs.rotation import Rotation
 __all__ = ["export_compressed"]
 
 FN = "export_compressed"
-#: Linears that vLLM loads into one fused linear (same parent module): they must share per-tensor scales.
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 # ----- the quantization config ----------------------------------------------------------------------
@@ -120,19 +118,14 @@ def _pow2_global(fmt: NVFP4) -> bool:
 
 def _check_fused(fn: str, scales: dict[str, torch.Tensor]) -> None:
     """Partitions an engine fuses into one linear (q/k/v, gate/up) must share their NVFP4 global scale."""
-    groups: dict[tuple[str, int], dict[str, float]] = {}
-    for name, s_g in scales.items():
-        parent, _, leaf = name.rpartition(".")
-        for i, fused in enumerate(FUSED):
-            if leaf in fused:
-                groups.setdefault((parent, i), {})[leaf] = s_g.item()
-    for (parent, _), found in groups.items():
+    for group in fused_groups(scales):
+        found = {name.rpartition(".")[2]: scales[name].item() for name in group}
         if len(set(found.values())) > 1:
             raise PlanError(message(
-                fn, "plan", f"one NVFP4 global scale for {parent}.{{{','.join(found)}}} (vLLM runs them as one fused "
-                "linear with one global scale)", f"global scales {found}",
-                "quantize with one fixed power-of-two global scale, e.g. weights=rotfn.nvfp4(2.0 ** -8) (rotfn does "
-                "not yet round fused partitions to a shared measured scale)"))
+                fn, "plan", f"one NVFP4 global scale for {group[0].rpartition('.')[0]}.{{{','.join(found)}}} (vLLM "
+                "runs them as one fused linear with one global scale)", f"global scales {found}",
+                "fold with a plan whose shared_scales group them (rotfn.plans.quarot / per_linear do), or with one "
+                "fixed power-of-two global scale, e.g. weights=rotfn.nvfp4(2.0 ** -8)"))
 
 
 def _act_args(fn: str, fmt: Format, calibration) -> dict:
@@ -232,18 +225,14 @@ def _transform_config(fn: str, rotated: list, linears: set[str]) -> tuple[dict, 
 
 def _check_fused_inputs(fn: str, rotated: list, linears: set[str]) -> None:
     """Partitions an engine fuses (q/k/v, gate/up) read one input: they need one input rotation (or none)."""
-    found: dict[tuple[str, int], dict[str, Rotation | None]] = {}
-    for o in rotated:
-        parent, _, leaf = o.site.rpartition(".")
-        for i, fused in enumerate(FUSED):
-            if leaf in fused:
-                found.setdefault((parent, i), {})[leaf] = o.rotation
-    for (parent, i), rots in found.items():
-        rots.update({leaf: None for leaf in FUSED[i] if f"{parent}.{leaf}" in linears and leaf not in rots})
+    rotation = {o.site: o.rotation for o in rotated}
+    for group in fused_groups(sorted(linears)):
+        rots = {name.rpartition(".")[2]: rotation.get(name) for name in group}
         if len(set(rots.values())) > 1:
             raise PlanError(message(
-                fn, "plan", f"one online input rotation for all of {parent}.{{{','.join(FUSED[i])}}} (vLLM runs them "
-                "as one fused linear with one input transform)", f"{ {k: repr(v) for k, v in rots.items()} }",
+                fn, "plan", f"one online input rotation for all of {group[0].rpartition('.')[0]}.{{{','.join(rots)}}} "
+                "(vLLM runs them as one fused linear with one input transform)",
+                f"{ {k: repr(v) for k, v in rots.items()} }",
                 "give them one rotation, e.g. per_linear(..., rotation=lambda n: rotfn.hadamard(n, block=32))"))
 
 

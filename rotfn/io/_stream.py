@@ -56,7 +56,7 @@ from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _shard_bytes, _shards, read_
 from rotfn.io._malloc import freed_blocks_kept
 from rotfn.io._shard import ShardWriter, TensorEntry, header_bytes
 from rotfn.plans import Plan, check_plan, describe, fold_program
-from rotfn.transforms import PIECE_ELEMENTS, KeyProgram, Stage, precision_dtype
+from rotfn.transforms import PIECE_ELEMENTS, KeyProgram, Stage, pin_shared_scales, precision_dtype
 
 __all__ = ["COPY_PIECE_BYTES", "MAP_BUDGET", "MARKER", "READ_AHEAD", "FoldStats", "fold_checkpoint"]
 
@@ -177,8 +177,11 @@ def _resolve_plan(fn: str, plan, model) -> Plan:
                             type(plan).__name__, "pass e.g. lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(4096, seed=0))"))
 
 
-def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan) -> list[_Out]:
-    """The output tensors in read order, each with its source; checks names and shapes against the model."""
+def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan, precision: torch.dtype) -> list[_Out]:
+    """The output tensors in read order, each with its source; checks names and shapes against the model.
+
+    Fused partitions sharing an NVFP4 global scale are folded up to their rounding once here, to measure it.
+    """
     info = describe(model, fn=fn)
     check_plan(fn, info, plan)
     state = {k: tuple(t.shape) for k, t in model.state_dict().items()}
@@ -194,7 +197,9 @@ def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan) -> list[_Out]:
             "fold a checkpoint saved by transformers for this config (fused MoE experts are not supported)"))
     stored = {k: ckpt.tensors[m][1].dtype for k in info.shapes for m in (k, *tied.get(k, ())) if m in ckpt.tensors}
     tensors = {k: torch.empty(tuple(s), dtype=stored.get(k, torch.float32), device="meta") for k, s in info.shapes.items()}
-    program = fold_program(fn, plan, tensors)
+    reader = _Reader(ckpt, FoldStats())  # fused NVFP4 groups measured first (their reads are not the fold's)
+    program = pin_shared_scales(fold_program(fn, plan, tensors), reader.read, precision=precision)
+    reader.close()
     late = [k for k, kp in program.keys.items() if not kp.reads_given]
     if late:
         raise PlanError(message(fn, "plan", "a plan whose entries read tensors as the checkpoint holds them",
@@ -535,6 +540,8 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     ``transformers.AutoModelForCausalLM.from_pretrained(dst_dir)`` runs the folded model, and with
     them plain transformers refuses the directory (its ``config.json`` ``model_type`` is
     ``"rotfn-load_hf-only"``, the real one kept for rotfn's readers) rather than run it without them.
+    Fused partitions that share an NVFP4 global scale (:attr:`rotfn.plans.Plan.shared_scales`) are
+    folded one extra time first, to measure it (each whole, in the work dtype).
 
     Args:
         src_dir: a transformers checkpoint directory: ``config.json`` and ``model.safetensors`` or
@@ -620,7 +627,7 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
                                 "fold the original checkpoint; folding again would rotate twice"))
     model = skeleton(ckpt.dir)
     plan = _resolve_plan(fn, plan, model)
-    outs = _outputs(fn, ckpt, model, plan)
+    outs = _outputs(fn, ckpt, model, plan, dtype)
     exporter = None if export is None else Export(fn, model, plan)  # every check before anything is written
     shards = _layout(outs, limit)
     marker = _prepare_dst(fn, dst, _job_hash(ckpt, plan, shards, f"{precision} {export}"), overwrite)

@@ -34,7 +34,7 @@ from rotfn.specs.formats import MX, NVFP4, NVFP4_GLOBAL_RULES, Format, IntQ, Sca
 __all__ = [
     "quantize", "dequantize", "qdq",
     "Scales", "group_view", "choose_scales", "code_dtype", "encode", "decode", "pack", "unpack", "scales_of",
-    "mx_scale_exponent", "nvfp4_global_scale", "nvfp4_global_from_amax", "intq_params", "fp8_scale", "round_scale",
+    "mx_scale_exponent", "finite_amax", "nvfp4_global_scale", "nvfp4_shared_global_scale", "nvfp4_global_from_amax", "intq_params", "fp8_scale", "round_scale",
 ]
 
 # element facts per MX element type: (largest exponent, mantissa bits, largest value)
@@ -94,6 +94,27 @@ def nvfp4_global_scale(x32: torch.Tensor, fmt: NVFP4) -> torch.Tensor:
         return nvfp4_global_from_amax(amax, pow2=fmt.global_scale == "pow2")
     value = 1.0 if fmt.global_scale is None else fmt.global_scale
     return torch.tensor(value, dtype=torch.float32, device=x32.device)
+
+
+def finite_amax(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` over the finite values of ``x`` taken to float32 (0-d fp32; 0 when there are none)."""
+    return _amax_all(torch.where(torch.isfinite(x32 := x.float()), x32.abs(), 0.0))
+
+
+def nvfp4_shared_global_scale(tensors, fmt: NVFP4) -> torch.Tensor:
+    """The global scale ``s_g`` (fp32 0-d) of ``fmt``'s rule measured over several tensors at once.
+
+    ``s_g = max_i amax(finite |x_i|) / (448 * 6)`` (``"pow2"``: rounded up to a power of two): the one
+    global scale of partitions a serving engine runs as one fused linear (q/k/v, gate/up), each
+    quantized with it. One tensor gets :func:`nvfp4_global_scale`'s value.
+
+    Example:
+        >>> s = nvfp4_shared_global_scale([torch.tensor([1.0]), torch.tensor([-2688.0])], NVFP4("tensor"))
+        >>> s.item()
+        1.0
+    """
+    amax = torch.stack([finite_amax(t) for t in tensors]).amax()
+    return nvfp4_global_from_amax(amax, pow2=fmt.global_scale == "pow2")
 
 
 def nvfp4_global_from_amax(finite_amax: torch.Tensor, *, pow2: bool = False) -> torch.Tensor:

@@ -23,6 +23,8 @@ from rotfn.plans._describe import check_model as check_model
 from rotfn.plans._describe import check_plan as check_plan
 from rotfn.plans._describe import named_tensors as named_tensors
 from rotfn.plans._families import FAMILIES, Family, MoE, family_for
+from rotfn.plans._families import FUSED as FUSED  # internal: the export checks fused partitions
+from rotfn.plans._families import fused_groups as fused_groups
 from rotfn.plans._fold import FoldedParams, codes_of, fold, folded_with
 from rotfn.plans._fold import check_fold_state as check_fold_state
 from rotfn.plans._fold import fold_program as fold_program

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from rotfn.errors import FormatError, PlanError, RotationError, RotfnError, ShapeError, message
 from rotfn.plans._describe import describe
-from rotfn.plans._families import Family, family_for
+from rotfn.plans._families import Family, family_for, fused_groups
 from rotfn.plans._plan import NormFusion, Online, Plan, WeightRotation
 from rotfn.specs.formats import Format
 from rotfn.specs.rotation import Rotation
@@ -83,7 +83,7 @@ class _Builder:
         return Plan(
             method=method, family=family, model=info.cls, signature=info.signature, rotations=tuple(self.rotations),
             norms=tuple(self.norms), online=online, weights=weights if self.quantized else None,
-            quantized=tuple(self.quantized), acts=acts, kv=kv, tied=info.tied, untied=tuple(self.untied),
+            quantized=tuple(self.quantized), acts=acts, kv=kv, shared_scales=fused_groups(self.quantized), tied=info.tied, untied=tuple(self.untied),
             notes=tuple(self.notes),
         )
 

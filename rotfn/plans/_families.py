@@ -17,7 +17,11 @@ import dataclasses
 
 from rotfn.errors import FamilyError, message
 
-__all__ = ["Family", "MoE", "FAMILIES", "family_for"]
+__all__ = ["Family", "MoE", "FAMILIES", "family_for", "FUSED", "fused_groups"]
+
+#: Leaf names of sibling linears an inference engine loads as one fused linear (vLLM's packed
+#: modules): they need one NVFP4 global scale and one online input transform.
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,3 +130,23 @@ def family_for(fn: str, model_type: str | None, cls: str) -> Family:
         message(fn, "model", f"a model of a supported family {sorted(FAMILIES)}", f"{cls} (model_type {model_type!r})",
                 "add an adapter to rotfn.plans.FAMILIES (a small table of module names), or use rotfn.plans.per_linear")
     )
+
+
+def fused_groups(names) -> tuple[tuple[str, ...], ...]:
+    """Groups (two or more) of ``names`` that are partitions of one fused linear: same parent module,
+    leaf names in one :data:`FUSED` set (a trailing ``.weight`` is ignored); groups in the order
+    given, each in the engine's order (q, k, v; gate, up).
+
+    Example:
+        >>> fused_groups(["a.k_proj.weight", "a.q_proj.weight", "a.o_proj.weight", "b.q_proj.weight"])
+        (('a.q_proj.weight', 'a.k_proj.weight'),)
+    """
+    groups: dict[tuple[str, int], list[str]] = {}
+    for name in names:
+        parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+        for i, fused in enumerate(FUSED):
+            if leaf in fused:
+                groups.setdefault((parent, i), []).append(name)
+    order = {leaf: j for fused in FUSED for j, leaf in enumerate(fused)}
+    return tuple(tuple(sorted(g, key=lambda n: order[n.removesuffix(".weight").rpartition(".")[2]]))
+                 for g in groups.values() if len(g) > 1)

@@ -136,6 +136,9 @@ class Plan:
         quantized: keys whose weights are fake-quantized with ``weights``.
         acts: the activation format the online entries use, or None (for printing; entries carry it).
         kv: the KV-cache format of the ``"key"`` / ``"value"`` entries, or None (for printing; entries carry it).
+        shared_scales: groups of ``quantized`` keys an inference engine runs as one fused linear
+            (q/k/v, gate/up): an NVFP4 weight format measures one global scale over each group, as
+            the engine needs (see :func:`rotfn.transforms.qdq_weights`); other formats round each key alone.
         tied: groups of keys that share one tensor in the model.
         untied: keys the plan gives their own tensor (their tie is broken, see ``notes``).
         notes: human-readable facts about the plan (ties broken, layers skipped, exactness).
@@ -152,6 +155,7 @@ class Plan:
     quantized: tuple[str, ...] = ()
     acts: Format | None = None
     kv: Format | None = None
+    shared_scales: tuple[tuple[str, ...], ...] = ()
     tied: tuple[tuple[str, ...], ...] = ()
     untied: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
@@ -183,7 +187,8 @@ class Plan:
         """
         parts = [n.transform() for n in self.norms] + [w.transform() for w in self.rotations]
         if self.quantized:
-            parts.append(qdq_weights(self.weights, Where.names(self.quantized), rounding=rounding))
+            parts.append(qdq_weights(self.weights, Where.names(self.quantized), rounding=rounding,
+                                     shared=self.shared_scales))
         return chain(*parts)
 
     # ----- printing -------------------------------------------------------------
@@ -211,7 +216,8 @@ class Plan:
         for (role, kind, r, f), count in kinds.items():
             lines.append(f"  online  {role or '-':<10} {kind:<12} {r!r} fmt={f!r} x{count}")
         if self.quantized:
-            lines.append(f"  qdq     {self.weights!r} on {len(self.quantized)} weights")
+            shared = f", {len(self.shared_scales)} fused groups share per-tensor scales" if self.shared_scales else ""
+            lines.append(f"  qdq     {self.weights!r} on {len(self.quantized)} weights{shared}")
         lines += [f"  note    {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -252,6 +258,7 @@ class Plan:
             "quantized": list(self.quantized),
             "acts": None if self.acts is None else self.acts.to_dict(),
             "kv": None if self.kv is None else self.kv.to_dict(),
+            "shared_scales": [list(g) for g in self.shared_scales],
             "tied": [list(g) for g in self.tied],
             "untied": list(self.untied),
             "notes": list(self.notes),
@@ -297,7 +304,8 @@ class Plan:
             plan = cls(
                 method=d["method"], family=d["family"], model=d["model"], signature=d["signature"], rotations=rotations,
                 norms=norms, online=online, weights=fmt(d["weights"]), quantized=tuple(d["quantized"]),
-                acts=fmt(d["acts"]), kv=fmt(d.get("kv")), tied=tuple(tuple(g) for g in d["tied"]), untied=tuple(d["untied"]),
+                acts=fmt(d["acts"]), kv=fmt(d.get("kv")),
+                shared_scales=tuple(tuple(g) for g in d.get("shared_scales", ())), tied=tuple(tuple(g) for g in d["tied"]), untied=tuple(d["untied"]),
                 notes=tuple(d["notes"]),
             )
         except SpecError:
@@ -309,6 +317,10 @@ class Plan:
         if bad_side or bad_kind:
             raise SpecError(message(fn, "d", f"sides in {_SIDES} and online kinds in {ONLINE_KINDS}",
                                     f"bad entries {bad_side + bad_kind}"))
+        stray = [k for g in plan.shared_scales for k in g if k not in plan.quantized]
+        if stray:
+            raise SpecError(message(fn, "d['shared_scales']", "groups of keys listed in 'quantized'",
+                                    f"keys {stray[:3]} not quantized"))
         if plan.quantized and plan.weights is None:
             raise SpecError(message(fn, "d['weights']", "a format when 'quantized' lists keys", None))
         return plan

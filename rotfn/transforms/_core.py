@@ -43,7 +43,7 @@ from rotfn.functional import FLOAT_DTYPES
 from rotfn.specs import QTensor
 from rotfn.specs.formats import Format
 from rotfn.specs.rotation import Rotation
-from rotfn.transforms._program import QDQ, Fill, Rotate, Scale, ShiftBias, compile_fold
+from rotfn.transforms._program import QDQ, Fill, Rotate, Scale, ShiftBias, compile_fold, shares_global_scale
 from rotfn.transforms._where import Where, where
 
 #: ``rounding(key, W) -> QTensor``: a weight rounded to its format by the caller (GPTQ).
@@ -245,22 +245,28 @@ class QDQWeights(Transform):
     fmt: Format
     where: Where
     rounding: WeightRounding | None = None
+    shared: tuple[tuple[str, ...], ...] = ()
     name = "qdq_weights"
 
     def _phases(self, tensors):
         phase = []
-        for key in self.where.select(tensors, fn=self.name):
+        selected = self.where.select(tensors, fn=self.name)
+        shares = {}
+        if shares_global_scale(self.fmt):
+            shares = {k: tuple(o for o in group if o != k and o in selected) for group in self.shared for k in group}
+        for key in selected:
             w = tensors[key]
             group = self.fmt.group
             if w.ndim == 0 or (group is not None and w.shape[-1] % group):
                 raise ShapeError(message(self.name, f"params[{key!r}]", f"last dim divisible by {self.fmt!r}'s group of {group}",
                                          f"shape {tuple(w.shape)}", "leave this key out of where= (rotfn never pads)"))
             rounding = None if self.rounding is None else functools.partial(self.rounding, key)
-            phase.append((key, QDQ(self.fmt, rounding, key)))
+            phase.append((key, QDQ(self.fmt, rounding, key, shares.get(key, ()))))
         return [phase]
 
     def __repr__(self) -> str:
-        return f"qdq_weights({self.fmt!r}, {self.where!r})"
+        shared = f", shared={len(self.shared)} groups" if self.shared else ""
+        return f"qdq_weights({self.fmt!r}, {self.where!r}{shared})"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -394,7 +400,8 @@ def fuse_norm(norm: str, into: Where | str | tuple, *, bias: str | None = None) 
     return FuseNorm(norm, _check_where(fn, into), bias)
 
 
-def qdq_weights(fmt: Format, where: Where | str | tuple, *, rounding: WeightRounding | None = None) -> QDQWeights:
+def qdq_weights(fmt: Format, where: Where | str | tuple, *, rounding: WeightRounding | None = None,
+                shared: tuple[tuple[str, ...], ...] = ()) -> QDQWeights:
     """Fake-quantize the selected weights along their last (input) dim: ``W' = qdq(W, fmt)``.
 
     Args:
@@ -402,6 +409,9 @@ def qdq_weights(fmt: Format, where: Where | str | tuple, *, rounding: WeightRoun
         where: which keys.
         rounding: ``rounding(key, W) -> QTensor`` of ``fmt`` whose values replace ``qdq(W, fmt)``
             (e.g. :meth:`rotfn.calibration.Calibration.round`: GPTQ's), or None.
+        shared: groups of keys rounded with one NVFP4 global scale measured over the group (fused
+            partitions an engine runs as one linear, :attr:`rotfn.plans.Plan.shared_scales`);
+            other formats ignore it.
 
     Returns:
         A frozen :class:`QDQWeights`.
@@ -421,7 +431,11 @@ def qdq_weights(fmt: Format, where: Where | str | tuple, *, rounding: WeightRoun
         raise FormatError(message(fn, "fmt", "a rotfn format spec", type(fmt).__name__, "build one with rotfn.mxfp4() ..."))
     if rounding is not None and not callable(rounding):
         raise ArgumentError(message(fn, "rounding", "rounding(key, W) -> QTensor, or None", type(rounding).__name__))
-    return QDQWeights(fmt, _check_where(fn, where), rounding)
+    if not (isinstance(shared, tuple) and all(isinstance(g, tuple) and all(isinstance(k, str) for k in g)
+                                              for g in shared)):
+        raise ArgumentError(message(fn, "shared", "a tuple of tuples of keys", repr(shared),
+                                    "pass e.g. (('q.weight', 'k.weight', 'v.weight'),)"))
+    return QDQWeights(fmt, _check_where(fn, where), rounding, shared)
 
 
 def chain(*transforms: Transform) -> Chain:

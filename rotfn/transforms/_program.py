@@ -34,13 +34,14 @@ import torch
 
 from rotfn.errors import ArgumentError, PlanError, message
 from rotfn.functional import dequantize, qdq, quantize, rotate
+from rotfn.ops.quant import finite_amax, nvfp4_shared_global_scale
 from rotfn.specs import QTensor
-from rotfn.specs.formats import FP8, NVFP4, NVFP4_GLOBAL_RULES, Format
+from rotfn.specs.formats import FP8, NVFP4, NVFP4_GLOBAL_RULES, Format, nvfp4
 from rotfn.specs.rotation import Rotation
 
 __all__ = [
     "PIECE_ELEMENTS", "MIN_PIECE", "PRECISIONS", "precision_dtype", "piece_cuts", "RotateFn",
-    "Rotate", "Scale", "ShiftBias", "Fill", "QDQ", "Stage", "KeyProgram", "FoldProgram", "compile_fold", "kept_ties",
+    "Rotate", "Scale", "ShiftBias", "Fill", "QDQ", "tensor_wide", "shares_global_scale", "Stage", "KeyProgram", "FoldProgram", "compile_fold", "pin_shared_scales", "kept_ties",
     "tie",
 ]
 
@@ -192,27 +193,56 @@ class Fill:
 class QDQ:
     """``qdq(x, fmt)`` along the last dim, or the values of ``rounding(x)`` (a QTensor, e.g. GPTQ's for this key).
 
+    ``shares``: the other keys of a fused group (q/k/v, gate/up), read at ``at`` (their values before
+    their own QDQ): an NVFP4 global scale is measured over the group
+    (:func:`rotfn.ops.quant.nvfp4_shared_global_scale`); ``global_scale`` pins it instead (a streaming
+    fold measures the group first). The codes keep ``fmt``; their global scale is the group's.
     A run that keeps codes (``FoldProgram.run(codes=...)``) records the QTensor under ``key``.
     """
 
     fmt: Format
     rounding: Callable[[torch.Tensor], QTensor] | None = None
     key: str = ""
-    reads = ()
+    shares: tuple[str, ...] = ()
+    at: tuple[int, ...] = ()
+    global_scale: float | None = None
+
+    @property
+    def reads(self) -> tuple[tuple[str, int], ...]:
+        return tuple(zip(self.shares, self.at, strict=True)) if self.global_scale is None else ()
 
     def mixes(self, ndim: int) -> set[int]:
         """The last dim, or every dim for a format with one scale for the whole tensor or a rounding of its own."""
-        whole = (isinstance(self.fmt, NVFP4) and self.fmt.global_scale in NVFP4_GLOBAL_RULES) or (
-            isinstance(self.fmt, FP8) and self.fmt.granularity == "tensor")
-        return set(range(ndim)) if whole or self.rounding is not None else {ndim - 1}
+        return set(range(ndim)) if tensor_wide(self.fmt) or self.rounding is not None else {ndim - 1}
+
+    def pinned(self, global_scale: float) -> QDQ:
+        """This op with the group's global scale fixed (it reads no other key then)."""
+        return dataclasses.replace(self, global_scale=global_scale)
 
     def apply(self, x, reads, run):
+        fmt = self.fmt
+        if self.rounding is None and (self.shares or self.global_scale is not None):
+            s_g = self.global_scale
+            if s_g is None:
+                s_g = nvfp4_shared_global_scale([x, *(reads[k] for k in self.shares)], self.fmt).item()
+            fmt = nvfp4(s_g)  # the codes the group's global scale gives
         if self.rounding is None and run.codes is None:
-            return qdq(x, self.fmt)
-        q = quantize(x, self.fmt) if self.rounding is None else self.rounding(x)
+            return qdq(x, fmt)
+        q = quantize(x, fmt) if self.rounding is None else self.rounding(x)
         if run.codes is not None:
-            run.codes[self.key] = q
+            run.codes[self.key] = dataclasses.replace(q, format=self.fmt)
         return dequantize(q, x.dtype)
+
+
+def shares_global_scale(fmt: Format) -> bool:
+    """True for NVFP4 with a measured global scale: the one scale fused partitions share (fp8 ``"tensor"``
+    partitions need not: engines requantize them to one scale themselves)."""
+    return isinstance(fmt, NVFP4) and fmt.global_scale in NVFP4_GLOBAL_RULES
+
+
+def tensor_wide(fmt: Format) -> bool:
+    """True for a format with a scale measured over the whole tensor (NVFP4's global scale, fp8 ``"tensor"``)."""
+    return shares_global_scale(fmt) or (isinstance(fmt, FP8) and fmt.granularity == "tensor")
 
 
 Op = Rotate | Scale | ShiftBias | Fill | QDQ
@@ -224,6 +254,8 @@ def _bind(op: Op, versions: Mapping[str, int]) -> Op:
         return dataclasses.replace(op, at=versions[op.norm])
     if isinstance(op, ShiftBias):
         return dataclasses.replace(op, weight_at=versions[op.weight], beta_at=versions[op.beta])
+    if isinstance(op, QDQ) and op.shares:
+        return dataclasses.replace(op, at=tuple(versions[k] for k in op.shares))
     return op
 
 
@@ -490,3 +522,45 @@ def compile_fold(transform, tensors: Mapping[str, torch.Tensor], *, tied=(), unt
             raise PlanError(message(fn, "plan", f"a plan that changes the tied keys {list(group)} identically or "
                                     "unties them", "different changes", "untie them in the plan (Plan.untied)"))
     return FoldProgram(keys, groups)
+
+
+def pin_shared_scales(program: FoldProgram, read: Callable[[str], torch.Tensor], *,
+                      precision: torch.dtype = torch.float64) -> FoldProgram:
+    """``program`` with every fused group's NVFP4 global scale measured and pinned (:meth:`QDQ.pinned`).
+
+    A source read key by key (:func:`rotfn.fold_checkpoint`) cannot give a QDQ the other partitions'
+    rotated values; this measures them first, each member of a group folded up to its QDQ (whole,
+    as :meth:`FoldProgram.run` does, so the scale has the same bits), and the pinned program reads
+    no changed tensor. Keys whose other operations read changed tensors are left as they are.
+
+    Args:
+        program: a compiled fold program.
+        read: ``read(name)``: a key's tensor as given.
+        precision: the work dtype of the run that follows.
+
+    Returns:
+        A :class:`FoldProgram` (``program`` itself when no group shares a scale).
+
+    Example:
+        >>> import torch, rotfn
+        >>> t = rotfn.transforms.qdq_weights(rotfn.nvfp4("pow2"), "*", shared=(("a", "b"),))
+        >>> p = {"a": torch.ones(2, 16), "b": torch.full((2, 16), 4.0)}
+        >>> pinned = pin_shared_scales(compile_fold(t, p), p.__getitem__)
+        >>> [prog.ops[-1].global_scale for prog in pinned.keys.values()] == [2.0**-9] * 2
+        True
+    """
+    shared = {k: kp for k, kp in program.keys.items() if kp.ops and isinstance(kp.ops[-1], QDQ) and kp.ops[-1].shares
+              and all(at == 0 for op in kp.ops[:-1] for _, at in op.reads)}
+    if not shared:
+        return program
+    run = _Run(precision, PIECE_ELEMENTS, {})
+    amax = {k: finite_amax(_apply(kp.ops[:-1], read(k), lambda name, _: read(name), run, each=False))
+            for k, kp in shared.items()}
+    keys = dict(program.keys)
+    for k, kp in shared.items():
+        op = kp.ops[-1]
+        if all(o in amax for o in op.shares):
+            s_g = nvfp4_shared_global_scale([amax[o] for o in (k, *op.shares)], op.fmt).item()
+            ops = (*kp.ops[:-1], op.pinned(s_g))
+            keys[k] = dataclasses.replace(kp, ops=ops, stages=_stages(ops, kp.shape))
+    return FoldProgram(keys, program.tied)
