@@ -181,13 +181,19 @@ def test_mxfp4_activations_even_rule_is_compressed_tensors_quantizer(tmp_path):
         rt.assert_bits_equal(loaded(_ids(model)).logits, rotfn.call(model, folded, plan, _ids(model)).logits)
 
 
+CT_RULE = "compressed-tensors"
+
+
 @pytest.mark.parametrize("weights, acts, fmt_name", [
+    (rotfn.fp8("channel", scale_dtype=BF16), rotfn.fp8("token", rule=CT_RULE), "float-quantized"),
+    (rotfn.intq(8, scale_dtype=BF16), rotfn.intq(8, rule=CT_RULE), "int-quantized"),
     (rotfn.fp8("channel", scale_dtype=BF16), rotfn.fp8("token"), "float-quantized"),
     (rotfn.intq(8, scale_dtype=BF16), rotfn.intq(8), "int-quantized"),
-])
+], ids=["fp8-ct", "int8-ct", "fp8-rotfn", "int8-rotfn"])
 def test_dynamic_token_activations(tmp_path, weights, acts, fmt_name):
-    """Per-token fp8 / int8 activations: written as dynamic token quantization; compressed-tensors quantizes them
-    in the model's dtype (bf16 arithmetic) where rotfn uses fp32, so the logits agree to that rounding only."""
+    """Per-token fp8 / int8 activations: written as dynamic token quantization. With rule="compressed-tensors"
+    rotfn.call quantizes as the library does (bf16 arithmetic) and the served logits are rotfn's bit for bit;
+    rotfn's own rules (fp32 arithmetic, int8 scale amax / 127) agree to that rounding only."""
     model = _model("llama")
     plan = _plan(model, "quarot", weights, acts=acts)
     folded = rotfn.fold(rotfn.params(model), plan)
@@ -195,8 +201,39 @@ def test_dynamic_token_activations(tmp_path, weights, acts, fmt_name):
     group = _qconfig(tmp_path)["config_groups"]["group_0"]
     assert group["format"] == fmt_name and group["input_activations"]["strategy"] == "token"
     with torch.no_grad():
-        a, b = loaded(_ids(model)).logits.float(), rotfn.call(model, folded, plan, _ids(model)).logits.float()
-    assert rt.relative_error(a, b) < 0.05
+        a, b = loaded(_ids(model)).logits, rotfn.call(model, folded, plan, _ids(model)).logits
+    if acts.rule == CT_RULE:
+        rt.assert_bits_equal(a, b)
+    else:
+        assert not torch.equal(a, b) and rt.relative_error(a.float(), b.float()) < 0.05
+
+
+def _ct_qdq(x, num_bits, kind):
+    """compressed-tensors' own dynamic per-token quantize-dequantize (what its forward hook runs on a linear's input)."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+    args = QuantizationArgs(num_bits=num_bits, type=kind, symmetric=True, strategy="token", dynamic=True)
+    scale, zero = compute_dynamic_scales_and_zp(x, args, module=None)
+    return fake_quantize(x, scale, zero, args)
+
+
+@settings(max_examples=25, deadline=None)
+@given(dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), seed=st.integers(0, 2**16),
+       spread=st.floats(0.0, 6.0), zero_rows=st.integers(0, 2))
+def test_compressed_tensors_rule_is_the_librarys_quantizer(dtype, seed, spread, zero_rows):
+    """rule="compressed-tensors": fp8 per token bit for bit as compressed-tensors' quantizer, int8 with equal values
+    (rotfn's integer codes carry no sign of zero: where the library returns -0.0, rotfn returns +0.0); rows of
+    zeros (scale eps) and signed zeros included."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 8, 64, generator=g) * torch.logspace(-spread, spread, 8)[None, :, None]
+    x[0, :zero_rows] = 0.0
+    x[1, 0, ::3] = -0.0
+    x = x.clamp(-6e4, 6e4).to(dtype)  # finite in float16 (non-finite rows follow rotfn's NaN rule, not the library's)
+    fp8 = rotfn.qdq(x, rotfn.fp8("token", rule=CT_RULE))
+    rt.assert_bits_equal(fp8, _ct_qdq(x, 8, "float"))
+    int8 = rotfn.qdq(x, rotfn.intq(8, rule=CT_RULE))
+    ref = _ct_qdq(x, 8, "int")
+    assert torch.equal(int8, ref) and int8.dtype == ref.dtype
 
 
 def test_nvfp4_activations_take_static_global_scales_from_calibration(tmp_path):

@@ -418,3 +418,18 @@ def test_an_interrupted_save_leaves_the_old_file_or_nothing(tmp_path, monkeypatc
         assert path.read_bytes() == before
         params, plan = rotfn.load(path)
         assert plan is None and torch.equal(params["w"], torch.zeros(3))
+
+
+def test_rule_formats_and_shared_scale_groups_round_trip():
+    """rule= and Plan.shared_scales survive to_dict / from_dict; a plan dict without shared_scales (written before
+    they existed) loads with none, and one naming an unquantized key is refused."""
+    for fmt in (rotfn.fp8("token", rule="compressed-tensors"), rotfn.intq(8, rule="compressed-tensors")):
+        assert rotfn.format_from_dict(fmt.to_dict()) == fmt and "rule='compressed-tensors'" in repr(fmt)
+    model = rt.tiny_model(rt.make_config("llama", layers=1), dtype=torch.float32)
+    plan = rotfn.plans.quarot(model, r1=rotfn.hadamard(32, seed=0), weights=rotfn.nvfp4("pow2"))
+    assert len(plan.shared_scales) == 2 and rotfn.Plan.from_dict(plan.to_dict()) == plan
+    old = {k: v for k, v in plan.to_dict().items() if k != "shared_scales"}
+    assert rotfn.Plan.from_dict(old).shared_scales == ()
+    bad = {**plan.to_dict(), "shared_scales": [["model.embed_tokens.weight", "lm_head.weight"]]}
+    with pytest.raises(rotfn.errors.SpecError, match=r"shared_scales"):
+        rotfn.Plan.from_dict(bad)

@@ -119,6 +119,9 @@ def _check(w, h, fmt, block_size, damp, scale_search, precision, backend) -> Non
     if not isinstance(fmt, Format):
         raise FormatError(message("gptq", "fmt", "a rotfn format spec", type(fmt).__name__,
                                   "build one with rotfn.mxfp4(), rotfn.nvfp4(), rotfn.intq(4, group=128) ..."))
+    if getattr(fmt, "rule", None) is not None:
+        raise FormatError(message("gptq", "fmt", "a format with rotfn's own rule", repr(fmt),
+                                  "drop rule= (another library's rule is for activations)"))
     n = w.shape[1]
     if fmt.group is not None and n % fmt.group:
         raise ShapeError(message("gptq", "w", f"in-features divisible by {fmt!r}'s group of {fmt.group}",

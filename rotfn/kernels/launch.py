@@ -92,6 +92,8 @@ def unsupported(op: str, x: torch.Tensor, *, rotation=None, fmt=None, back=False
         return f"x is on {x.device}: kernels need a CUDA tensor (or TRITON_INTERPRET=1 set before import for CPU)"
     if op == "gptq":  # every weight format and precision; w and h are converted to the working precision
         return None
+    if getattr(fmt, "rule", None) is not None:
+        return f"{fmt!r}: no kernel computes another library's rule (the reference does, on any device)"
     if getattr(fmt, "scale_dtype", None) is not None and _scope(fmt) == GROUP.value:
         return f"{fmt!r}: scales rounded to {fmt.scale_dtype} inside the kernel are not implemented"
     if x.dtype not in _DTYPES:

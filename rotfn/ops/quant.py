@@ -29,7 +29,7 @@ from rotfn.ops.numbers import (
 )
 from rotfn.ops.pack import pack_nibbles, unpack_nibbles
 from rotfn.specs import QTensor
-from rotfn.specs.formats import MX, NVFP4, NVFP4_GLOBAL_RULES, Format, IntQ, ScaleRule
+from rotfn.specs.formats import FP8, MX, NVFP4, NVFP4_GLOBAL_RULES, Format, IntQ, ScaleRule
 
 __all__ = [
     "quantize", "dequantize", "qdq",
@@ -245,12 +245,37 @@ def encode(xg: torch.Tensor, fmt: Format, sc: Scales) -> torch.Tensor:
             q = torch.round(xg / s).clamp(-qmax - 1, qmax)
         else:
             q = (torch.round(xg / s) + sc.zero_points.float()[..., None]).clamp(0, 2**fmt.bits - 1)
-        q = torch.where(torch.isnan(s), 0.0, q)
-        if fmt.bits <= 4:
-            return q.to(torch.int8).view(torch.uint8) & 0xF
-        return q.to(torch.int8 if fmt.symmetric else torch.uint8)
+        return _int_codes(torch.where(torch.isnan(s), 0.0, q), fmt)
     s = sc.scales if sc.scales.ndim == 0 else sc.scales[..., None]
     return torch.where(torch.isfinite(s), e4m3_round(xg / s).float(), 0.0).to(torch.float8_e4m3fn)
+
+
+def _int_codes(q: torch.Tensor, fmt: IntQ) -> torch.Tensor:
+    """Integer-valued floats ``q`` as intq codes: 4-bit two's complement (or offset) nibbles, else int8 / uint8."""
+    if fmt.bits <= 4:
+        return q.to(torch.int8).view(torch.uint8) & 0xF
+    return q.to(torch.int8 if fmt.symmetric else torch.uint8)
+
+
+def _quantize_ct(x: torch.Tensor, fmt: FP8 | IntQ) -> QTensor:
+    """``rule="compressed-tensors"`` (see :func:`rotfn.fp8`, :func:`rotfn.intq`): each step as that library's
+    quantizer computes it, rounded to the input's dtype ``D``; scales stored in float32 (they are values of D)."""
+    d = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+    xg = group_view(x.to(d), fmt)
+    whole = isinstance(fmt, FP8) and fmt.granularity == "tensor"
+    amax = _amax_all(xg) if whole else xg.abs().amax(-1)
+    finite = torch.isfinite(xg).all() if whole else torch.isfinite(xg).all(-1)
+    top = E4M3_MAX if isinstance(fmt, FP8) else (2**fmt.bits - 1) / 2
+    s = amax / torch.full_like(amax, top)  # a division in D, as compressed-tensors divides
+    s = torch.where(s == 0, torch.finfo(d).eps, s)
+    v = xg / (s if whole else s[..., None]) + 0.0  # compressed-tensors adds its zero point: -0 becomes +0
+    ok = finite if whole else finite[..., None]
+    if isinstance(fmt, FP8):
+        codes = torch.where(ok, e4m3_round(v.float()).float(), 0.0).to(torch.float8_e4m3fn)
+    else:
+        q = torch.round(v.float()).clamp(-(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1)
+        codes = _int_codes(torch.where(ok, q, 0.0), fmt)
+    return pack(codes, fmt, Scales(torch.where(finite, s.float(), torch.nan)), x.dtype)
 
 
 def decode(codes: torch.Tensor, fmt: Format, sc: Scales) -> torch.Tensor:
@@ -295,8 +320,11 @@ def scales_of(q: QTensor) -> Scales:
 def quantize(x: torch.Tensor, fmt: Format) -> QTensor:
     """Quantize ``x`` ``[..., n]`` to codes + scales (reference). Inputs are validated by :func:`rotfn.quantize`.
 
-    The rule in three steps: :func:`choose_scales` per group, :func:`encode` under them, :func:`pack`.
+    The rule in three steps: :func:`choose_scales` per group, :func:`encode` under them, :func:`pack`
+    (``rule="compressed-tensors"`` formats: that library's arithmetic, in the input's dtype).
     """
+    if getattr(fmt, "rule", None) == "compressed-tensors":
+        return _quantize_ct(x, fmt)
     xg = group_view(x.float(), fmt)
     sc = choose_scales(xg, fmt)
     return pack(encode(xg, fmt, sc), fmt, sc, x.dtype)

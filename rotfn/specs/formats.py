@@ -150,6 +150,8 @@ class IntQ(Format):
         clip: symmetric only: the scale covers ``clip * amax`` (values beyond saturate).
         scale_dtype: None, or ``"bfloat16"`` / ``"float16"``: each scale rounded down to a value of
             that dtype (see :data:`SCALE_DTYPES`).
+        rule: None (rotfn's rule, fp32 arithmetic) or ``"compressed-tensors"`` (that library's
+            quantizer: ``s = amax / ((2^b - 1) / 2)`` and every step in the input's dtype, see :func:`intq`).
     """
 
     bits: int = 4
@@ -157,12 +159,14 @@ class IntQ(Format):
     symmetric: bool = True
     clip: float = 1.0
     scale_dtype: str | None = None
+    rule: str | None = None
     name = "intq"
 
     def __repr__(self) -> str:
         extra = "" if self.symmetric else ", symmetric=False"
         extra += "" if self.clip == 1.0 else f", clip={self.clip}"
         extra += "" if self.scale_dtype is None else f", scale_dtype={self.scale_dtype!r}"
+        extra += "" if self.rule is None else f", rule={self.rule!r}"
         return f"intq({self.bits}, group={self.group}{extra})"
 
 
@@ -175,10 +179,13 @@ class FP8(Format):
             ``"token"`` (rows of an activation ``[..., n]``) both take one scale per
             row of the last dim.
         scale_dtype: None, or ``"bfloat16"`` / ``"float16"``: each scale rounded down to a value of that dtype.
+        rule: None (rotfn's rule, fp32 arithmetic) or ``"compressed-tensors"`` (that library's
+            quantizer: every step in the input's dtype, see :func:`fp8`).
     """
 
     granularity: str = "tensor"
     scale_dtype: str | None = None
+    rule: str | None = None
     name = "fp8"
     group = None
 
@@ -188,6 +195,7 @@ class FP8(Format):
 
     def __repr__(self) -> str:
         extra = "" if self.scale_dtype is None else f", scale_dtype={self.scale_dtype!r}"
+        extra += "" if self.rule is None else f", rule={self.rule!r}"
         return f"fp8({self.granularity!r}{extra})"
 
 
@@ -280,7 +288,7 @@ def nvfp4(global_scale: str | float | None = "tensor") -> NVFP4:
 
 
 def intq(bits: int, *, group: int | None = None, symmetric: bool = True, clip: float = 1.0,
-         scale_dtype: str | None = None) -> IntQ:
+         scale_dtype: str | None = None, rule: str | None = None) -> IntQ:
     """Integer quantization of 2..8 bits per group of the last dim.
 
     Symmetric: ``s = clip * amax / (2^(b-1) - 1)``, ``q = clamp(RNE(x / s), -2^(b-1), 2^(b-1) - 1)``.
@@ -297,13 +305,18 @@ def intq(bits: int, *, group: int | None = None, symmetric: bool = True, clip: f
             value of that dtype before coding (down: the range still reaches the last code). What a served model holds: compressed-
             tensors and vLLM's int4 kernels keep scales in the model's dtype, so a bf16 model is
             exported bit for bit only with ``scale_dtype="bfloat16"``.
+        rule: None, or ``"compressed-tensors"``: the rule of compressed-tensors' quantizer (what
+            transformers runs for a dynamic ``int`` activation scheme), symmetric only:
+            ``s = D(amax / ((2^b - 1) / 2))`` (127.5 for 8 bits; a zero ``s`` becomes ``eps(D)``),
+            ``q = clamp(RNE(D(x / s)), -2^(b-1), 2^(b-1) - 1)``, ``y = D(q s)``, ``D`` the input's
+            dtype (float32 for float64 inputs). Non-finite groups follow rotfn's rule (NaN).
 
     Returns:
         A frozen :class:`IntQ` spec.
 
     Raises:
         FormatError: bits outside 2..8, group < 1, clip outside (0, 1], clip with symmetric=False,
-            an unknown scale_dtype.
+            an unknown scale_dtype or rule, a rule with symmetric=False, clip or scale_dtype.
 
     Example:
         >>> import torch, rotfn
@@ -322,7 +335,21 @@ def intq(bits: int, *, group: int | None = None, symmetric: bool = True, clip: f
     if not symmetric and clip != 1.0:
         raise FormatError(message(fn, "clip", "1.0 for symmetric=False", clip, "clip the range yourself or use symmetric=True"))
     _check_scale_dtype(fn, scale_dtype)
-    return IntQ(bits, group, symmetric, float(clip), scale_dtype)
+    _check_rule(fn, rule, symmetric and clip == 1.0 and scale_dtype is None,
+                "symmetric=True, clip=1.0 and scale_dtype=None (the rule fixes its own scales)")
+    return IntQ(bits, group, symmetric, float(clip), scale_dtype, rule)
+
+
+#: ``rule=`` of :func:`intq` and :func:`fp8`: None (rotfn's) or another library's quantizer.
+RULES = (None, "compressed-tensors")
+
+
+def _check_rule(fn: str, rule, fits: bool, needs: str) -> None:
+    if rule not in RULES:
+        raise FormatError(message(fn, "rule", f"one of {RULES}", repr(rule),
+                                  "rule='compressed-tensors' predicts a served compressed-tensors model"))
+    if rule is not None and not fits:
+        raise FormatError(message(fn, "rule", f"rule={rule!r} with {needs}", "other settings", "drop them"))
 
 
 def _check_scale_dtype(fn: str, scale_dtype) -> None:
@@ -334,19 +361,26 @@ def _check_scale_dtype(fn: str, scale_dtype) -> None:
 _GRANULARITIES = ("tensor", "channel", "token")
 
 
-def fp8(granularity: str = "tensor", *, scale_dtype: str | None = None) -> FP8:
+def fp8(granularity: str = "tensor", *, scale_dtype: str | None = None, rule: str | None = None) -> FP8:
     """FP8 E4M3 with ``s = amax / 448``: ``y = E4M3_RNE(x / s) * s``.
 
     Args:
         granularity: ``"tensor"`` (one scale), ``"channel"`` or ``"token"`` (one per row of the last dim).
         scale_dtype: None (fp32 scales), ``"bfloat16"`` or ``"float16"``: ``s`` rounded down to a value
             of that dtype before coding (compressed-tensors loads fp8 scales in the model's dtype).
+        rule: None, or ``"compressed-tensors"``: the rule of compressed-tensors' quantizer (what
+            transformers runs for a dynamic ``float`` 8-bit activation scheme): every step rounded to the
+            input's dtype ``D`` (float32 for float64 inputs): ``s = D(amax / 448)`` (a zero ``s``
+            becomes ``eps(D)``), ``y = D(E4M3_RNE(D(x / s)) s)``; with bf16 inputs the quotient is
+            rounded twice (to bf16, then to E4M3), which rotfn's rule does once. compressed-tensors
+            takes one scale per token of a 3-D input ``[batch, tokens, n]`` (a linear's input in
+            transformers); this rule takes one per row of the last dim for any rank.
 
     Returns:
         A frozen :class:`FP8` spec.
 
     Raises:
-        FormatError: unknown granularity or scale_dtype.
+        FormatError: unknown granularity, scale_dtype or rule; a rule with a scale_dtype.
 
     Example:
         >>> import rotfn
@@ -356,7 +390,8 @@ def fp8(granularity: str = "tensor", *, scale_dtype: str | None = None) -> FP8:
     if granularity not in _GRANULARITIES:
         raise FormatError(message("fp8", "granularity", f"one of {_GRANULARITIES}", repr(granularity)))
     _check_scale_dtype("fp8", scale_dtype)
-    return FP8(granularity, scale_dtype)
+    _check_rule("fp8", rule, scale_dtype is None, "scale_dtype=None (the rule keeps scales in the input's dtype)")
+    return FP8(granularity, scale_dtype, rule)
 
 
 _FACTORIES = {
@@ -364,8 +399,8 @@ _FACTORIES = {
     "mxfp8": lambda d: mxfp8(d["scale_rule"]),
     "nvfp4": lambda d: nvfp4(d["global_scale"]),
     "intq": lambda d: intq(d["bits"], group=d["group"], symmetric=d["symmetric"], clip=d["clip"],
-                           scale_dtype=d.get("scale_dtype")),
-    "fp8": lambda d: fp8(d["granularity"], scale_dtype=d.get("scale_dtype")),
+                           scale_dtype=d.get("scale_dtype"), rule=d.get("rule")),
+    "fp8": lambda d: fp8(d["granularity"], scale_dtype=d.get("scale_dtype"), rule=d.get("rule")),
 }
 
 
