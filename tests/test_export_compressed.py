@@ -552,3 +552,24 @@ def test_rotfn_fold_export_through_the_command_line(tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert torch.isfinite(loaded(_ids(model)).logits).all()
+
+
+@pytest.mark.parametrize("fmt", [rotfn.intq(4, group=32, scale_dtype=BF16), rotfn.nvfp4(None), rotfn.mxfp4()], ids=repr)
+def test_streaming_export_of_a_moe_checkpoint_equals_the_in_memory_export(tmp_path, fmt):
+    """A Qwen3-MoE checkpoint holds its experts per expert: the streaming export folds and packs each on its own,
+    byte for byte the in-memory export of the fused experts; a scale measured over all experts is refused."""
+    model, plan, folded = _moe(fmt)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="60KB")
+    rotfn.export_compressed(model, folded, plan, tmp_path / "memory")
+    build = lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16, seed=2),  # noqa: E731
+                                         weights=fmt, r3=None, r4=None)
+    rotfn.fold_checkpoint(src, build, tmp_path / "stream", export="compressed-tensors", max_shard_size="40KB",
+                          progress=False)
+    memory, stream = _tensors_in(tmp_path / "memory"), _tensors_in(tmp_path / "stream")
+    assert any(".experts.3.down_proj.weight" in k for k in stream)
+    _assert_same_tensors(memory, stream)
+    assert _qconfig(tmp_path / "memory") == _qconfig(tmp_path / "stream")
+    with pytest.raises(PlanError, match=r"act on each expert's rows alone"):
+        rotfn.fold_checkpoint(src, lambda m: dataclasses.replace(build(m), weights=rotfn.nvfp4("pow2")),
+                              tmp_path / "no", export="compressed-tensors", progress=False)

@@ -361,3 +361,41 @@ def test_a_fold_with_online_transforms_is_refused_by_plain_transformers(src, tmp
     assert plan.online and type(model).__name__ == "LlamaForCausalLM"
     rotfn.fold_checkpoint(src, _quarot, tmp_path / "r1", progress=False)
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "r1")
+
+
+def _files(directory) -> dict:
+    out = {}
+    for name in os.listdir(directory):
+        if name.endswith(".safetensors"):
+            out.update(safetensors.torch.load_file(os.path.join(directory, name)))
+    return out
+
+
+def test_a_moe_checkpoint_folds_expert_by_expert_with_the_bits_of_the_fused_fold(tmp_path):
+    """Qwen3-MoE: transformers fuses the checkpoint's per-expert tensors into 3-D params; the streaming fold folds
+    each expert's tensor with the fused param's operations (R1 on both sides, R2, R4 on the experts' down
+    projection, MXFP4) and writes exactly what export_hf writes for the in-memory fold."""
+    cfg = make_config("qwen3_moe", hidden=64, heads=4, kv_heads=2, layers=2, intermediate=128)
+    model = tiny_model(cfg, dtype=torch.bfloat16, seed=1, outliers=8.0)
+    model.save_pretrained(tmp_path / "src", max_shard_size="60KB")
+
+    def build(m):
+        return rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16, seed=2), r3=None,
+                                  r4=lambda n: rotfn.hadamard(n, seed=3), weights=rotfn.mxfp4())
+
+    plan = build(model)
+    with pytest.warns(rotfn.errors.CheckpointWarning):
+        rotfn.export_hf(model, rotfn.fold(rotfn.params(model), plan), plan, tmp_path / "memory")
+    stats = rotfn.fold_checkpoint(tmp_path / "src", build, tmp_path / "stream", max_shard_size="40KB", progress=False)
+    memory, streamed = _files(tmp_path / "memory"), _files(tmp_path / "stream")
+    assert stats.shards > 1 and sorted(memory) == sorted(streamed)
+    assert any(".experts.3.gate_proj.weight" in k for k in streamed)
+    for key, t in memory.items():
+        assert torch.equal(t.view(torch.uint8), streamed[key].view(torch.uint8)), key
+    loaded, params, recorded = rotfn.load_hf(tmp_path / "stream")
+    assert recorded == plan
+    ids = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = rotfn.call(loaded, params, recorded, ids).logits
+        want = rotfn.call(model, rotfn.fold(rotfn.params(model), plan), plan, ids).logits
+    assert torch.equal(got, want)

@@ -416,18 +416,21 @@ class Export:
             _transform_config(fn, rotated, set(linears)) if rotated else ({}, {}))
         self.global_scales: dict[str, torch.Tensor] = {}
 
-    def packed(self, key: str, t: torch.Tensor, q: QTensor | None = None) -> dict[str, torch.Tensor]:
+    def packed(self, key: str, t: torch.Tensor, q: QTensor | None = None, *, part: str | None = None
+               ) -> dict[str, torch.Tensor]:
         """The tensors stored for quantized param ``key``: ``t`` its folded value, ``q`` its codes (None: the ones
-        ``t`` carries from :func:`rotfn.fold`)."""
+        ``t`` carries from :func:`rotfn.fold`); ``part``: the checkpoint linear ``t`` and ``q`` hold alone (one
+        expert's projection of fused experts ``key``, folded per expert by the streaming export)."""
         fn, fmt, acts = self.fn, self.plan.weights, self.acts
         _check_scale_dtype(fn, key, fmt, t.dtype, "weights")
         if isinstance(acts, FP8) and acts.granularity == "tensor":
             _check_scale_dtype(fn, key, acts, t.dtype, "acts")
         out = {}
-        for name, part in _linear_qtensors(_qtensor(fn, key, t, fmt, q), self.splits[key]).items():
-            if part.global_scale is not None:
-                self.global_scales[name] = part.global_scale
-            out.update(_tensors(name, part, acts, self.qconfig["format"], self.calibration, key))
+        split = self.splits[key] if part is None else {part: None}
+        for name, piece in _linear_qtensors(_qtensor(fn, key, t, fmt, q), split).items():
+            if piece.global_scale is not None:
+                self.global_scales[name] = piece.global_scale
+            out.update(_tensors(name, piece, acts, self.qconfig["format"], self.calibration, key))
         return out
 
     def check_fused(self) -> None:

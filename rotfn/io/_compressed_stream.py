@@ -90,11 +90,12 @@ def write_compressed(dst: str, export: Export, outs: Iterable, read: Callable, r
             if not out.fold.ops:
                 tensors = {out.key: source.clone()}
             else:
-                codes: dict | None = {} if out.key in quantized else None
+                param = out.param or out.key  # one expert's projection: the fused experts it is part of
+                codes: dict | None = {} if param in quantized else None
                 with torch.no_grad():
                     folded = _fold_whole(out, source, reads_of(out), dtype, piece_elements, codes)
-                tensors = ({out.key: folded} if codes is None else
-                           export.packed(out.key, folded, codes[out.key]))
+                tensors = ({out.key: folded} if codes is None else export.packed(
+                    param, folded, codes[param], part=None if out.param is None else out.key.removesuffix(".weight")))
             work = torch.Size(out.entry.shape).numel() * dtype.itemsize if out.fold.ops else 0
             stats.peak_held_bytes = max(stats.peak_held_bytes, used + out.entry.nbytes + work +
                                         sum(t.numel() * t.element_size() for t in tensors.values()))

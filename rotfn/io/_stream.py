@@ -52,11 +52,19 @@ from rotfn.io._atomic import write_atomic, write_text_atomic
 from rotfn.io._checkpoint import INDEX, SINGLE, Checkpoint, guard_config, inventory, is_weight_file, skeleton
 from rotfn.io._compressed import Export
 from rotfn.io._compressed_stream import write_compressed
-from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _shard_bytes, _shards, read_rotfn_json, write_rotfn_json
+from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _hf_layout, _shard_bytes, _shards, read_rotfn_json, write_rotfn_json
 from rotfn.io._malloc import freed_blocks_kept
 from rotfn.io._shard import ShardWriter, TensorEntry, header_bytes
 from rotfn.plans import Plan, check_plan, describe, fold_program
-from rotfn.transforms import PIECE_ELEMENTS, KeyProgram, Stage, pin_shared_scales, precision_dtype
+from rotfn.transforms import (
+    PIECE_ELEMENTS,
+    KeyProgram,
+    Rotate,
+    Stage,
+    key_program,
+    pin_shared_scales,
+    precision_dtype,
+)
 
 __all__ = ["COPY_PIECE_BYTES", "MAP_BUDGET", "MARKER", "READ_AHEAD", "FoldStats", "fold_checkpoint"]
 
@@ -163,6 +171,7 @@ class _Out:
     source: str
     entry: TensorEntry
     fold: KeyProgram
+    param: str | None = None  # the fused experts param of one expert's projection (its codes are keyed by it)
 
 
 def _resolve_plan(fn: str, plan, model) -> Plan:
@@ -177,25 +186,66 @@ def _resolve_plan(fn: str, plan, model) -> Plan:
                             type(plan).__name__, "pass e.g. lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(4096, seed=0))"))
 
 
+def _expert_parts(model, state: dict[str, tuple[int, ...]], ckpt: Checkpoint) -> dict[str, tuple[str, int, slice]]:
+    """``{checkpoint tensor: (fused param, expert, its rows)}`` for fused 3-D experts the checkpoint holds per expert
+    (transformers 5 fuses ``experts.{e}.gate_proj`` / ``up_proj`` into ``experts.gate_up_proj`` on load; its own
+    reverse conversion, applied to a row numbering, says which rows each checkpoint tensor holds)."""
+    parts: dict[str, tuple[str, int, slice]] = {}
+    for key, shape in state.items():
+        if len(shape) != 3 or key in ckpt.tensors:
+            continue
+        index = torch.arange(shape[0] * shape[1]).reshape(shape[0], shape[1], 1)
+        for name, rows in _hf_layout(model, {key: index}).items():
+            rows = rows.reshape(-1)
+            e, lo = divmod(int(rows[0]), shape[1])
+            if name == key or not torch.equal(rows, torch.arange(int(rows[0]), int(rows[0]) + len(rows))) or (
+                    lo + len(rows) > shape[1]):
+                continue  # not a run of one expert's rows: left to the names check below
+            parts[name] = (key, e, slice(lo, lo + len(rows)))
+    return parts
+
+
+def _part_program(fn: str, name: str, kp: KeyProgram, rows: slice, shape: tuple[int, ...]) -> KeyProgram:
+    """The fused experts' program ``kp`` for one expert's rows ``rows`` (a 2-D checkpoint tensor of ``shape``):
+    the same operations, one dim less; PlanError for one that mixes the expert or row axis (it needs the whole)."""
+    whole_rows = rows.stop - rows.start == kp.shape[1]
+    allowed = {1, 2} if whole_rows else {2}
+    bad = [op for op in kp.ops if not op.mixes(3) <= allowed]
+    if bad:
+        raise PlanError(message(fn, "plan", f"operations on {kp.key} that act on each expert's rows alone (the "
+                                "checkpoint holds one tensor per expert)", f"{type(bad[0]).__name__} mixing "
+                                f"dims {sorted(bad[0].mixes(3))} (e.g. a scale measured over all experts)",
+                                "fold this model in memory with rotfn.fold, or use a format with per-group scales"))
+    ops = tuple(dataclasses.replace(op, dim=op.dim - 1) if isinstance(op, Rotate) else op for op in kp.ops)
+    return key_program(name, shape, kp.dtype, ops)
+
+
 def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan, precision: torch.dtype) -> list[_Out]:
     """The output tensors in read order, each with its source; checks names and shapes against the model.
 
     Fused partitions sharing an NVFP4 global scale are folded up to their rounding once here, to measure it.
+    Fused experts held per expert get one program per checkpoint tensor (see :func:`_part_program`).
     """
     info = describe(model, fn=fn)
     check_plan(fn, info, plan)
     state = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    parts = _expert_parts(model, state, ckpt)
+    covered = {key for key, _, _ in parts.values()}
     tied = {k: g for g in info.tied for k in g}
-    extra = [k for k in ckpt.tensors if k not in state]
-    missing = [k for k in state if k not in ckpt.tensors and not any(m in ckpt.tensors for m in tied.get(k, ()))]
+    extra = [k for k in ckpt.tensors if k not in state and k not in parts]
+    missing = [k for k in state if k not in ckpt.tensors and k not in covered
+               and not any(m in ckpt.tensors for m in tied.get(k, ()))]
     wrong = [f"{k}: {list(e.shape)} (model {list(state[k])})" for k, (_, e) in ckpt.tensors.items()
              if k in state and e.shape != state[k]]
+    wrong += [f"{k}: {list(e.shape)} (rows {r.start}..{r.stop - 1} of {key})" for k, (_, e) in ckpt.tensors.items()
+              if k in parts for key, _, r in [parts[k]] if tuple(e.shape) != (r.stop - r.start, state[key][2])]
     if extra or missing or wrong:
         raise CheckpointError(message(
             fn, "src_dir", f"the tensor names and shapes of {info.cls} built from its config.json",
             f"{len(missing)} missing {missing[:3]}, {len(extra)} unexpected {extra[:3]}, {len(wrong)} of other shape {wrong[:2]}",
-            "fold a checkpoint saved by transformers for this config (fused MoE experts are not supported)"))
+            "fold a checkpoint saved by transformers for this config"))
     stored = {k: ckpt.tensors[m][1].dtype for k in info.shapes for m in (k, *tied.get(k, ())) if m in ckpt.tensors}
+    stored |= {key: ckpt.tensors[name][1].dtype for name, (key, _, _) in parts.items()}
     tensors = {k: torch.empty(tuple(s), dtype=stored.get(k, torch.float32), device="meta") for k, s in info.shapes.items()}
     reader = _Reader(ckpt, FoldStats())  # fused NVFP4 groups measured first (their reads are not the fold's)
     program = pin_shared_scales(fold_program(fn, plan, tensors), reader.read, precision=precision)
@@ -208,6 +258,11 @@ def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan, precision: torch.dtyp
     untied = set(plan.untied)
     outs: list[_Out] = []
     for name, (_, entry) in ckpt.tensors.items():
+        if name in parts:
+            key, _, rows = parts[name]
+            outs.append(_Out(name, name, entry, _part_program(fn, name, program.keys[key], rows, tuple(entry.shape)),
+                             key))
+            continue
         outs.append(_Out(name, name, entry, program.keys[name]))
         outs += [_Out(other, name, dataclasses.replace(entry, name=other), program.keys[other])
                  for other in tied.get(name, ()) if other in untied and other not in ckpt.tensors]
@@ -545,7 +600,10 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
 
     Args:
         src_dir: a transformers checkpoint directory: ``config.json`` and ``model.safetensors`` or
-            shards with ``model.safetensors.index.json`` (dense families; fused MoE experts are not supported).
+            shards with ``model.safetensors.index.json``. MoE experts that transformers fuses into 3-D params
+            on load (held per expert in the checkpoint) are folded per expert, bit for bit the rows of the
+            fused fold, for plans whose operations on them act on each expert's rows alone (rotations,
+            per-group formats; a scale measured over all experts is a PlanError).
         plan: a :class:`rotfn.Plan` built for this model (e.g. from :func:`rotfn.io._checkpoint.skeleton`),
             or a function ``model -> Plan`` that gets the skeleton (the model on the meta device).
         dst_dir: output directory, created if missing; an interrupted fold of the same job resumes there.

@@ -41,7 +41,7 @@ from rotfn.specs.rotation import Rotation
 
 __all__ = [
     "PIECE_ELEMENTS", "MIN_PIECE", "PRECISIONS", "precision_dtype", "piece_cuts", "RotateFn",
-    "Rotate", "Scale", "ShiftBias", "Fill", "QDQ", "tensor_wide", "shares_global_scale", "Stage", "KeyProgram", "FoldProgram", "compile_fold", "pin_shared_scales", "kept_ties",
+    "Rotate", "Scale", "ShiftBias", "Fill", "QDQ", "tensor_wide", "shares_global_scale", "Stage", "KeyProgram", "FoldProgram", "compile_fold", "key_program", "pin_shared_scales", "kept_ties",
     "tie",
 ]
 
@@ -359,6 +359,11 @@ def _stages(ops: tuple[Op, ...], shape: tuple[int, ...]) -> tuple[Stage, ...]:
     return (Stage(ops, None),)
 
 
+def key_program(key: str, shape: tuple[int, ...], dtype: torch.dtype, ops: tuple[Op, ...]) -> KeyProgram:
+    """The :class:`KeyProgram` of ``ops`` for a key of this shape and dtype, its stages cut as :func:`compile_fold` cuts them."""
+    return KeyProgram(key, tuple(shape), dtype, tuple(ops), _stages(tuple(ops), tuple(shape)))
+
+
 def _apply(ops, x: torch.Tensor, value, run: _Run, *, each: bool) -> torch.Tensor:
     """``ops`` on ``x`` in the work dtype; ``value(key, at)`` gives what an op reads. ``each``: round to ``x``'s
     dtype after every op (as calling transforms one by one does), else keep the work dtype (the caller rounds once)."""
@@ -514,8 +519,7 @@ def compile_fold(transform, tensors: Mapping[str, torch.Tensor], *, tied=(), unt
         versions = {k: len(v) for k, v in ops.items()}  # every op of a phase reads the phase's input
         for key, op in phase:
             ops[key].append(_bind(op, versions))
-    keys = {k: KeyProgram(k, tuple(t.shape), t.dtype, tuple(ops[k]), _stages(tuple(ops[k]), tuple(t.shape)))
-            for k, t in tensors.items()}
+    keys = {k: key_program(k, tuple(t.shape), t.dtype, tuple(ops[k])) for k, t in tensors.items()}
     groups = kept_ties(tied, untied, keys)
     for group in groups:
         if len({(keys[k].ops, keys[k].shape, keys[k].dtype) for k in group}) > 1:
@@ -561,6 +565,5 @@ def pin_shared_scales(program: FoldProgram, read: Callable[[str], torch.Tensor],
         op = kp.ops[-1]
         if all(o in amax for o in op.shares):
             s_g = nvfp4_shared_global_scale([amax[o] for o in (k, *op.shares)], op.fmt).item()
-            ops = (*kp.ops[:-1], op.pinned(s_g))
-            keys[k] = dataclasses.replace(kp, ops=ops, stages=_stages(ops, kp.shape))
+            keys[k] = key_program(k, kp.shape, kp.dtype, (*kp.ops[:-1], op.pinned(s_g)))
     return FoldProgram(keys, program.tied)
