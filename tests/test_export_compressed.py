@@ -554,10 +554,12 @@ def test_rotfn_fold_export_through_the_command_line(tmp_path):
         assert torch.isfinite(loaded(_ids(model)).logits).all()
 
 
-@pytest.mark.parametrize("fmt", [rotfn.intq(4, group=32, scale_dtype=BF16), rotfn.nvfp4(None), rotfn.mxfp4()], ids=repr)
+@pytest.mark.parametrize("fmt", [rotfn.intq(4, group=32, scale_dtype=BF16), rotfn.nvfp4(None), rotfn.nvfp4("pow2"),
+                                 rotfn.mxfp4()], ids=repr)
 def test_streaming_export_of_a_moe_checkpoint_equals_the_in_memory_export(tmp_path, fmt):
-    """A Qwen3-MoE checkpoint holds its experts per expert: the streaming export folds and packs each on its own,
-    byte for byte the in-memory export of the fused experts; a scale measured over all experts is refused."""
+    """A Qwen3-MoE checkpoint holds its experts per expert: the streaming export folds and packs each on its own
+    (an NVFP4 global scale over all experts measured first), byte for byte the in-memory export of the fused
+    experts; an FP8 tensor scale over all experts is refused."""
     model, plan, folded = _moe(fmt)
     src = tmp_path / "src"
     model.save_pretrained(src, max_shard_size="60KB")
@@ -571,5 +573,5 @@ def test_streaming_export_of_a_moe_checkpoint_equals_the_in_memory_export(tmp_pa
     _assert_same_tensors(memory, stream)
     assert _qconfig(tmp_path / "memory") == _qconfig(tmp_path / "stream")
     with pytest.raises(PlanError, match=r"act on each expert's rows alone"):
-        rotfn.fold_checkpoint(src, lambda m: dataclasses.replace(build(m), weights=rotfn.nvfp4("pow2")),
+        rotfn.fold_checkpoint(src, lambda m: dataclasses.replace(build(m), weights=rotfn.fp8("tensor", scale_dtype=BF16)),
                               tmp_path / "no", export="compressed-tensors", progress=False)

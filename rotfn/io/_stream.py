@@ -223,8 +223,9 @@ def _part_program(fn: str, name: str, kp: KeyProgram, rows: slice, shape: tuple[
 def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan, precision: torch.dtype) -> list[_Out]:
     """The output tensors in read order, each with its source; checks names and shapes against the model.
 
-    Fused partitions sharing an NVFP4 global scale are folded up to their rounding once here, to measure it.
-    Fused experts held per expert get one program per checkpoint tensor (see :func:`_part_program`).
+    Fused partitions sharing an NVFP4 global scale, and fused experts held per expert with a measured one, are
+    folded up to their rounding once here, to measure it (:func:`rotfn.transforms.pin_shared_scales`). Fused
+    experts held per expert get one program per checkpoint tensor (see :func:`_part_program`).
     """
     info = describe(model, fn=fn)
     check_plan(fn, info, plan)
@@ -247,8 +248,20 @@ def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan, precision: torch.dtyp
     stored = {k: ckpt.tensors[m][1].dtype for k in info.shapes for m in (k, *tied.get(k, ())) if m in ckpt.tensors}
     stored |= {key: ckpt.tensors[name][1].dtype for name, (key, _, _) in parts.items()}
     tensors = {k: torch.empty(tuple(s), dtype=stored.get(k, torch.float32), device="meta") for k, s in info.shapes.items()}
-    reader = _Reader(ckpt, FoldStats())  # fused NVFP4 groups measured first (their reads are not the fold's)
-    program = pin_shared_scales(fold_program(fn, plan, tensors), reader.read, precision=precision)
+    by_param: dict[str, list[tuple[str, int, slice]]] = {}
+    for name, (key, e, rows) in parts.items():
+        by_param.setdefault(key, []).append((name, e, rows))
+    reader = _Reader(ckpt, FoldStats())  # measured NVFP4 global scales first (these reads are not the fold's)
+
+    def whole(key: str) -> torch.Tensor:
+        if key not in by_param:
+            return reader.read(key)
+        t = torch.empty(state[key], dtype=stored[key])
+        for name, e, rows in by_param[key]:
+            t[e, rows] = reader.read(name)
+        return t
+
+    program = pin_shared_scales(fold_program(fn, plan, tensors), whole, precision=precision, alone=tuple(by_param))
     reader.close()
     late = [k for k, kp in program.keys.items() if not kp.reads_given]
     if late:
@@ -603,7 +616,8 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
             shards with ``model.safetensors.index.json``. MoE experts that transformers fuses into 3-D params
             on load (held per expert in the checkpoint) are folded per expert, bit for bit the rows of the
             fused fold, for plans whose operations on them act on each expert's rows alone (rotations,
-            per-group formats; a scale measured over all experts is a PlanError).
+            per-group formats, NVFP4, whose global scale over all experts is measured first; an FP8
+            ``"tensor"`` scale over all experts is a PlanError).
         plan: a :class:`rotfn.Plan` built for this model (e.g. from :func:`rotfn.io._checkpoint.skeleton`),
             or a function ``model -> Plan`` that gets the skeleton (the model on the meta device).
         dst_dir: output directory, created if missing; an interrupted fold of the same job resumes there.

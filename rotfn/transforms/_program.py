@@ -213,7 +213,8 @@ class QDQ:
 
     def mixes(self, ndim: int) -> set[int]:
         """The last dim, or every dim for a format with one scale for the whole tensor or a rounding of its own."""
-        return set(range(ndim)) if tensor_wide(self.fmt) or self.rounding is not None else {ndim - 1}
+        whole = (tensor_wide(self.fmt) and self.global_scale is None) or self.rounding is not None
+        return set(range(ndim)) if whole else {ndim - 1}
 
     def pinned(self, global_scale: float) -> QDQ:
         """This op with the group's global scale fixed (it reads no other key then)."""
@@ -529,7 +530,7 @@ def compile_fold(transform, tensors: Mapping[str, torch.Tensor], *, tied=(), unt
 
 
 def pin_shared_scales(program: FoldProgram, read: Callable[[str], torch.Tensor], *,
-                      precision: torch.dtype = torch.float64) -> FoldProgram:
+                      precision: torch.dtype = torch.float64, alone: tuple[str, ...] = ()) -> FoldProgram:
     """``program`` with every fused group's NVFP4 global scale measured and pinned (:meth:`QDQ.pinned`).
 
     A source read key by key (:func:`rotfn.fold_checkpoint`) cannot give a QDQ the other partitions'
@@ -541,9 +542,11 @@ def pin_shared_scales(program: FoldProgram, read: Callable[[str], torch.Tensor],
         program: a compiled fold program.
         read: ``read(name)``: a key's tensor as given.
         precision: the work dtype of the run that follows.
+        alone: keys whose measured NVFP4 global scale is pinned too, each on its own (a tensor the
+            source holds in parts, e.g. fused experts held per expert).
 
     Returns:
-        A :class:`FoldProgram` (``program`` itself when no group shares a scale).
+        A :class:`FoldProgram` (``program`` itself when there is nothing to pin).
 
     Example:
         >>> import torch, rotfn
@@ -553,15 +556,16 @@ def pin_shared_scales(program: FoldProgram, read: Callable[[str], torch.Tensor],
         >>> [prog.ops[-1].global_scale for prog in pinned.keys.values()] == [2.0**-9] * 2
         True
     """
-    shared = {k: kp for k, kp in program.keys.items() if kp.ops and isinstance(kp.ops[-1], QDQ) and kp.ops[-1].shares
-              and all(at == 0 for op in kp.ops[:-1] for _, at in op.reads)}
-    if not shared:
+    pin = {k: kp for k, kp in program.keys.items() if kp.ops and isinstance(kp.ops[-1], QDQ)
+           and (kp.ops[-1].shares or (k in alone and shares_global_scale(kp.ops[-1].fmt)))
+           and kp.ops[-1].rounding is None and all(at == 0 for op in kp.ops[:-1] for _, at in op.reads)}
+    if not pin:
         return program
     run = _Run(precision, PIECE_ELEMENTS, {})
     amax = {k: finite_amax(_apply(kp.ops[:-1], read(k), lambda name, _: read(name), run, each=False))
-            for k, kp in shared.items()}
+            for k, kp in pin.items()}
     keys = dict(program.keys)
-    for k, kp in shared.items():
+    for k, kp in pin.items():
         op = kp.ops[-1]
         if all(o in amax for o in op.shares):
             s_g = nvfp4_shared_global_scale([amax[o] for o in (k, *op.shares)], op.fmt).item()
