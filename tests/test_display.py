@@ -111,7 +111,7 @@ def test_spec_reprs_stay_constructor_forms():
 
 
 def test_learn_result_repr_is_short():
-    plan = rotfn.plans.per_linear(_mlp(), rotation=rotfn.hadamard(64))
+    plan = rotfn.plans.per_linear(_mlp(), rotation=rotfn.hadamard)
     result = rotfn.learn.LearnResult(plan, (2.0, 1.5, 1.25), (1e-15, 2e-15, 3e-15), ("per_linear 0",), "custom")
     assert repr(result) == ("LearnResult('custom', 3 steps, loss 2 -> 1.25, max |R R^T - I| 3.0e-15, "
                             f"1 learned matrices, plan={plan!r})")

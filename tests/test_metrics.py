@@ -1,6 +1,8 @@
 """rotfn.metrics: typed errors on bad input, values against closed forms, and properties (hypothesis)."""
 
 import math
+import pathlib
+import re
 
 import pytest
 import torch
@@ -170,3 +172,15 @@ def test_perplexity_is_exp_of_shifted_cross_entropy_and_skips_minus_100():
     assert math.isclose(perplexity(logits, masked), want, rel_tol=1e-12)
     sure = torch.full((1, 4, 5), -1e4).scatter(-1, ids[:1, 1:5, None] % 5, 1e4)  # certain of the next token
     assert perplexity(torch.cat([sure, sure[:, :1]], 1), torch.cat([ids[:1, :1] % 5, ids[:1, 1:5] % 5], 1)) == 1.0
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_no_notebook_doc_or_module_defines_its_own_sqnr():
+    """rotfn.metrics is the one home of SQNR: a private ``def sqnr`` elsewhere is a twin that drifts."""
+    pages = [ROOT / "README.md", *ROOT.glob("docs/**/*.md"), *ROOT.glob("notebooks/*.ipynb"), *ROOT.glob("bench/*.py"),
+             *(p for p in ROOT.glob("rotfn/**/*.py") if p.name != "metrics.py")]
+    assert len(pages) > 20
+    twins = [str(p.relative_to(ROOT)) for p in pages if re.search(r"\bdef _?sqnr(_db)?\s*\(", p.read_text())]
+    assert twins == []
