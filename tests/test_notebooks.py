@@ -1,5 +1,5 @@
-"""Every notebook runs top to bottom in a real Jupyter kernel (as "Run All" would), on CPU, and shows no
-warning of tqdm's and no traceback."""
+"""Every notebook runs top to bottom in a real Jupyter kernel (as "Run All" would), on CPU, shows no
+warning of tqdm's and no traceback, and draws every figure it displays."""
 
 import json
 import pathlib
@@ -37,6 +37,8 @@ def test_notebook_runs_in_a_kernel_without_warnings_or_tracebacks(path):
                 assert not (output["output_type"] == "stream" and output["name"] == "stderr" and "Traceback" in text), \
                     (i, text)
                 assert output["output_type"] != "error", (i, text)
+            if output.get("data", {}).get("text/plain", "").startswith("<Figure"):
+                assert "image/png" in output["data"], (i, "a figure shown as its repr, not drawn")
 
 
 def test_there_are_notebooks():
