@@ -67,8 +67,7 @@ def main() -> None:
             if kw is not None:
                 calib = rotfn.calibrate(model, params, plan, batches, keep_hessians=True, progress=False, **kw)
             folded = rotfn.fold(params, plan, weights_by=calib)
-            cos = torch.nn.functional.cosine_similarity(embed(model, folded, plan, held), ref, dim=-1).mean()
-            row.append(1 - float(cos))
+            row.append(1 - rotfn.metrics.cosine(ref, embed(model, folded, plan, held)))
             if rounding == "GPTQ":
                 rtn = rotfn.fold(params, plan)
                 base = rotfn.fold(params, dataclasses.replace(plan, weights=None, quantized=()))

@@ -24,18 +24,19 @@ With ``gptq=True`` it also measures the error the rounding of ``W'`` makes in th
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from rotfn import calibration
-from rotfn._table import format_table
-from rotfn.errors import ArgumentError, FoldError, PlanError, RotfnError, message
+from rotfn._table import format_table, html_table
+from rotfn.errors import ArgumentError, FoldError, MissingDependencyError, PlanError, RotfnError, message
 from rotfn.functional import dequantize, qdq
-from rotfn.metrics import energy_ratio_db
+from rotfn.metrics import energy_ratio_db, sqnr_db
 from rotfn.model import Site, call_as
 from rotfn.plans import Plan, check_keys, check_plan, describe, fold, folded_with, require_plan
 from rotfn.specs import Format
@@ -118,6 +119,20 @@ def _cell(value: float | None, sign: bool = False) -> str:
     return f"{value:+.2f}" if sign else f"{value:.2f}"
 
 
+def _optional(fn: str, module: str, pip: str):
+    """``import module``, or a :class:`MissingDependencyError` that names the ``pip install`` bringing it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingDependencyError(message(fn, module, f"{module} installed (an optional dependency of rotfn)",
+                                             f"ImportError: {err}", f"pip install {pip}")) from err
+
+
+_COLUMNS = (("W none", "weight_plain"), ("W rot", "weight_rotated"), ("W gain", "weight_gain"),
+            ("x none", "act_plain"), ("x rot", "act_rotated"), ("x gain", "act_gain"))
+_GPTQ_COLUMNS = (("y RTN", "out_rtn"), ("y GPTQ", "out_gptq"), ("GPTQ gain", "gptq_gain"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Report:
     """What :func:`rotfn.report` measured: one :class:`LayerReport` per quantized linear, in model order.
@@ -186,19 +201,126 @@ class Report:
             "notes": list(self.notes),
         }
 
-    def __str__(self) -> str:
-        columns = [("W none", "weight_plain"), ("W rot", "weight_rotated"), ("W gain", "weight_gain"),
-                   ("x none", "act_plain"), ("x rot", "act_rotated"), ("x gain", "act_gain")]
-        title = f"SQNR in dB (higher is better): weights {self.weights!r}, acts {self.acts!r}; plan {self.plan}"
+    def _table(self) -> tuple[list[str], list[list[object]], list[str]]:
+        """The table's header, cells and title lines, shared by the text and the HTML views."""
+        columns = list(_COLUMNS)
+        title = [f"SQNR in dB (higher is better): weights {self.weights!r}, acts {self.acts!r}; plan {self.plan}"]
         if any(r.out_rtn is not None for r in self.rows):
-            columns += [("y RTN", "out_rtn"), ("y GPTQ", "out_gptq"), ("GPTQ gain", "gptq_gain")]
-            title += "\ny: the output x' W'^T with W' rounded to nearest / by GPTQ fitted on these inputs (in-sample)"
+            columns += _GPTQ_COLUMNS
+            title.append("y: the output x' W'^T with W' rounded to nearest / by GPTQ fitted on these inputs (in-sample)")
         header = ["layer", "in", *(name for name, _ in columns)]
         cells = [[r.layer, r.in_features, *(_cell(getattr(r, field), field.endswith("gain")) for _, field in columns)]
                  for r in self.rows]
-        lines = [title, format_table(header, cells), self.summary_line()]
+        return header, cells, title
+
+    def __str__(self) -> str:
+        header, cells, title = self._table()
+        lines = [*title, format_table(header, cells), self.summary_line()]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        gains = f"weights {_cell(s['median_weight_gain'], True)} dB, acts {_cell(s['median_act_gain'], True)} dB"
+        return f"Report({s['layers']} layers, weights={self.weights!r}, acts={self.acts!r}, median gain: {gains})"
+
+    def _repr_html_(self) -> str:
+        """The table as HTML, for Jupyter: one row per layer, the summary and the notes under it."""
+        header, cells, title = self._table()
+        return html_table(header, cells, caption="; ".join(title),
+                          footer=[self.summary_line(), *(f"note: {n}" for n in self.notes)])
+
+    def to_pandas(self):
+        """The rows as a ``pandas.DataFrame``: one row per layer, the columns of :meth:`LayerReport.to_dict`.
+
+        Missing values (a side the plan does not quantize) are NaN.
+
+        Returns:
+            A ``pandas.DataFrame`` indexed by layer name.
+
+        Raises:
+            MissingDependencyError: pandas is not installed (``pip install pandas``).
+
+        Example:
+            >>> import torch, rotfn
+            >>> m = torch.nn.Sequential(torch.nn.Linear(64, 8)).eval()
+            >>> plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(64, seed=0), weights=rotfn.mxfp4())
+            >>> df = rotfn.report(m, rotfn.params(m), plan, torch.randn(4, 64)).to_pandas()
+            >>> list(df.index), bool(df["act_plain"].isna().all())
+            (['0'], True)
+        """
+        pandas = _optional("Report.to_pandas", "pandas", "pandas")
+        frame = pandas.DataFrame([r.to_dict() for r in self.rows],
+                                 columns=[f.name for f in dataclasses.fields(LayerReport)]
+                                 + ["weight_gain", "act_gain", "gptq_gain"])
+        return frame.set_index("layer").astype({c: float for c in frame.columns if c not in ("layer", "in_features")})
+
+    def plot(self, *, title: str | None = None, label: Callable[[str], str] | None = None):
+        """Three panels per layer: weight SQNR and input SQNR, without and with rotation, and the gains (dB).
+
+        The figure is a plain ``matplotlib.figure.Figure`` (not registered with pyplot, so nothing global
+        changes); in Jupyter it shows as the cell's output, elsewhere save it with ``fig.savefig(path)``.
+
+        Args:
+            title: the figure's title; default the formats and the plan.
+            label: maps a layer name to its tick label (e.g. a short form); default the name itself.
+
+        Returns:
+            The ``matplotlib.figure.Figure``; its ``axes`` are the three panels.
+
+        Raises:
+            MissingDependencyError: matplotlib is not installed (``pip install matplotlib``).
+            ArgumentError: ``title`` not a str or None, ``label`` not callable.
+
+        Example:
+            >>> import torch, rotfn
+            >>> m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8)).eval()
+            >>> plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(32, seed=0), weights=rotfn.mxfp4(),
+            ...                               acts=rotfn.mxfp4(), where="1")
+            >>> fig = rotfn.report(m, rotfn.params(m), plan, torch.randn(4, 64)).plot(title="one layer")
+            >>> len(fig.axes), fig.axes[2].get_ylabel()
+            (3, 'gain (dB)')
+        """
+        fn = "Report.plot"
+        if title is not None and not isinstance(title, str):
+            raise ArgumentError(message(fn, "title", "a str or None", type(title).__name__, "pass title='...'"))
+        if label is not None and not callable(label):
+            raise ArgumentError(message(fn, "label", "a function layer name -> tick label, or None",
+                                        type(label).__name__, "pass e.g. label=lambda name: name.split('.')[-1]"))
+        figure = _optional(fn, "matplotlib.figure", "matplotlib")
+        idx = range(len(self.rows))
+        fig = figure.Figure(figsize=(max(8, 0.32 * len(self.rows) + 3), 8.5))
+        axes = fig.subplots(3, 1, sharex=True)
+        for ax, side, what in ((axes[0], "weight", f"weights {self.weights!r}"),
+                               (axes[1], "act", f"activations {self.acts!r}")):
+            plain = [getattr(r, f"{side}_plain") for r in self.rows]
+            rotated = [getattr(r, f"{side}_rotated") for r in self.rows]
+            if all(v is None for v in plain):
+                ax.text(0.5, 0.5, f"{side}s not quantized by this plan", transform=ax.transAxes, ha="center")
+            else:
+                ax.plot(idx, [math.nan if v is None else v for v in plain], "o-", color="C0", label="no rotation",
+                        markersize=4)
+                ax.plot(idx, [math.nan if v is None else v for v in rotated], "s-", color="C1", label="rotated",
+                        markersize=4)
+                ax.legend(loc="lower right", fontsize=8)
+            ax.set(ylabel="SQNR (dB)", title=what)
+            ax.grid(alpha=0.3)
+        width, bars = 0.4, False
+        for k, side in enumerate(("weight", "act")):
+            gains = [getattr(r, f"{side}_gain") for r in self.rows]
+            if any(g is not None for g in gains):
+                axes[2].bar([i + (k - 0.5) * width for i in idx], [0 if g is None else g for g in gains], width,
+                            color=f"C{k + 2}", label=f"{side} gain")
+                bars = True
+        axes[2].axhline(0, color="k", linewidth=0.8)
+        axes[2].set(ylabel="gain (dB)", title="rotated - no rotation (positive: rotation helps)")
+        if bars:
+            axes[2].legend(fontsize=8)
+        axes[2].grid(alpha=0.3)
+        axes[2].set_xticks(list(idx), [(label or str)(r.layer) for r in self.rows], rotation=90, fontsize=7)
+        fig.suptitle(title if title is not None else f"weights {self.weights!r}, acts {self.acts!r}")
+        fig.tight_layout()
+        return fig
 
 
 # ----- measuring ---------------------------------------------------------------------
@@ -379,8 +501,8 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
         w_plain = w_rot = a_plain = a_rot = out_rtn = out_gptq = None
         if name in weight_keys:
             key = weight_keys[name]
-            w_plain = energy_ratio_db(*_energies(params[key], plan.weights))
-            w_rot = energy_ratio_db(*_energies(rotated_params[key], plan.weights))
+            w_plain = sqnr_db(params[key], qdq(params[key], plan.weights))
+            w_rot = sqnr_db(rotated_params[key], qdq(rotated_params[key], plan.weights))
         if name in act_sites and plain[name].calls:
             a_plain = energy_ratio_db(plain[name].signal, plain[name].noise)
             a_rot = energy_ratio_db(rotated[name].signal, rotated[name].noise)

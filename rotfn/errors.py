@@ -29,6 +29,7 @@ __all__ = [
     "FoldError",
     "CheckpointError",
     "CheckpointWarning",
+    "MissingDependencyError",
     "message",
 ]
 
@@ -112,6 +113,11 @@ class FoldError(PlanError):
 class CheckpointError(RotfnError, ValueError):
     """A file or directory is not a readable rotfn checkpoint (not rotfn, unknown version, missing,
     mismatched, corrupted or truncated data), or params cannot be written to one."""
+
+
+class MissingDependencyError(RotfnError, ImportError):
+    """An optional package a call needs (pandas for ``Report.to_pandas``, matplotlib for ``Report.plot``) is not
+    installed; the message names the ``pip install`` that brings it."""
 
 
 class CheckpointWarning(UserWarning):

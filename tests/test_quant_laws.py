@@ -101,15 +101,12 @@ def test_rotate_qdq_gradients():
     assert torch.equal(back, g)
 
 
-def _sqnr(x, y):
-    return 10 * torch.log10(x.double().square().sum() / (x.double() - y.double()).square().sum()).item()
-
-
 def _sqnr_without_and_with_rotation(dist, fmt, seed):
     """SQNR (dB) of qdq(x) and of R^T qdq(x R) for a seeded [64, 1024] tensor and R = hadamard(1024, seed)."""
     x = rt.make_tensor(dist, (64, 1024), seed)
     r = rotfn.hadamard(1024, seed=seed)
-    return _sqnr(x, rotfn.qdq(x, fmt)), _sqnr(x, rotfn.rotate_qdq(x, r, fmt, back=True))
+    sqnr_db = rotfn.metrics.sqnr_db
+    return sqnr_db(x, rotfn.qdq(x, fmt)), sqnr_db(x, rotfn.rotate_qdq(x, r, fmt, back=True))
 
 
 @settings(max_examples=8)

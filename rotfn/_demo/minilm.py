@@ -94,7 +94,7 @@ def fidelity_rows(model, tokenizer, *, seed: int = 0, sentences: Sequence[str] =
     For each format (weights and activations; None = no qdq) and each rotation (none; block Hadamard and
     block random-sign Hadamard with blocks of the format's scale group; full random-sign
     Hadamard) a :func:`rotfn.plans.per_linear` plan on the linears matched by ``where`` is
-    folded and called; ``cos = <e_float, e_quant>`` per sentence (both unit vectors).
+    folded and called; ``cos = <e_float, e_quant>`` per sentence (both unit vectors, :func:`rotfn.metrics.cosine`).
 
     Returns:
         ``(columns, rows, reports)``: column labels; one row ``[label, mean/min cos per column...]``
@@ -110,7 +110,7 @@ def fidelity_rows(model, tokenizer, *, seed: int = 0, sentences: Sequence[str] =
         cells = [label]
         for name, rotation in rotations.items():
             plan = rotfn.plans.per_linear(model, rotation=rotation, weights=fmt, acts=fmt, where=where)
-            cos = (embed(model, rotfn.fold(p, plan), plan, batch) * reference).sum(-1)
+            cos = rotfn.metrics.cosine(reference, embed(model, rotfn.fold(p, plan), plan, batch), mean=False)
             cells.append(f"{cos.mean().item():.4f} / {cos.min().item():.4f}")
             if fmt is not None and name.startswith("H+-s block"):
                 reports[label] = rotfn.report(model, p, plan, batch)

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from rotfn._progress import progress_bar
 from rotfn.calibration._gptq import gptq
 from rotfn.errors import ArgumentError, FormatError, PlanError, message
 from rotfn.functional import dequantize, quantize
@@ -218,7 +218,7 @@ def calibrate(
     kept: dict[str, torch.Tensor] = {}
     amax: dict[str, torch.Tensor] = {}
     tokens = 0
-    bar = tqdm(blocks.items(), desc=fn, disable=not progress, leave=False)
+    bar = progress_bar(blocks.items(), desc=fn, disable=not progress, leave=False)
     for block, keys in bar:
         hessians, tokens = _collect(model, FoldedParams(current, collecting), collecting, data, keys, block, amax)
         for key in keys:

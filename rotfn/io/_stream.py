@@ -45,8 +45,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import safetensors
 import torch
-from tqdm.auto import tqdm
 
+from rotfn._progress import progress_bar
 from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError, message
 from rotfn.io._atomic import write_atomic, write_text_atomic
 from rotfn.io._checkpoint import INDEX, SINGLE, Checkpoint, guard_config, inventory, is_weight_file, skeleton
@@ -707,8 +707,8 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     total = sum(o.entry.nbytes for o in outs)
     threads = torch.get_num_threads()
     workers = workers or threads
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"fold {os.path.basename(ckpt.dir)}",
-               disable=not progress, smoothing=0.05)
+    bar = progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"fold {os.path.basename(ckpt.dir)}", disable=not progress, smoothing=0.05)
     with contextlib.ExitStack() as process:  # the process-wide settings asked for, undone on exit
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)

@@ -8,8 +8,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from rotfn._progress import progress_bar
 from rotfn.errors import ArgumentError, FoldError, message
 from rotfn.functional import qdq
 from rotfn.learn._cayley import cayley_step, orthogonality_error
@@ -40,6 +40,13 @@ class LearnResult:
     orthogonality: tuple[float, ...]
     slots: tuple[str, ...]
     loss: str
+
+    def __repr__(self) -> str:
+        steps = len(self.losses)
+        trend = f"loss {self.losses[0]:.4g} -> {self.losses[-1]:.4g}" if steps else "no steps"
+        worst = f", max |R R^T - I| {max(self.orthogonality):.1e}" if self.orthogonality else ""
+        return (f"LearnResult({self.loss!r}, {steps} steps, {trend}{worst}, {len(self.slots)} learned matrices, "
+                f"plan={self.plan!r})")
 
 
 def _check_number(fn: str, arg: str, value, ok, what: str, fix: str) -> None:
@@ -191,7 +198,7 @@ def rotations(
     velocity = tuple(torch.zeros_like(q) for q in qs)
     blocks = [s.base.block_matrix(device=device) for s in slots.slots]
     losses, ortho = [], []
-    bar = tqdm(range(steps), desc=fn, disable=not progress)
+    bar = progress_bar(range(steps), desc=fn, disable=not progress)
     for step in bar:
         grads, value = grad(qs, step % len(batches))
         moved = [cayley_step(q, g, v, lr=lr, momentum=momentum) for q, g, v in zip(qs, grads, velocity, strict=True)]

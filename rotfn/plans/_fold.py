@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
+from rotfn._table import html_table
 from rotfn.errors import ArgumentError, FoldError, PlanError, message
 from rotfn.plans._checks import check_signature, require_plan
 from rotfn.plans._plan import Plan, signature
@@ -41,6 +42,18 @@ class FoldedParams(dict):
 
     def __repr__(self) -> str:
         return f"FoldedParams({len(self)} tensors, plan={self.plan!r})"
+
+    def _repr_html_(self) -> str:
+        """A summary for Jupyter: tensors, elements and bytes per dtype (weights rounded by the fold apart)."""
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for t in self.values():
+            row = groups.setdefault((str(t.dtype).removeprefix("torch."), codes_of(t) is not None), [0, 0, 0])
+            row[0] += 1
+            row[1] += t.numel()
+            row[2] += t.numel() * t.element_size()
+        rows = [[dtype, "yes" if rounded else "no", *counts] for (dtype, rounded), counts in sorted(groups.items())]
+        return html_table(["dtype", "rounded by fold", "tensors", "elements", "bytes"], rows,
+                          caption=f"FoldedParams: {len(self)} tensors folded with {self.plan!r}")
 
     def __reduce__(self):
         return (FoldedParams, (dict(self), self.plan))

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 from collections.abc import Iterable
 
+from rotfn._table import html_table
 from rotfn.errors import SpecError, message
 from rotfn.specs.formats import Format, format_from_dict
 from rotfn.specs.rotation import Rotation
@@ -220,6 +221,20 @@ class Plan:
             lines.append(f"  qdq     {self.weights!r} on {len(self.quantized)} weights{shared}")
         lines += [f"  note    {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """The plan as an HTML table for Jupyter: one row per entry (norm fusion, weight rotation, online
+        transform, weight qdq), the notes under it."""
+        dash = lambda v: "-" if v is None else repr(v)  # noqa: E731
+        rows = [["norm", "-", n.norm, f"fused into {len(n.into)}" + ("" if n.bias is None else f", bias {n.bias}"),
+                 "-", "-"] for n in self.norms]
+        rows += [["weight", w.role or "-", w.key, w.side + (" per head" if w.per_head else "")
+                  + ("" if w.span is None else f" rows {w.span[0]}:{w.span[1]}"), dash(w.rotation), "-"]
+                 for w in self.rotations]
+        rows += [["online", o.role or "-", o.site, o.kind, dash(o.rotation), dash(o.fmt)] for o in self.online]
+        rows += [["qdq", "-", key, "weight", "-", dash(self.weights)] for key in self.quantized]
+        return html_table(["entry", "role", "key / site", "where", "rotation", "format"], rows, caption=repr(self),
+                          footer=[f"note: {n}" for n in self.notes])
 
     # ----- serialization ----------------------------------------------------------
     def to_dict(self) -> dict:
