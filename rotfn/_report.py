@@ -202,12 +202,6 @@ class Report:
 
 
 # ----- measuring ---------------------------------------------------------------------
-def _rotations_only(plan: Plan) -> Plan:
-    """The plan without any qdq: its folded rotations and norm fusions and its online rotations."""
-    online = tuple(dataclasses.replace(o, fmt=None) for o in plan.online if o.rotation is not None)
-    return dataclasses.replace(plan, online=online, weights=None, quantized=(), acts=None)
-
-
 def _linear_name(key: str) -> str:
     return key.removesuffix("weight").removesuffix(".")
 
@@ -353,7 +347,7 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
     if gptq and not weight_keys:
         notes.append("gptq=True, but the plan quantizes no linear's weight: no output SQNR")
 
-    rotations = _rotations_only(plan)
+    rotations = plan.without_formats()
     rotated_params = fold(params, rotations) if rotations.needs_fold else params
     gptq_sites = set(weight_keys) if gptq else set()
     plain = {name: _Inputs(fmt, hessian=False) for name, fmt in act_sites.items()}

@@ -174,6 +174,33 @@ class Plan:
         keys.update(dict.fromkeys(self.quantized))
         return tuple(keys)
 
+    def without_formats(self) -> Plan:
+        """The same plan without any quantizer: its rotations and norm fusions only, a float-equivalent plan.
+
+        Keeps ``rotations``, ``norms`` and the online rotations (their ``fmt`` set to None); drops the
+        weight format and ``quantized``, ``acts``, ``kv`` and every online entry that only quantizes
+        (activation or KV-cache qdq). Folded and called, it computes the model's own function, up to
+        float rounding: what a plan's rotations alone do, e.g. to check a learned plan.
+
+        Returns:
+            A new frozen :class:`Plan` (``self`` is unchanged).
+
+        Example:
+            >>> import torch, rotfn
+            >>> m = torch.nn.Sequential(torch.nn.Linear(32, 8))
+            >>> plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(32, seed=0), weights=rotfn.mxfp4(),
+            ...                               acts=rotfn.mxfp4())
+            >>> exact = plan.without_formats()
+            >>> exact.rotations == plan.rotations, exact.quantized, [(o.rotation, o.fmt) for o in exact.online]
+            (True, (), [(Rotation(hadamard, n=32, seed=0), None)])
+            >>> p = rotfn.params(m)
+            >>> x = torch.randn(4, 32)
+            >>> torch.allclose(rotfn.call(m, rotfn.fold(p, exact), exact, x), m(x), atol=1e-5)
+            True
+        """
+        online = tuple(dataclasses.replace(o, fmt=None) for o in self.online if o.rotation is not None)
+        return dataclasses.replace(self, online=online, weights=None, quantized=(), acts=None, kv=None)
+
     def transform(self, rounding=None) -> Chain:
         """The weight side as one :func:`rotfn.chain`: norm fusions, then rotations, then weight qdq.
 

@@ -51,8 +51,8 @@ MIN_PIECE = 16
 #: ``precision=`` of :func:`rotfn.fold` and :func:`rotfn.fold_checkpoint`: the dtype the fold computes in.
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
-#: ``rotate_fn(x, R) -> x @ R`` on the last dim: :func:`rotfn.rotate` or a stand-in for it.
-RotateFn = Callable[[torch.Tensor, Rotation], torch.Tensor]
+#: ``rotate_fn(x, R, dim=d)``: ``x @ R`` along dim ``d``, :func:`rotfn.rotate` or a stand-in with its signature.
+RotateFn = Callable[..., torch.Tensor]
 
 
 def precision_dtype(fn: str, precision) -> torch.dtype:
@@ -122,13 +122,13 @@ class Rotate:
         lo, hi = self.span if self.span is not None else (0, n)
         part = x.narrow(dim, lo, hi - lo)
         # [vectors, r.n, columns]: every r.n-vector along dim 1 rotates on its own; columns > 1 for a dim other than
-        # the last, whose vectors are rotated where they lie in memory (the ops see a transposed view), not transposed
+        # the last, whose vectors rotfn.rotate(dim=1) rotates where they lie in memory, not transposed
         columns = x.shape[dim + 1:].numel()
         x3 = part.reshape(-1, r.n, columns)
         axis = 0 if columns == 1 else 2  # pieces of whole vectors: rows, or columns of every vector
         row = r.n if columns == 1 else x3.shape[0] * r.n
         fn = run.rotate.get(self.origin, rotate)
-        rotated = [fn(x3[(slice(None),) * axis + (cut,)].contiguous().transpose(1, 2), r).transpose(1, 2)
+        rotated = [fn(x3[(slice(None),) * axis + (cut,)].contiguous(), r, dim=1)
                    for cut in piece_cuts(x3.shape[axis], row, run.piece_elements)]
         out = (rotated[0] if len(rotated) == 1 else torch.cat(rotated, axis)).reshape(part.shape)
         if self.span is not None:
@@ -405,8 +405,8 @@ class FoldProgram:
             precision: the work dtype (float64 or float32).
             piece_elements: the piece size of the rotations' work (:func:`piece_cuts`); any size gives the same bits.
             rotate: ``{rotation transform of the chain: rotate_fn}``: for the :func:`rotate_input` /
-                :func:`rotate_output` values given as keys, ``rotate_fn(x, R)`` computes ``x @ R`` on the last
-                dim in place of :func:`rotfn.rotate` (e.g. ``x @ (R.matrix() @ Q)`` with a differentiable ``Q``,
+                :func:`rotate_output` values given as keys, ``rotate_fn(x, R, dim=d)`` computes ``x @ R`` along
+                dim ``d`` in place of :func:`rotfn.rotate` (e.g. ``x @ (R.matrix() @ Q)`` with a differentiable ``Q``,
                 as :func:`rotfn.learn.rotations` does); it gets the same cutting. The run is differentiable in
                 the tensors ``rotate_fn`` closes over and in ``params``.
             round_each: round to each tensor's dtype after every operation (what calling a chain of
