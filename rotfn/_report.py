@@ -202,6 +202,11 @@ class Report:
 
 
 # ----- measuring ---------------------------------------------------------------------
+def _out_in(plan: Plan, key: str, params) -> torch.Tensor:
+    """The weight ``key`` as ``[out, in]``: a ``Conv1D``'s (stored ``[in, out]``) transposed, quantized along ``in``."""
+    return params[key].mT if key in plan.transposed else params[key]
+
+
 def _linear_name(key: str) -> str:
     return key.removesuffix("weight").removesuffix(".")
 
@@ -380,13 +385,13 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
         w_plain = w_rot = a_plain = a_rot = out_rtn = out_gptq = None
         if name in weight_keys:
             key = weight_keys[name]
-            w_plain = energy_ratio_db(*_energies(params[key], plan.weights))
-            w_rot = energy_ratio_db(*_energies(rotated_params[key], plan.weights))
+            w_plain = energy_ratio_db(*_energies(_out_in(plan, key, params), plan.weights))
+            w_rot = energy_ratio_db(*_energies(_out_in(plan, key, rotated_params), plan.weights))
         if name in act_sites and plain[name].calls:
             a_plain = energy_ratio_db(plain[name].signal, plain[name].noise)
             a_rot = energy_ratio_db(rotated[name].signal, rotated[name].noise)
         if name in gptq_sites and rotated[name].rows:
-            w, h = rotated_params[weight_keys[name]], rotated[name].xtx / rotated[name].rows
+            w, h = _out_in(plan, weight_keys[name], rotated_params), rotated[name].xtx / rotated[name].rows
             out_rtn = energy_ratio_db(*_output_energies(w, h, qdq(w, plan.weights)))
             rounded = dequantize(calibration.gptq(w, h, plan.weights), w.dtype)
             out_gptq = energy_ratio_db(*_output_energies(w, h, rounded))

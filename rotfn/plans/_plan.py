@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 from collections.abc import Iterable
 
-from rotfn.errors import SpecError, message
+from rotfn.errors import PlanError, SpecError, message
 from rotfn.specs.formats import Format, format_from_dict
 from rotfn.specs.rotation import Rotation
 from rotfn.transforms import Chain, Where, chain, fuse_norm, qdq_weights, rotate_input, rotate_output
@@ -74,12 +74,12 @@ class WeightRotation:
     span: tuple[int, int] | None = None
     role: str = ""
 
-    def transform(self):
-        """The :mod:`rotfn.transforms` primitive that applies this entry."""
+    def transform(self, *, transposed: bool = False):
+        """The :mod:`rotfn.transforms` primitive that applies this entry (``transposed``: the weight is stored ``[in, out]``)."""
         where = Where.names([self.key])
         if self.side == "input":
-            return rotate_input(self.rotation, where, per_head=self.per_head)
-        return rotate_output(self.rotation, where, per_head=self.per_head, span=self.span)
+            return rotate_input(self.rotation, where, per_head=self.per_head, transposed=transposed)
+        return rotate_output(self.rotation, where, per_head=self.per_head, span=self.span, transposed=transposed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +139,8 @@ class Plan:
         tied: groups of keys that share one tensor in the model.
         untied: keys the plan gives their own tensor (their tie is broken, see ``notes``).
         notes: human-readable facts about the plan (ties broken, layers skipped, exactness).
+        transposed: keys of linear weights stored ``[in, out]`` (GPT-2's ``Conv1D``, ``y = x @ W + b``): their
+            input side is dim -2 and their output side dim -1, in rotations and qdq alike.
     """
 
     method: str
@@ -155,6 +157,7 @@ class Plan:
     tied: tuple[tuple[str, ...], ...] = ()
     untied: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    transposed: tuple[str, ...] = ()
 
     # ----- derived ------------------------------------------------------------
     @property
@@ -208,9 +211,18 @@ class Plan:
         output-side rotations of one weight commute; qdq comes last, or ``rounding(key, W)``
         in its place (see :func:`rotfn.transforms.qdq_weights`).
         """
-        parts = [n.transform() for n in self.norms] + [w.transform() for w in self.rotations]
-        if self.quantized:
-            parts.append(qdq_weights(self.weights, Where.names(self.quantized), rounding=rounding))
+        fused = [k for n in self.norms for k in n.into if k in self.transposed]
+        if fused:  # a norm's scale multiplies the in dim, the last of an [out, in] weight only
+            raise PlanError(message("Plan.transform", "self", "norm fusions into [out, in] weights",
+                                    f"fusions into weights stored [in, out] (Conv1D): {fused[:3]}",
+                                    "leave those weights out of the plan's norms"))
+        transposed = set(self.transposed)
+        parts = [n.transform() for n in self.norms]
+        parts += [w.transform(transposed=w.key in transposed) for w in self.rotations]
+        for flag in (False, True):
+            keys = [k for k in self.quantized if (k in transposed) == flag]
+            if keys:
+                parts.append(qdq_weights(self.weights, Where.names(keys), rounding=rounding, transposed=flag))
         return chain(*parts)
 
     # ----- printing -------------------------------------------------------------
@@ -282,6 +294,7 @@ class Plan:
             "tied": [list(g) for g in self.tied],
             "untied": list(self.untied),
             "notes": list(self.notes),
+            "transposed": list(self.transposed),
         }
 
     @classmethod
@@ -325,7 +338,7 @@ class Plan:
                 method=d["method"], family=d["family"], model=d["model"], signature=d["signature"], rotations=rotations,
                 norms=norms, online=online, weights=fmt(d["weights"]), quantized=tuple(d["quantized"]),
                 acts=fmt(d["acts"]), kv=fmt(d.get("kv")), tied=tuple(tuple(g) for g in d["tied"]), untied=tuple(d["untied"]),
-                notes=tuple(d["notes"]),
+                notes=tuple(d["notes"]), transposed=tuple(d.get("transposed", ())),  # files before it had none
             )
         except SpecError:
             raise

@@ -14,6 +14,10 @@ computes ``y = x @ W.T + b``.
   the norm, and ``g' = 1`` (with a LayerNorm bias ``beta``: ``b' = b + W @ beta``, ``beta' = 0``);
 * :func:`qdq_weights`: ``W' = qdq(W, fmt)`` along ``in``.
 
+``transposed=True`` on the rotations and on :func:`qdq_weights` is for weights stored ``[..., in, out]``
+(GPT-2's ``transformers.pytorch_utils.Conv1D``, ``y = x @ W + b``): the same math on the ``in`` / ``out``
+dims, which are swapped (input side ``W' = R.T @ W``, output side ``W' = W @ R``, qdq along dim -2).
+
 Every transform returns a **new** dict; the input dict and its tensors are never
 written. A transform is a value: calling it compiles it into a fold program
 (:mod:`rotfn.transforms._program`, the one engine :func:`rotfn.fold` and
@@ -156,39 +160,44 @@ def _check_span(fn: str, span) -> tuple[int, int] | None:
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class RotateInput(Transform):
-    """``W' = W @ R`` on the last dim of every selected tensor (see :func:`rotate_input`)."""
+    """``W' = W @ R`` on the last dim of every selected tensor (dim -2 if ``transposed``; see :func:`rotate_input`)."""
 
     rotation: Rotation
     where: Where
     per_head: bool = False
+    transposed: bool = False
     name = "rotate_input"
 
     def _phases(self, tensors):
-        return [[(k, _rotate_op(self.name, k, tensors[k], self, -1, None)) for k in self.where.select(tensors, fn=self.name)]]
+        dim = -2 if self.transposed else -1
+        return [[(k, _rotate_op(self.name, k, tensors[k], self, dim, None)) for k in self.where.select(tensors, fn=self.name)]]
 
     def inverse(self) -> RotateInput:
         return dataclasses.replace(self, rotation=self.rotation.T)
 
     def __repr__(self) -> str:
-        head = ", per_head=True" if self.per_head else ""
-        return f"rotate_input({self.rotation!r}, {self.where!r}{head})"
+        extra = ", per_head=True" if self.per_head else ""
+        extra += ", transposed=True" if self.transposed else ""
+        return f"rotate_input({self.rotation!r}, {self.where!r}{extra})"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class RotateOutput(Transform):
-    """``W' = R.T @ W`` (dim -2), ``b' = b @ R`` for 1-D tensors (see :func:`rotate_output`)."""
+    """``W' = R.T @ W`` (dim -2; dim -1 if ``transposed``), ``b' = b @ R`` for 1-D tensors (see :func:`rotate_output`)."""
 
     rotation: Rotation
     where: Where
     per_head: bool = False
     span: tuple[int, int] | None = None
+    transposed: bool = False
     name = "rotate_output"
 
     def _phases(self, tensors):
         phase = []
         for key in self.where.select(tensors, fn=self.name):
             t = tensors[key]
-            phase.append((key, _rotate_op(self.name, key, t, self, -2 if t.ndim >= 2 else -1, self.span)))
+            dim = -2 if t.ndim >= 2 and not self.transposed else -1
+            phase.append((key, _rotate_op(self.name, key, t, self, dim, self.span)))
         return [phase]
 
     def inverse(self) -> RotateOutput:
@@ -197,6 +206,7 @@ class RotateOutput(Transform):
     def __repr__(self) -> str:
         extra = ", per_head=True" if self.per_head else ""
         extra += f", span={self.span}" if self.span is not None else ""
+        extra += ", transposed=True" if self.transposed else ""
         return f"rotate_output({self.rotation!r}, {self.where!r}{extra})"
 
 
@@ -240,27 +250,32 @@ class FuseNorm(Transform):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class QDQWeights(Transform):
-    """``W' = qdq(W, fmt)`` along the last dim of every selected tensor (see :func:`qdq_weights`)."""
+    """``W' = qdq(W, fmt)`` along the last dim of every selected tensor (dim -2 if ``transposed``; see :func:`qdq_weights`)."""
 
     fmt: Format
     where: Where
     rounding: WeightRounding | None = None
+    transposed: bool = False
     name = "qdq_weights"
 
     def _phases(self, tensors):
         phase = []
+        dim = -2 if self.transposed else -1
         for key in self.where.select(tensors, fn=self.name):
             w = tensors[key]
             group = self.fmt.group
-            if w.ndim == 0 or (group is not None and w.shape[-1] % group):
-                raise ShapeError(message(self.name, f"params[{key!r}]", f"last dim divisible by {self.fmt!r}'s group of {group}",
-                                         f"shape {tuple(w.shape)}", "leave this key out of where= (rotfn never pads)"))
+            if w.ndim < -dim or (group is not None and w.shape[dim] % group):
+                what = "dim -2 (in, stored [in, out])" if self.transposed else "last dim"
+                raise ShapeError(message(self.name, f"params[{key!r}]", f"{what} divisible by {self.fmt!r}'s group of "
+                                         f"{group}", f"shape {tuple(w.shape)}",
+                                         "leave this key out of where= (rotfn never pads)"))
             rounding = None if self.rounding is None else functools.partial(self.rounding, key)
-            phase.append((key, QDQ(self.fmt, rounding, key)))
+            phase.append((key, QDQ(self.fmt, rounding, key, self.transposed)))
         return [phase]
 
     def __repr__(self) -> str:
-        return f"qdq_weights({self.fmt!r}, {self.where!r})"
+        extra = ", transposed=True" if self.transposed else ""
+        return f"qdq_weights({self.fmt!r}, {self.where!r}{extra})"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -285,17 +300,21 @@ class Chain(Transform):
 
 
 # ----- factories ---------------------------------------------------------------
-def rotate_input(R: Rotation, where: Where | str | tuple, *, per_head: bool = False) -> RotateInput:  # noqa: N803
+def rotate_input(R: Rotation, where: Where | str | tuple, *, per_head: bool = False,  # noqa: N803
+                 transposed: bool = False) -> RotateInput:
     """Rotate the input side of the selected params: ``W' = W @ R`` (last dim).
 
     A linear reading ``x @ R`` instead of ``x`` with ``W' = W @ R`` computes the same
     ``(x @ R) @ (W @ R).T == x @ W.T``. With ``per_head=True`` the last dim is cut
     into heads of ``R.n`` and each is rotated: ``W' = W @ blockdiag(R, ..., R)``.
+    With ``transposed=True`` the weights are stored ``[in, out]`` (``y = x @ W``, GPT-2's ``Conv1D``):
+    ``W' = R.T @ W`` on dim -2, so ``(x @ R) @ W' == x @ W``.
 
     Args:
         R: a :class:`rotfn.Rotation` of the last dim's size (or of the head size).
         where: which keys (a :func:`rotfn.where` filter, glob, regex, predicate or tuple).
         per_head: rotate each consecutive chunk of ``R.n``.
+        transposed: the selected weights are stored ``[..., in, out]``.
 
     Returns:
         A frozen :class:`RotateInput`; call it on a params dict to get a new dict.
@@ -315,11 +334,13 @@ def rotate_input(R: Rotation, where: Where | str | tuple, *, per_head: bool = Fa
         True
     """
     fn = "rotate_input"
-    return RotateInput(_check_rotation(fn, R), _check_where(fn, where), _check_bool(fn, "per_head", per_head))
+    return RotateInput(_check_rotation(fn, R), _check_where(fn, where), _check_bool(fn, "per_head", per_head),
+                       _check_bool(fn, "transposed", transposed))
 
 
 def rotate_output(
-    R: Rotation, where: Where | str | tuple, *, per_head: bool = False, span: tuple[int, int] | None = None  # noqa: N803
+    R: Rotation, where: Where | str | tuple, *, per_head: bool = False, span: tuple[int, int] | None = None,  # noqa: N803
+    transposed: bool = False,
 ) -> RotateOutput:
     """Rotate the output side of the selected params: ``W' = R.T @ W``, bias ``b' = b @ R``.
 
@@ -327,13 +348,15 @@ def rotate_output(
     its output is rotated. 2-D+ tensors rotate dim -2 (the out rows), 1-D tensors
     (biases) their only dim. ``per_head=True`` rotates each chunk of ``R.n`` rows
     (per attention head); ``span=(start, stop)`` limits it to those rows, e.g. the
-    V rows of a fused ``qkv_proj``.
+    V rows of a fused ``qkv_proj``. With ``transposed=True`` the weights are stored ``[in, out]``
+    (GPT-2's ``Conv1D``): ``W' = W @ R`` on the last dim, ``span`` on its columns.
 
     Args:
         R: a :class:`rotfn.Rotation` of the out size (or the head size).
         where: which keys.
         per_head: rotate each consecutive chunk of ``R.n``.
         span: ``(start, stop)`` rows to rotate, or None for all.
+        transposed: the selected weights are stored ``[..., in, out]``.
 
     Returns:
         A frozen :class:`RotateOutput`.
@@ -355,7 +378,7 @@ def rotate_output(
     """
     fn = "rotate_output"
     return RotateOutput(_check_rotation(fn, R), _check_where(fn, where), _check_bool(fn, "per_head", per_head),
-                        _check_span(fn, span))
+                        _check_span(fn, span), _check_bool(fn, "transposed", transposed))
 
 
 def fuse_norm(norm: str, into: Where | str | tuple, *, bias: str | None = None) -> FuseNorm:
@@ -394,7 +417,8 @@ def fuse_norm(norm: str, into: Where | str | tuple, *, bias: str | None = None) 
     return FuseNorm(norm, _check_where(fn, into), bias)
 
 
-def qdq_weights(fmt: Format, where: Where | str | tuple, *, rounding: WeightRounding | None = None) -> QDQWeights:
+def qdq_weights(fmt: Format, where: Where | str | tuple, *, rounding: WeightRounding | None = None,
+                transposed: bool = False) -> QDQWeights:
     """Fake-quantize the selected weights along their last (input) dim: ``W' = qdq(W, fmt)``.
 
     Args:
@@ -402,6 +426,8 @@ def qdq_weights(fmt: Format, where: Where | str | tuple, *, rounding: WeightRoun
         where: which keys.
         rounding: ``rounding(key, W) -> QTensor`` of ``fmt`` whose values replace ``qdq(W, fmt)``
             (e.g. :meth:`rotfn.calibration.Calibration.round`: GPTQ's), or None.
+        transposed: the weights are stored ``[..., in, out]`` (GPT-2's ``Conv1D``): quantized along dim -2,
+            their input dim (``rounding`` gets ``W.mT``, ``[out, in]``).
 
     Returns:
         A frozen :class:`QDQWeights`.
@@ -421,7 +447,7 @@ def qdq_weights(fmt: Format, where: Where | str | tuple, *, rounding: WeightRoun
         raise FormatError(message(fn, "fmt", "a rotfn format spec", type(fmt).__name__, "build one with rotfn.mxfp4() ..."))
     if rounding is not None and not callable(rounding):
         raise ArgumentError(message(fn, "rounding", "rounding(key, W) -> QTensor, or None", type(rounding).__name__))
-    return QDQWeights(fmt, _check_where(fn, where), rounding)
+    return QDQWeights(fmt, _check_where(fn, where), rounding, _check_bool(fn, "transposed", transposed))
 
 
 def chain(*transforms: Transform) -> Chain:

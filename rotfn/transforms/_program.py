@@ -10,6 +10,9 @@ scale ``g: [in]``); its operations, in chain order, are
 * :class:`Fill`: every element set to one value (a fused norm's ``g' = 1``, ``beta' = 0``);
 * :class:`QDQ`: ``qdq(W, fmt)`` along ``in``.
 
+A weight stored ``[in, out]`` (GPT-2's ``Conv1D``, ``y = x @ W + b``) is *transposed*: its ``in`` is dim -2,
+so its input side rotates dim -2 (``R.T @ W``), its output side dim -1 (``W @ R``) and its qdq runs along dim -2.
+
 A :class:`FoldProgram` holds one :class:`KeyProgram` per key: its operations, the keys they
 read (each at the version it has at that point of the chain: 0 is the tensor as given), and
 its :class:`Stage` s: consecutive operations that leave one dim unmixed, along which the key
@@ -192,27 +195,33 @@ class Fill:
 class QDQ:
     """``qdq(x, fmt)`` along the last dim, or the values of ``rounding(x)`` (a QTensor, e.g. GPTQ's for this key).
 
-    A run that keeps codes (``FoldProgram.run(codes=...)``) records the QTensor under ``key``.
+    ``transposed``: a weight stored ``[in, out]`` (GPT-2's ``Conv1D``), quantized along dim -2, its ``in``: the
+    format, the rounding and a kept QTensor see it as ``[out, in]`` (``x.mT``). A run that keeps codes
+    (``FoldProgram.run(codes=...)``) records the QTensor under ``key``.
     """
 
     fmt: Format
     rounding: Callable[[torch.Tensor], QTensor] | None = None
     key: str = ""
+    transposed: bool = False
     reads = ()
 
     def mixes(self, ndim: int) -> set[int]:
-        """The last dim, or every dim for a format with one scale for the whole tensor or a rounding of its own."""
+        """The ``in`` dim, or every dim for a format with one scale for the whole tensor or a rounding of its own."""
         whole = (isinstance(self.fmt, NVFP4) and self.fmt.global_scale in NVFP4_GLOBAL_RULES) or (
             isinstance(self.fmt, FP8) and self.fmt.granularity == "tensor")
-        return set(range(ndim)) if whole or self.rounding is not None else {ndim - 1}
+        return set(range(ndim)) if whole or self.rounding is not None else {ndim - 2 if self.transposed else ndim - 1}
 
     def apply(self, x, reads, run):
+        w = x.mT.contiguous() if self.transposed else x
         if self.rounding is None and run.codes is None:
-            return qdq(x, self.fmt)
-        q = quantize(x, self.fmt) if self.rounding is None else self.rounding(x)
-        if run.codes is not None:
-            run.codes[self.key] = q
-        return dequantize(q, x.dtype)
+            out = qdq(w, self.fmt)
+        else:
+            q = quantize(w, self.fmt) if self.rounding is None else self.rounding(w)
+            if run.codes is not None:
+                run.codes[self.key] = q
+            out = dequantize(q, x.dtype)
+        return out.mT.contiguous() if self.transposed else out
 
 
 Op = Rotate | Scale | ShiftBias | Fill | QDQ
