@@ -261,7 +261,8 @@ def _check_inputs(fn: str, inputs) -> None:
     values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, tuple) else (inputs,)
     empty = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor) and v.numel() == 0]
     if empty:  # e.g. the empty tokenizer transformers 5 loads from a checkpoint saved without tokenizer files
-        raise ArgumentError(message(fn, "inputs", "at least one token (non-empty tensors)", f"a tensor of shape {empty[0]}",
+        raise ArgumentError(message(fn, "inputs", "at least one token (non-empty tensors)",
+                                    f"a tensor of shape {empty[0]}",
                                     "a tokenizer that returns no ids has no vocabulary (the directory has no "
                                     "tokenizer files): load the model's own tokenizer, or pass random ids, "
                                     "torch.randint(0, model.config.vocab_size, (1, 32))"))
@@ -307,7 +308,8 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
 
     Raises:
         ArgumentError: model not an ``nn.Module`` or in training mode; inputs of the wrong type, empty (no
-            token: e.g. from an empty tokenizer) or rejected by the model; ``gptq`` not a bool. DTypeError / SelectionError: params not
+            token: e.g. from an empty tokenizer) or rejected by the model; ``gptq`` not a bool.
+            DTypeError / SelectionError: params not
             ``rotfn.params(model)``.
         PlanError: plan not a Plan, built for another model, or quantizing no linear.
         FoldError: params already folded.

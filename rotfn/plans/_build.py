@@ -110,8 +110,9 @@ def per_linear(
     Sites are every ``nn.Linear`` and GPT-2 ``Conv1D`` (by module name; a ``Conv1D`` stores its
     weight ``[in, out]``, so its fold is ``W' = R.T @ W`` and its qdq runs along dim -2, see
     ``Plan.transposed``) and, in mixture-of-experts models, every fused experts weight
-    (``<experts>.gate_up_proj``, ``<experts>.down_proj``, all experts at once). The output embedding (lm_head) is left out unless
-    ``where`` names it; a tied weight that gets rotated is untied (see ``plan.notes``).
+    (``<experts>.gate_up_proj``, ``<experts>.down_proj``, all experts at once). The output
+    embedding (lm_head) is left out unless ``where`` names it; a tied weight that gets rotated
+    is untied (see ``plan.notes``).
 
     Args:
         model: an ``nn.Module`` (any architecture; no family adapter is needed).

@@ -75,7 +75,7 @@ class WeightRotation:
     role: str = ""
 
     def transform(self, *, transposed: bool = False):
-        """The :mod:`rotfn.transforms` primitive that applies this entry (``transposed``: the weight is stored ``[in, out]``)."""
+        """The :mod:`rotfn.transforms` primitive of this entry (``transposed``: a weight stored ``[in, out]``)."""
         where = Where.names([self.key])
         if self.side == "input":
             return rotate_input(self.rotation, where, per_head=self.per_head, transposed=transposed)

@@ -170,7 +170,8 @@ class RotateInput(Transform):
 
     def _phases(self, tensors):
         dim = -2 if self.transposed else -1
-        return [[(k, _rotate_op(self.name, k, tensors[k], self, dim, None)) for k in self.where.select(tensors, fn=self.name)]]
+        keys = self.where.select(tensors, fn=self.name)
+        return [[(k, _rotate_op(self.name, k, tensors[k], self, dim, None)) for k in keys]]
 
     def inverse(self) -> RotateInput:
         return dataclasses.replace(self, rotation=self.rotation.T)
@@ -183,7 +184,7 @@ class RotateInput(Transform):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class RotateOutput(Transform):
-    """``W' = R.T @ W`` (dim -2; dim -1 if ``transposed``), ``b' = b @ R`` for 1-D tensors (see :func:`rotate_output`)."""
+    """``W' = R.T @ W`` (dim -2; dim -1 if ``transposed``), ``b' = b @ R`` for 1-D tensors (:func:`rotate_output`)."""
 
     rotation: Rotation
     where: Where
@@ -250,7 +251,7 @@ class FuseNorm(Transform):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class QDQWeights(Transform):
-    """``W' = qdq(W, fmt)`` along the last dim of every selected tensor (dim -2 if ``transposed``; see :func:`qdq_weights`)."""
+    """``W' = qdq(W, fmt)`` along the last dim of each selected tensor, dim -2 if ``transposed`` (:func:`qdq_weights`)."""
 
     fmt: Format
     where: Where
