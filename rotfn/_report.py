@@ -324,10 +324,9 @@ class Report:
 
 
 # ----- measuring ---------------------------------------------------------------------
-def _rotations_only(plan: Plan) -> Plan:
-    """The plan without any qdq: its folded rotations and norm fusions and its online rotations."""
-    online = tuple(dataclasses.replace(o, fmt=None) for o in plan.online if o.rotation is not None)
-    return dataclasses.replace(plan, online=online, weights=None, quantized=(), acts=None)
+def _out_in(plan: Plan, key: str, params) -> torch.Tensor:
+    """The weight ``key`` as ``[out, in]``: a ``Conv1D``'s (stored ``[in, out]``) transposed, quantized along ``in``."""
+    return params[key].mT if key in plan.transposed else params[key]
 
 
 def _linear_name(key: str) -> str:
@@ -381,6 +380,14 @@ def _check_inputs(fn: str, inputs) -> None:
         raise ArgumentError(message(fn, "inputs", "a tensor (the first argument), a tuple of positional arguments or "
                                     "a dict of keyword arguments", type(inputs).__name__,
                                     "pass e.g. tokenizer(texts, return_tensors='pt') or input_ids"))
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, tuple) else (inputs,)
+    empty = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor) and v.numel() == 0]
+    if empty:  # e.g. the empty tokenizer transformers 5 loads from a checkpoint saved without tokenizer files
+        raise ArgumentError(message(fn, "inputs", "at least one token (non-empty tensors)",
+                                    f"a tensor of shape {empty[0]}",
+                                    "a tokenizer that returns no ids has no vocabulary (the directory has no "
+                                    "tokenizer files): load the model's own tokenizer, or pass random ids, "
+                                    "torch.randint(0, model.config.vocab_size, (1, 32))"))
 
 
 def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inputs, *, gptq: bool = False) -> Report:
@@ -422,8 +429,9 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
         A frozen :class:`Report` (``print`` it, or read ``rows`` / ``to_dict()``).
 
     Raises:
-        ArgumentError: model not an ``nn.Module`` or in training mode; inputs of the wrong type or
-            rejected by the model; ``gptq`` not a bool. DTypeError / SelectionError: params not
+        ArgumentError: model not an ``nn.Module`` or in training mode; inputs of the wrong type, empty (no
+            token: e.g. from an empty tokenizer) or rejected by the model; ``gptq`` not a bool.
+            DTypeError / SelectionError: params not
             ``rotfn.params(model)``.
         PlanError: plan not a Plan, built for another model, or quantizing no linear.
         FoldError: params already folded.
@@ -475,7 +483,7 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
     if gptq and not weight_keys:
         notes.append("gptq=True, but the plan quantizes no linear's weight: no output SQNR")
 
-    rotations = _rotations_only(plan)
+    rotations = plan.without_formats()
     rotated_params = fold(params, rotations) if rotations.needs_fold else params
     gptq_sites = set(weight_keys) if gptq else set()
     plain = {name: _Inputs(fmt, hessian=False) for name, fmt in act_sites.items()}
@@ -501,13 +509,13 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan, inp
         w_plain = w_rot = a_plain = a_rot = out_rtn = out_gptq = None
         if name in weight_keys:
             key = weight_keys[name]
-            w_plain = sqnr_db(params[key], qdq(params[key], plan.weights))
-            w_rot = sqnr_db(rotated_params[key], qdq(rotated_params[key], plan.weights))
+            w_plain = sqnr_db(w := _out_in(plan, key, params), qdq(w, plan.weights))
+            w_rot = sqnr_db(w := _out_in(plan, key, rotated_params), qdq(w, plan.weights))
         if name in act_sites and plain[name].calls:
             a_plain = energy_ratio_db(plain[name].signal, plain[name].noise)
             a_rot = energy_ratio_db(rotated[name].signal, rotated[name].noise)
         if name in gptq_sites and rotated[name].rows:
-            w, h = rotated_params[weight_keys[name]], rotated[name].xtx / rotated[name].rows
+            w, h = _out_in(plan, weight_keys[name], rotated_params), rotated[name].xtx / rotated[name].rows
             out_rtn = energy_ratio_db(*_output_energies(w, h, qdq(w, plan.weights)))
             rounded = dequantize(calibration.gptq(w, h, plan.weights), w.dtype)
             out_gptq = energy_ratio_db(*_output_energies(w, h, rounded))

@@ -218,7 +218,11 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 # ----- rotfn report -------------------------------------------------------------------------------
 def _token_ids(directory: str, count: int, seed: int, random_ids: bool, vocab: int):
-    """``[1, count]`` token ids: the built-in text through the directory's tokenizer, or seeded random ids."""
+    """``[1, count]`` token ids: the built-in text through the directory's tokenizer, or seeded random ids.
+
+    A directory without a tokenizer that encodes text (none at all, or the empty one transformers 5 builds
+    for a checkpoint saved without tokenizer files) gets random ids, with a note on stderr.
+    """
     import torch
 
     if not random_ids:
@@ -227,9 +231,12 @@ def _token_ids(directory: str, count: int, seed: int, random_ids: bool, vocab: i
 
             tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
             ids = tokenizer(" ".join([TEXT] * (1 + count // 8)), return_tensors="pt")["input_ids"][:, :count]
-            return ids, "the built-in text through the directory's tokenizer"
         except (OSError, ValueError, KeyError, TypeError):
-            pass
+            ids = None
+        if ids is not None and ids.numel():
+            return ids, "the built-in text through the directory's tokenizer"
+        print(f"note: {directory} has no tokenizer that encodes text (no tokenizer files): random token ids "
+              "instead; pass --random to ask for them", file=sys.stderr)
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (1, count), generator=generator), f"random token ids (seed {seed})"
 
@@ -370,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "  rotfn report llama --format nvfp4 --rotation hadamard --block 16 --tokens 64 --random\n"
                         "  rotfn report llama --format int4 --gptq --tokens 512\n\n"
                         "The model is loaded in float32; tokens come from the directory's tokenizer on a built-in "
-                        "text, or are random ids.\n"
+                        "text, or are random ids (--random, or a directory without tokenizer files: a note says so).\n"
                         f"Formats: {formats}.", _run_report)
     report.add_argument("dir", metavar="DIR", help="an unfolded checkpoint directory")
     report.add_argument("--format", choices=tuple(WEIGHT_FORMATS), default="mxfp4",

@@ -67,28 +67,31 @@ def kernels_available() -> bool:
     return _load_kernels()[0] is not None
 
 
-def select(fn: str, op: str, backend: str, x: torch.Tensor, **spec) -> Callable:
+def select(fn: str, op: str, backend: str, x: torch.Tensor, *, dim: int = -1, **spec) -> Callable:
     """Return the implementation of ``op`` for this call; the trace records what runs.
 
     The choice is recorded here, except for the CPU kernel: it may decline at run time, so
     its implementation records ``"numba"`` or, when it hands the call to the reference,
-    ``"torch"``.
+    ``"torch"``. Every implementation works on the last dim; for another ``dim`` the returned
+    function moves it last and back (:func:`_along`), so no implementation needs a ``dim`` of its own.
 
     Args:
         fn: public function name, for error messages.
         op: one of ``rotate``, ``rotate_qdq``, ``qdq``, ``quantize``, ``dequantize``, ``gptq``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (already validated).
         x: the input tensor (or a codes tensor for ``dequantize``): its device decides ``"auto"``.
+        dim: the dim ``op`` acts on (negative, already validated; ``rotate`` and ``rotate_qdq`` only).
         spec: the rotation / format of the call, so kernels can say whether they serve it.
 
     Raises:
         BackendUnavailableError: ``backend="triton"`` and the kernels cannot run this call.
     """
+    x = x.movedim(dim, -1)
     chosen, impl = "torch", _REFERENCE[op]
     if backend == "auto" and not x.is_cuda:
         cpu = _load_cpu_kernels()
         if cpu is not None and cpu.unsupported(op, x, **spec) is None:
-            return functools.partial(_exact_or_reference, op, cpu.rotate, impl)
+            return _along(functools.partial(_exact_or_reference, op, cpu.rotate, impl), dim, contiguous=False)
     if backend != "torch":
         kernels, why = _load_kernels()
         if kernels is not None:
@@ -101,7 +104,23 @@ def select(fn: str, op: str, backend: str, x: torch.Tensor, **spec) -> Callable:
                         "use backend='auto' or backend='torch'")
             )
     _record(op, chosen)
-    return impl
+    return _along(impl, dim, contiguous=chosen == "triton")
+
+
+def _along(impl: Callable, dim: int, *, contiguous: bool) -> Callable:
+    """``impl`` (which works on the last dim) applied along ``dim``: moved last and back.
+
+    The reference and the CPU kernel rotate a moved view where it lies in memory; the Triton
+    kernels read rows of the last dim, so they get a contiguous copy.
+    """
+    if dim == -1:
+        return impl
+
+    def along(x: torch.Tensor, *args):
+        moved = x.movedim(dim, -1)
+        return impl(moved.contiguous() if contiguous else moved, *args).movedim(-1, dim)
+
+    return along
 
 
 def _record(op: str, backend: str) -> None:

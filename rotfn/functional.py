@@ -1,8 +1,8 @@
 """Public tensor functions: validate every argument, then dispatch.
 
 Legend: ``x`` is ``[..., n]``, any leading shape, dtype float16, bfloat16,
-float32 or float64, on any device; every function acts on the last dim and
-returns a new tensor (the input is never modified). ``backend`` is ``"auto"``,
+float32 or float64, on any device; every function acts on the last dim (the rotations on
+``dim``, the last by default) and returns a new tensor (the input is never modified). ``backend`` is ``"auto"``,
 ``"torch"`` or ``"triton"`` (see :mod:`rotfn.dispatch`).
 """
 
@@ -31,29 +31,39 @@ def _check_x(fn: str, x) -> None:
         raise ShapeError(message(fn, "x", "shape [..., n] with n >= 1", f"shape {tuple(x.shape)}"))
 
 
-def _check_rotation(fn: str, x: torch.Tensor, r) -> None:
+def _check_dim(fn: str, x: torch.Tensor, dim) -> int:
+    """``dim`` as a negative index of x (``-1`` the last dim), or ArgumentError."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
+        raise ArgumentError(message(fn, "dim", f"an int in [{-x.ndim}, {x.ndim}) (x has {x.ndim} dims)", repr(dim),
+                                    "pass dim=-1 (the last dim) or the index of the dim to rotate"))
+    return dim - x.ndim if dim >= 0 else dim
+
+
+def _check_rotation(fn: str, x: torch.Tensor, r, dim: int = -1) -> None:
     if not isinstance(r, Rotation):
         raise RotationError(
             message(fn, "R", "a rotfn.Rotation", type(r).__name__,
                     "build one with rotfn.hadamard, rotfn.orthogonal or rotfn.from_matrix")
         )
-    if x.shape[-1] != r.n:
+    if x.shape[dim] != r.n:
+        where = "last dim" if dim == -1 else f"dim {dim} of size"
         raise ShapeError(
-            message(fn, "x", f"last dim {r.n} (the rotation's n)", f"shape {tuple(x.shape)}",
-                    f"build the rotation for n={x.shape[-1]} or reshape x")
+            message(fn, "x", f"{where} {r.n} (the rotation's n)", f"shape {tuple(x.shape)}",
+                    f"build the rotation for n={x.shape[dim]} or reshape x")
         )
 
 
-def _check_format(fn: str, x: torch.Tensor, fmt) -> None:
+def _check_format(fn: str, x: torch.Tensor, fmt, dim: int = -1) -> None:
     if not isinstance(fmt, Format):
         raise FormatError(
             message(fn, "fmt", "a rotfn format spec", type(fmt).__name__,
                     "build one with rotfn.mxfp4(), rotfn.nvfp4(), rotfn.intq(4) ...")
         )
-    n = x.shape[-1]
+    n = x.shape[dim]
     if fmt.group is not None and n % fmt.group:
+        where = "last dim" if dim == -1 else f"dim {dim} of a size"
         raise ShapeError(
-            message(fn, "x", f"last dim divisible by {fmt!r}'s group of {fmt.group}", f"shape {tuple(x.shape)}",
+            message(fn, "x", f"{where} divisible by {fmt!r}'s group of {fmt.group}", f"shape {tuple(x.shape)}",
                     "quantize a dim that is a multiple of the group (rotfn never pads)")
         )
 
@@ -70,22 +80,22 @@ class _Rotate(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, r, backend):
-        return dispatch.select("rotate", "rotate", backend, x, rotation=r)(x, r)
+    def forward(x, r, backend, dim):
+        return dispatch.select("rotate", "rotate", backend, x, dim=dim, rotation=r)(x, r)
 
     @staticmethod
-    def run(x, r, backend):
+    def run(x, r, backend, dim):
         """``apply``, or with gradients off (nothing to record) the forward alone: ``apply`` binds its
         arguments through ``inspect`` on every call, ~30 us, which a streaming fold pays per piece."""
-        return _Rotate.apply(x, r, backend) if torch.is_grad_enabled() else _Rotate.forward(x, r, backend)
+        return _Rotate.apply(x, r, backend, dim) if torch.is_grad_enabled() else _Rotate.forward(x, r, backend, dim)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.r, ctx.backend = inputs[1], inputs[2]
+        ctx.r, ctx.backend, ctx.dim = inputs[1], inputs[2], inputs[3]
 
     @staticmethod
     def backward(ctx, g):
-        return _Rotate.apply(g, ctx.r.T, ctx.backend), None, None
+        return _Rotate.apply(g, ctx.r.T, ctx.backend, ctx.dim), None, None, None
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -107,24 +117,28 @@ class _StraightThrough(torch.autograd.Function):
 
 
 # ----- public functions --------------------------------------------------------
-def rotate(x: torch.Tensor, R: Rotation, *, backend: str = "auto") -> torch.Tensor:  # noqa: N803
-    """Rotate the last dim: ``y = x @ R``.
+def rotate(x: torch.Tensor, R: Rotation, *, dim: int = -1, backend: str = "auto") -> torch.Tensor:  # noqa: N803
+    """Rotate the last dim (or ``dim``): ``y = x @ R``.
 
     Hadamard rotations run as a fast Walsh-Hadamard transform (``O(n log n)``),
     never as a dense matrix; math in fp32 (fp64 for fp64 inputs), output in x's dtype.
-    Differentiable: the gradient is ``g @ R.T``.
+    Differentiable: the gradient is ``g @ R.T``. Along another dim it is the same rotation of
+    the vectors that dim holds: ``rotate(x, R, dim=d) == rotate(x.movedim(d, -1), R).movedim(-1, d)``
+    bit for bit; for a weight ``W: [out, in]``, ``rotate(W, R, dim=0) == R.T @ W`` (its output side).
 
     Args:
-        x: ``[..., n]`` floating tensor.
+        x: ``[..., n]`` floating tensor (``n`` at ``dim``).
         R: a :class:`rotfn.Rotation` with ``R.n == n``.
+        dim: the dim to rotate, ``-x.ndim <= dim < x.ndim`` (default the last).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
-        ``[..., n]`` tensor, x's dtype and device.
+        Tensor of x's shape, dtype and device.
 
     Raises:
         DTypeError: x not a float16/bfloat16/float32/float64 tensor.
-        ShapeError: ``x.shape[-1] != R.n``.
+        ArgumentError: dim not an int in range.
+        ShapeError: ``x.shape[dim] != R.n``.
         RotationError: R not a Rotation.
         BackendUnavailableError: ``backend="triton"`` cannot run this call.
 
@@ -136,42 +150,49 @@ def rotate(x: torch.Tensor, R: Rotation, *, backend: str = "auto") -> torch.Tens
         True
         >>> torch.allclose(rotfn.rotate_back(rotfn.rotate(x, R), R), x)
         True
+        >>> W = torch.randn(4, 3, dtype=torch.float64)
+        >>> torch.allclose(rotfn.rotate(W, R, dim=0), R.matrix().T @ W)
+        True
     """
     _check_x("rotate", x)
-    _check_rotation("rotate", x, R)
+    dim = _check_dim("rotate", x, dim)
+    _check_rotation("rotate", x, R, dim)
     _check_backend("rotate", backend)
-    return _Rotate.run(x, R, backend)
+    return _Rotate.run(x, R, backend, dim)
 
 
-def rotate_back(x: torch.Tensor, R: Rotation, *, backend: str = "auto") -> torch.Tensor:  # noqa: N803
-    """Undo :func:`rotate`: ``y = x @ R.T`` (the inverse, since R is orthogonal).
+def rotate_back(x: torch.Tensor, R: Rotation, *, dim: int = -1, backend: str = "auto") -> torch.Tensor:  # noqa: N803
+    """Undo :func:`rotate`: ``y = x @ R.T`` (the inverse, since R is orthogonal), along the last dim or ``dim``.
 
     Uses the transpose of R's spec (same blocks, same partition, signs applied
     first), so ``rotate_back(rotate(x, R), R) == x`` up to rounding even when R is
     not symmetric.
 
     Args:
-        x: ``[..., n]`` floating tensor.
+        x: ``[..., n]`` floating tensor (``n`` at ``dim``).
         R: the rotation that was applied.
+        dim: the dim to rotate back (default the last).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
-        ``[..., n]`` tensor, x's dtype and device.
+        Tensor of x's shape, dtype and device.
 
     Raises:
-        DTypeError, ShapeError, RotationError, BackendUnavailableError: as :func:`rotate`.
+        DTypeError, ArgumentError, ShapeError, RotationError, BackendUnavailableError: as :func:`rotate`.
 
     Example:
         >>> import torch, rotfn
         >>> R = rotfn.orthogonal(8, seed=0)
         >>> x = torch.randn(3, 8, dtype=torch.float64)
-        >>> torch.allclose(rotfn.rotate_back(rotfn.rotate(x, R), R), x)
+        >>> y = torch.randn(8, 3, dtype=torch.float64)
+        >>> torch.allclose(rotfn.rotate_back(rotfn.rotate(y, R, dim=0), R, dim=0), y)
         True
     """
     _check_x("rotate_back", x)
-    _check_rotation("rotate_back", x, R)
+    dim = _check_dim("rotate_back", x, dim)
+    _check_rotation("rotate_back", x, R, dim)
     _check_backend("rotate_back", backend)
-    return _Rotate.run(x, R.T, backend)
+    return _Rotate.run(x, R.T, backend, dim)
 
 
 def qdq(x: torch.Tensor, fmt: Format, *, backend: str = "auto") -> torch.Tensor:
@@ -267,19 +288,21 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None, *, backend: str = "
 
 
 def rotate_qdq(
-    x: torch.Tensor, R: Rotation, fmt: Format, *, back: bool = False, backend: str = "auto"  # noqa: N803
+    x: torch.Tensor, R: Rotation, fmt: Format, *, back: bool = False, dim: int = -1, backend: str = "auto"  # noqa: N803
 ) -> torch.Tensor:
     """Rotate then fake-quantize: ``qdq(rotate(x, R), fmt)``; with ``back=True`` also ``rotate_back``.
 
     ``back=False`` is the online activation path (``x' = Q(x R)`` feeding ``W R``);
     ``back=True`` measures quantization error in the original basis,
-    ``R^T Q(x R)``. One fused kernel on GPU; gradient straight through the qdq.
+    ``R^T Q(x R)``. One fused kernel on GPU; gradient straight through the qdq. With ``dim``
+    the rotation and the format's groups run along that dim, as ``rotate(x, R, dim=dim)`` does.
 
     Args:
-        x: ``[..., n]`` floating tensor with ``n == R.n`` divisible by the format's group.
+        x: ``[..., n]`` floating tensor with ``n == R.n`` (at ``dim``) divisible by the format's group.
         R: a :class:`rotfn.Rotation`.
         fmt: a format spec.
         back: rotate back after quantizing.
+        dim: the dim to rotate and quantize (default the last).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -287,7 +310,8 @@ def rotate_qdq(
 
     Raises:
         DTypeError: x not floating, or back not a bool.
-        ShapeError: ``x.shape[-1] != R.n``, or n not divisible by the format's group.
+        ArgumentError: dim not an int in range.
+        ShapeError: ``x.shape[dim] != R.n``, or n not divisible by the format's group.
         RotationError: R not a Rotation.
         FormatError: fmt not a format spec.
         BackendUnavailableError: ``backend="triton"`` cannot run this call.
@@ -300,13 +324,14 @@ def rotate_qdq(
         True
     """
     _check_x("rotate_qdq", x)
-    _check_rotation("rotate_qdq", x, R)
-    _check_format("rotate_qdq", x, fmt)
+    dim = _check_dim("rotate_qdq", x, dim)
+    _check_rotation("rotate_qdq", x, R, dim)
+    _check_format("rotate_qdq", x, fmt, dim)
     if not isinstance(back, bool):
         raise DTypeError(message("rotate_qdq", "back", "a bool", repr(back)))
     _check_backend("rotate_qdq", backend)
-    impl = dispatch.select("rotate_qdq", "rotate_qdq", backend, x, rotation=R, fmt=fmt, back=back)
-    return _RotateQDQ.apply(x, impl, R, fmt, back, backend)
+    impl = dispatch.select("rotate_qdq", "rotate_qdq", backend, x, dim=dim, rotation=R, fmt=fmt, back=back)
+    return _RotateQDQ.apply(x, impl, R, fmt, back, backend, dim)
 
 
 class _RotateQDQ(torch.autograd.Function):
@@ -318,14 +343,14 @@ class _RotateQDQ(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, impl, r, fmt, back, backend):
+    def forward(x, impl, r, fmt, back, backend, dim):
         return impl(x, r, fmt, back)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.r, ctx.back, ctx.backend = inputs[2], inputs[4], inputs[5]
+        ctx.r, ctx.back, ctx.backend, ctx.dim = inputs[2], inputs[4], inputs[5], inputs[6]
 
     @staticmethod
     def backward(ctx, g):
-        grad = g if ctx.back else _Rotate.apply(g, ctx.r.T, ctx.backend)
-        return grad, None, None, None, None, None
+        grad = g if ctx.back else _Rotate.apply(g, ctx.r.T, ctx.backend, ctx.dim)
+        return grad, None, None, None, None, None, None

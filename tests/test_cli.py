@@ -152,3 +152,36 @@ def test_the_module_entry_point_runs_inspect(src):
     done = subprocess.run([sys.executable, "-m", "rotfn", "inspect", src], capture_output=True, text=True, timeout=120,
                           check=False)
     assert done.returncode == 0 and "tensors: 21" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer(tmp_path_factory):
+    """A tiny Qwen2 saved from its config alone: no tokenizer files (transformers 5 then loads an empty tokenizer)."""
+    directory = tmp_path_factory.mktemp("qwen2")
+    tiny_model(make_config("qwen2", hidden=64, heads=4, kv_heads=2, layers=1, vocab=128, intermediate=128),
+               dtype=torch.float32).save_pretrained(directory)
+    assert not [f for f in os.listdir(directory) if "token" in f]
+    return str(directory)
+
+
+def test_report_on_a_checkpoint_without_tokenizer_files_runs_on_random_ids(no_tokenizer):
+    done = subprocess.run([sys.executable, "-m", "rotfn", "report", no_tokenizer, "--tokens", "16"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "on 16 tokens of random token ids (seed 0)" in done.stdout and "model.layers.0.mlp.down_proj" in done.stdout
+    assert "has no tokenizer that encodes text (no tokenizer files): random token ids instead; pass --random" \
+        in done.stderr
+    assert "reshape" not in done.stdout + done.stderr
+
+
+def test_report_api_refuses_empty_inputs_by_name(no_tokenizer):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(no_tokenizer, local_files_only=True).eval()
+    plan = rotfn.plans.per_linear(model, rotation=lambda n: rotfn.hadamard(n, seed=0), acts=rotfn.mxfp4())
+    empty = {"input_ids": torch.zeros(1, 0, dtype=torch.int64), "attention_mask": torch.zeros(1, 0, dtype=torch.int64)}
+    for inputs in (empty, empty["input_ids"]):
+        with pytest.raises(rotfn.errors.ArgumentError, match=r"report: argument 'inputs': expected at least one token"
+                           r".*got a tensor of shape \(1, 0\).*torch\.randint"):
+            rotfn.report(model, rotfn.params(model), plan, inputs)
+    with pytest.raises(rotfn.errors.ArgumentError, match=r"learn.calibration: argument 'tokenizer'.*returned no ids"):
+        rotfn.learn.calibration(lambda text: [], seq_len=8, batch_size=1, n_batches=1)

@@ -20,6 +20,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # page -> strings its HTML must contain (mkdocstrings gives every documented object an id)
 PAGES = {
     "index.html": ["rotfn"],
+    "install/index.html": ["gpu", "triton", "make test"],
+    "quickstart/index.html": ["sqnr_db", "without_formats"],
+    "troubleshooting/index.html": ["rotfn-load_hf-only", "TRITON_INTERPRET", "NVFP4", "Conv1D"],
     "comparison/index.html": ["AutoRound", "llm-compressor", "ModelOpt", "SpinQuant", "Sources"],
     "performance/index.html": [],
     "accuracy/index.html": ["GPTQ"],

@@ -1,4 +1,4 @@
-"""docs/howto/recipes.md runs as written: its python blocks, in order, in one namespace."""
+"""docs/howto/recipes.md and docs/quickstart.md run as written: their python blocks, in order, in one namespace."""
 
 import pathlib
 import re
@@ -7,7 +7,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "howto" / "recipes.md"
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
+PAGE = DOCS / "howto" / "recipes.md"
 
 
 def test_recipes_run_and_every_recipe_rounds_by_gptq(capsys):
@@ -22,3 +23,13 @@ def test_recipes_run_and_every_recipe_rounds_by_gptq(capsys):
     for plan, folded in ((ns["quarot"], ns["w4a4kv4"]), (ns["learned"].plan, ns["spinquant"]), (ns["plan"], ns["folded"])):
         rtn = rotfn.fold(params, plan)
         assert plan.quantized and all(not (folded[k] == rtn[k]).all() for k in plan.quantized)
+
+
+def test_the_quickstart_runs_and_quantization_costs_what_it_says(capsys):
+    page = DOCS / "quickstart.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) == 1 and len(blocks[0].splitlines()) <= 40
+    ns: dict = {}
+    exec(compile(blocks[0], str(page), "exec"), ns)
+    quantized, rotated = (float(v) for v in re.findall(r"([\d.]+) dB", capsys.readouterr().out.splitlines()[-1]))
+    assert 5 < quantized < 40 and rotated > 100  # MXFP4 costs something; the rotations alone only rounding

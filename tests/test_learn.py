@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -105,7 +106,7 @@ def test_the_fold_program_with_learned_rotations_at_identity_is_fold(llama):
     plan = quarot_plan(model, rotfn.intq(4))
     slots = find_slots("test", plan, ("R1", "R2"), shared=False)
     eye = {s: torch.eye(s.base.block_size, dtype=torch.float64) for s in slots.slots}
-    fns = {plan.rotations[i].transform(): (lambda x, r, q=eye[s]: rotate_learned(x, r, q))
+    fns = {plan.rotations[i].transform(): functools.partial(rotate_learned, q=eye[s])
            for i, s in slots.rotations.items()}
     ours, reference = rotfn.transforms.compile_fold(plan.transform(), p).run(p, rotate=fns), rotfn.fold(p, plan)
     for k in reference:

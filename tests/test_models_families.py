@@ -160,3 +160,79 @@ def test_a_parameter_the_adapter_does_not_know_is_refused():
     model.model.layers[0].extra_proj = torch.nn.Linear(32, 32)
     with pytest.raises(PlanError, match=r"quarot: argument 'model'.*unknown \['model.layers.0.extra_proj.weight'"):
         rotfn.plans.quarot(model, r1=rotfn.hadamard(32))
+
+
+# ----- GPT-2: Conv1D linears store their weight [in, out] (y = x @ W + b) ---------------------------
+def _gpt2(dtype=torch.float64, seed=0):
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=16, vocab_size=96, bos_token_id=0,
+                                  eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return rt.tiny_model(cfg, seed=seed, dtype=dtype)
+
+
+GPT2_LINEARS = [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+
+@settings(max_examples=6)
+@given(rotation=rt.rotation_factories(), data=st.data())
+def test_per_linear_folds_gpt2_conv1d_exactly_in_float64(rotation, data):
+    model = _gpt2(seed=data.draw(rt.seeds()))
+    p = rotfn.params(model)
+    plan = rotfn.plans.per_linear(model, rotation=rotation)
+    assert [o.site for o in plan.online] == GPT2_LINEARS  # every Conv1D is a linear site (lm_head left out)
+    assert set(plan.transposed) == {f"{s}.weight" for s in GPT2_LINEARS}
+    folded = rotfn.fold(p, plan)
+    key = "transformer.h.0.mlp.c_proj.weight"  # [256 in, 64 out]: the input side is dim 0
+    r = plan.online[3].rotation
+    torch.testing.assert_close(folded[key], r.matrix().T @ p[key], rtol=0, atol=1e-12)
+    rt.assert_equivalent(model, p, None, folded, plan, data.draw(rt.token_inputs(96)), rtol=1e-10)
+
+
+def test_gpt2_conv1d_weights_are_quantized_along_their_input_dim():
+    model = _gpt2()
+    p = rotfn.params(model)
+    fmt, r = rotfn.intq(4, group=32), rotfn.hadamard(64, seed=3)
+    plan = rotfn.plans.per_linear(model, rotation=lambda n: rotfn.hadamard(n, seed=3), weights=fmt, acts=rotfn.mxfp4())
+    folded = rotfn.fold(p, plan)
+    key = "transformer.h.1.attn.c_attn.weight"  # [64 in, 192 out]
+    expected = rotfn.qdq(rotfn.rotate(p[key], r, dim=0).mT, fmt).mT
+    rt.assert_bits_equal(folded[key], expected, name=key)
+    # quantized along in: each output column holds 64 / 32 = 2 scale groups, so rows are not groups
+    assert not torch.equal(folded[key], rotfn.qdq(rotfn.rotate(p[key], r, dim=0), fmt))
+    again = rotfn.Plan.from_dict(plan.to_dict())
+    assert again == plan and again.transposed == plan.transposed
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = rotfn.call(model, folded, plan, ids).logits
+    assert torch.isfinite(logits).all()
+    r_report = rotfn.report(model, p, plan, ids, gptq=True)
+    assert [row.layer for row in r_report.rows] == GPT2_LINEARS
+    assert all(row.out_gptq >= row.out_rtn for row in r_report.rows)
+    calibration = rotfn.calibrate(model, p, plan, [ids], progress=False)
+    by_gptq = rotfn.fold(p, plan, weights_by=calibration)
+    assert by_gptq[key].shape == p[key].shape and not torch.equal(by_gptq[key], folded[key])
+
+
+def test_gpt2_folded_directory_round_trips_and_compressed_export_is_refused(tmp_path):
+    model = _gpt2()
+    p = rotfn.params(model)
+    plan = rotfn.plans.per_linear(model, rotation=lambda n: rotfn.orthogonal(n, seed=1), weights=rotfn.mxfp4())
+    folded = rotfn.fold(p, plan)
+    with pytest.warns(rotfn.errors.CheckpointWarning, match="rotfn-load_hf-only"):
+        rotfn.export_hf(model, folded, plan, tmp_path / "hf")
+    loaded, params, plan_again = rotfn.load_hf(tmp_path / "hf")
+    assert plan_again == plan
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        rt.assert_bits_equal(rotfn.call(loaded, params, plan_again, ids).logits, rotfn.call(model, folded, plan, ids).logits)
+    with pytest.raises(PlanError, match=r"export_compressed: argument 'plan'.*GPT-2 Conv1D weights stored \[in, out\]"
+                                        r".*rotfn fold SRC DST --plan per_linear --weights FORMAT"):
+        rotfn.export_compressed(model, folded, plan, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+    # the streaming fold of the checkpoint, cut in small pieces, gives the in-memory fold's bits
+    model.save_pretrained(tmp_path / "src")
+    rotfn.fold_checkpoint(tmp_path / "src", plan, tmp_path / "streamed", progress=False, piece_elements=64 * 16)
+    _, streamed, _ = rotfn.load_hf(tmp_path / "streamed")
+    for key in plan.transposed:
+        rt.assert_bits_equal(streamed[key], folded[key], name=key)

@@ -272,3 +272,25 @@ def test_float32_precision_fold_is_within_one_ulp_of_the_float64_fold():
     assert same >= 0.999 * total, (same, total)  # 4 in 100,000 differ here
     with pytest.raises(ArgumentError, match="fold: argument 'precision'"):
         rotfn.fold(p, plan, precision="half")
+
+
+def test_without_formats_keeps_the_rotations_and_drops_every_quantizer():
+    """quarot W4A4 KV4 with R1..R4, without its formats: the same rotations, no qdq anywhere, a float-exact fold."""
+    cfg = rt.make_config("llama", hidden=64, heads=4, kv_heads=2, layers=2, tied=True)
+    model = rt.tiny_model(cfg, seed=2)
+    rotations = {"r1": rotfn.hadamard(64, seed=0), "r2": rotfn.orthogonal(16, seed=1), "r3": rotfn.hadamard(16),
+                 "r4": rotfn.hadamard(64, block=32, seed=2)}
+    plan = rotfn.plans.quarot(model, **rotations, weights=rotfn.intq(4, group=32), acts=rotfn.mxfp4(), kv=rotfn.intq(4))
+    exact = plan.without_formats()
+    assert exact == rotfn.plans.quarot(model, **rotations)  # the plan built without formats, entry for entry
+    assert exact.rotations == plan.rotations and exact.norms == plan.norms and exact.untied == plan.untied
+    assert exact.weights is exact.acts is exact.kv is None and exact.quantized == ()
+    assert [o.site for o in exact.online] == [o.site for o in plan.online if o.rotation is not None]
+    assert all(o.fmt is None for o in exact.online) and any(o.fmt is not None for o in plan.online)
+    assert plan.weights is not None and plan.quantized  # plan itself unchanged
+    p = rotfn.params(model)
+    folded = rotfn.fold(p, exact)
+    reference = rotfn.fold(p, rotfn.plans.quarot(model, **rotations))
+    assert all(torch.equal(folded[k], reference[k]) for k in reference)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    rt.assert_equivalent(model, p, None, folded, exact, ids, rtol=1e-10)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rotfn
@@ -103,3 +103,51 @@ def test_torch_func_grad_and_vmap():
     # second order: the backward is itself differentiable
     hvp = torch.autograd.functional.hessian(lambda v: rotfn.rotate(v, r).pow(2).sum(), x[0])
     torch.testing.assert_close(hvp, 2 * torch.eye(32, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+# ----- dim: any dim, moved last and back ------------------------------------------------------------
+@settings(max_examples=12)
+@given(rt.rotations(max_n=64), rt.seeds(), st.integers(-3, 2), st.sampled_from([torch.float64, torch.float32]))
+def test_rotate_along_dim_is_rotate_of_the_moved_dim(r, seed, dim, dtype):
+    """``rotate(x, R, dim=d) == rotate(x.movedim(d, -1), R).movedim(-1, d)`` bit for bit; rotate_back inverts it."""
+    shape = [2, 3, 5]
+    shape[dim] = r.n
+    x = rt.make_tensor("normal", tuple(shape), seed, dtype=dtype)
+    y = rotfn.rotate(x, r, dim=dim)
+    rt.assert_bits_equal(y, rotfn.rotate(x.movedim(dim, -1), r).movedim(-1, dim), name="rotate(dim=)")
+    rt.assert_bits_equal(rotfn.rotate_back(x, r, dim=dim), rotfn.rotate_back(x.movedim(dim, -1), r).movedim(-1, dim),
+                         name="rotate_back(dim=)")
+    torch.testing.assert_close(rotfn.rotate_back(y, r, dim=dim), x, rtol=0, atol=TOL[dtype] * 4 * x.abs().max().item())
+
+
+def test_a_weight_output_side_is_dim_0():
+    """``rotate(W, R, dim=0) == R.T @ W``: what the fold does to a weight's output side; gradient along dim 0 too."""
+    r = rotfn.orthogonal(6, seed=2)
+    w = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    y = rotfn.rotate(w, r, dim=0)
+    torch.testing.assert_close(y, r.matrix().T @ w, rtol=0, atol=1e-12)
+    g = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (y * g).sum().backward()
+    torch.testing.assert_close(w.grad, rotfn.rotate_back(g, r, dim=0), rtol=0, atol=1e-12)
+
+
+def test_rotate_qdq_along_dim_quantizes_that_dim():
+    r, fmt = rotfn.hadamard(32, seed=0), rotfn.mxfp4()
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
+    got = rotfn.rotate_qdq(x, r, fmt, dim=0)
+    rt.assert_bits_equal(got, rotfn.rotate_qdq(x.T, r, fmt).T, name="rotate_qdq(dim=0)")
+    back = rotfn.rotate_qdq(x, r, fmt, back=True, dim=0)
+    rt.assert_bits_equal(back, rotfn.rotate_qdq(x.T, r, fmt, back=True).T, name="rotate_qdq(back=True, dim=0)")
+
+
+@pytest.mark.parametrize("fn", [rotfn.rotate, rotfn.rotate_back,
+                                lambda x, r, dim: rotfn.rotate_qdq(x, r, rotfn.intq(8), dim=dim)])
+@pytest.mark.parametrize("dim", [2, -3, 1.0, True, None])
+def test_a_dim_out_of_range_or_not_an_int_is_an_argument_error(fn, dim):
+    with pytest.raises(rotfn.errors.ArgumentError, match=r"argument 'dim'.*expected an int in \[-2, 2\)"):
+        fn(torch.ones(4, 4), rotfn.hadamard(4), dim=dim)
+
+
+def test_a_dim_of_another_size_is_a_shape_error():
+    with pytest.raises(rotfn.errors.ShapeError, match="dim -2 of size 4"):
+        rotfn.rotate(torch.ones(3, 4), rotfn.hadamard(4), dim=0)

@@ -205,6 +205,8 @@ def calibrate(
         collecting = dataclasses.replace(
             collecting, acts=None, online=tuple(dataclasses.replace(o, fmt=None) for o in collecting.online))
     folded = fold(params, collecting, precision=precision)
+    # every weight as [out, in], what gptq and the fold's rounding (Plan.transform) see; Conv1D's are [in, out]
+    out_in = {k: folded[k].mT if k in plan.transposed else folded[k] for k in plan.quantized}
     device = next(iter(params.values())).device if params else torch.device("cpu")
     data = [to_device(b, device) for b in check_batches(fn, batches)]
     linears = {name for name, _ in describe(model, fn=fn).linears}
@@ -214,7 +216,7 @@ def calibrate(
 
     current = dict(folded)
     fmts = _rounding_formats(plan, folded)
-    weights: dict[str, QTensor] = {k: _as(quantize(folded[k], fmts.get(k, plan.weights)), plan) for k in rtn}
+    weights: dict[str, QTensor] = {k: _as(quantize(out_in[k], fmts.get(k, plan.weights)), plan) for k in rtn}
     kept: dict[str, torch.Tensor] = {}
     amax: dict[str, torch.Tensor] = {}
     tokens = 0
@@ -223,12 +225,13 @@ def calibrate(
         hessians, tokens = _collect(model, FoldedParams(current, collecting), collecting, data, keys, block, amax)
         for key in keys:
             h = hessians.pop(key)
-            q = _as(gptq(folded[key], h, fmts.get(key, plan.weights), **settings), plan)
+            q = _as(gptq(out_in[key], h, fmts.get(key, plan.weights), **settings), plan)
             weights[key] = q
-            current[key] = dequantize(q, folded[key].dtype)
+            rounded = dequantize(q, folded[key].dtype)
+            current[key] = rounded.mT if key in plan.transposed else rounded
             if keep_hessians:
                 kept[key] = h
-    digests = {k: _digest(folded[k]) for k in plan.quantized}
+    digests = {k: _digest(out_in[k]) for k in plan.quantized}
     settings.update(sequential=sequential, activations=activations)
     return Calibration(plan, weights, rtn, tokens, settings, kept if keep_hessians else None, amax, digests)
 

@@ -399,6 +399,12 @@ class Export:
         if plan is None or plan.weights is None or not plan.quantized:
             raise PlanError(message(fn, "plan", "a plan that quantizes weights", repr(plan),
                                     "build it with weights=, e.g. rotfn.plans.quarot(model, ..., weights=rotfn.mxfp4())"))
+        conv1d = [k for k in plan.quantized if k in plan.transposed]
+        if conv1d:  # compressed-tensors targets nn.Linear and packs [out, in] rows
+            raise PlanError(message(fn, "plan", "quantized weights of nn.Linear modules or fused experts",
+                                    f"GPT-2 Conv1D weights stored [in, out]: {conv1d[:3]}",
+                                    "write a fake-quantized checkpoint instead: rotfn fold SRC DST --plan per_linear "
+                                    "--weights FORMAT (without --export), or rotfn.export_hf"))
         self.fn, self.plan, self.calibration = fn, plan, calibration
         self.acts, rotated = _check_online(fn, plan)
         layout = describe(model, fn=fn)

@@ -80,8 +80,9 @@ def calibration(
         A list of ``{"input_ids": int64 [batch_size, seq_len], "attention_mask": ones}``.
 
     Raises:
-        ArgumentError: a size that is not a positive int; a tokenizer that does not return ids
-            (or has no special tokens to add); more windows than the text holds (the message says how many).
+        ArgumentError: a size that is not a positive int; a tokenizer that does not return ids, returns none
+            at all (an empty tokenizer) or has no special tokens to add; more windows than the text holds (the
+            message says how many).
 
     Example:
         >>> batches = calibration(lambda s: list(s.encode()), seq_len=64, batch_size=4, n_batches=3)
@@ -98,6 +99,12 @@ def calibration(
     wrap = _wrapper(fn, tokenizer, seq_len) if special_tokens else list
     body = seq_len - len(wrap([]))
     stream = [i for p in calibration_text().split("\n\n") for i in _encode(fn, tokenizer, p.strip())]
+    if not stream:  # transformers 5 loads an empty tokenizer from a checkpoint saved without tokenizer files
+        raise ArgumentError(message(fn, "tokenizer", "a tokenizer that encodes text to ids",
+                                    f"{type(tokenizer).__name__} returned no ids for the whole text (an empty "
+                                    "tokenizer: the checkpoint has no tokenizer files)",
+                                    "load the model's own tokenizer, or use random ids: "
+                                    "torch.randint(0, vocab_size, (batch_size, seq_len))"))
     windows = len(stream) // body
     need = (skip + n_batches) * batch_size
     if need > windows:

@@ -188,7 +188,7 @@ def rotations(
 
     def step_loss(qs: tuple[torch.Tensor, ...], i: int):
         by_slot = dict(zip(slots.slots, qs, strict=True))
-        rotate = {t: (lambda x, r, q=by_slot[s]: rotate_learned(x, r, q)) for t, s in transforms.items()}
+        rotate = {t: functools.partial(rotate_learned, q=by_slot[s]) for t, s in transforms.items()}
         folded = FoldedParams(program.run(params, rotate=rotate, fn=fn), training)
         value = objective(run(fn, model, folded, training, batches[i], _learned_inputs(plan, slots, by_slot)), i)
         return value, value.detach()

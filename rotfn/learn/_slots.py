@@ -157,10 +157,11 @@ def _blocks(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (x.reshape(*lead, n // b, b) @ q.to(x.dtype)).reshape(*lead, n)
 
 
-def rotate_learned(x: torch.Tensor, r: Rotation, q: torch.Tensor) -> torch.Tensor:
-    """``x @ R'`` for an entry holding ``r``: ``R' = U blockdiag(Q)`` (``r = U``) or its transpose (``r = U.T``).
+def rotate_learned(x: torch.Tensor, r: Rotation, q: torch.Tensor, *, dim: int = -1) -> torch.Tensor:
+    """``x @ R'`` along ``dim`` for an entry holding ``r``: ``R' = U blockdiag(Q)`` (``r = U``) or its transpose (``r = U.T``).
 
-    Differentiable in x and q; the base goes through :func:`rotfn.rotate` (FWHT for Hadamards).
+    Differentiable in x and q; the base goes through :func:`rotfn.rotate` (FWHT for Hadamards). The signature
+    of :func:`rotfn.rotate` (``dim`` as a keyword), so a fold program runs it in place of the rotation.
 
     Example:
         >>> import torch, rotfn
@@ -172,6 +173,8 @@ def rotate_learned(x: torch.Tensor, r: Rotation, q: torch.Tensor) -> torch.Tenso
         >>> torch.allclose(rotate_learned(x, r.T, q), rotfn.rotate(x, learned.T))
         True
     """
+    if dim != -1:
+        return rotate_learned(x.movedim(dim, -1), r, q).movedim(-1, dim)
     if r.transposed:
         return rotate(_blocks(x, q.T), r)
     return _blocks(rotate(x, r), q)

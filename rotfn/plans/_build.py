@@ -83,8 +83,8 @@ class _Builder:
         return Plan(
             method=method, family=family, model=info.cls, signature=info.signature, rotations=tuple(self.rotations),
             norms=tuple(self.norms), online=online, weights=weights if self.quantized else None,
-            quantized=tuple(self.quantized), acts=acts, kv=kv, shared_scales=fused_groups(self.quantized), tied=info.tied, untied=tuple(self.untied),
-            notes=tuple(self.notes),
+            quantized=tuple(self.quantized), acts=acts, kv=kv, shared_scales=fused_groups(self.quantized),
+            tied=info.tied, untied=tuple(self.untied), notes=tuple(self.notes), transposed=info.transposed,
         )
 
 
@@ -107,10 +107,12 @@ def per_linear(
 
     For a linear ``y = x @ W.T + b`` with input size n: online ``x' = qdq(x @ R, acts)``,
     folded ``W' = qdq(W @ R, weights)``; unquantized, ``x' @ W'.T == x @ W.T`` exactly.
-    Sites are every ``nn.Linear`` (by module name) and, in mixture-of-experts models,
-    every fused experts weight (``<experts>.gate_up_proj``, ``<experts>.down_proj``,
-    all experts at once). The output embedding (lm_head) is left out unless
-    ``where`` names it; a tied weight that gets rotated is untied (see ``plan.notes``).
+    Sites are every ``nn.Linear`` and GPT-2 ``Conv1D`` (by module name; a ``Conv1D`` stores its
+    weight ``[in, out]``, so its fold is ``W' = R.T @ W`` and its qdq runs along dim -2, see
+    ``Plan.transposed``) and, in mixture-of-experts models, every fused experts weight
+    (``<experts>.gate_up_proj``, ``<experts>.down_proj``, all experts at once). The output
+    embedding (lm_head) is left out unless ``where`` names it; a tied weight that gets rotated
+    is untied (see ``plan.notes``).
 
     Args:
         model: an ``nn.Module`` (any architecture; no family adapter is needed).

@@ -56,7 +56,8 @@ class ModelInfo:
         model_type: ``config.model_type`` or None.
         shapes: ``{name: shape}`` of every parameter and buffer.
         tied: groups of names that share one tensor.
-        linears: ``(module name, in_features)`` of every ``nn.Linear``.
+        linears: ``(module name, in_features)`` of every ``nn.Linear`` and every GPT-2 ``Conv1D``.
+        transposed: weight keys of the linears that store their weight ``[in, out]`` (``Conv1D``: ``y = x @ W + b``).
         experts: ``(module name, in param, down param)`` of fused experts modules
             (3-D ``gate_up_proj``/``up_proj`` ``[E, out, in]`` and ``down_proj``).
         output_embedding: module name of the output embedding (lm_head), or None.
@@ -72,6 +73,7 @@ class ModelInfo:
     experts: tuple[tuple[str, str, str], ...]
     output_embedding: str | None
     signature: str
+    transposed: tuple[str, ...] = ()
 
 
 def _fused_experts(module: nn.Module) -> tuple[str, str] | None:
@@ -80,6 +82,18 @@ def _fused_experts(module: nn.Module) -> tuple[str, str] | None:
     if down is None or up is None or down.ndim != 3 or up.ndim != 3:
         return None
     return ("gate_up_proj" if "gate_up_proj" in module._parameters else "up_proj"), "down_proj"
+
+
+def _conv1d_in_features(module: nn.Module) -> int | None:
+    """The input size of a ``transformers.pytorch_utils.Conv1D`` (weight ``[in, out]``, ``nf`` outputs), else None.
+
+    Matched by name and layout, not imported: plans never import transformers.
+    """
+    weight = module._parameters.get("weight")
+    if type(module).__name__ != "Conv1D" or weight is None or weight.ndim != 2 or weight.shape[1] != getattr(
+            module, "nf", None):
+        return None
+    return weight.shape[0]
 
 
 def describe(model: nn.Module, *, fn: str = "describe") -> ModelInfo:
@@ -107,10 +121,13 @@ def describe(model: nn.Module, *, fn: str = "describe") -> ModelInfo:
         shapes[name] = tuple(t.shape)
         by_tensor.setdefault(id(t), []).append(name)
     tied = tuple(tuple(names) for names in by_tensor.values() if len(names) > 1)
-    linears, experts = [], []
+    linears, experts, transposed = [], [], []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             linears.append((name, module.in_features))
+        elif (n := _conv1d_in_features(module)) is not None:
+            linears.append((name, n))
+            transposed.append(f"{name}.weight" if name else "weight")
         elif (pair := _fused_experts(module)) is not None:
             experts.append((name, *pair))
     out_emb = None
@@ -122,7 +139,7 @@ def describe(model: nn.Module, *, fn: str = "describe") -> ModelInfo:
     return ModelInfo(
         cls=type(model).__name__, config=config, model_type=getattr(config, "model_type", None), shapes=shapes,
         tied=tied, linears=tuple(linears), experts=tuple(experts), output_embedding=out_emb,
-        signature=signature(shapes.items()),
+        signature=signature(shapes.items()), transposed=tuple(transposed),
     )
 
 

@@ -26,7 +26,7 @@ import hashlib
 from collections.abc import Iterable
 
 from rotfn._table import html_table
-from rotfn.errors import SpecError, message
+from rotfn.errors import PlanError, SpecError, message
 from rotfn.specs.formats import Format, format_from_dict
 from rotfn.specs.rotation import Rotation
 from rotfn.transforms import Chain, Where, chain, fuse_norm, qdq_weights, rotate_input, rotate_output
@@ -75,12 +75,12 @@ class WeightRotation:
     span: tuple[int, int] | None = None
     role: str = ""
 
-    def transform(self):
-        """The :mod:`rotfn.transforms` primitive that applies this entry."""
+    def transform(self, *, transposed: bool = False):
+        """The :mod:`rotfn.transforms` primitive of this entry (``transposed``: a weight stored ``[in, out]``)."""
         where = Where.names([self.key])
         if self.side == "input":
-            return rotate_input(self.rotation, where, per_head=self.per_head)
-        return rotate_output(self.rotation, where, per_head=self.per_head, span=self.span)
+            return rotate_input(self.rotation, where, per_head=self.per_head, transposed=transposed)
+        return rotate_output(self.rotation, where, per_head=self.per_head, span=self.span, transposed=transposed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +143,8 @@ class Plan:
         tied: groups of keys that share one tensor in the model.
         untied: keys the plan gives their own tensor (their tie is broken, see ``notes``).
         notes: human-readable facts about the plan (ties broken, layers skipped, exactness).
+        transposed: keys of linear weights stored ``[in, out]`` (GPT-2's ``Conv1D``, ``y = x @ W + b``): their
+            input side is dim -2 and their output side dim -1, in rotations and qdq alike.
     """
 
     method: str
@@ -160,6 +162,7 @@ class Plan:
     tied: tuple[tuple[str, ...], ...] = ()
     untied: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    transposed: tuple[str, ...] = ()
 
     # ----- derived ------------------------------------------------------------
     @property
@@ -179,6 +182,34 @@ class Plan:
         keys.update(dict.fromkeys(self.quantized))
         return tuple(keys)
 
+    def without_formats(self) -> Plan:
+        """The same plan without any quantizer: its rotations and norm fusions only, a float-equivalent plan.
+
+        Keeps ``rotations``, ``norms`` and the online rotations (their ``fmt`` set to None); drops the
+        weight format and ``quantized``, ``acts``, ``kv`` and every online entry that only quantizes
+        (activation or KV-cache qdq). Folded and called, it computes the model's own function, up to
+        float rounding: what a plan's rotations alone do, e.g. to check a learned plan.
+
+        Returns:
+            A new frozen :class:`Plan` (``self`` is unchanged).
+
+        Example:
+            >>> import torch, rotfn
+            >>> m = torch.nn.Sequential(torch.nn.Linear(32, 8))
+            >>> plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(32, seed=0), weights=rotfn.mxfp4(),
+            ...                               acts=rotfn.mxfp4())
+            >>> exact = plan.without_formats()
+            >>> exact.rotations == plan.rotations, exact.quantized, [(o.rotation, o.fmt) for o in exact.online]
+            (True, (), [(Rotation(hadamard, n=32, seed=0), None)])
+            >>> p = rotfn.params(m)
+            >>> x = torch.randn(4, 32)
+            >>> torch.allclose(rotfn.call(m, rotfn.fold(p, exact), exact, x), m(x), atol=1e-5)
+            True
+        """
+        online = tuple(dataclasses.replace(o, fmt=None) for o in self.online if o.rotation is not None)
+        return dataclasses.replace(self, online=online, weights=None, quantized=(), acts=None, kv=None,
+                                   shared_scales=())
+
     def transform(self, rounding=None) -> Chain:
         """The weight side as one :func:`rotfn.chain`: norm fusions, then rotations, then weight qdq.
 
@@ -186,10 +217,19 @@ class Plan:
         output-side rotations of one weight commute; qdq comes last, or ``rounding(key, W)``
         in its place (see :func:`rotfn.transforms.qdq_weights`).
         """
-        parts = [n.transform() for n in self.norms] + [w.transform() for w in self.rotations]
-        if self.quantized:
-            parts.append(qdq_weights(self.weights, Where.names(self.quantized), rounding=rounding,
-                                     shared=self.shared_scales))
+        fused = [k for n in self.norms for k in n.into if k in self.transposed]
+        if fused:  # a norm's scale multiplies the in dim, the last of an [out, in] weight only
+            raise PlanError(message("Plan.transform", "self", "norm fusions into [out, in] weights",
+                                    f"fusions into weights stored [in, out] (Conv1D): {fused[:3]}",
+                                    "leave those weights out of the plan's norms"))
+        transposed = set(self.transposed)
+        parts = [n.transform() for n in self.norms]
+        parts += [w.transform(transposed=w.key in transposed) for w in self.rotations]
+        for flag in (False, True):
+            keys = [k for k in self.quantized if (k in transposed) == flag]
+            if keys:
+                parts.append(qdq_weights(self.weights, Where.names(keys), rounding=rounding, transposed=flag,
+                                         shared=self.shared_scales))
         return chain(*parts)
 
     # ----- printing -------------------------------------------------------------
@@ -277,6 +317,7 @@ class Plan:
             "tied": [list(g) for g in self.tied],
             "untied": list(self.untied),
             "notes": list(self.notes),
+            "transposed": list(self.transposed),
         }
 
     @classmethod
@@ -320,8 +361,9 @@ class Plan:
                 method=d["method"], family=d["family"], model=d["model"], signature=d["signature"], rotations=rotations,
                 norms=norms, online=online, weights=fmt(d["weights"]), quantized=tuple(d["quantized"]),
                 acts=fmt(d["acts"]), kv=fmt(d.get("kv")),
-                shared_scales=tuple(tuple(g) for g in d.get("shared_scales", ())), tied=tuple(tuple(g) for g in d["tied"]), untied=tuple(d["untied"]),
-                notes=tuple(d["notes"]),
+                shared_scales=tuple(tuple(g) for g in d.get("shared_scales", ())), tied=tuple(tuple(g) for g in d["tied"]),
+                untied=tuple(d["untied"]), notes=tuple(d["notes"]),
+                transposed=tuple(d.get("transposed", ())),  # files before it had none
             )
         except SpecError:
             raise

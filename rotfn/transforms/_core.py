@@ -14,6 +14,10 @@ computes ``y = x @ W.T + b``.
   the norm, and ``g' = 1`` (with a LayerNorm bias ``beta``: ``b' = b + W @ beta``, ``beta' = 0``);
 * :func:`qdq_weights`: ``W' = qdq(W, fmt)`` along ``in``.
 
+``transposed=True`` on the rotations and on :func:`qdq_weights` is for weights stored ``[..., in, out]``
+(GPT-2's ``transformers.pytorch_utils.Conv1D``, ``y = x @ W + b``): the same math on the ``in`` / ``out``
+dims, which are swapped (input side ``W' = R.T @ W``, output side ``W' = W @ R``, qdq along dim -2).
+
 Every transform returns a **new** dict; the input dict and its tensors are never
 written. A transform is a value: calling it compiles it into a fold program
 (:mod:`rotfn.transforms._program`, the one engine :func:`rotfn.fold` and
@@ -156,39 +160,45 @@ def _check_span(fn: str, span) -> tuple[int, int] | None:
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class RotateInput(Transform):
-    """``W' = W @ R`` on the last dim of every selected tensor (see :func:`rotate_input`)."""
+    """``W' = W @ R`` on the last dim of every selected tensor (dim -2 if ``transposed``; see :func:`rotate_input`)."""
 
     rotation: Rotation
     where: Where
     per_head: bool = False
+    transposed: bool = False
     name = "rotate_input"
 
     def _phases(self, tensors):
-        return [[(k, _rotate_op(self.name, k, tensors[k], self, -1, None)) for k in self.where.select(tensors, fn=self.name)]]
+        dim = -2 if self.transposed else -1
+        keys = self.where.select(tensors, fn=self.name)
+        return [[(k, _rotate_op(self.name, k, tensors[k], self, dim, None)) for k in keys]]
 
     def inverse(self) -> RotateInput:
         return dataclasses.replace(self, rotation=self.rotation.T)
 
     def __repr__(self) -> str:
-        head = ", per_head=True" if self.per_head else ""
-        return f"rotate_input({self.rotation!r}, {self.where!r}{head})"
+        extra = ", per_head=True" if self.per_head else ""
+        extra += ", transposed=True" if self.transposed else ""
+        return f"rotate_input({self.rotation!r}, {self.where!r}{extra})"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class RotateOutput(Transform):
-    """``W' = R.T @ W`` (dim -2), ``b' = b @ R`` for 1-D tensors (see :func:`rotate_output`)."""
+    """``W' = R.T @ W`` (dim -2; dim -1 if ``transposed``), ``b' = b @ R`` for 1-D tensors (:func:`rotate_output`)."""
 
     rotation: Rotation
     where: Where
     per_head: bool = False
     span: tuple[int, int] | None = None
+    transposed: bool = False
     name = "rotate_output"
 
     def _phases(self, tensors):
         phase = []
         for key in self.where.select(tensors, fn=self.name):
             t = tensors[key]
-            phase.append((key, _rotate_op(self.name, key, t, self, -2 if t.ndim >= 2 else -1, self.span)))
+            dim = -2 if t.ndim >= 2 and not self.transposed else -1
+            phase.append((key, _rotate_op(self.name, key, t, self, dim, self.span)))
         return [phase]
 
     def inverse(self) -> RotateOutput:
@@ -197,6 +207,7 @@ class RotateOutput(Transform):
     def __repr__(self) -> str:
         extra = ", per_head=True" if self.per_head else ""
         extra += f", span={self.span}" if self.span is not None else ""
+        extra += ", transposed=True" if self.transposed else ""
         return f"rotate_output({self.rotation!r}, {self.where!r}{extra})"
 
 
@@ -240,16 +251,18 @@ class FuseNorm(Transform):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class QDQWeights(Transform):
-    """``W' = qdq(W, fmt)`` along the last dim of every selected tensor (see :func:`qdq_weights`)."""
+    """``W' = qdq(W, fmt)`` along the last dim of each selected tensor, dim -2 if ``transposed`` (:func:`qdq_weights`)."""
 
     fmt: Format
     where: Where
     rounding: WeightRounding | None = None
+    transposed: bool = False
     shared: tuple[tuple[str, ...], ...] = ()
     name = "qdq_weights"
 
     def _phases(self, tensors):
         phase = []
+        dim = -2 if self.transposed else -1
         selected = self.where.select(tensors, fn=self.name)
         shares = {}
         if shares_global_scale(self.fmt):
@@ -257,16 +270,19 @@ class QDQWeights(Transform):
         for key in selected:
             w = tensors[key]
             group = self.fmt.group
-            if w.ndim == 0 or (group is not None and w.shape[-1] % group):
-                raise ShapeError(message(self.name, f"params[{key!r}]", f"last dim divisible by {self.fmt!r}'s group of {group}",
-                                         f"shape {tuple(w.shape)}", "leave this key out of where= (rotfn never pads)"))
+            if w.ndim < -dim or (group is not None and w.shape[dim] % group):
+                what = "dim -2 (in, stored [in, out])" if self.transposed else "last dim"
+                raise ShapeError(message(self.name, f"params[{key!r}]", f"{what} divisible by {self.fmt!r}'s group of "
+                                         f"{group}", f"shape {tuple(w.shape)}",
+                                         "leave this key out of where= (rotfn never pads)"))
             rounding = None if self.rounding is None else functools.partial(self.rounding, key)
-            phase.append((key, QDQ(self.fmt, rounding, key, shares.get(key, ()))))
+            phase.append((key, QDQ(self.fmt, rounding, key, self.transposed, shares.get(key, ()))))
         return [phase]
 
     def __repr__(self) -> str:
-        shared = f", shared={len(self.shared)} groups" if self.shared else ""
-        return f"qdq_weights({self.fmt!r}, {self.where!r}{shared})"
+        extra = ", transposed=True" if self.transposed else ""
+        extra += f", shared={len(self.shared)} groups" if self.shared else ""
+        return f"qdq_weights({self.fmt!r}, {self.where!r}{extra})"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -291,17 +307,21 @@ class Chain(Transform):
 
 
 # ----- factories ---------------------------------------------------------------
-def rotate_input(R: Rotation, where: Where | str | tuple, *, per_head: bool = False) -> RotateInput:  # noqa: N803
+def rotate_input(R: Rotation, where: Where | str | tuple, *, per_head: bool = False,  # noqa: N803
+                 transposed: bool = False) -> RotateInput:
     """Rotate the input side of the selected params: ``W' = W @ R`` (last dim).
 
     A linear reading ``x @ R`` instead of ``x`` with ``W' = W @ R`` computes the same
     ``(x @ R) @ (W @ R).T == x @ W.T``. With ``per_head=True`` the last dim is cut
     into heads of ``R.n`` and each is rotated: ``W' = W @ blockdiag(R, ..., R)``.
+    With ``transposed=True`` the weights are stored ``[in, out]`` (``y = x @ W``, GPT-2's ``Conv1D``):
+    ``W' = R.T @ W`` on dim -2, so ``(x @ R) @ W' == x @ W``.
 
     Args:
         R: a :class:`rotfn.Rotation` of the last dim's size (or of the head size).
         where: which keys (a :func:`rotfn.where` filter, glob, regex, predicate or tuple).
         per_head: rotate each consecutive chunk of ``R.n``.
+        transposed: the selected weights are stored ``[..., in, out]``.
 
     Returns:
         A frozen :class:`RotateInput`; call it on a params dict to get a new dict.
@@ -321,11 +341,13 @@ def rotate_input(R: Rotation, where: Where | str | tuple, *, per_head: bool = Fa
         True
     """
     fn = "rotate_input"
-    return RotateInput(_check_rotation(fn, R), _check_where(fn, where), _check_bool(fn, "per_head", per_head))
+    return RotateInput(_check_rotation(fn, R), _check_where(fn, where), _check_bool(fn, "per_head", per_head),
+                       _check_bool(fn, "transposed", transposed))
 
 
 def rotate_output(
-    R: Rotation, where: Where | str | tuple, *, per_head: bool = False, span: tuple[int, int] | None = None  # noqa: N803
+    R: Rotation, where: Where | str | tuple, *, per_head: bool = False, span: tuple[int, int] | None = None,  # noqa: N803
+    transposed: bool = False,
 ) -> RotateOutput:
     """Rotate the output side of the selected params: ``W' = R.T @ W``, bias ``b' = b @ R``.
 
@@ -333,13 +355,15 @@ def rotate_output(
     its output is rotated. 2-D+ tensors rotate dim -2 (the out rows), 1-D tensors
     (biases) their only dim. ``per_head=True`` rotates each chunk of ``R.n`` rows
     (per attention head); ``span=(start, stop)`` limits it to those rows, e.g. the
-    V rows of a fused ``qkv_proj``.
+    V rows of a fused ``qkv_proj``. With ``transposed=True`` the weights are stored ``[in, out]``
+    (GPT-2's ``Conv1D``): ``W' = W @ R`` on the last dim, ``span`` on its columns.
 
     Args:
         R: a :class:`rotfn.Rotation` of the out size (or the head size).
         where: which keys.
         per_head: rotate each consecutive chunk of ``R.n``.
         span: ``(start, stop)`` rows to rotate, or None for all.
+        transposed: the selected weights are stored ``[..., in, out]``.
 
     Returns:
         A frozen :class:`RotateOutput`.
@@ -361,7 +385,7 @@ def rotate_output(
     """
     fn = "rotate_output"
     return RotateOutput(_check_rotation(fn, R), _check_where(fn, where), _check_bool(fn, "per_head", per_head),
-                        _check_span(fn, span))
+                        _check_span(fn, span), _check_bool(fn, "transposed", transposed))
 
 
 def fuse_norm(norm: str, into: Where | str | tuple, *, bias: str | None = None) -> FuseNorm:
@@ -401,7 +425,7 @@ def fuse_norm(norm: str, into: Where | str | tuple, *, bias: str | None = None) 
 
 
 def qdq_weights(fmt: Format, where: Where | str | tuple, *, rounding: WeightRounding | None = None,
-                shared: tuple[tuple[str, ...], ...] = ()) -> QDQWeights:
+                transposed: bool = False, shared: tuple[tuple[str, ...], ...] = ()) -> QDQWeights:
     """Fake-quantize the selected weights along their last (input) dim: ``W' = qdq(W, fmt)``.
 
     Args:
@@ -409,6 +433,8 @@ def qdq_weights(fmt: Format, where: Where | str | tuple, *, rounding: WeightRoun
         where: which keys.
         rounding: ``rounding(key, W) -> QTensor`` of ``fmt`` whose values replace ``qdq(W, fmt)``
             (e.g. :meth:`rotfn.calibration.Calibration.round`: GPTQ's), or None.
+        transposed: the weights are stored ``[..., in, out]`` (GPT-2's ``Conv1D``): quantized along dim -2,
+            their input dim (``rounding`` gets ``W.mT``, ``[out, in]``).
         shared: groups of keys rounded with one NVFP4 global scale measured over the group (fused
             partitions an engine runs as one linear, :attr:`rotfn.plans.Plan.shared_scales`);
             other formats ignore it.
@@ -435,7 +461,7 @@ def qdq_weights(fmt: Format, where: Where | str | tuple, *, rounding: WeightRoun
                                               for g in shared)):
         raise ArgumentError(message(fn, "shared", "a tuple of tuples of keys", repr(shared),
                                     "pass e.g. (('q.weight', 'k.weight', 'v.weight'),)"))
-    return QDQWeights(fmt, _check_where(fn, where), rounding, shared)
+    return QDQWeights(fmt, _check_where(fn, where), rounding, _check_bool(fn, "transposed", transposed), shared)
 
 
 def chain(*transforms: Transform) -> Chain:

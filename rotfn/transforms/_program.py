@@ -10,6 +10,9 @@ scale ``g: [in]``); its operations, in chain order, are
 * :class:`Fill`: every element set to one value (a fused norm's ``g' = 1``, ``beta' = 0``);
 * :class:`QDQ`: ``qdq(W, fmt)`` along ``in``.
 
+A weight stored ``[in, out]`` (GPT-2's ``Conv1D``, ``y = x @ W + b``) is *transposed*: its ``in`` is dim -2,
+so its input side rotates dim -2 (``R.T @ W``), its output side dim -1 (``W @ R``) and its qdq runs along dim -2.
+
 A :class:`FoldProgram` holds one :class:`KeyProgram` per key: its operations, the keys they
 read (each at the version it has at that point of the chain: 0 is the tensor as given), and
 its :class:`Stage` s: consecutive operations that leave one dim unmixed, along which the key
@@ -52,8 +55,8 @@ MIN_PIECE = 16
 #: ``precision=`` of :func:`rotfn.fold` and :func:`rotfn.fold_checkpoint`: the dtype the fold computes in.
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
-#: ``rotate_fn(x, R) -> x @ R`` on the last dim: :func:`rotfn.rotate` or a stand-in for it.
-RotateFn = Callable[[torch.Tensor, Rotation], torch.Tensor]
+#: ``rotate_fn(x, R, dim=d)``: ``x @ R`` along dim ``d``, :func:`rotfn.rotate` or a stand-in with its signature.
+RotateFn = Callable[..., torch.Tensor]
 
 
 def precision_dtype(fn: str, precision) -> torch.dtype:
@@ -123,13 +126,13 @@ class Rotate:
         lo, hi = self.span if self.span is not None else (0, n)
         part = x.narrow(dim, lo, hi - lo)
         # [vectors, r.n, columns]: every r.n-vector along dim 1 rotates on its own; columns > 1 for a dim other than
-        # the last, whose vectors are rotated where they lie in memory (the ops see a transposed view), not transposed
+        # the last, whose vectors rotfn.rotate(dim=1) rotates where they lie in memory, not transposed
         columns = x.shape[dim + 1:].numel()
         x3 = part.reshape(-1, r.n, columns)
         axis = 0 if columns == 1 else 2  # pieces of whole vectors: rows, or columns of every vector
         row = r.n if columns == 1 else x3.shape[0] * r.n
         fn = run.rotate.get(self.origin, rotate)
-        rotated = [fn(x3[(slice(None),) * axis + (cut,)].contiguous().transpose(1, 2), r).transpose(1, 2)
+        rotated = [fn(x3[(slice(None),) * axis + (cut,)].contiguous(), r, dim=1)
                    for cut in piece_cuts(x3.shape[axis], row, run.piece_elements)]
         out = (rotated[0] if len(rotated) == 1 else torch.cat(rotated, axis)).reshape(part.shape)
         if self.span is not None:
@@ -193,6 +196,8 @@ class Fill:
 class QDQ:
     """``qdq(x, fmt)`` along the last dim, or the values of ``rounding(x)`` (a QTensor, e.g. GPTQ's for this key).
 
+    ``transposed``: a weight stored ``[in, out]`` (GPT-2's ``Conv1D``), quantized along dim -2, its ``in``: the
+    format, the rounding and a kept QTensor see it as ``[out, in]`` (``x.mT``).
     ``shares``: the other keys of a fused group (q/k/v, gate/up), read at ``at`` (their values before
     their own QDQ): an NVFP4 global scale is measured over the group
     (:func:`rotfn.ops.quant.nvfp4_shared_global_scale`); ``global_scale`` pins it instead (a streaming
@@ -203,6 +208,7 @@ class QDQ:
     fmt: Format
     rounding: Callable[[torch.Tensor], QTensor] | None = None
     key: str = ""
+    transposed: bool = False
     shares: tuple[str, ...] = ()
     at: tuple[int, ...] = ()
     global_scale: float | None = None
@@ -212,27 +218,30 @@ class QDQ:
         return tuple(zip(self.shares, self.at, strict=True)) if self.global_scale is None else ()
 
     def mixes(self, ndim: int) -> set[int]:
-        """The last dim, or every dim for a format with one scale for the whole tensor or a rounding of its own."""
+        """The ``in`` dim, or every dim for a format with one scale for the whole tensor or a rounding of its own."""
         whole = (tensor_wide(self.fmt) and self.global_scale is None) or self.rounding is not None
-        return set(range(ndim)) if whole else {ndim - 1}
+        return set(range(ndim)) if whole else {ndim - 2 if self.transposed else ndim - 1}
 
     def pinned(self, global_scale: float) -> QDQ:
         """This op with the group's global scale fixed (it reads no other key then)."""
         return dataclasses.replace(self, global_scale=global_scale)
 
     def apply(self, x, reads, run):
+        w = x.mT.contiguous() if self.transposed else x
         fmt = self.fmt
         if self.rounding is None and (self.shares or self.global_scale is not None):
             s_g = self.global_scale
             if s_g is None:
-                s_g = nvfp4_shared_global_scale([x, *(reads[k] for k in self.shares)], self.fmt).item()
+                s_g = nvfp4_shared_global_scale([w, *(reads[k] for k in self.shares)], self.fmt).item()
             fmt = nvfp4(s_g)  # the codes the group's global scale gives
         if self.rounding is None and run.codes is None:
-            return qdq(x, fmt)
-        q = quantize(x, fmt) if self.rounding is None else self.rounding(x)
-        if run.codes is not None:
-            run.codes[self.key] = dataclasses.replace(q, format=self.fmt)
-        return dequantize(q, x.dtype)
+            out = qdq(w, fmt)
+        else:
+            q = quantize(w, fmt) if self.rounding is None else self.rounding(w)
+            if run.codes is not None:
+                run.codes[self.key] = dataclasses.replace(q, format=self.fmt)
+            out = dequantize(q, x.dtype)
+        return out.mT.contiguous() if self.transposed else out
 
 
 def shares_global_scale(fmt: Format) -> bool:
@@ -443,8 +452,8 @@ class FoldProgram:
             precision: the work dtype (float64 or float32).
             piece_elements: the piece size of the rotations' work (:func:`piece_cuts`); any size gives the same bits.
             rotate: ``{rotation transform of the chain: rotate_fn}``: for the :func:`rotate_input` /
-                :func:`rotate_output` values given as keys, ``rotate_fn(x, R)`` computes ``x @ R`` on the last
-                dim in place of :func:`rotfn.rotate` (e.g. ``x @ (R.matrix() @ Q)`` with a differentiable ``Q``,
+                :func:`rotate_output` values given as keys, ``rotate_fn(x, R, dim=d)`` computes ``x @ R`` along
+                dim ``d`` in place of :func:`rotfn.rotate` (e.g. ``x @ (R.matrix() @ Q)`` with a differentiable ``Q``,
                 as :func:`rotfn.learn.rotations` does); it gets the same cutting. The run is differentiable in
                 the tensors ``rotate_fn`` closes over and in ``params``.
             round_each: round to each tensor's dtype after every operation (what calling a chain of
