@@ -409,11 +409,14 @@ def _learn_data(args: argparse.Namespace, text: str | None, vocab: int):
 
 
 def _run_learn(args: argparse.Namespace) -> int:
-    from rotfn.errors import FoldError, message
+    from rotfn.errors import ArgumentError, FoldError, message
     from rotfn.io import inventory, read_rotfn_json
 
     if args.weights is None and args.acts is None:
         _usage(args.parser, "nothing to learn against: give --weights and/or --acts (rotations matter to quantizers)")
+    if os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise ArgumentError(message("learn", "out", "a file path in an existing directory", repr(args.out),
+                                    "create the directory first, or name a file"))  # before minutes of learning
     inventory(args.dir, fn="learn", arg="dir")  # a readable checkpoint, before transformers loads it
     prior = read_rotfn_json(args.dir)
     if prior is not None:
@@ -428,13 +431,15 @@ def _run_learn(args: argparse.Namespace) -> int:
                             "(give --r1 hadamard, --r2 ...)")
     data, what = _learn_data(args, text, model.config.vocab_size)
     params = rotfn.params(model)
-    print(f"rotfn learn: {', '.join(roles)} of {plan!r} on {len(data)} batches of {args.batch_size} x {args.seq_len} "
-          f"tokens ({what})", file=sys.stderr)
+    if not args.quiet:
+        print(f"rotfn learn: {', '.join(roles)} of {plan!r} on {len(data)} batches of {args.batch_size} x "
+              f"{args.seq_len} tokens ({what})", file=sys.stderr)
     result = rotfn.learn.rotations(model, params, plan, data, steps=args.steps, lr=args.lr, roles=roles,
                                    progress=not args.quiet)
     before, after = (rotfn.learn.evaluate(model, params, p, data) for p in (plan, result.plan))
     rotfn.save(args.out, {}, result.plan)
-    print(f"learned {', '.join(roles)} ({len(result.slots)} matrices) in {args.steps} steps, lr {args.lr:g}: "
+    matrices = f"{len(result.slots)} matri{'ces' if len(result.slots) != 1 else 'x'}"
+    print(f"learned {', '.join(roles)} ({matrices}) in {args.steps} steps, lr {args.lr:g}: "
           f"{result.loss} on the calibration batches {before:.4f} -> {after:.4f}; wrote {args.out} "
           f"(fold it: rotfn fold {shlex.quote(args.dir)} DST --plan {shlex.quote(args.out)})")
     return EXIT_OK
@@ -639,9 +644,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Library arguments that a command's option feeds under another name: ``(command, argument): option dest``.
-_FED_BY = {("fold", "path"): "plan", ("learn", "path"): "out"}
-_ARGUMENT = re.compile(r"^[\w.]+: argument '([^']+)': ")
+#: Library arguments that an option feeds under another name: ``(command, function, argument): option dest``.
+_FED_BY = {
+    ("fold", "load", "path"): "plan",  # --plan FILE, read by rotfn.load
+    ("fold", "fold_checkpoint", "path"): "src_dir",  # a shard of SRC (the message names the file)
+    ("report", "report", "path"): "dir", ("learn", "learn", "path"): "dir",  # a shard of DIR
+    ("learn", "save", "path"): "out",  # --out FILE, written by rotfn.save
+}
+_ARGUMENT = re.compile(r"^([\w.]+): argument '([^']+)': ")
 
 
 def _cli_message(args: argparse.Namespace, text: str) -> str:
@@ -653,17 +663,19 @@ def _cli_message(args: argparse.Namespace, text: str) -> str:
     """
     options = {}
     for action in args.parser._actions:
-        if action.dest != "help":
-            options[action.dest] = action.option_strings[0] if action.option_strings else action.metavar
-    options |= {arg: options[dest] for (command, arg), dest in _FED_BY.items() if command == args.command}
+        name = action.option_strings[0] if action.option_strings else action.metavar
+        if name and action.dest != "help":
+            options[action.dest] = name
     match = _ARGUMENT.match(text)
-    if match and match.group(1) in options:
-        text = f"{options[match.group(1)]}: {text[match.end():]}"
-    for arg, option in options.items():
-        if "_" in arg or option.startswith("--"):
-            text = re.sub(rf"\b{re.escape(arg)}=True\b", option, text)
-        if "_" in arg:  # library names like dst_dir; a plain word such as "path" stays a word
-            text = re.sub(rf"\b{re.escape(arg)}\b", option, text)
+    if match:
+        dest = _FED_BY.get((args.command, match.group(1), match.group(2)), match.group(2))
+        if dest in options:
+            text = f"{options[dest]}: {text[match.end():]}"
+    for dest, option in options.items():
+        if "_" in dest or option.startswith("--"):
+            text = re.sub(rf"\b{re.escape(dest)}=True\b", option, text)
+        if "_" in dest:  # library names like dst_dir; a plain word such as "path" stays a word
+            text = re.sub(rf"\b{re.escape(dest)}\b", option, text)
     return text
 
 

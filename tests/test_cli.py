@@ -41,11 +41,17 @@ def test_version_is_the_package_version():
 
 
 @pytest.fixture(scope="module")
-def bad_files(tmp_path_factory):
-    """A safetensors file without rotfn metadata, and a rotfn file cut short (as a failed copy leaves it)."""
+def bad_files(src, tmp_path_factory):
+    """A safetensors file without rotfn metadata, a rotfn file and a checkpoint shard cut short (as a failed copy
+    leaves them), a text too short to calibrate on."""
+    import shutil
+
     import safetensors.torch
 
     directory = tmp_path_factory.mktemp("bad")
+    shutil.copytree(src, directory / "cut-ckpt")
+    shard = directory / "cut-ckpt" / "model-00002-of-00004.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-50])
     safetensors.torch.save_file({"w": torch.zeros(2)}, str(directory / "plain.safetensors"))
     m = torch.nn.Linear(32, 4)
     plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(32, seed=2))
@@ -101,6 +107,10 @@ BAD_COMMAND_LINES = [
     (["learn", "{src}", "--out", "p", "--weights", "int4", "--text", "{bad}/text.txt"], EXIT_FAILED,
      "rotfn learn: --batches: expected at most 0 batches"),
     (["demo", "--rows", "0"], EXIT_USAGE, "rotfn demo: --rows: expected a positive int, got '0'"),
+    (["fold", "{bad}/cut-ckpt", "{tmp}/o"], EXIT_FAILED, "rotfn fold: SRC: expected "
+     "{bad}/cut-ckpt/model-00002-of-00004.safetensors: a complete safetensors file, got the file is truncated"),
+    (["learn", "{src}", "--out", "{tmp}/no/such/dir/p", "--weights", "int4"], EXIT_FAILED,
+     "rotfn learn: --out: expected a file path in an existing directory"),
 ]
 
 
