@@ -268,9 +268,7 @@ def _inspect_incomplete(path: str) -> int:
             print(f"  {name}: {'done' if finished else 'pending'}, {n} tensor{'s' * (n != 1)}")
     else:
         print(f"tensors: {progress.tensors}, an export (it restarts rather than resumes)")
-    print("plan being folded:" if progress.plan is not None else "plan: unreadable (another rotfn version)")
-    if progress.plan is not None:
-        print(progress.plan)
+    print(f"plan being folded:\n{progress.plan}")
     print(f"resume: {progress.command}" if progress.command else
           "resume: rerun the same rotfn.fold_checkpoint call (same source, plan and options)")
     return EXIT_OK

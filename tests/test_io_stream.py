@@ -227,7 +227,7 @@ def test_a_different_job_is_refused_on_an_incomplete_directory_unless_overwrite(
     progress = rotfn.io.read_progress(out)
     assert [done for _, _, done in progress.shards] == [True, False, False, False]
     assert progress.tensors == 21 and 0 < progress.tensors_done < 21 and progress.command == "rotfn fold a b"
-    assert progress.plan == _quarot(skeleton(src)) and progress.source == os.path.abspath(src)
+    assert progress.plan == str(_quarot(skeleton(src))) and progress.source == os.path.abspath(src)
     before = sorted(os.listdir(out))
     other = lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=5))
     with pytest.raises(CheckpointError, match=r"another job \(the plan differs\).*rerun `rotfn fold a b` to resume"):

@@ -6,13 +6,15 @@ removes it last. The marker is JSON::
     {"format": "rotfn-fold-progress", "version": 2,
      "job": sha256 of the parts,                      # the same job resumes, any other is refused
      "parts": {"plan": sha256, "source": sha256, "layout": sha256, "options": "float64 None"},
-     "plan": Plan.to_dict(), "source": "/abs/src", "command": "rotfn fold ..." | null,
+     "plan": str(plan), "source": "/abs/src", "command": "rotfn fold ..." | null,
      "shards": [[file name, tensors], ...],           # the output's layout ([] for an export)
      "tensors": tensors in the output,
      "done": {file name: {"mtime_ns": ...}}}          # shards finished and renamed into place
 
 so a rerun can tell *what* differs from the interrupted job, and ``rotfn inspect`` can show
-what is done, what is pending, the plan and the command that resumes it.
+what is done, what is pending, the plan and the command that resumes it. The plan is kept as
+its printed summary, not its data: a learned 4096 x 4096 rotation would make the marker,
+rewritten after every shard, hundreds of MB (its digest tells jobs apart).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def job_parts(plan: Plan, source: list, layout: list, options: str) -> dict[str,
 def new_marker(parts: dict[str, str], plan: Plan, source: str, shards: list[tuple[str, int]], tensors: int,
                command: str | None) -> dict:
     """A fresh marker for the job of ``parts`` (nothing done yet)."""
-    return {"format": _FORMAT, "version": _VERSION, "job": _digest(parts), "parts": parts, "plan": plan.to_dict(),
+    return {"format": _FORMAT, "version": _VERSION, "job": _digest(parts), "parts": parts, "plan": str(plan),
             "source": source, "command": command, "shards": [list(s) for s in shards],
             "tensors": tensors, "done": {},
             "note": "rotfn.fold_checkpoint is writing this directory (or was interrupted): rerun it to finish"}
@@ -78,7 +80,7 @@ class FoldProgress:
     Attributes:
         dir: the output directory.
         source: the source checkpoint directory.
-        plan: the plan being folded (None when the marker's plan no longer decodes).
+        plan: the plan being folded, as it prints (``str(plan)``).
         shards: ``(file name, tensors, done)`` of each output shard, in order (empty for an export,
             which restarts rather than resumes).
         tensors: tensors of the whole output.
@@ -87,7 +89,7 @@ class FoldProgress:
 
     dir: str
     source: str
-    plan: Plan | None
+    plan: str
     shards: tuple[tuple[str, int, bool], ...]
     tensors: int
     command: str | None
@@ -113,10 +115,6 @@ def read_progress(dir: str | os.PathLike) -> FoldProgress | None:
     doc = read_marker(os.path.join(directory, MARKER))
     if doc is None:
         return None
-    try:
-        plan = Plan.from_dict(doc.get("plan"))
-    except ValueError:
-        plan = None
     shards = tuple((str(name), int(n), name in doc["done"] and os.path.isfile(os.path.join(directory, name)))
                    for name, n in doc.get("shards", []))
-    return FoldProgress(directory, str(doc.get("source")), plan, shards, int(doc.get("tensors", 0)), doc.get("command"))
+    return FoldProgress(directory, str(doc.get("source")), str(doc.get("plan")), shards, int(doc.get("tensors", 0)), doc.get("command"))
