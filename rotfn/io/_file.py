@@ -204,7 +204,7 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
             doc = _document(path, f.metadata() or {})
             return doc, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a Mapping
     except safetensors.SafetensorError as err:
-        read_header(path, fn="load")  # a truncated file raises here, with the sizes its header promises and it has
+        read_header(path, fn="load")  # says what is wrong where it can (truncated: the sizes promised and there)
         raise _bad(path, "a complete safetensors file", f"a damaged or truncated one ({err})") from None
 
 

@@ -127,7 +127,8 @@ def read_header(path: str, *, fn: str = "read_header") -> tuple[list[TensorEntry
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise bad("a safetensors file (8-byte header length first)", f"{size} bytes")
+            raise bad("a safetensors file (8-byte header length first)",
+                      f"{size} bytes: the file is truncated or not a safetensors file")
         (n,) = struct.unpack("<Q", prefix)
         if n > _MAX_HEADER:
             raise bad(f"a header length below {_MAX_HEADER}", f"{n}: not a safetensors file")
@@ -136,7 +137,7 @@ def read_header(path: str, *, fn: str = "read_header") -> tuple[list[TensorEntry
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise bad("a JSON header", repr(err)) from None
+            raise bad("a JSON header", f"{type(err).__name__} ({err})") from None
     if not isinstance(header, dict):
         raise bad("a JSON object header", type(header).__name__)
     metadata = header.pop("__metadata__", None) or {}
