@@ -1,12 +1,17 @@
-"""The ``rotfn`` command: ``rotfn fold``, ``rotfn inspect``, ``rotfn report``, ``rotfn demo`` (also ``python -m rotfn``).
+"""The ``rotfn`` command: ``fold``, ``learn``, ``inspect``, ``report``, ``demo`` (also ``python -m rotfn``).
 
 Subcommands:
 
 * ``rotfn fold SRC DST --plan quarot --r1 hadamard --r2 hadamard``: fold a plan into a
   Hugging Face checkpoint directory on disk, streaming (:func:`rotfn.fold_checkpoint`);
-  ``--export compressed-tensors`` writes the packed checkpoint vLLM serves instead;
-* ``rotfn inspect PATH``: what a rotfn file (:func:`rotfn.save`) or an HF directory holds:
-  plan, rotations, formats, tensors, bytes, dtypes;
+  ``--plan FILE`` folds a plan file (``rotfn learn --out``); ``--export compressed-tensors``
+  writes the packed checkpoint vLLM serves instead; an interrupted fold resumes when the same
+  command runs again, and a different one is refused unless ``--overwrite`` says to start over;
+* ``rotfn learn DIR --out FILE``: learn the rotations of a quantized plan on calibration text
+  (:func:`rotfn.learn.rotations`) and write the learned plan for ``rotfn fold --plan FILE``;
+* ``rotfn inspect PATH``: what a rotfn file (:func:`rotfn.save`), a plain safetensors file, an HF
+  directory or an interrupted fold's directory holds: plan, rotations, formats, tensors, bytes,
+  dtypes, what is done and how to resume;
 * ``rotfn report DIR --format mxfp4``: the per-layer SQNR table of :func:`rotfn.report` for a
   ``per_linear`` plan on the directory's model (``--gptq``: with round to nearest vs GPTQ columns);
 * ``rotfn demo``: rotfn's main job on an embedded real model (the private ``rotfn._demo``, imported
@@ -16,8 +21,13 @@ Exit codes, for scripts:
 
 * 0: success (also ``--help``);
 * 1: the command failed: a rotfn error (bad checkpoint, plan that does not fit, ...), a file
-  system error or a missing optional dependency; one line on stderr says what and how to fix it;
-* 2: usage error: no or unknown command, unknown option, bad or conflicting values (usage on stderr).
+  system error or a missing optional dependency;
+* 2: usage error: no or unknown command, unknown option, bad or conflicting values;
+* 130: interrupted (Ctrl-C).
+
+Every failure is one line on stderr, ``rotfn COMMAND: WHAT: ...``, naming the option or
+argument as it is typed on the command line (the library's argument names are translated in
+one place, :func:`_cli_message`) and how to fix it; no traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ import collections
 import dataclasses
 import json
 import os
+import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 
@@ -36,11 +48,12 @@ import rotfn
 from rotfn.errors import RotfnError
 from rotfn.specs.formats import FP8, NVFP4, IntQ
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "WEIGHT_FORMATS", "build_parser", "main"]
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "WEIGHT_FORMATS", "build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 #: Format names the ``--weights`` / ``--format`` options take, and the specs they stand for.
 WEIGHT_FORMATS = {
@@ -48,6 +61,7 @@ WEIGHT_FORMATS = {
     "int4": rotfn.intq(4, group=32), "int8": rotfn.intq(8), "fp8": rotfn.fp8("channel"),
 }
 _ROTATIONS = ("hadamard", "orthogonal", "none")
+_BUILDERS = ("quarot", "per_linear")
 _REPORT_TOKENS, _GPTQ_TOKENS = 32, 512  # GPTQ fits a Hessian: it needs more tokens than a linear has inputs
 #: A sentence for ``rotfn report`` when the directory has no tokenizer (or with --random).
 TEXT = ("Rotations spread the outliers of weights and activations over many channels, "
@@ -55,11 +69,13 @@ TEXT = ("Rotations spread the outliers of weights and activations over many chan
 
 _EPILOG = """examples:
   rotfn fold llama-3-8b llama-3-8b-quarot --plan quarot --r1 hadamard --r2 hadamard
+  rotfn learn llama-3-8b --r2 hadamard --weights int4 --acts int4 --out learned.safetensors
+  rotfn fold llama-3-8b llama-3-8b-learned --plan learned.safetensors
   rotfn inspect llama-3-8b-quarot
   rotfn report llama-3-8b --format mxfp4 --block 32
   rotfn demo --rows 64
 
-exit codes: 0 ok, 1 the command failed (message on stderr), 2 usage error
+exit codes: 0 ok, 1 the command failed, 2 usage error, 130 interrupted (one line on stderr says why)
 """
 
 
@@ -73,22 +89,32 @@ def _rotation_factory(kind: str, seed: int, block: int | None) -> Callable | Non
 
 
 def _usage(parser: argparse.ArgumentParser, text: str) -> None:
-    parser.error(text)  # prints usage and the text on stderr, exits 2
+    parser.error(text)  # one line on stderr (_Parser.error), exits 2
 
 
-# ----- rotfn fold ---------------------------------------------------------------------------------
-def _fold_plan(args: argparse.Namespace) -> Callable:
-    """``model -> Plan`` from the fold options (seeds: R1 seed, R2 seed + 1, R3 seed + 2, R4 seed + 3)."""
-    r1, r2, r3, r4 = (_rotation_factory(k, args.seed + i, args.block) for i, k in enumerate(
-        (args.r1, args.r2, args.r3, args.r4)))
+# ----- plans from the command line (rotfn fold, rotfn learn) -------------------------------------
+def _rotation_options(args: argparse.Namespace) -> tuple[str, str, str, str]:
+    """``(r1, r2, r3, r4)`` as given, with the defaults (r1 hadamard, the others none); usage errors for a mix
+    the builder does not take."""
+    r1, r2, r3, r4 = args.r1 or "hadamard", args.r2 or "none", args.r3 or "none", args.r4 or "none"
+    if args.plan == "per_linear" and (r2, r3, r4) != ("none",) * 3:
+        _usage(args.parser, "--r2/--r3/--r4 are quarot's; per_linear takes its rotation from --r1")
+    return r1, r2, r3, r4
+
+
+def _builder_plan(args: argparse.Namespace, acts=None, *, servable: bool = False) -> Callable:
+    """``model -> Plan`` from the plan options (seeds: R1 seed, R2 seed + 1, R3 seed + 2, R4 seed + 3); ``servable``:
+    weight formats as a served checkpoint holds them (``--export``)."""
+    seed = args.seed or 0
+    r1, r2, r3, r4 = (_rotation_factory(k, seed + i, args.block) for i, k in enumerate(_rotation_options(args)))
 
     def plan(model):
         weights = None if args.weights is None else WEIGHT_FORMATS[args.weights]
-        if args.export and weights is not None:
+        if servable and weights is not None:
             weights = _servable(weights, next(model.parameters()).dtype)
         if args.plan == "per_linear":
-            return rotfn.plans.per_linear(model, rotation=r1, weights=weights)
-        return rotfn.plans.quarot(model, r1=r1, r2=r2, r3=r3, r4=r4, weights=weights)
+            return rotfn.plans.per_linear(model, rotation=r1, weights=weights, acts=acts)
+        return rotfn.plans.quarot(model, r1=r1, r2=r2, r3=r3, r4=r4, weights=weights, acts=acts)
     return plan
 
 
@@ -102,27 +128,55 @@ def _servable(fmt, dtype: torch.dtype):
     return fmt
 
 
+def _plan_arg(text: str) -> str:
+    """An argparse ``type=`` for ``rotfn fold --plan``: a builder's name or an existing file."""
+    if text in _BUILDERS or os.path.isfile(text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected {', '.join(_BUILDERS)} or a plan file (rotfn learn --out FILE), "
+                                     f"got {text!r}")
+
+
+def _plan_file(args: argparse.Namespace):
+    """The plan of the rotfn file ``--plan FILE`` (the plan options may not be given with it)."""
+    from rotfn.errors import CheckpointError, message
+
+    given = [f"--{k.replace('_', '-')}" for k in ("r1", "r2", "r3", "r4", "seed", "block", "weights")
+             if getattr(args, k) is not None]
+    if given:
+        _usage(args.parser, f"{', '.join(given)}: the plan file {args.plan} holds the rotations and formats; drop them")
+    _, plan = rotfn.load(args.plan)
+    if plan is None:
+        raise CheckpointError(message("fold", "plan", "a rotfn file holding a plan (rotfn learn --out, rotfn.save "
+                                      "with a plan)", f"{args.plan!r}, which holds params only",
+                                      "write the plan with rotfn learn --out FILE"))
+    return plan
+
+
+# ----- rotfn fold ---------------------------------------------------------------------------------
 def _run_fold(args: argparse.Namespace) -> int:
     from rotfn.io import read_rotfn_json
 
-    if args.plan == "per_linear" and (args.r2, args.r3, args.r4) != ("none",) * 3:
-        _usage(args.parser, "--r2/--r3/--r4 are quarot's; per_linear takes its rotation from --r1")
-    if args.r1 == "none" and args.r2 == args.r3 == args.r4 == "none" and args.weights is None:
-        _usage(args.parser, "nothing to fold: give a rotation (--r1 ...) or --weights")
-    stats = rotfn.fold_checkpoint(args.src, _fold_plan(args), args.dst, max_shard_size=args.max_shard_size,
+    if args.plan in _BUILDERS:
+        if _rotation_options(args) == ("none",) * 4 and args.weights is None:
+            _usage(args.parser, "nothing to fold: give a rotation (--r1 ...) or --weights")
+        plan = _builder_plan(args, servable=bool(args.export))
+    else:
+        plan = _plan_file(args)
+    stats = rotfn.fold_checkpoint(args.src_dir, plan, args.dst_dir, max_shard_size=args.max_shard_size,
                                   overwrite=args.overwrite, progress=not args.quiet, precision=args.precision,
                                   torch_threads=args.torch_threads or None, keep_freed_blocks=args.keep_freed_blocks,
-                                  export=args.export)
+                                  export=args.export, command=shlex.join(["rotfn", *args.argv]))
+    src, dst = args.src_dir, args.dst_dir
     if args.export:
-        with open(os.path.join(args.dst, "config.json"), encoding="utf-8") as f:
+        with open(os.path.join(dst, "config.json"), encoding="utf-8") as f:
             qconfig = json.load(f)["quantization_config"]
         transforms = ", ".join(qconfig["transform_config"].get("config_groups", {})) or "none"
-        print(f"exported {args.src} -> {args.dst} ({args.export}, format {qconfig['format']}, online transforms: "
+        print(f"exported {src} -> {dst} ({args.export}, format {qconfig['format']}, online transforms: "
               f"{transforms}): {stats.tensors} tensors in {stats.shards} shards, {_size(stats.bytes_written)} in "
               f"{stats.seconds:.1f} s")
         return EXIT_OK
-    plan = read_rotfn_json(args.dst)
-    print(f"folded {args.src} -> {args.dst}: {stats.tensors} tensors written in {stats.shards} shards"
+    plan = read_rotfn_json(dst)
+    print(f"folded {src} -> {dst}: {stats.tensors} tensors written in {stats.shards} shards"
           + (f" ({stats.shards_skipped} kept from an interrupted run)" if stats.shards_skipped else "")
           + f", {_size(stats.bytes_written)} in {stats.seconds:.1f} s")
     print(plan)
@@ -131,6 +185,19 @@ def _run_fold(args: argparse.Namespace) -> int:
               "refuses the directory: load with rotfn.load_hf(dst) and run with rotfn.call, or fold with "
               "--export compressed-tensors for an inference engine", file=sys.stderr)
     return EXIT_OK
+
+
+def _fold_interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted ``rotfn fold`` kept, from the progress marker it left in DST."""
+    from rotfn.io import read_progress
+
+    progress = read_progress(args.dst_dir) if os.path.isdir(args.dst_dir) else None
+    if progress is None:
+        return "interrupted before anything was kept; rerun the same command"
+    if not progress.shards:
+        return f"interrupted; 0 of {progress.tensors} tensors done (an export restarts); rerun the same command"
+    return (f"interrupted; {progress.tensors_done} of {progress.tensors} tensors done; "
+            "rerun the same command to resume")
 
 
 # ----- rotfn inspect ------------------------------------------------------------------------------
@@ -145,14 +212,11 @@ def _dtypes(counts: collections.Counter) -> str:
 def _inspect_file(path: str) -> int:
     import safetensors
 
-    from rotfn.errors import CheckpointError, message
     from rotfn.io import METADATA_KEY, decode_plan, read_header, rotation_tensor_names
 
     entries, metadata, _ = read_header(path, fn="inspect")
     if METADATA_KEY not in metadata:
-        raise CheckpointError(message("inspect", "path", "a rotfn file (written by rotfn.save) or a checkpoint directory",
-                                      f"{path!r}, a safetensors file without rotfn metadata",
-                                      "inspect the directory that holds it, or read it with safetensors"))
+        return _inspect_safetensors(path, entries)
     doc = json.loads(metadata[METADATA_KEY])
     params = doc.get("params", [])
     kinds = collections.Counter(p.get("kind") for p in params)
@@ -173,9 +237,48 @@ def _inspect_file(path: str) -> int:
     return EXIT_OK
 
 
+def _inspect_safetensors(path: str, entries) -> int:
+    """A safetensors file without rotfn metadata (e.g. one shard of an HF checkpoint): its tensors."""
+    from rotfn._table import format_table
+
+    dtypes = collections.Counter(e.dtype for e in entries)
+    print(f"safetensors file {path} (not a rotfn file): {len(entries)} tensors, "
+          f"{_size(sum(e.nbytes for e in entries))} ({_dtypes(dtypes)})")
+    rows = [(e.name, str(e.dtype).removeprefix("torch."), list(e.shape), _size(e.nbytes)) for e in entries]
+    print(format_table(["tensor", "dtype", "shape", "bytes"], rows, align="llrr"))
+    return EXIT_OK
+
+
+def _inspect_incomplete(path: str) -> int:
+    """The directory of an interrupted (or running) ``rotfn fold``: what is done, what is pending, how to resume."""
+    from rotfn.io import read_progress
+
+    progress = read_progress(path)
+    if progress is None:
+        print(f"incomplete rotfn fold {path}: its progress marker is from another rotfn version or damaged; "
+              "rerun the fold with --overwrite to start over")
+        return EXIT_OK
+    done = sum(d for _, _, d in progress.shards)
+    print(f"incomplete rotfn fold {path} (interrupted, or still running): not a checkpoint until the fold finishes")
+    print(f"source: {progress.source}")
+    if progress.shards:
+        print(f"tensors: {progress.tensors_done} of {progress.tensors} done; shards: {done} of {len(progress.shards)} "
+              "done")
+        for name, n, finished in progress.shards:
+            print(f"  {name}: {'done' if finished else 'pending'}, {n} tensor{'s' * (n != 1)}")
+    else:
+        print(f"tensors: {progress.tensors}, an export (it restarts rather than resumes)")
+    print(f"plan being folded:\n{progress.plan}")
+    print(f"resume: {progress.command}" if progress.command else
+          "resume: rerun the same rotfn.fold_checkpoint call (same source, plan and options)")
+    return EXIT_OK
+
+
 def _inspect_dir(path: str) -> int:
     from rotfn.io import GUARDED_MODEL_TYPE, MARKER, ORIGINAL_MODEL_TYPE, inventory, read_rotfn_json
 
+    if os.path.exists(os.path.join(path, MARKER)):
+        return _inspect_incomplete(path)
     ckpt = inventory(path, fn="inspect", arg="path")
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
@@ -185,8 +288,6 @@ def _inspect_dir(path: str) -> int:
     keys = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings", "dtype", "torch_dtype")
     print(f"Hugging Face checkpoint {path}")
-    if os.path.exists(os.path.join(path, MARKER)):
-        print("  INCOMPLETE: an interrupted rotfn fold is writing this directory; rerun the same `rotfn fold` to finish it")
     print("config: " + ", ".join(f"{k}={config[k]}" for k in keys if k in config))
     if guarded:
         print("  rotfn only: plain transformers refuses this directory (its weights need the plan's online "
@@ -212,29 +313,49 @@ def _run_inspect(args: argparse.Namespace) -> int:
         return _inspect_dir(path)
     if os.path.isfile(path):
         return _inspect_file(path)
-    raise CheckpointError(message("inspect", "path", "a rotfn file or a checkpoint directory", repr(path),
-                                  "check the path"))
+    raise CheckpointError(message("inspect", "path", "a rotfn or safetensors file or a checkpoint directory",
+                                  repr(path), "check the path"))
 
 
 # ----- rotfn report -------------------------------------------------------------------------------
+def _tokenizer(directory: str):
+    """The directory's transformers tokenizer, or None when it has none (or none that loads)."""
+    try:
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _load_model(directory: str) -> torch.nn.Module:
+    """The directory's causal LM in float32, eval mode, local files only (transformers' loading bar off: stderr is
+    for rotfn's own progress and its one-line messages)."""
+    import transformers
+    from transformers.utils import logging
+
+    bar = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
+                                                                 dtype=torch.float32).eval()
+    finally:
+        if bar:
+            logging.enable_progress_bar()
+
+
 def _token_ids(directory: str, count: int, seed: int, random_ids: bool, vocab: int):
     """``[1, count]`` token ids: the built-in text through the directory's tokenizer, or seeded random ids.
 
     A directory without a tokenizer that encodes text (none at all, or the empty one transformers 5 builds
     for a checkpoint saved without tokenizer files) gets random ids, with a note on stderr.
     """
-    import torch
-
-    if not random_ids:
-        try:
-            import transformers
-
-            tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
-            ids = tokenizer(" ".join([TEXT] * (1 + count // 8)), return_tensors="pt")["input_ids"][:, :count]
-        except (OSError, ValueError, KeyError, TypeError):
-            ids = None
-        if ids is not None and ids.numel():
+    tokenizer = None if random_ids else _tokenizer(directory)
+    if tokenizer is not None:
+        ids = tokenizer(" ".join([TEXT] * (1 + count // 8)), return_tensors="pt")["input_ids"][:, :count]
+        if ids.numel():
             return ids, "the built-in text through the directory's tokenizer"
+    if not random_ids:
         print(f"note: {directory} has no tokenizer that encodes text (no tokenizer files): random token ids "
               "instead; pass --random to ask for them", file=sys.stderr)
     generator = torch.Generator().manual_seed(seed)
@@ -242,8 +363,6 @@ def _token_ids(directory: str, count: int, seed: int, random_ids: bool, vocab: i
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    import torch
-
     from rotfn.errors import FoldError, message
     from rotfn.io import inventory, read_rotfn_json
 
@@ -252,9 +371,7 @@ def _run_report(args: argparse.Namespace) -> int:
     if prior is not None:
         raise FoldError(message("report", "dir", "an unfolded checkpoint (report applies the rotations itself)",
                                 f"one folded with {prior!r}", "run it on the original checkpoint"))
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.dir, local_files_only=True, dtype=torch.float32).eval()
+    model = _load_model(args.dir)
     fmt = WEIGHT_FORMATS[args.format]
     plan = rotfn.plans.per_linear(model, rotation=_rotation_factory(args.rotation, args.seed, args.block),
                                   weights=fmt, acts=fmt)
@@ -271,6 +388,69 @@ def _run_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ----- rotfn learn --------------------------------------------------------------------------------
+def _learn_text(args: argparse.Namespace) -> str | None:
+    """The ``--text`` file's text, or None (rotfn's own calibration prose)."""
+    from rotfn.errors import ArgumentError, message
+
+    if args.text is None:
+        return None
+    try:
+        with open(args.text, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ArgumentError(message("learn", "text", "a readable UTF-8 text file", f"{args.text!r} ({err})",
+                                    "give a plain text file, or leave --text out for rotfn's own text")) from None
+
+
+def _learn_data(args: argparse.Namespace, text: str | None, vocab: int):
+    """Calibration batches: ``text`` (or rotfn's own prose) through the directory's tokenizer, or as bytes."""
+    tokenizer = _tokenizer(args.dir)
+    what = f"{'--text ' + args.text if text is not None else 'rotfn calibration text'} through " + (
+        "the directory's tokenizer" if tokenizer is not None else f"bytes (mod {vocab}) as ids: DIR has no tokenizer")
+    tokenize = tokenizer if tokenizer is not None else (lambda s: [b % vocab for b in s.encode()])
+    data = rotfn.learn.calibration(tokenize, seq_len=args.seq_len, batch_size=args.batch_size,
+                                   n_batches=args.n_batches, text=text)
+    return data, what
+
+
+def _run_learn(args: argparse.Namespace) -> int:
+    from rotfn.errors import ArgumentError, FoldError, message
+    from rotfn.io import inventory, read_rotfn_json
+
+    if args.weights is None and args.acts is None:
+        _usage(args.parser, "nothing to learn against: give --weights and/or --acts (rotations matter to quantizers)")
+    if os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise ArgumentError(message("learn", "out", "a file path in an existing directory", repr(args.out),
+                                    "create the directory first, or name a file"))  # before minutes of learning
+    inventory(args.dir, fn="learn", arg="dir")  # a readable checkpoint, before transformers loads it
+    prior = read_rotfn_json(args.dir)
+    if prior is not None:
+        raise FoldError(message("learn", "dir", "an unfolded checkpoint (learning folds the plan itself)",
+                                f"one folded with {prior!r}", "run it on the original checkpoint"))
+    text = _learn_text(args)
+    model = _load_model(args.dir)
+    plan = _builder_plan(args, None if args.acts is None else WEIGHT_FORMATS[args.acts])(model)
+    roles = tuple(r for r in rotfn.learn.LEARNABLE_ROLES if any(e.role == r for e in (*plan.rotations, *plan.online)))
+    if not roles:
+        _usage(args.parser, f"nothing to learn: the plan has no rotation of {', '.join(rotfn.learn.LEARNABLE_ROLES)} "
+                            "(give --r1 hadamard, --r2 ...)")
+    data, what = _learn_data(args, text, model.config.vocab_size)
+    params = rotfn.params(model)
+    if not args.quiet:
+        print(f"rotfn learn: {', '.join(roles)} of {plan!r} on {len(data)} batches of {args.batch_size} x "
+              f"{args.seq_len} tokens ({what})", file=sys.stderr)
+    result = rotfn.learn.rotations(model, params, plan, data, steps=args.steps, lr=args.lr, roles=roles,
+                                   progress=not args.quiet)
+    before, after = (rotfn.learn.evaluate(model, params, p, data) for p in (plan, result.plan))
+    rotfn.save(args.out, {}, result.plan)
+    matrices = f"{len(result.slots)} matri{'ces' if len(result.slots) != 1 else 'x'}"
+    print(f"learned {', '.join(roles)} ({matrices}) in {args.steps} steps, lr {args.lr:g}: "
+          f"{result.loss} on the calibration batches {before:.4f} -> {after:.4f}; wrote {args.out} "
+          f"(fold it: rotfn fold {shlex.quote(args.dir)} DST --plan {shlex.quote(args.out)})")
+    return EXIT_OK
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     try:
         from rotfn import _demo  # the application, out of the library's import path
@@ -284,6 +464,13 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # ----- the parser ---------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line: ``rotfn fold: --block: expected ... (see rotfn fold --help)``."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message.removeprefix('argument ')} (see {self.prog} --help)\n")
+
+
 def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
     """An argparse ``type=``: the argument as an int >= ``minimum``, else an error saying it expected ``what``."""
 
@@ -303,11 +490,42 @@ _positive = _int_at_least(1, "a positive int")
 _seed = _int_at_least(0, "an int >= 0")
 
 
-def _subparser(commands, name: str, help_text: str, epilog: str, func) -> argparse.ArgumentParser:
+def _positive_number(text: str) -> float:
+    """An argparse ``type=``: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _subparser(commands, name: str, help_text: str, epilog: str, func, interrupted=None) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=help_text, description=help_text, epilog=epilog,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.set_defaults(func=func, parser=parser)
+    parser.set_defaults(func=func, parser=parser, interrupted=interrupted)
     return parser
+
+
+def _add_plan_options(parser: argparse.ArgumentParser, plan_files: bool) -> None:
+    """The options that build a plan (rotfn fold, rotfn learn); ``plan_files``: --plan also takes a plan file."""
+    if plan_files:
+        parser.add_argument("--plan", type=_plan_arg, default="quarot", metavar="{quarot,per_linear,FILE}",
+                            help="plan builder (default quarot), or a plan file written by rotfn learn --out "
+                                 "(or rotfn.save with a plan): then the rotation and format options come from it")
+    else:
+        parser.add_argument("--plan", choices=_BUILDERS, default="quarot", help="plan builder (default quarot)")
+    parser.add_argument("--r1", choices=_ROTATIONS, default=None,
+                        help="quarot: residual rotation R1; per_linear: the rotation of every linear input "
+                             "(default hadamard)")
+    for name, what in (("--r2", "per head on V and O"), ("--r3", "online on Q and K"), ("--r4", "before down_proj")):
+        parser.add_argument(name, choices=_ROTATIONS, default=None, help=f"quarot only: {what} (default none)")
+    parser.add_argument("--seed", type=_seed, default=None, help="seed of the random signs / orthogonal matrices "
+                                                                 "(default 0)")
+    parser.add_argument("--block", type=_positive, default=None, help="block-diagonal rotations with B x B blocks")
+    parser.add_argument("--weights", choices=tuple(WEIGHT_FORMATS), default=None,
+                        help="fake-quantize the folded weights")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,12 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["fold", "a", "b", "--r2", "hadamard"]).r2
         'hadamard'
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rotfn",
         description="rotfn: rotations (Hadamard, ...) and quantizers (MXFP4, NVFP4, INT, FP8) for PyTorch models.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"rotfn {rotfn.__version__}")
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     formats = ", ".join(f"{k} = {v!r}" for k, v in WEIGHT_FORMATS.items())
 
@@ -336,21 +555,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "  rotfn fold llama llama-quarot --plan quarot --r1 hadamard --r2 hadamard\n"
                       "  rotfn fold llama llama-w4 --plan per_linear --r1 hadamard --block 32 --weights mxfp4\n"
                       "  rotfn fold llama llama-quarot --plan quarot --r1 orthogonal --seed 7 --overwrite\n"
+                      "  rotfn fold llama llama-learned --plan learned.safetensors      (from rotfn learn --out)\n"
                       "  rotfn fold llama llama-nvfp4 --r1 hadamard --r2 hadamard --r4 hadamard --weights nvfp4 "
                       "--export compressed-tensors\n\n"
-                      "An interrupted fold leaves DST marked incomplete (.rotfn-incomplete); rerun the same command "
-                      "to finish it.\nSeeds: R1 uses --seed, R2 --seed + 1, R3 --seed + 2, R4 --seed + 3.\n"
-                      f"Formats: {formats}.", _run_fold)
-    fold.add_argument("src", metavar="SRC", help="checkpoint directory (config.json + safetensors)")
-    fold.add_argument("dst", metavar="DST", help="output directory (created; resumed if an earlier fold was interrupted)")
-    fold.add_argument("--plan", choices=("quarot", "per_linear"), default="quarot", help="plan builder (default quarot)")
-    fold.add_argument("--r1", choices=_ROTATIONS, default="hadamard",
-                      help="quarot: residual rotation R1; per_linear: the rotation of every linear input (default hadamard)")
-    for name, what in (("--r2", "per head on V and O"), ("--r3", "online on Q and K"), ("--r4", "before down_proj")):
-        fold.add_argument(name, choices=_ROTATIONS, default="none", help=f"quarot only: {what} (default none)")
-    fold.add_argument("--seed", type=_seed, default=0, help="seed of the random signs / orthogonal matrices (default 0)")
-    fold.add_argument("--block", type=_positive, default=None, help="block-diagonal rotations with B x B blocks")
-    fold.add_argument("--weights", choices=tuple(WEIGHT_FORMATS), default=None, help="fake-quantize the folded weights")
+                      "An interrupted fold (Ctrl-C: exit 130) leaves DST marked incomplete (.rotfn-incomplete; "
+                      "rotfn inspect DST shows it);\nrerun the same command to resume it. A different command on "
+                      "that DST is refused; --overwrite starts over.\n"
+                      "Seeds: R1 uses --seed, R2 --seed + 1, R3 --seed + 2, R4 --seed + 3.\n"
+                      f"Formats: {formats}.", _run_fold, _fold_interrupted)
+    fold.add_argument("src_dir", metavar="SRC", help="checkpoint directory (config.json + safetensors)")
+    fold.add_argument("dst_dir", metavar="DST",
+                      help="output directory (created; resumed if an earlier fold of the same command was interrupted)")
+    _add_plan_options(fold, plan_files=True)
     fold.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MiB (default 5GB)")
     fold.add_argument("--precision", choices=("float64", "float32"), default="float64",
                       help="what the fold computes in: float64 (default, rounded once) or float32 (as fast with rotfn[cpu] "
@@ -360,17 +576,50 @@ def build_parser() -> argparse.ArgumentParser:
                       help="torch intra-op threads while folding (default 1: one per worker is fastest; 0 leaves them)")
     fold.add_argument("--keep-freed-blocks", action=argparse.BooleanOptionalAction, default=True,
                       help="glibc malloc keeps freed blocks while folding (default on; faster, see fold_checkpoint)")
-    fold.add_argument("--overwrite", action="store_true", help="replace a complete checkpoint in DST")
+    fold.add_argument("--overwrite", action="store_true",
+                      help="replace a complete checkpoint in DST, or start over where an interrupted fold of "
+                           "another command left DST")
     fold.add_argument("--export", choices=("compressed-tensors",), default=None,
                       help="write a checkpoint vLLM serves (packed weights, quantization_config, online transforms); "
                            "--weights nvfp4 exports as nvfp4('pow2'), int/fp8 scales in the model's dtype")
     fold.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    inspect = _subparser(commands, "inspect", "show what a rotfn file or a Hugging Face checkpoint directory holds",
-                         "examples:\n  rotfn inspect model.safetensors    a file written by rotfn.save\n"
-                         "  rotfn inspect llama-quarot          config, shards, tensors, dtypes and the rotfn.json plan",
+    learn = _subparser(commands, "learn", "learn the rotations of a quantized plan on calibration text (SpinQuant "
+                       "style) and write the plan for rotfn fold --plan FILE",
+                       "examples:\n"
+                       "  rotfn learn llama --r2 hadamard --weights int4 --acts int4 --out learned.safetensors\n"
+                       "  rotfn learn llama --plan per_linear --block 32 --weights mxfp4 --acts mxfp4 --steps 200 "
+                       "--text domain.txt --out pl.safetensors\n"
+                       "  rotfn fold llama llama-learned --plan learned.safetensors\n\n"
+                       "The model is loaded in float32. Every rotation of the plan with a learnable role "
+                       "(R1, R2, R4, per_linear) is learned;\nthe loss is next-token cross-entropy of the quantized "
+                       "model. Text without --text: rotfn's own calibration prose.\n"
+                       f"Formats: {formats}.", _run_learn)
+    learn.add_argument("dir", metavar="DIR", help="an unfolded checkpoint directory")
+    learn.add_argument("--out", required=True, metavar="FILE",
+                       help="where to write the learned plan (a rotfn file, see rotfn inspect FILE)")
+    learn.add_argument("--text", default=None, metavar="FILE",
+                       help="calibration text, paragraphs separated by blank lines (default: rotfn's own, ~11 KB)")
+    _add_plan_options(learn, plan_files=False)
+    learn.add_argument("--acts", choices=tuple(WEIGHT_FORMATS), default=None, help="fake-quantize linear inputs")
+    learn.add_argument("--steps", type=_positive, default=50, help="Cayley SGD steps (default 50)")
+    learn.add_argument("--lr", type=_positive_number, default=0.5, help="step size (default 0.5)")
+    learn.add_argument("--seq-len", type=_int_at_least(2, "an int >= 2"), default=128,
+                       help="tokens per window (default 128)")
+    learn.add_argument("--batch-size", type=_positive, default=4, help="windows per batch (default 4)")
+    learn.add_argument("--batches", dest="n_batches", type=_positive, default=4,
+                       help="calibration batches, taken in turn (default 4)")
+    learn.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    inspect = _subparser(commands, "inspect", "show what a rotfn file, a safetensors file or a Hugging Face checkpoint "
+                         "directory holds",
+                         "examples:\n  rotfn inspect model.safetensors    a file written by rotfn.save (or any "
+                         "safetensors file: its tensors)\n"
+                         "  rotfn inspect llama-quarot          config, shards, tensors, dtypes and the rotfn.json plan\n"
+                         "  rotfn inspect llama-partial         an interrupted fold: shards done and pending, the "
+                         "plan, the command that resumes it",
                          _run_inspect)
-    inspect.add_argument("path", metavar="FILE_OR_DIR", help="a rotfn file or a checkpoint directory")
+    inspect.add_argument("path", metavar="FILE_OR_DIR", help="a rotfn or safetensors file, or a checkpoint directory")
 
     report = _subparser(commands, "report", "per-layer SQNR of a format with and without rotation on a checkpoint's model",
                         "examples:\n  rotfn report llama --format mxfp4\n"
@@ -401,6 +650,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Library arguments that an option feeds under another name: ``(command, function, argument): option dest``.
+_FED_BY = {
+    ("fold", "load", "path"): "plan",  # --plan FILE, read by rotfn.load
+    ("fold", "fold_checkpoint", "path"): "src_dir",  # a shard of SRC (the message names the file)
+    ("report", "report", "path"): "dir", ("learn", "learn", "path"): "dir",  # a shard of DIR
+    ("learn", "save", "path"): "out",  # --out FILE, written by rotfn.save
+}
+_ARGUMENT = re.compile(r"^([\w.]+): argument '([^']+)': ")
+
+
+def _cli_message(args: argparse.Namespace, text: str) -> str:
+    """A library error's text in the command line's words: ``fold_checkpoint: argument 'dst_dir': ...`` becomes
+    ``DST: ...``, ``overwrite=True`` becomes ``--overwrite``, for every argument an option of the command feeds.
+
+    The one place that translates: each option's name comes from the parser (its flag, or its metavar for a
+    positional argument), keyed by the library argument it feeds (its dest, or :data:`_FED_BY`).
+    """
+    options = {}
+    for action in args.parser._actions:
+        name = action.option_strings[0] if action.option_strings else action.metavar
+        if name and action.dest != "help":
+            options[action.dest] = name
+    match = _ARGUMENT.match(text)
+    if match:
+        dest = _FED_BY.get((args.command, match.group(1), match.group(2)), match.group(2))
+        if dest in options:
+            text = f"{options[dest]}: {text[match.end():]}"
+    for dest, option in options.items():
+        if "_" in dest or option.startswith("--"):
+            text = re.sub(rf"\b{re.escape(dest)}=True\b", option, text)
+        if "_" in dest:  # library names like dst_dir; a plain word such as "path" stays a word
+            text = re.sub(rf"\b{re.escape(dest)}\b", option, text)
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``rotfn`` command.
 
@@ -408,31 +692,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name; None reads ``sys.argv``.
 
     Returns:
-        The exit code: 0 on success (and for ``--help``), 1 when the command failed (a rotfn
-        error, a file system error or a missing optional dependency; message on stderr),
-        2 on a usage error (no or unknown command, unknown option, bad value; message on stderr).
+        The exit code: 0 on success (and for ``--help`` and ``--version``), 1 when the command failed (a rotfn
+        error, a file system error or a missing optional dependency), 2 on a usage error (no or unknown command,
+        unknown option, bad value), 130 when interrupted (Ctrl-C); every failure is one line on stderr.
 
     Example:
         >>> main(["no-such-command"])
         2
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as stop:  # argparse exits on --help (0) and on usage errors (2)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            (args.parser if args.command else parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as stop:  # argparse exits on --help / --version (0) and on usage errors (2)
         return EXIT_OK if stop.code is None else int(stop.code)
     if args.command is None:
-        parser.print_usage(sys.stderr)
-        print("rotfn: error: a command is required (e.g. rotfn demo)", file=sys.stderr)
+        print("rotfn: a command is required, e.g. rotfn demo (see rotfn --help)", file=sys.stderr)
         return EXIT_USAGE
+    args.argv = argv
+    prefix = f"rotfn {args.command}:"
     try:
         return args.func(args)
     except SystemExit as stop:  # a usage error found after parsing (parser.error)
         return EXIT_USAGE if stop.code is None else int(stop.code)
-    except RotfnError as err:  # the library's fixes name keyword arguments; here they are options
-        print(f"rotfn {args.command}: {str(err).replace('pass overwrite=True', 'pass --overwrite')}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{prefix} {args.interrupted(args) if args.interrupted else 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RotfnError as err:
+        print(f"{prefix} {_cli_message(args, str(err))}", file=sys.stderr)
     except ModuleNotFoundError as err:
-        print(f"rotfn {args.command}: needs the Python package {err.name!r}; fix: pip install 'rotfn[hf]'", file=sys.stderr)
+        print(f"{prefix} needs the Python package {err.name!r}; fix: pip install 'rotfn[hf]'", file=sys.stderr)
     except OSError as err:
-        print(f"rotfn {args.command}: {err}", file=sys.stderr)
+        print(f"{prefix} {err}", file=sys.stderr)
     return EXIT_FAILED

@@ -24,30 +24,120 @@ def src(tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["fold", "--help"], ["inspect", "--help"], ["report", "--help"],
-                                  ["demo", "--help"]])
+                                  ["demo", "--help"], ["learn", "--help"]])
 def test_help_exits_0_with_examples(argv, capsys):
     assert main(argv) == EXIT_OK
     out = capsys.readouterr().out
     assert "usage: rotfn" in out and "example" in out
 
 
-@pytest.mark.parametrize("argv, text", [
-    ([], "a command is required"),
-    (["fold"], "required: SRC, DST"),
-    (["fold", "a", "b", "--r1", "householder"], "invalid choice"),
-    (["fold", "a", "b", "--block", "0"], "positive int"),
-    (["fold", "a", "b", "--block", "x"], "expected a positive int, got 'x'"),
-    (["fold", "a", "b", "--seed", "-1"], "expected an int >= 0, got '-1'"),
-    (["report", "d", "--tokens", "2.5"], "expected a positive int, got '2.5'"),
-    (["fold", "a", "b", "--plan", "per_linear", "--r2", "hadamard"], "per_linear takes its rotation from --r1"),
-    (["fold", "a", "b", "--r1", "none"], "nothing to fold"),
-    (["report", "d", "--format", "fp3"], "invalid choice"),
-    (["inspect"], "required: FILE_OR_DIR"),
-])
-def test_usage_errors_exit_2_with_usage_on_stderr(argv, text, capsys):
-    assert main(argv) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert "usage: rotfn" in err and text in err
+def test_version_is_the_package_version():
+    import importlib.metadata
+
+    done = subprocess.run([sys.executable, "-m", "rotfn", "--version"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0 and done.stdout == f"rotfn {rotfn.__version__}\n"
+    assert rotfn.__version__ == importlib.metadata.version("rotfn")
+
+
+@pytest.fixture(scope="module")
+def bad_files(src, tmp_path_factory):
+    """A safetensors file without rotfn metadata, a rotfn file and a checkpoint shard cut short (as a failed copy
+    leaves them), a text too short to calibrate on."""
+    import shutil
+
+    import safetensors.torch
+
+    directory = tmp_path_factory.mktemp("bad")
+    shutil.copytree(src, directory / "cut-ckpt")
+    shard = directory / "cut-ckpt" / "model-00002-of-00004.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-50])
+    safetensors.torch.save_file({"w": torch.zeros(2)}, str(directory / "plain.safetensors"))
+    m = torch.nn.Linear(32, 4)
+    plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(32, seed=2))
+    rotfn.save(str(directory / "whole.safetensors"), rotfn.params(m), plan)
+    data = (directory / "whole.safetensors").read_bytes()
+    (directory / "cut.safetensors").write_bytes(data[:len(data) - 100])
+    (directory / "text.txt").write_text("too short")
+    return str(directory), len(data)
+
+
+#: Bad command lines: (argv, exit code, the start of the one line on stderr). ``{src}``: a checkpoint,
+#: ``{tmp}``: an empty directory, ``{bad}``: the files of ``bad_files``.
+BAD_COMMAND_LINES = [
+    ([], EXIT_USAGE, "rotfn: a command is required"),
+    (["frobnicate"], EXIT_USAGE, "rotfn: COMMAND: invalid choice: 'frobnicate'"),
+    (["--bogus"], EXIT_USAGE, "rotfn: unrecognized arguments: --bogus"),
+    (["fold"], EXIT_USAGE, "rotfn fold: the following arguments are required: SRC, DST"),
+    (["fold", "a", "b", "--r1", "householder"], EXIT_USAGE, "rotfn fold: --r1: invalid choice: 'householder'"),
+    (["fold", "a", "b", "--block", "0"], EXIT_USAGE, "rotfn fold: --block: expected a positive int, got '0'"),
+    (["fold", "a", "b", "--block", "x"], EXIT_USAGE, "rotfn fold: --block: expected a positive int, got 'x'"),
+    (["fold", "a", "b", "--seed", "-1"], EXIT_USAGE, "rotfn fold: --seed: expected an int >= 0, got '-1'"),
+    (["fold", "a", "b", "--bogus"], EXIT_USAGE, "rotfn fold: unrecognized arguments: --bogus"),
+    (["fold", "a", "b", "--plan", "per_linear", "--r2", "hadamard"], EXIT_USAGE,
+     "rotfn fold: --r2/--r3/--r4 are quarot's; per_linear takes its rotation from --r1"),
+    (["fold", "a", "b", "--r1", "none"], EXIT_USAGE, "rotfn fold: nothing to fold"),
+    (["fold", "a", "b", "--plan", "no-such-plan"], EXIT_USAGE,
+     "rotfn fold: --plan: expected quarot, per_linear or a plan file"),
+    (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/whole.safetensors", "--seed", "3"], EXIT_USAGE,
+     "rotfn fold: --seed: the plan file"),
+    (["fold", "{tmp}/missing", "{tmp}/o"], EXIT_FAILED, "rotfn fold: SRC: expected an existing Hugging Face"),
+    (["fold", "{src}", "{src}"], EXIT_FAILED, "rotfn fold: DST: expected a directory other than SRC"),
+    (["fold", "{src}", "{tmp}/o", "--max-shard-size", "5XB"], EXIT_FAILED, "rotfn fold: --max-shard-size: expected"),
+    (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/plain.safetensors"], EXIT_FAILED, "rotfn fold: --plan: expected"),
+    (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/cut.safetensors"], EXIT_FAILED,
+     "rotfn fold: --plan: expected {bad}/cut.safetensors: a complete safetensors file, got the file is truncated or "
+     "not a safetensors file (header says {size} bytes, file has {cut})"),
+    (["inspect"], EXIT_USAGE, "rotfn inspect: the following arguments are required: FILE_OR_DIR"),
+    (["inspect", "{tmp}/missing"], EXIT_FAILED, "rotfn inspect: FILE_OR_DIR: expected a rotfn or safetensors file"),
+    (["inspect", "{tmp}"], EXIT_FAILED, "rotfn inspect: FILE_OR_DIR: expected a Hugging Face checkpoint directory"),
+    (["inspect", "{bad}/cut.safetensors"], EXIT_FAILED,
+     "rotfn inspect: FILE_OR_DIR: expected {bad}/cut.safetensors: a complete safetensors file, got the file is "
+     "truncated or not a safetensors file (header says {size} bytes, file has {cut})"),
+    (["report", "d", "--tokens", "2.5"], EXIT_USAGE, "rotfn report: --tokens: expected a positive int, got '2.5'"),
+    (["report", "d", "--format", "fp3"], EXIT_USAGE, "rotfn report: --format: invalid choice: 'fp3'"),
+    (["report", "{tmp}"], EXIT_FAILED, "rotfn report: DIR: expected a Hugging Face checkpoint directory"),
+    (["learn", "{src}"], EXIT_USAGE, "rotfn learn: the following arguments are required: --out"),
+    (["learn", "{src}", "--out", "p", "--steps", "0"], EXIT_USAGE, "rotfn learn: --steps: expected a positive int"),
+    (["learn", "{src}", "--out", "p", "--lr", "-1"], EXIT_USAGE, "rotfn learn: --lr: expected a number > 0, got '-1'"),
+    (["learn", "{src}", "--out", "p"], EXIT_USAGE, "rotfn learn: nothing to learn against: give --weights"),
+    (["learn", "{tmp}", "--out", "p", "--weights", "int4"], EXIT_FAILED, "rotfn learn: DIR: expected a Hugging Face"),
+    (["learn", "{src}", "--out", "p", "--weights", "int4", "--text", "{tmp}/missing.txt"], EXIT_FAILED,
+     "rotfn learn: --text: expected a readable UTF-8 text file"),
+    (["learn", "{src}", "--out", "p", "--weights", "int4", "--text", "{bad}/text.txt"], EXIT_FAILED,
+     "rotfn learn: --batches: expected at most 0 batches"),
+    (["demo", "--rows", "0"], EXIT_USAGE, "rotfn demo: --rows: expected a positive int, got '0'"),
+    (["fold", "{bad}/cut-ckpt", "{tmp}/o"], EXIT_FAILED, "rotfn fold: SRC: expected "
+     "{bad}/cut-ckpt/model-00002-of-00004.safetensors: a complete safetensors file, got the file is truncated"),
+    (["learn", "{src}", "--out", "{tmp}/no/such/dir/p", "--weights", "int4"], EXIT_FAILED,
+     "rotfn learn: --out: expected a file path in an existing directory"),
+]
+
+
+def _filled(argv, src, tmp, bad_files):
+    bad, size = bad_files
+    return [a.format(src=src, tmp=tmp, bad=bad, size=size, cut=size - 100) for a in argv]
+
+
+@pytest.mark.parametrize("argv, code, start", BAD_COMMAND_LINES)
+def test_bad_command_lines_fail_with_one_line_in_the_command_line_s_words(argv, code, start, src, tmp_path, bad_files,
+                                                                           capsys):
+    """``main`` is what the executable runs; a few of these rows go through it as well (below)."""
+    assert main(_filled(argv, src, str(tmp_path), bad_files)) == code
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(_filled([start], src, str(tmp_path), bad_files)[0]), captured.err
+    assert "argument '" not in lines[0] and "rotfn: rotfn" not in lines[0] and captured.out == ""
+
+
+def test_bad_command_lines_through_the_executable(src, tmp_path, bad_files):
+    rows = [BAD_COMMAND_LINES[i] for i in (4, 13, 17, 21, 28)]
+    runs = [subprocess.Popen([sys.executable, "-m", "rotfn", *_filled(argv, src, str(tmp_path), bad_files)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv, _, _ in rows]
+    for (argv, code, start), run in zip(rows, runs, strict=True):
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == code and "Traceback" not in err, (argv, err)
+        assert err.splitlines() == [err.strip()] and err.startswith(_filled([start], src, str(tmp_path), bad_files)[0])
 
 
 def test_fold_then_inspect_shows_the_plan(src, tmp_path, capsys):
@@ -125,22 +215,6 @@ def test_report_gptq_on_too_few_tokens_says_so(src, capsys):
     assert "note: 16 tokens <= 128 in-features" in err and "--tokens 256" in err
 
 
-@pytest.mark.parametrize("argv, text", [
-    (["fold", "{missing}", "{tmp}/out"], "rotfn fold: fold_checkpoint: argument 'src_dir'"),
-    (["inspect", "{missing}"], "rotfn inspect: inspect: argument 'path'"),
-    (["inspect", "{tmp}/plain.safetensors"], "without rotfn metadata"),
-    (["report", "{tmp}"], "rotfn report: report: argument 'dir'"),
-])
-def test_failures_exit_1_with_one_message(argv, text, tmp_path, capsys):
-    import safetensors.torch
-
-    safetensors.torch.save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
-    argv = [a.format(missing=str(tmp_path / "missing"), tmp=str(tmp_path)) for a in argv]
-    assert main(argv) == EXIT_FAILED
-    err = capsys.readouterr().err
-    assert text in err and len(err.strip().splitlines()) == 1
-
-
 def test_report_refuses_a_folded_checkpoint(src, tmp_path, capsys):
     dst = str(tmp_path / "out")
     rotfn.fold_checkpoint(src, lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64)), dst, progress=False)
@@ -185,3 +259,122 @@ def test_report_api_refuses_empty_inputs_by_name(no_tokenizer):
             rotfn.report(model, rotfn.params(model), plan, inputs)
     with pytest.raises(rotfn.errors.ArgumentError, match=r"learn.calibration: argument 'tokenizer'.*returned no ids"):
         rotfn.learn.calibration(lambda text: [], seq_len=8, batch_size=1, n_batches=1)
+
+
+_SLOW_SHARDS = '''
+import time
+
+import rotfn.io._shard as shard
+
+_close = shard.ShardWriter.close
+
+
+def close(self):  # test hook: every shard takes 0.5 s more, so a SIGINT lands in the middle of the fold
+    time.sleep(0.5)
+    _close(self)
+
+
+shard.ShardWriter.close = close
+'''
+
+
+def _interrupted_fold(argv, dst, hooks) -> subprocess.CompletedProcess:
+    """Run ``rotfn fold`` with slow shards (a ``sitecustomize`` on PYTHONPATH), SIGINT it once a shard is done."""
+    import signal
+    import time
+
+    (hooks / "sitecustomize.py").write_text(_SLOW_SHARDS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), *sys.path])}
+    run = subprocess.Popen([sys.executable, "-m", "rotfn", "fold", *argv], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None:
+        progress = rotfn.io.read_progress(dst) if os.path.isdir(dst) else None
+        if progress is not None and progress.tensors_done:
+            break
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    return subprocess.CompletedProcess(run.args, run.returncode, out, err)
+
+
+def test_ctrl_c_then_the_same_command_resumes_and_another_is_refused(src, tmp_path, capsys):
+    dst = str(tmp_path / "out")
+    argv = [src, dst, "--r2", "hadamard", "--max-shard-size", "20KB", "--quiet"]
+    done = _interrupted_fold(argv, dst, tmp_path)
+    assert done.returncode == 130, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    progress = rotfn.io.read_progress(dst)
+    assert 0 < progress.tensors_done < progress.tensors == 21
+    assert lines[0] == (f"rotfn fold: interrupted; {progress.tensors_done} of 21 tensors done; "
+                        "rerun the same command to resume")
+
+    assert main(["inspect", dst]) == EXIT_OK  # what is done and what is missing, the plan, the command to resume
+    out = capsys.readouterr().out
+    done_shards = sum(d for _, _, d in progress.shards)
+    assert f"tensors: {progress.tensors_done} of 21 done; shards: {done_shards} of {len(progress.shards)} done" in out
+    assert "model-00001-of-00012.safetensors: done" in out and "model-00012-of-00012.safetensors: pending" in out
+    assert str(progress.plan) in out and "R2" in out
+    assert f"resume: rotfn fold {' '.join(argv)}" in out
+
+    before = sorted(os.listdir(dst))
+    assert main(["fold", *argv, "--seed", "1"]) == EXIT_FAILED  # another plan: refused, nothing deleted
+    err = capsys.readouterr().err
+    assert err.startswith("rotfn fold: DST: expected the job of the interrupted fold") and "the plan differs" in err
+    assert f"rerun `rotfn fold {' '.join(argv)}` to resume it, or pass --overwrite to start over" in err
+    assert sorted(os.listdir(dst)) == before
+
+    rerun = subprocess.run([sys.executable, "-m", "rotfn", "fold", *argv], capture_output=True, text=True, timeout=300,
+                           check=False)
+    assert rerun.returncode == 0 and "kept from an interrupted run" in rerun.stdout, rerun.stderr
+    clean = str(tmp_path / "clean")
+    assert main(["fold", src, clean, *argv[2:]]) == EXIT_OK
+    assert sorted(os.listdir(dst)) == sorted(os.listdir(clean))
+    for name in os.listdir(clean):
+        with open(os.path.join(dst, name), "rb") as a, open(os.path.join(clean, name), "rb") as b:
+            assert a.read() == b.read(), name
+
+
+@pytest.mark.parametrize("command", ["inspect", "report", "learn", "demo"])
+def test_ctrl_c_in_any_command_is_one_line_and_130(command, src, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rotfn.cli, f"_run_{command}", interrupted)
+    argv = {"inspect": [src], "report": [src], "learn": [src, "--out", "p"], "demo": []}[command]
+    assert main([command, *argv]) == 130
+    assert capsys.readouterr().err == f"rotfn {command}: interrupted\n"
+
+
+def test_inspect_a_plain_safetensors_shard_lists_its_tensors(src, capsys):
+    shard = os.path.join(src, "model-00001-of-00004.safetensors")
+    assert main(["inspect", shard]) == EXIT_OK
+    out = capsys.readouterr().out
+    entries, _, _ = rotfn.io.read_header(shard)
+    assert out.startswith(f"safetensors file {shard} (not a rotfn file): {len(entries)} tensors, ")
+    for e in entries:
+        assert any(line.split()[:3] == [e.name, "bfloat16", str(list(e.shape)).replace(" ", "")]
+                   for line in out.replace(", ", ",").splitlines()), e.name
+
+
+def test_learn_then_fold_its_plan(src, tmp_path):
+    plan_file = str(tmp_path / "learned.safetensors")
+    learn = subprocess.run([sys.executable, "-m", "rotfn", "learn", src, "--plan", "per_linear", "--r1", "hadamard",
+                            "--block", "32", "--weights", "int4", "--acts", "int4", "--steps", "2", "--seq-len", "16",
+                            "--batch-size", "1", "--batches", "1", "--out", plan_file],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert learn.returncode == 0, learn.stderr
+    summary = learn.stdout.splitlines()
+    assert len(summary) == 1 and summary[0].startswith("learned per_linear (14 matrices) in 2 steps, lr 0.5: "
+                                                        "next-token cross-entropy on the calibration batches ")
+    assert f"wrote {plan_file}" in summary[0] and "learn.rotations: 100%" in learn.stderr  # the progress bar
+    _, plan = rotfn.load(plan_file)
+    assert plan.method == "per_linear" and "learned per_linear" in plan.notes[-1]
+    assert plan.online[0].rotation.kind == "matrix"
+
+    dst = str(tmp_path / "folded")
+    fold = subprocess.run([sys.executable, "-m", "rotfn", "fold", src, dst, "--plan", plan_file, "--quiet"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert fold.returncode == 0, fold.stderr
+    assert rotfn.io.read_rotfn_json(dst) == plan

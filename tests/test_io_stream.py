@@ -209,14 +209,33 @@ def test_a_failed_read_waits_for_the_workers_before_the_shard_is_closed(src, tmp
     assert stream.MARKER in os.listdir(tmp_path / "out")
 
 
-def test_a_different_job_restarts_an_incomplete_directory(src, tmp_path, monkeypatch):
+def test_a_different_job_is_refused_on_an_incomplete_directory_unless_overwrite(src, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setattr(stream._Fold, "write_shard", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    real = stream._Fold.write_shard
+    calls = []
+
+    def interrupt_second_shard(self, path, group):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(self, path, group)
+
+    monkeypatch.setattr(stream._Fold, "write_shard", interrupt_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        rotfn.fold_checkpoint(src, _quarot, out, progress=False)
+        rotfn.fold_checkpoint(src, _quarot, out, max_shard_size="60KB", progress=False, command="rotfn fold a b")
     monkeypatch.undo()
+    progress = rotfn.io.read_progress(out)
+    assert [done for _, _, done in progress.shards] == [True, False, False, False]
+    assert progress.tensors == 21 and 0 < progress.tensors_done < 21 and progress.command == "rotfn fold a b"
+    assert progress.plan == str(_quarot(skeleton(src))) and progress.source == os.path.abspath(src)
+    before = sorted(os.listdir(out))
     other = lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=5))
-    stats = rotfn.fold_checkpoint(src, other, out, progress=False)
+    with pytest.raises(CheckpointError, match=r"another job \(the plan differs\).*rerun `rotfn fold a b` to resume"):
+        rotfn.fold_checkpoint(src, other, out, max_shard_size="60KB", progress=False)
+    with pytest.raises(CheckpointError, match=r"the shard layout \(max_shard_size\) differs"):
+        rotfn.fold_checkpoint(src, _quarot, out, max_shard_size="90KB", progress=False)
+    assert sorted(os.listdir(out)) == before  # the interrupted fold's work is untouched
+    stats = rotfn.fold_checkpoint(src, other, out, progress=False, overwrite=True)
     assert stats.shards_skipped == 0 and stream.MARKER not in os.listdir(out)
     assert rotfn.io._hf.read_rotfn_json(out) == other(skeleton(src))
 

@@ -13,6 +13,7 @@ from rotfn.io._file import METADATA_KEY as METADATA_KEY
 from rotfn.io._file import load, save
 from rotfn.io._hf import export_hf, load_hf
 from rotfn.io._hf import read_rotfn_json as read_rotfn_json
+from rotfn.io._progress import read_progress as read_progress
 from rotfn.io._shard import read_header as read_header
 from rotfn.io._stream import MARKER as MARKER
 from rotfn.io._stream import FoldStats, fold_checkpoint

@@ -32,6 +32,7 @@ import torch
 from rotfn.errors import ArgumentError, CheckpointError, DTypeError, FoldError, SpecError, message
 from rotfn.io._atomic import write_atomic
 from rotfn.io._encode import Source, decode_plan, dtype_from_name, dtype_name, encode_plan, storable
+from rotfn.io._shard import read_header
 from rotfn.plans import FoldedParams, Plan, folded_with, require_plan
 from rotfn.specs import QTensor
 from rotfn.specs.formats import format_from_dict
@@ -203,6 +204,7 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
             doc = _document(path, f.metadata() or {})
             return doc, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a Mapping
     except safetensors.SafetensorError as err:
+        read_header(path, fn="load")  # says what is wrong where it can (truncated: the sizes promised and there)
         raise _bad(path, "a complete safetensors file", f"a damaged or truncated one ({err})") from None
 
 

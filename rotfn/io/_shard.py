@@ -106,7 +106,8 @@ def read_header(path: str, *, fn: str = "read_header") -> tuple[list[TensorEntry
 
     Raises:
         CheckpointError: not a safetensors file, a damaged header, a dtype torch lacks, or a
-            file shorter than its header says.
+            file shorter than its header says ("the file is truncated or not a safetensors file
+            (header says N bytes, file has M)").
 
     Example:
         >>> import tempfile, safetensors.torch
@@ -118,18 +119,25 @@ def read_header(path: str, *, fn: str = "read_header") -> tuple[list[TensorEntry
     def bad(expected: str, got) -> CheckpointError:
         return CheckpointError(message(fn, "path", f"{path}: {expected}", got, "download or write the file again"))
 
+    def short(says: int) -> CheckpointError:  # the first 8 bytes promise more than the file has
+        return bad("a complete safetensors file", f"the file is truncated or not a safetensors file (header says "
+                                                  f"{says} bytes, file has {size})")
+
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise bad("a safetensors file (8-byte header length first)", f"{size} bytes")
+            raise bad("a safetensors file (8-byte header length first)",
+                      f"{size} bytes: the file is truncated or not a safetensors file")
         (n,) = struct.unpack("<Q", prefix)
-        if n > min(_MAX_HEADER, size - 8):
-            raise bad(f"a header length below {min(_MAX_HEADER, size - 8)}", n)
+        if n > _MAX_HEADER:
+            raise bad(f"a header length below {_MAX_HEADER}", f"{n}: not a safetensors file")
+        if n > size - 8:
+            raise short(8 + n)
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise bad("a JSON header", repr(err)) from None
+            raise bad("a JSON header", f"{type(err).__name__} ({err})") from None
     if not isinstance(header, dict):
         raise bad("a JSON object header", type(header).__name__)
     metadata = header.pop("__metadata__", None) or {}
@@ -146,7 +154,7 @@ def read_header(path: str, *, fn: str = "read_header") -> tuple[list[TensorEntry
     entries.sort(key=lambda e: e.begin)
     total = start + (entries[-1].end - start if entries else 0)
     if size < total:
-        raise bad(f"{total} bytes (header plus data)", f"{size} bytes: the file is truncated")
+        raise short(total)
     return entries, metadata, total
 
 

@@ -15,8 +15,8 @@ speed, the kernel is asked to read :data:`READ_AHEAD` bytes ahead of the piece b
 The output directory is built in place and is, at every moment, either complete or
 marked incomplete:
 
-1. ``.rotfn-incomplete`` (JSON: a hash of the job, the shards already finished) is
-   written first and removed last;
+1. ``.rotfn-incomplete`` (JSON, :mod:`rotfn.io._progress`: the job's digests, its plan and
+   layout, the shards already finished) is written first and removed last;
 2. each shard is written to a temporary sibling, fsynced and renamed
    (``model-0000i-of-0000n.safetensors``, or ``model.safetensors`` for one), then
    recorded in the marker;
@@ -26,7 +26,9 @@ marked incomplete:
    (``tie_word_embeddings`` set to false when the plan unties the embeddings).
 
 A rerun of the same job resumes: shards recorded in the marker, with the recorded size and
-modification time and the expected header, are kept; any other job restarts cleanly.
+modification time and the expected header, are kept. Another job (other plan, source, layout,
+precision or export) is refused unless ``overwrite=True`` says to start over, so the work of an
+interrupted fold is never mixed with, nor silently dropped for, a different one.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -54,6 +55,7 @@ from rotfn.io._compressed import Export
 from rotfn.io._compressed_stream import write_compressed
 from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _hf_layout, _shard_bytes, _shards, read_rotfn_json, write_rotfn_json
 from rotfn.io._malloc import freed_blocks_kept
+from rotfn.io._progress import MARKER, PART_NAMES, job_parts, new_marker, read_marker
 from rotfn.io._shard import ShardWriter, TensorEntry, header_bytes
 from rotfn.plans import Plan, check_plan, describe, fold_program
 from rotfn.transforms import (
@@ -68,8 +70,6 @@ from rotfn.transforms import (
 
 __all__ = ["COPY_PIECE_BYTES", "MAP_BUDGET", "MARKER", "READ_AHEAD", "FoldStats", "fold_checkpoint"]
 
-#: The file that marks an output directory as incomplete (see the module docstring).
-MARKER = ".rotfn-incomplete"
 #: Bytes per piece of a tensor the plan leaves unchanged (copied as it is).
 COPY_PIECE_BYTES = 64 << 20
 #: Source bytes read through one memory map before it is reopened (mapped pages count as resident memory).
@@ -81,8 +81,6 @@ MAP_BUDGET = 256 << 20
 READ_AHEAD = 64 << 20
 #: ``export=`` of :func:`fold_checkpoint`: None (a folded checkpoint for rotfn.load_hf) or a serving format.
 EXPORTS = (None, "compressed-tensors")
-_MARKER_FORMAT = "rotfn-fold-progress"
-_MARKER_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -292,13 +290,11 @@ def _layout(outs: list[_Out], limit: int) -> list[tuple[str, list[_Out]]]:
     return [(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
-def _job_hash(ckpt: Checkpoint, plan: Plan, shards: list[tuple[str, list[_Out]]], precision: str) -> str:
+def _job_parts(ckpt: Checkpoint, plan: Plan, shards: list[tuple[str, list[_Out]]], options: str) -> dict[str, str]:
     files = [(f, os.stat(os.path.join(ckpt.dir, f)).st_size, os.stat(os.path.join(ckpt.dir, f)).st_mtime_ns)
              for f in ckpt.files]
     layout = [(name, [(o.key, o.source) for o in group]) for name, group in shards]
-    text = json.dumps({"plan": plan.to_dict(), "source": [os.path.abspath(ckpt.dir), files], "layout": layout,
-                       "precision": precision}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return job_parts(plan, [os.path.abspath(ckpt.dir), files], layout, options)
 
 
 # ----- the output directory ---------------------------------------------------------------------
@@ -308,33 +304,29 @@ def _ours(name: str) -> bool:
             or (name.startswith(".") and name.endswith(".tmp")))
 
 
-def _read_marker(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    ok = isinstance(doc, dict) and doc.get("format") == _MARKER_FORMAT and doc.get("version") == _MARKER_VERSION
-    return doc if ok and isinstance(doc.get("done"), dict) else None
-
-
-def _prepare_dst(fn: str, dst: str, job: str, overwrite: bool) -> dict:
-    """Make ``dst`` a directory marked incomplete for ``job``; returns the marker (its ``done`` shards kept on resume)."""
+def _prepare_dst(fn: str, dst: str, marker: dict, overwrite: bool) -> dict:
+    """Make ``dst`` a directory marked incomplete for ``marker``'s job; returns the marker in force (on a resume the
+    interrupted run's, with its ``done`` shards)."""
     os.makedirs(dst, exist_ok=True)
     marker_path = os.path.join(dst, MARKER)
     names = os.listdir(dst)
-    marker = _read_marker(marker_path) if MARKER in names else None
-    if marker is not None and marker.get("job") == job:
+    prior = read_marker(marker_path) if MARKER in names else None
+    if prior is not None and prior.get("job") == marker["job"]:
         for name in names:  # an interrupted shard's temporary file
             if name.startswith(".") and name.endswith(".tmp"):
                 os.remove(os.path.join(dst, name))
-        return marker
+        return prior
+    if MARKER in names and not overwrite:
+        differs = [PART_NAMES[k] for k in PART_NAMES if prior is not None and prior["parts"].get(k) != marker["parts"][k]]
+        resume = f"rerun `{prior['command']}`" if prior is not None and prior.get("command") else "rerun the same fold"
+        raise CheckpointError(message(
+            fn, "dst_dir", "the job of the interrupted fold it holds (to resume it)",
+            f"another job ({', '.join(differs) or 'a marker of another rotfn version'} differs) for {dst!r}",
+            f"{resume} to resume it, or pass overwrite=True to start over (its finished shards are deleted)"))
     if names and MARKER not in names and not overwrite:
         raise CheckpointError(message(fn, "dst_dir", "a new or empty directory, or one an interrupted fold left",
                                       f"{dst!r} holding {len(names)} files (e.g. {sorted(names)[:3]})",
                                       "pass overwrite=True to replace its checkpoint, or choose another dst_dir"))
-    marker = {"format": _MARKER_FORMAT, "version": _MARKER_VERSION, "job": job, "done": {},
-              "note": "rotfn.fold_checkpoint is writing this directory (or was interrupted): rerun it to finish"}
     write_text_atomic(marker_path, json.dumps(marker))
     for name in names:  # a restart: nothing of an earlier job or checkpoint may look like part of this one
         if _ours(name) and os.path.isfile(os.path.join(dst, name)):
@@ -594,7 +586,7 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
                     max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
                     workers: int | None = None, precision: str = "float64", piece_elements: int = PIECE_ELEMENTS,
                     torch_threads: int | None = None, keep_freed_blocks: bool = False,
-                    export: str | None = None) -> FoldStats:
+                    export: str | None = None, command: str | None = None) -> FoldStats:
     """Fold a plan into a sharded Hugging Face checkpoint on disk, streaming: ``rotfn.fold`` without loading the model.
 
     For every tensor ``W`` of ``src_dir`` the output holds exactly
@@ -620,9 +612,12 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
             ``"tensor"`` scale over all experts is a PlanError).
         plan: a :class:`rotfn.Plan` built for this model (e.g. from :func:`rotfn.io._checkpoint.skeleton`),
             or a function ``model -> Plan`` that gets the skeleton (the model on the meta device).
-        dst_dir: output directory, created if missing; an interrupted fold of the same job resumes there.
+        dst_dir: output directory, created if missing; an interrupted fold of the same job resumes there
+            (another job is refused: see ``overwrite``).
         max_shard_size: largest output shard in bytes, or text such as ``"5GB"`` or ``"500MiB"``.
-        overwrite: replace a complete checkpoint (any non-empty directory without the marker) in ``dst_dir``.
+        overwrite: replace a complete checkpoint (any non-empty directory without the marker) in ``dst_dir``,
+            or start over where an interrupted fold of another job (other plan, source, layout, precision or
+            export) left ``dst_dir``, deleting its finished shards.
         progress: show a tqdm progress bar (bytes, with tensors done) on stderr.
         workers: pieces folded at once, each by one thread (None: ``torch.get_num_threads()`` as the call starts).
         precision: ``"float64"`` (default; the bits of :func:`rotfn.fold`) or ``"float32"`` (faster without
@@ -646,15 +641,19 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
             export, for plans whose activation scales are dynamic (static ones need a calibration:
             use the in-memory export). Each tensor is folded whole (memory: the largest tensor in
             the work dtype, plus the shard being filled); an interrupted export restarts.
+        command: how this fold was started (``rotfn fold`` passes its command line), recorded in the
+            progress marker so that :func:`rotfn.io._progress.read_progress`, ``rotfn inspect`` and the refusal of
+            another job can say how to resume; None records nothing.
 
     Returns:
         A :class:`FoldStats` (tensors and bytes read and written, memory peaks, time).
 
     Raises:
         ArgumentError: a path is not a path, ``dst_dir`` is ``src_dir`` or a file, bad ``max_shard_size``,
-            ``workers``, ``precision``, ``piece_elements``, ``torch_threads`` or ``keep_freed_blocks``.
+            ``workers``, ``precision``, ``piece_elements``, ``torch_threads``, ``keep_freed_blocks`` or ``command``.
         CheckpointError: ``src_dir`` is not a readable checkpoint, its names or shapes differ from its
-            config's model, or ``dst_dir`` holds a complete checkpoint and ``overwrite`` is False.
+            config's model, or ``dst_dir`` holds a complete checkpoint or an interrupted fold of another
+            job and ``overwrite`` is False.
         PlanError: the plan was built for another model, or changes tied keys differently.
         FoldError: ``src_dir`` is already folded (it has a rotfn.json).
         FormatError: with ``export=``, a format compressed-tensors cannot hold (as :func:`rotfn.export_compressed`).
@@ -693,6 +692,8 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     if export not in EXPORTS:
         raise ArgumentError(message(fn, "export", f"one of {EXPORTS}", repr(export),
                                     'pass export="compressed-tensors" for a checkpoint vLLM serves'))
+    if command is not None and not isinstance(command, str):
+        raise ArgumentError(message(fn, "command", "None or a str", type(command).__name__))
     prior = read_rotfn_json(ckpt.dir)
     if prior is not None:
         raise FoldError(message(fn, "src_dir", "an unfolded checkpoint", f"one folded with {prior!r} (it has {ROTFN_JSON})",
@@ -702,7 +703,9 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     outs = _outputs(fn, ckpt, model, plan, dtype)
     exporter = None if export is None else Export(fn, model, plan)  # every check before anything is written
     shards = _layout(outs, limit)
-    marker = _prepare_dst(fn, dst, _job_hash(ckpt, plan, shards, f"{precision} {export}"), overwrite)
+    layout = [] if export else [(name, len(group)) for name, group in shards]  # an export does not resume by shard
+    marker = _prepare_dst(fn, dst, new_marker(_job_parts(ckpt, plan, shards, f"{precision} {export}"), plan,
+                                              os.path.abspath(ckpt.dir), layout, len(outs), command), overwrite)
     stats = FoldStats(shards=len(shards))
     total = sum(o.entry.nbytes for o in outs)
     threads = torch.get_num_threads()

@@ -57,8 +57,9 @@ def calibration(
     n_batches: int,
     skip: int = 0,
     special_tokens: bool = False,
+    text: str | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Batches of token windows cut from rotfn's own calibration text (no download).
+    """Batches of token windows cut from rotfn's own calibration text (no download), or from ``text``.
 
     Each paragraph is tokenized without special tokens, the ids are joined into one stream,
     and the stream is cut into consecutive windows of ``seq_len`` ids; batch ``i`` holds windows
@@ -75,14 +76,16 @@ def calibration(
         n_batches: number of batches.
         skip: batches to skip at the start of the stream.
         special_tokens: wrap each window in the special tokens (needs a transformers tokenizer).
+        text: the prose to cut, paragraphs separated by blank lines (e.g. a file of your domain's text);
+            None: :func:`calibration_text`.
 
     Returns:
         A list of ``{"input_ids": int64 [batch_size, seq_len], "attention_mask": ones}``.
 
     Raises:
         ArgumentError: a size that is not a positive int; a tokenizer that does not return ids, returns none
-            at all (an empty tokenizer) or has no special tokens to add; more windows than the text holds (the
-            message says how many).
+            at all (an empty tokenizer) or has no special tokens to add; ``text`` not a str; more windows than
+            the text holds (the message says how many).
 
     Example:
         >>> batches = calibration(lambda s: list(s.encode()), seq_len=64, batch_size=4, n_batches=3)
@@ -96,9 +99,12 @@ def calibration(
     skip = _positive(fn, "skip", skip, 0)
     if not isinstance(special_tokens, bool):
         raise ArgumentError(message(fn, "special_tokens", "a bool", repr(special_tokens)))
+    if text is not None and not isinstance(text, str):
+        raise ArgumentError(message(fn, "text", "None or a str", type(text).__name__, "read the file first"))
     wrap = _wrapper(fn, tokenizer, seq_len) if special_tokens else list
     body = seq_len - len(wrap([]))
-    stream = [i for p in calibration_text().split("\n\n") for i in _encode(fn, tokenizer, p.strip())]
+    paragraphs = (calibration_text() if text is None else text).split("\n\n")
+    stream = [i for p in paragraphs if p.strip() for i in _encode(fn, tokenizer, p.strip())]
     if not stream:  # transformers 5 loads an empty tokenizer from a checkpoint saved without tokenizer files
         raise ArgumentError(message(fn, "tokenizer", "a tokenizer that encodes text to ids",
                                     f"{type(tokenizer).__name__} returned no ids for the whole text (an empty "
