@@ -273,8 +273,9 @@ def _sylvester_table(device: torch.device) -> torch.Tensor:
     return (1 - 2 * parity).to(torch.bfloat16).to(device)
 
 
-def _fwht_rotate(x2: torch.Tensor, r: Rotation) -> torch.Tensor:
-    """``x2 @ R`` for a Hadamard rotation with large blocks (:mod:`rotfn.kernels.fwht`)."""
+def _fwht_rotate(x2: torch.Tensor, r: Rotation, *, kc: int = _FWHT_KC, warps: int | None = None) -> torch.Tensor:
+    """``x2 @ R`` for a Hadamard rotation with large blocks (:mod:`rotfn.kernels.fwht`); ``kc`` (factor rows per
+    chunk) and ``warps`` (None: by block size) are launch settings, swept by ``bench/fwht_sweep.py``."""
     m, n = x2.shape
     k, kp, r1, r2, r3 = _fwht_plan(r.block_size, r.factor)
     out = torch.empty_like(x2)
@@ -285,10 +286,10 @@ def _fwht_rotate(x2: torch.Tensor, r: Rotation) -> torch.Tensor:
     blocks = m * (n // r.block_size)
     hadamard_kernel[(triton.cdiv(blocks, rows),)](
         x2, out, _sylvester_table(x2.device), a, a if signs is None else signs, blocks, n // r.block_size, x2.stride(0),
-        ROWS=rows, K=k, KP=kp, KC=min(kp, _FWHT_KC), R1=r1, R2=r2, R3=r3, SCALE=1.0 / math.sqrt(r.block_size),
+        ROWS=rows, K=k, KP=kp, KC=min(kp, kc), R1=r1, R2=r2, R3=r3, SCALE=1.0 / math.sqrt(r.block_size),
         HAS_SIGNS=signs is not None, SIGN_FIRST=not r.transposed, TRANSPOSE=r.transposed,
         PARTS=1 if INTERPRET else 3 if x2.dtype == torch.float32 else 2,
-        num_warps=4 if rows * size <= 2048 else 8 if rows * size <= 8192 else 16,
+        num_warps=warps or (4 if rows * size <= 2048 else 8 if rows * size <= 8192 else 16),
     )
     return out
 

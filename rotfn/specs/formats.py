@@ -404,6 +404,9 @@ _FACTORIES = {
 }
 
 
+_LATER = ("scale_dtype", "rule")  # fields added within version 2 (None when a dict lacks them)
+
+
 def format_from_dict(d: dict) -> Format:
     """Rebuild a format spec from :meth:`Format.to_dict` output.
 
@@ -436,7 +439,7 @@ def format_from_dict(d: dict) -> Format:
         raise SpecError(message(fn, "d", f"the fields of a {d['name']} spec", f"missing {err}")) from None
     except FormatError as err:
         raise SpecError(str(err)) from None
-    # scale_dtype came later within version 2: a dict without it means None
-    if {k: v for k, v in fmt.to_dict().items() if k in d or k != "scale_dtype" or v is not None} != d:
+    # scale_dtype and rule came later within version 2: a dict without them means None
+    if {k: v for k, v in fmt.to_dict().items() if k in d or k not in _LATER or v is not None} != d:
         raise SpecError(message(fn, "d", "the fields of Format.to_dict()", d, "re-create it with to_dict()"))
     return fmt
