@@ -181,9 +181,11 @@ def _run_fold(args: argparse.Namespace) -> int:
           + f", {_size(stats.bytes_written)} in {stats.seconds:.1f} s")
     print(plan)
     if plan.online:
-        print(f"note: {len(plan.online)} online transforms (R3/R4) are not in the weights, so plain transformers "
-              "refuses the directory: load with rotfn.load_hf(dst) and run with rotfn.call, or fold with "
-              "--export compressed-tensors for an inference engine", file=sys.stderr)
+        kinds = collections.Counter(o.role or o.kind for o in plan.online)
+        print(f"note: {len(plan.online)} online transforms ({', '.join(f'{k} x{n}' for k, n in kinds.items())}) are "
+              "not in the weights, so plain transformers refuses the directory: load with rotfn.load_hf(dst) and run "
+              "with rotfn.call, or, for an inference engine, fold with --export compressed-tensors where the plan "
+              "exports (docs/howto/serving.md)", file=sys.stderr)
     return EXIT_OK
 
 
@@ -318,12 +320,25 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 # ----- rotfn report -------------------------------------------------------------------------------
+def _shard_size(text: str) -> str:
+    """``--max-shard-size`` checked while parsing (a bad value is a usage error, exit 2); the text is passed on."""
+    from rotfn.io._hf import _shard_bytes
+
+    try:
+        _shard_bytes("fold", text)
+    except RotfnError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB or 500MiB, got {text!r}") from None
+    return text
+
+
 def _tokenizer(directory: str):
-    """The directory's transformers tokenizer, or None when it has none (or none that loads)."""
+    """The directory's transformers tokenizer, or None when it has none that loads and encodes text (transformers 5
+    builds an empty one for a checkpoint saved without tokenizer files)."""
     try:
         import transformers
 
-        return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        return tokenizer if len(tokenizer("rotfn encodes text")["input_ids"]) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -567,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("dst_dir", metavar="DST",
                       help="output directory (created; resumed if an earlier fold of the same command was interrupted)")
     _add_plan_options(fold, plan_files=True)
-    fold.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MiB (default 5GB)")
+    fold.add_argument("--max-shard-size", default="5GB", type=_shard_size,
+                      help="largest output shard, e.g. 5GB or 500MiB (default 5GB)")
     fold.add_argument("--precision", choices=("float64", "float32"), default="float64",
                       help="what the fold computes in: float64 (default, rounded once) or float32 (as fast with rotfn[cpu] "
                            "installed, faster without it; "

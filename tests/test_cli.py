@@ -83,7 +83,7 @@ BAD_COMMAND_LINES = [
      "rotfn fold: --seed: the plan file"),
     (["fold", "{tmp}/missing", "{tmp}/o"], EXIT_FAILED, "rotfn fold: SRC: expected an existing Hugging Face"),
     (["fold", "{src}", "{src}"], EXIT_FAILED, "rotfn fold: DST: expected a directory other than SRC"),
-    (["fold", "{src}", "{tmp}/o", "--max-shard-size", "5XB"], EXIT_FAILED, "rotfn fold: --max-shard-size: expected"),
+    (["fold", "{src}", "{tmp}/o", "--max-shard-size", "5XB"], EXIT_USAGE, "rotfn fold: --max-shard-size: expected a size such as 5GB"),
     (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/plain.safetensors"], EXIT_FAILED, "rotfn fold: --plan: expected"),
     (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/cut.safetensors"], EXIT_FAILED,
      "rotfn fold: --plan: expected {bad}/cut.safetensors: a complete safetensors file, got the file is truncated or "
@@ -378,3 +378,13 @@ def test_learn_then_fold_its_plan(src, tmp_path):
                           capture_output=True, text=True, timeout=300, check=False)
     assert fold.returncode == 0, fold.stderr
     assert rotfn.io.read_rotfn_json(dst) == plan
+
+
+def test_learn_on_a_checkpoint_without_tokenizer_files_uses_bytes(no_tokenizer, tmp_path):
+    """transformers 5's empty tokenizer encodes nothing: learn takes the text's bytes as ids (as for no tokenizer)."""
+    out = tmp_path / "learned.safetensors"
+    done = subprocess.run([sys.executable, "-m", "rotfn", "learn", no_tokenizer, "--r1", "hadamard", "--weights", "int4",
+                           "--steps", "1", "--seq-len", "16", "--batch-size", "1", "--batches", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "bytes (mod 128) as ids: DIR has no tokenizer" in done.stderr and out.exists()

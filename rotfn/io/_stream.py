@@ -324,9 +324,11 @@ def _prepare_dst(fn: str, dst: str, marker: dict, overwrite: bool) -> dict:
             f"another job ({', '.join(differs) or 'a marker of another rotfn version'} differs) for {dst!r}",
             f"{resume} to resume it, or pass overwrite=True to start over (its finished shards are deleted)"))
     if names and MARKER not in names and not overwrite:
+        done = ROTFN_JSON in names or "config.json" in names  # a finished fold (or another checkpoint)
+        got = (f"{dst!r} holding a complete checkpoint (a finished fold has nothing to resume)" if done else
+               f"{dst!r} holding {len(names)} files (e.g. {sorted(names)[:3]})")
         raise CheckpointError(message(fn, "dst_dir", "a new or empty directory, or one an interrupted fold left",
-                                      f"{dst!r} holding {len(names)} files (e.g. {sorted(names)[:3]})",
-                                      "pass overwrite=True to replace its checkpoint, or choose another dst_dir"))
+                                      got, "pass overwrite=True to replace its checkpoint, or choose another dst_dir"))
     write_text_atomic(marker_path, json.dumps(marker))
     for name in names:  # a restart: nothing of an earlier job or checkpoint may look like part of this one
         if _ours(name) and os.path.isfile(os.path.join(dst, name)):

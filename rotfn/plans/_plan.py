@@ -29,7 +29,16 @@ from rotfn._table import html_table
 from rotfn.errors import PlanError, SpecError, message
 from rotfn.specs.formats import Format, format_from_dict
 from rotfn.specs.rotation import Rotation
-from rotfn.transforms import Chain, Where, chain, fuse_norm, qdq_weights, rotate_input, rotate_output
+from rotfn.transforms import (
+    Chain,
+    Where,
+    chain,
+    fuse_norm,
+    qdq_weights,
+    rotate_input,
+    rotate_output,
+    shares_global_scale,
+)
 
 __all__ = ["Plan", "WeightRotation", "NormFusion", "Online", "signature", "upgrade_plan_dict", "PLAN_VERSION",
            "ONLINE_KINDS"]
@@ -257,7 +266,8 @@ class Plan:
         for (role, kind, r, f), count in kinds.items():
             lines.append(f"  online  {role or '-':<10} {kind:<12} {r!r} fmt={f!r} x{count}")
         if self.quantized:
-            shared = f", {len(self.shared_scales)} fused groups share per-tensor scales" if self.shared_scales else ""
+            shared = (f", {len(self.shared_scales)} fused groups share one global scale each"
+                      if self.shared_scales and shares_global_scale(self.weights) else "")
             lines.append(f"  qdq     {self.weights!r} on {len(self.quantized)} weights{shared}")
         lines += [f"  note    {n}" for n in self.notes]
         return "\n".join(lines)
