@@ -41,6 +41,8 @@ _FWHT_MAX = 32768  # largest Hadamard block of the FWHT kernel (one block in reg
 _FWHT_MAX_ELEMENTS = 32768  # registers: one padded block [KP, 2^m] per program
 _FWHT_KC = 32  # output rows of the K x K factor stage per chunk
 _FWHT_ELEMENTS = 4096  # blocks smaller than this are batched, several per program
+#: warps per FWHT program by its padded elements (swept with bench/fwht_sweep.py on an H100: docs/performance.md)
+_FWHT_WARPS = {4096: 4, 8192: 8, 16384: 4, 32768: 8}
 
 
 def _fmt_code(fmt: Format | None) -> int:
@@ -275,7 +277,7 @@ def _sylvester_table(device: torch.device) -> torch.Tensor:
 
 def _fwht_rotate(x2: torch.Tensor, r: Rotation, *, kc: int = _FWHT_KC, warps: int | None = None) -> torch.Tensor:
     """``x2 @ R`` for a Hadamard rotation with large blocks (:mod:`rotfn.kernels.fwht`); ``kc`` (factor rows per
-    chunk) and ``warps`` (None: by block size) are launch settings, swept by ``bench/fwht_sweep.py``."""
+    chunk) and ``warps`` (None: :data:`_FWHT_WARPS`) are launch settings, swept by ``bench/fwht_sweep.py``."""
     m, n = x2.shape
     k, kp, r1, r2, r3 = _fwht_plan(r.block_size, r.factor)
     out = torch.empty_like(x2)
@@ -289,7 +291,7 @@ def _fwht_rotate(x2: torch.Tensor, r: Rotation, *, kc: int = _FWHT_KC, warps: in
         ROWS=rows, K=k, KP=kp, KC=min(kp, kc), R1=r1, R2=r2, R3=r3, SCALE=1.0 / math.sqrt(r.block_size),
         HAS_SIGNS=signs is not None, SIGN_FIRST=not r.transposed, TRANSPOSE=r.transposed,
         PARTS=1 if INTERPRET else 3 if x2.dtype == torch.float32 else 2,
-        num_warps=warps or (4 if rows * size <= 2048 else 8 if rows * size <= 8192 else 16),
+        num_warps=warps or _FWHT_WARPS.get(rows * size, 8),
     )
     return out
 
