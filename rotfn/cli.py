@@ -277,14 +277,14 @@ def _inspect_incomplete(path: str) -> int:
 
 
 def _inspect_dir(path: str) -> int:
-    from rotfn.io import GUARDED_MODEL_TYPE, MARKER, ORIGINAL_MODEL_TYPE, inventory, read_rotfn_json
+    from rotfn.io import MARKER, ORIGINAL_MODEL_TYPE, inventory, is_guarded, read_rotfn_json
 
     if os.path.exists(os.path.join(path, MARKER)):
         return _inspect_incomplete(path)
     ckpt = inventory(path, fn="inspect", arg="path")
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    guarded = config.get("model_type") == GUARDED_MODEL_TYPE
+    guarded = is_guarded(config)
     if guarded:
         config["model_type"] = config.get(ORIGINAL_MODEL_TYPE)
     keys = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",

@@ -5,6 +5,7 @@
 from rotfn.io._checkpoint import GUARDED_MODEL_TYPE as GUARDED_MODEL_TYPE
 from rotfn.io._checkpoint import ORIGINAL_MODEL_TYPE as ORIGINAL_MODEL_TYPE
 from rotfn.io._checkpoint import inventory as inventory
+from rotfn.io._checkpoint import is_guarded as is_guarded
 from rotfn.io._checkpoint import skeleton
 from rotfn.io._compressed import export_compressed
 from rotfn.io._encode import decode_plan as decode_plan

@@ -139,16 +139,23 @@ def inventory(directory: str | os.PathLike, *, fn: str = "inventory", arg: str =
 #: ``model_type`` in the ``config.json`` of a directory whose weights are right only with rotfn's online
 #: transforms (:func:`rotfn.load_hf` then :func:`rotfn.call`): plain transformers refuses to build a model from
 #: it instead of running it silently wrong. The real one is kept under :data:`ORIGINAL_MODEL_TYPE`.
-GUARDED_MODEL_TYPE = "rotfn-load_hf-only"
+#: The value is what transformers' refusal ("model type ... not recognized") shows the user, so it says what to do.
+GUARDED_MODEL_TYPE = "rotfn-load_hf-only: load it with rotfn.load_hf(dir), serve it via rotfn.export_compressed"
 ORIGINAL_MODEL_TYPE = "rotfn_model_type"
+_GUARDED_BEFORE = ("rotfn-load_hf-only",)  # the value directories written before 2026-12-07 (late) carry
 GUARD_NOTE = ("rotfn: these weights need rotfn's online transforms (see rotfn.json): load with rotfn.load_hf(dir) "
               "and run with rotfn.call; for an inference engine export with rotfn.export_compressed or "
               "rotfn fold --export compressed-tensors")
 
 
+def is_guarded(config: dict) -> bool:
+    """True for a ``config.json`` dict written by :func:`guard_config` (by this rotfn or an earlier one)."""
+    return config.get("model_type") in (GUARDED_MODEL_TYPE, *_GUARDED_BEFORE)
+
+
 def guard_config(config: dict) -> dict:
     """``config`` (a ``config.json`` dict) made unloadable by plain transformers: model_type swapped, note added."""
-    if config.get("model_type") == GUARDED_MODEL_TYPE:
+    if is_guarded(config):
         return config
     return {**config, ORIGINAL_MODEL_TYPE: config["model_type"], "model_type": GUARDED_MODEL_TYPE,
             "rotfn_note": GUARD_NOTE}
@@ -162,7 +169,7 @@ def read_config(directory: str):
 
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    if config.get("model_type") != GUARDED_MODEL_TYPE:
+    if not is_guarded(config):
         return transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     config = {k: v for k, v in config.items() if k != "rotfn_note"}
     config["model_type"] = config.pop(ORIGINAL_MODEL_TYPE)

@@ -601,7 +601,7 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     :func:`rotfn.load_hf` knows the weights are folded; without online transforms,
     ``transformers.AutoModelForCausalLM.from_pretrained(dst_dir)`` runs the folded model, and with
     them plain transformers refuses the directory (its ``config.json`` ``model_type`` is
-    ``"rotfn-load_hf-only"``, the real one kept for rotfn's readers) rather than run it without them.
+    ``"rotfn-load_hf-only: load it with rotfn.load_hf(dir), ..."``, the real one kept for rotfn's readers) rather than run it without them.
     Fused partitions that share an NVFP4 global scale (:attr:`rotfn.plans.Plan.shared_scales`) are
     folded one extra time first, to measure it (each whole, in the work dtype).
 
