@@ -186,9 +186,12 @@ def test_online_transforms_go_to_rotfn_json_and_load_hf_restores_exact_outputs(t
     rt.assert_bits_equal(_logits(model2, params2, plan2, ids), expected)
     with torch.no_grad():  # the weights alone run the model without its online transforms...
         assert not torch.allclose(model2(ids).logits, expected, atol=1e-3)
-    with pytest.raises(ValueError, match="rotfn-load_hf-only"):  # ...so plain transformers refuses the directory
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["rotfn_model_type"] == cfg.model_type
+    with pytest.raises(ValueError, match=r"rotfn-load_hf-only: load it with rotfn\.load_hf\(dir\)"):  # ...so plain
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)  # transformers refuses it, saying what to use
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rotfn_model_type"] == cfg.model_type
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "rotfn-load_hf-only"}))
+    assert rotfn.load_hf(tmp_path)[2] == plan  # a directory written with the earlier guard value still loads
     with pytest.raises(FoldError):
         rotfn.fold(params2, plan2)
 
