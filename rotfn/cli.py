@@ -322,7 +322,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 # ----- rotfn report -------------------------------------------------------------------------------
 def _shard_size(text: str) -> str:
     """``--max-shard-size`` checked while parsing (a bad value is a usage error, exit 2); the text is passed on."""
-    from rotfn.io._hf import _shard_bytes
+    from rotfn.io import _shard_bytes
 
     try:
         _shard_bytes("fold", text)
