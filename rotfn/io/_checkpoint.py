@@ -142,7 +142,7 @@ def inventory(directory: str | os.PathLike, *, fn: str = "inventory", arg: str =
 #: The value is what transformers' refusal ("model type ... not recognized") shows the user, so it says what to do.
 GUARDED_MODEL_TYPE = "rotfn-load_hf-only: load it with rotfn.load_hf(dir), serve it via rotfn.export_compressed"
 ORIGINAL_MODEL_TYPE = "rotfn_model_type"
-_GUARDED_BEFORE = ("rotfn-load_hf-only",)  # the value directories written before 2026-12-07 (late) carry
+_GUARDED_BEFORE = ("rotfn-load_hf-only",)  # the value earlier rotfn versions wrote
 GUARD_NOTE = ("rotfn: these weights need rotfn's online transforms (see rotfn.json): load with rotfn.load_hf(dir) "
               "and run with rotfn.call; for an inference engine export with rotfn.export_compressed or "
               "rotfn fold --export compressed-tensors")

@@ -29,6 +29,7 @@ a checkpoint's pieces (:meth:`Stage.run`). Precision and piece size are argument
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 from collections.abc import Callable, Mapping
@@ -239,7 +240,7 @@ class QDQ:
         else:
             q = quantize(w, fmt) if self.rounding is None else self.rounding(w)
             if run.codes is not None:
-                run.codes[self.key] = dataclasses.replace(q, format=self.fmt)
+                run.codes[self.key] = q if q.format == self.fmt else dataclasses.replace(q, format=self.fmt)
             out = dequantize(q, x.dtype)
         return out.mT.contiguous() if self.transposed else out
 
@@ -476,20 +477,43 @@ class FoldProgram:
         """
         run = _Run(precision, piece_elements, rotate or {}, codes)
         params = tie(fn, params, self.tied)
+        # changed versions that ops read, kept until their last reader (the owner's own fold continues from the
+        # latest one, so a fused group's pre-rounding values are computed once and not held to the end)
+        left: collections.Counter = collections.Counter()
+        latest: dict[str, int] = {}
+        for kp in self.keys.values():
+            for op in kp.ops:
+                for k, at in op.reads:
+                    if at > 0:
+                        left[k, at] += 1
+                        latest[k] = max(latest.get(k, 0), at)
+        for k, at in latest.items():
+            left[k, at] += 1
         memo: dict[tuple[str, int], torch.Tensor] = {}
+
+        def compute(key: str, at: int) -> torch.Tensor:
+            start = next((a for a in range(at - 1, 0, -1) if (key, a) in memo), 0)
+            x = params[key] if start == 0 else memo[key, start]
+            return _apply(self.keys[key].ops[start:at], x, value, run, each=round_each)
 
         def value(key: str, at: int) -> torch.Tensor:
             if at == 0:
                 return params[key]
-            if (key, at) not in memo:
-                memo[key, at] = _apply(self.keys[key].ops[:at], params[key], value, run, each=round_each)
-            return memo[key, at]
+            t = memo[key, at] if (key, at) in memo else compute(key, at)
+            left[key, at] -= 1
+            if left[key, at] > 0:
+                memo[key, at] = t
+            else:
+                memo.pop((key, at), None)
+            return t
 
         shared = {name: group[0] for group in self.tied for name in group[1:]}
         out = dict(params)
         for key, kp in self.keys.items():
             if kp.ops and key not in shared:
-                out[key] = value(key, len(kp.ops)).to(kp.dtype)
+                a = latest.get(key, 0)
+                done = _apply(kp.ops[a:], value(key, a), value, run, each=round_each) if a else compute(key, len(kp.ops))
+                out[key] = done.to(kp.dtype)
         for name, first in shared.items():
             out[name] = out[first]
         return out
