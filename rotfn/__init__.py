@@ -10,7 +10,7 @@ Example:
 """
 
 # the user-facing subpackages (rotfn.testing is imported on first use, by __getattr__ below)
-from rotfn import calibration, dispatch, errors, io, learn, metrics, model, plans, transforms
+from rotfn import calibration, dispatch, distributed, errors, io, learn, metrics, model, plans, transforms
 
 # the curated names, each from the room that defines it (grouped by topic in __all__)
 from rotfn._report import LayerReport, Report, report
@@ -59,7 +59,7 @@ __all__ = [
     # measuring a plan
     "report", "Report", "LayerReport",
     # subpackages
-    "plans", "transforms", "model", "learn", "calibration", "io", "metrics", "errors", "dispatch", "testing",
+    "plans", "transforms", "model", "learn", "calibration", "io", "metrics", "errors", "dispatch", "distributed", "testing",
 ]
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointWarning",
     "MissingDependencyError",
+    "DistributedError",
     "message",
 ]
 
@@ -118,6 +119,11 @@ class CheckpointError(RotfnError, ValueError):
 class MissingDependencyError(RotfnError, ImportError):
     """An optional package a call needs (pandas for ``Report.to_pandas``, matplotlib for ``Report.plot``) is not
     installed; the message names the ``pip install`` that brings it."""
+
+
+class DistributedError(RotfnError, RuntimeError):
+    """Under ``torch.distributed``: another rank failed or stopped, or the ranks disagree where they must agree
+    (each rank raises, so none waits forever and none writes a half result)."""
 
 
 class CheckpointWarning(UserWarning):

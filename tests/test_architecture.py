@@ -21,7 +21,7 @@ ROOT = pathlib.Path(rotfn.__file__).parent
 #: Rooms by layer, lowest first. A room is a subpackage (``rotfn/io/``) or a top-level module (``rotfn/cli.py``).
 LAYERS = (
     ("errors", "_table", "_progress"),
-    ("specs",),
+    ("specs", "distributed"),
     ("ops", "metrics"),
     ("kernels", "cpu"),
     ("dispatch",),

@@ -15,7 +15,7 @@ SURFACE = (
     "params", "call", "fold", "FoldedParams", "Plan", "where", "Where", "chain",
     "save", "load", "export_hf", "export_compressed", "load_hf", "fold_checkpoint",
     "report", "Report", "LayerReport",
-    "plans", "transforms", "model", "learn", "calibration", "io", "metrics", "errors", "dispatch", "testing",
+    "plans", "transforms", "model", "learn", "calibration", "io", "metrics", "errors", "dispatch", "distributed", "testing",
 )
 
 

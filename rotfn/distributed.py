@@ -1,0 +1,218 @@
+"""rotfn under ``torch.distributed``: this process's rank, its share of the work, sums across ranks, failing together.
+
+rotfn starts no process group and picks no backend: it runs on the one the caller initialized
+(``torchrun`` + ``torch.distributed.init_process_group``; NCCL on GPUs, gloo on CPUs), and without one
+every function here is the one-process identity (rank 0 of 1), so single-process behaviour is unchanged.
+The ``rotfn`` command initializes the group itself when ``torchrun`` launched it.
+
+The distributed calls of rotfn (``rotfn.learn.rotations``, ``rotfn.calibrate``, ``rotfn.fold_checkpoint``)
+alternate local work with collectives. A rank that fails in its local work must not leave the others
+waiting in the next collective: :func:`together` wraps a local phase, and at its end every rank learns
+whether any rank failed; the failed rank raises its own error, every other rank a
+:class:`~rotfn.errors.DistributedError` naming it. A rank whose process ends (killed, out of memory) makes the
+collectives of the others fail; they raise :class:`~rotfn.errors.DistributedError` too.
+
+Example:
+    >>> import rotfn
+    >>> rotfn.distributed.world()            # no process group: rank 0 of 1
+    (0, 1)
+    >>> rotfn.distributed.share(list(range(5)))
+    [0, 1, 2, 3, 4]
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from rotfn.errors import DistributedError, message
+
+__all__ = ["world", "is_distributed", "share", "together", "all_reduce", "same", "first_writes"]
+
+
+def _dist():
+    """``torch.distributed`` when this process is in an initialized group, else None."""
+    dist = torch.distributed
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process in the default process group; ``(0, 1)`` without one.
+
+    Returns:
+        Two ints, ``0 <= rank < size``.
+
+    Example:
+        >>> world()
+        (0, 1)
+    """
+    dist = _dist()
+    return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
+
+
+def is_distributed() -> bool:
+    """True when this process is one of several ranks of an initialized process group.
+
+    Example:
+        >>> is_distributed()
+        False
+    """
+    return world()[1] > 1
+
+
+def share(items: Sequence) -> list:
+    """This rank's share of ``items``: every ``size``-th item from its rank (``items[rank::size]``).
+
+    The shares of all ranks are disjoint and together are ``items``; with one rank the share is everything.
+
+    Args:
+        items: a sequence every rank passes the same.
+
+    Returns:
+        A list (empty when there are fewer items than ranks and this rank's turn never comes).
+
+    Example:
+        >>> share("abcde")                   # on rank 1 of 2: ['b', 'd']
+        ['a', 'b', 'c', 'd', 'e']
+    """
+    rank, size = world()
+    return list(items)[rank::size]
+
+
+def _wire(t: torch.Tensor) -> torch.device:
+    """Where the backend can move ``t``: CUDA for NCCL (the current device), the CPU for gloo."""
+    if torch.distributed.get_backend() == "nccl":
+        return t.device if t.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _collective(fn: str, what: str, collective, *args, **kwargs) -> None:
+    """Run one collective; a peer whose process ended (the backend's error) becomes a DistributedError."""
+    try:
+        collective(*args, **kwargs)
+    except (RuntimeError, ConnectionError) as e:  # gloo: "Connection closed by peer"; NCCL: DistBackendError
+        raise DistributedError(message(fn, what, "every rank in the collective", f"a rank that stopped ({e})",
+                                       "look at the first error of the other ranks' output")) from e
+
+
+def _status(fn: str, failed: bool) -> list[int]:
+    """The ranks that failed, as every rank sees them (one all-reduce of a flag per rank)."""
+    rank, size = world()
+    flags = torch.zeros(size, dtype=torch.int32)
+    flags[rank] = int(failed)
+    flags = flags.to(_wire(flags))
+    _collective(fn, "ranks", torch.distributed.all_reduce, flags)
+    return [r for r, f in enumerate(flags.tolist()) if f]
+
+
+@contextlib.contextmanager
+def together(fn: str) -> Iterator[None]:
+    """Wrap a local phase (no collectives inside) so that every rank leaves it the same way.
+
+    At the end of the block every rank learns which ranks raised in it (one small all-reduce). A
+    rank that raised re-raises its own error; when another rank raised, this rank raises a
+    :class:`~rotfn.errors.DistributedError` naming it. ``KeyboardInterrupt`` and ``SystemExit`` propagate
+    at once (the launcher stops every rank). Without a process group the block runs as it is.
+
+    Args:
+        fn: the rotfn function the phase belongs to (named in the error).
+
+    Raises:
+        DistributedError: another rank failed in its phase, or stopped.
+
+    Example:
+        >>> with together("fold_checkpoint"):
+        ...     x = 1 + 1
+    """
+    if not is_distributed():
+        yield
+        return
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:
+        _status(fn, True)
+        raise
+    failed = _status(fn, False)
+    if failed:
+        raise DistributedError(message(fn, "rank", "every rank to finish its share",
+                                       f"rank {failed[0]} of {world()[1]} failed" if len(failed) == 1
+                                       else f"ranks {failed} of {world()[1]} failed",
+                                       "the failed rank's own error (in its output) says why; fix that and rerun"))
+
+
+def all_reduce(fn: str, tensors: Sequence[torch.Tensor], op: str = "sum") -> list[torch.Tensor]:
+    """New tensors: the sum (or max) of each tensor over all ranks, on its own device and dtype.
+
+    The inputs are not changed. Every rank passes tensors of the same shapes and dtypes in the same order;
+    every rank receives the same values (bit for bit: one reduction, its result broadcast).
+
+    Args:
+        fn: the calling rotfn function (named in errors).
+        tensors: the local values.
+        op: ``"sum"`` or ``"max"``.
+
+    Returns:
+        ``[reduced tensor]``, one per input; copies of the inputs without a process group.
+
+    Raises:
+        DistributedError: another rank stopped.
+
+    Example:
+        >>> all_reduce("calibrate", [torch.ones(2)])
+        [tensor([1., 1.])]
+    """
+    if not is_distributed():
+        return [t.clone() for t in tensors]
+    reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
+    out = []
+    for t in tensors:
+        buf = t.detach().to(_wire(t), copy=True).contiguous()
+        _collective(fn, "tensors", torch.distributed.all_reduce, buf, op=reduce_op)
+        out.append(buf.to(t.device))
+    return out
+
+
+def same(fn: str, arg: str, tensors: Sequence[torch.Tensor]) -> None:
+    """Check that every rank holds the same ``tensors`` (bit for bit), else raise on every rank.
+
+    Args:
+        fn: the calling rotfn function.
+        arg: what the tensors are (named in the error), e.g. ``"rotations"``.
+        tensors: the values to compare (same shapes and dtypes on every rank).
+
+    Raises:
+        DistributedError: the ranks differ (on every rank), or a rank stopped.
+
+    Example:
+        >>> same("learn.rotations", "rotations", [torch.eye(2)])
+    """
+    if not is_distributed():
+        return
+    differs = torch.zeros(1, dtype=torch.int32)
+    for t in tensors:
+        first = t.detach().to(_wire(t), copy=True).contiguous()
+        _collective(fn, arg, torch.distributed.broadcast, first, src=0)
+        differs |= int(not torch.equal(_bits(first), _bits(t.detach().to(first.device))))
+    (differs,) = all_reduce(fn, [differs], op="max")
+    if differs.item():
+        raise DistributedError(message(fn, arg, "the same values on every rank", "ranks that differ",
+                                       "pass every rank the same inputs and seeds"))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` (so that NaN equals NaN and -0 differs from +0)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def first_writes() -> bool:
+    """True on the rank that writes what exists once (an index, a config): rank 0, or the only process.
+
+    Example:
+        >>> first_writes()
+        True
+    """
+    return world()[0] == 0

@@ -1,0 +1,79 @@
+"""rotfn.distributed on two gloo ranks (spawned processes): shares, sums, agreement and failing together."""
+
+import os
+
+import torch
+from ranks import run
+
+import rotfn
+from rotfn import distributed
+
+
+def _primitives():
+    rank, size = distributed.world()
+    x = torch.tensor([1.0, -2.0]) * (rank + 1)
+    (s,) = distributed.all_reduce("t", [x])
+    (m,) = distributed.all_reduce("t", [x], op="max")
+    distributed.same("t", "eye", [torch.eye(3, dtype=torch.float64)])
+    try:
+        distributed.same("t", "rank", [torch.tensor([float(rank)])])
+        differs = None
+    except rotfn.errors.DistributedError as e:
+        differs = str(e)
+    return dict(world=(rank, size), share=distributed.share(range(5)), sum=s, max=m, x=x, differs=differs,
+                first=distributed.first_writes(), on=distributed.is_distributed())
+
+
+def test_primitives_on_two_ranks():
+    r0, r1 = run(_primitives)
+    assert r0.error is None and r1.error is None, (r0, r1)
+    assert r0.value["world"] == (0, 2) and r1.value["world"] == (1, 2)
+    assert r0.value["share"] == [0, 2, 4] and r1.value["share"] == [1, 3]
+    for r in (r0, r1):
+        assert torch.equal(r.value["sum"], torch.tensor([3.0, -6.0]))
+        assert torch.equal(r.value["max"], torch.tensor([2.0, -2.0]))
+        assert "the same values on every rank" in r.value["differs"]
+        assert r.value["on"]
+    assert torch.equal(r0.value["x"], torch.tensor([1.0, -2.0]))  # the input is not changed
+    assert r0.value["first"] and not r1.value["first"]
+
+
+def _fails_on(bad: int):
+    rank, _ = distributed.world()
+    with distributed.together("fold_checkpoint"):
+        if rank == bad:
+            raise rotfn.errors.CheckpointError("fold_checkpoint: argument 'src_dir': broken on purpose")
+    return "passed"
+
+
+def test_a_failed_rank_stops_every_rank_with_a_typed_error():
+    r0, r1 = run(_fails_on, 1)
+    assert r1.raised("CheckpointError") and "broken on purpose" in r1.error[1]
+    assert r0.raised("DistributedError") and r0.raised("RuntimeError")
+    assert "rank 1 of 2 failed" in r0.error[1] and r0.error[1].startswith("fold_checkpoint:")
+
+
+def _dies_on(bad: int):
+    rank, _ = distributed.world()
+    if rank == bad:
+        os._exit(3)  # the process ends: no error, no collective
+    distributed.all_reduce("calibrate", [torch.ones(1)])
+    return "passed"
+
+
+def test_a_rank_that_dies_makes_the_others_raise():
+    r0, r1 = run(_dies_on, 1, timeout=300)
+    assert r1.error == (("ProcessDied",), "exit code 3")
+    assert r0.raised("DistributedError"), r0
+    assert r0.error[1].startswith("calibrate: argument 'tensors': expected every rank in the collective")
+
+
+def test_without_a_process_group_everything_is_one_rank():
+    assert distributed.world() == (0, 1) and not distributed.is_distributed()
+    assert distributed.share([3, 4]) == [3, 4]
+    x = torch.ones(2)
+    (y,) = distributed.all_reduce("t", [x])
+    assert torch.equal(y, x) and y is not x
+    with distributed.together("t"):
+        pass
+    distributed.same("t", "x", [x])
