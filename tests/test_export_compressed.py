@@ -3,6 +3,7 @@ computes rotfn.call's logits; compressed-tensors' decompression gives rotfn's we
 
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -256,6 +257,32 @@ def test_nvfp4_activations_take_static_global_scales_from_calibration(tmp_path):
     assert rt.relative_error(a, b) < 0.2  # served: static global scales; rotfn.call: each batch's own
 
 
+def test_nvfp4s_default_rule_serves_within_one_rounding(tmp_path):
+    """quarot with rotfn.nvfp4() weights and activations (s_g = amax / 2688, no power of two) exports;
+    compressed-tensors divides by the stored 1 / s_g, so a served bf16 weight is rotfn's but where the float32
+    roundings of s_b / G and of s_b * s_g land on two sides of a bf16 rounding boundary (one bf16 step apart), and
+    the served logits are rotfn.call's up to that and the activations' static global scales."""
+    model = _model("llama")
+    plan = _plan(model, "quarot", rotfn.nvfp4(), acts=rotfn.nvfp4())
+    p = rotfn.params(model)
+    folded = rotfn.fold(p, plan)
+    calib = rotfn.calibrate(model, p, plan, [_ids(model)], progress=False)
+    loaded = _export_and_load(tmp_path, model, plan, folded, calibration=calib)
+    state, moved, total = loaded.state_dict(), 0, 0
+    for key in plan.quantized:
+        served, ours = state[key].float(), folded[key].float()
+        assert ((served - ours).abs() <= ours.abs() * 2.0**-7).all(), key  # one bf16 step at most
+        moved, total = moved + int((served != ours).sum()), total + ours.numel()
+    assert moved <= total // 1000
+    from safetensors.torch import load_file
+    stored = load_file(tmp_path / "model.safetensors")
+    scales = [v.item() for k, v in stored.items() if k.endswith("weight_global_scale")]
+    assert len(scales) == len(plan.quantized) and all(math.frexp(g)[0] != 0.5 for g in scales)  # not powers of two
+    with torch.no_grad():
+        a, b = loaded(_ids(model)).logits.float(), rotfn.call(model, folded, plan, _ids(model)).logits.float()
+    assert rt.relative_error(a, b) < 0.2  # served: static activation global scales; rotfn.call: each batch's own
+
+
 @pytest.mark.parametrize("fmt", [rotfn.intq(4, group=32, symmetric=False, scale_dtype=BF16),
                                  rotfn.intq(8, group=32, symmetric=False, scale_dtype=BF16),
                                  rotfn.intq(2, symmetric=False, scale_dtype=BF16)])
@@ -307,7 +334,7 @@ def test_bad_exports_are_typed_errors_and_write_nothing(tmp_path):
     copied = {k: v.clone() for k, v in folded.items()}
     edited = _folded()[2]
     edited["model.layers.0.mlp.up_proj.weight"].mul_(2)  # in place: the tensor keeps its codes, its values change
-    nv = _folded(rotfn.nvfp4())
+    mx8 = _folded(rotfn.mxfp8())
     fp32_scales = _folded(rotfn.intq(4, group=32))
     cases = [
         (lambda d: rotfn.export_compressed(model, rotfn.fold(rotfn.params(model), r3), r3, d), PlanError,
@@ -321,7 +348,7 @@ def test_bad_exports_are_typed_errors_and_write_nothing(tmp_path):
          r"carrying its .* codes"),
         (lambda d: rotfn.export_compressed(model, edited, plan, d), PlanError,
          r"a weight changed since"),
-        (lambda d: rotfn.export_compressed(nv[0], nv[2], nv[1], d), FormatError, r"nvfp4\('pow2'\)"),
+        (lambda d: rotfn.export_compressed(mx8[0], mx8[2], mx8[1], d), FormatError, r"export MXFP8 with rotfn.export_hf"),
         (lambda d: rotfn.export_compressed(fp32_scales[0], fp32_scales[2], fp32_scales[1], d), FormatError,
          r"fix: build the plan with weights=rotfn.intq\(4, group=32, scale_dtype='bfloat16'\)"),
         (lambda d: rotfn.export_compressed(model, folded, plan, d, max_shard_size="big"), ArgumentError,

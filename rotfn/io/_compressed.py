@@ -15,7 +15,9 @@ format                      tensors (weight ``[out, in]``, ``G`` groups per row)
 nvfp4-pack-quantized        ``weight_packed`` uint8 ``[out, in/2]`` (E2M1 codes, element ``2i`` in the
                             low nibble), ``weight_scale`` float8_e4m3fn ``[out, in/16]``,
                             ``weight_global_scale`` fp32 ``[1]`` = ``1 / s_g`` (compressed-tensors
-                            divides by it: exact for ``rotfn.nvfp4("pow2")``), and
+                            divides by it: rotfn's values bit for bit when ``s_g`` is a power
+                            of two, ``rotfn.nvfp4("pow2")``; with ``rotfn.nvfp4()``'s
+                            ``amax / 2688`` each weight within one float32 rounding), and
                             ``input_global_scale`` ``[1]`` with NVFP4 activations (from calibration)
 mxfp4-pack-quantized        ``weight_packed`` as above, ``weight_scale`` uint8 ``[out, in/32]`` (E8M0)
 pack-quantized              intq weights: ``weight_packed`` int32 ``[out, ceil(in b / 32)]`` (codes
@@ -74,7 +76,7 @@ from rotfn.io._hf import (
 )
 from rotfn.plans import Plan, codes_of, describe, fused_groups
 from rotfn.specs import QTensor
-from rotfn.specs.formats import FP8, MX, NVFP4, Format, IntQ
+from rotfn.specs.formats import FP8, MX, NVFP4, NVFP4_GLOBAL_RULES, Format, IntQ
 from rotfn.specs.rotation import Rotation
 
 __all__ = ["export_compressed"]
@@ -86,15 +88,11 @@ FN = "export_compressed"
 def _weight_args(fn: str, fmt: Format, acts: Format | None) -> tuple[dict, str]:
     """compressed-tensors ``QuantizationArgs`` (as a dict) of a weight format, and the compression format."""
     if isinstance(fmt, NVFP4):
-        if not _pow2_global(fmt):
-            raise FormatError(message(fn, "plan", "NVFP4 weights with a power-of-two global scale, "
-                                      "rotfn.nvfp4('pow2') (compressed-tensors divides by 1 / s_g, exact only then)",
-                                      f"weights={fmt!r}", "build the plan with weights=rotfn.nvfp4('pow2')"))
         return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
                 "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}, "nvfp4-pack-quantized"
     if isinstance(fmt, MX):
         if fmt.element != "e2m1":
-            raise FormatError(message(fn, "plan", "weights rotfn.mxfp4(), rotfn.nvfp4('pow2'), rotfn.intq(...) or "
+            raise FormatError(message(fn, "plan", "weights rotfn.mxfp4(), rotfn.nvfp4(...), rotfn.intq(...) or "
                                       "rotfn.fp8(...)", f"weights={fmt!r}", "export MXFP8 with rotfn.export_hf"))
         return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group",
                 "dynamic": False, "scale_dtype": "torch.uint8"}, "mxfp4-pack-quantized"
@@ -108,12 +106,6 @@ def _weight_args(fn: str, fmt: Format, acts: Format | None) -> tuple[dict, str]:
                                   "use rotfn.fp8('channel') for weights"))
     return {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
             "strategy": "tensor" if fmt.granularity == "tensor" else "channel"}, "float-quantized"
-
-
-def _pow2_global(fmt: NVFP4) -> bool:
-    """The global scale is a power of two: ``"pow2"``, None (1) or a fixed power of two."""
-    g = fmt.global_scale
-    return g == "pow2" or g is None or (isinstance(g, float) and math.frexp(g)[0] == 0.5)
 
 
 def _check_fused(fn: str, scales: dict[str, torch.Tensor]) -> None:
@@ -137,19 +129,19 @@ def _act_args(fn: str, fmt: Format, calibration) -> dict:
     if isinstance(fmt, MX) and fmt.element == "e2m1":
         return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group",
                 "dynamic": True, "scale_dtype": "torch.uint8"}
-    static = (isinstance(fmt, NVFP4) and fmt.global_scale == "pow2") or (
-        isinstance(fmt, FP8) and fmt.granularity == "tensor")
+    measured = isinstance(fmt, NVFP4) and fmt.global_scale in NVFP4_GLOBAL_RULES
+    static = measured or (isinstance(fmt, FP8) and fmt.granularity == "tensor")
     if static and calibration is None:
         raise ArgumentError(message(fn, "calibration", f"a rotfn.calibrate(...) result: {fmt!r} activations need "
                                     "each linear's static input scale", "None",
                                     "pass calibration=rotfn.calibrate(model, params, plan, batches) to rotfn.export_compressed "
                                     "(the streaming export of fold_checkpoint has none: use dynamic activations there)"))
-    if isinstance(fmt, NVFP4) and fmt.global_scale == "pow2":
+    if isinstance(fmt, NVFP4):
         return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
                 "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn"}
     if static:
         return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
-    raise FormatError(message(fn, "plan", "activations fp8('token'), intq(8) per token, mxfp4(), nvfp4('pow2') "
+    raise FormatError(message(fn, "plan", "activations fp8('token'), intq(8) per token, mxfp4(), nvfp4(...) "
                               "or fp8('tensor')", f"acts={fmt!r}", "build the plan with one of those acts="))
 
 
@@ -326,7 +318,9 @@ def _tensors(name: str, q: QTensor, acts: Format | None, fmt_name: str, calibrat
         scale = q.scales.reshape(-1, 1) if q.scales.ndim else q.scales.reshape(1)
         out = {"weight": q.codes, "weight_scale": scale.to(q.dtype)}
     if isinstance(acts, NVFP4):
-        out["input_global_scale"] = (1.0 / calibration.input_scale(key, acts).float()).reshape(1)
+        s_g = (calibration.input_scale(key, acts) if acts.global_scale in NVFP4_GLOBAL_RULES
+               else torch.tensor(acts.global_scale or 1.0))
+        out["input_global_scale"] = (1.0 / s_g.float()).reshape(1)
     elif isinstance(acts, FP8) and acts.granularity == "tensor":
         out["input_scale"] = calibration.input_scale(key, acts).reshape(1).to(q.dtype)
     return {f"{name}.{part}": t.contiguous() for part, t in out.items()}
@@ -467,12 +461,14 @@ def export_compressed(model, params, plan: Plan, dir: str | os.PathLike, *, cali
     Args:
         model: the transformers ``*ForCausalLM`` model the params belong to.
         params: ``rotfn.fold(rotfn.params(model), plan)`` (or with ``weights_by=``), as fold returns it.
-        plan: the plan folded in, with ``weights=`` one of ``rotfn.nvfp4("pow2")``,
+        plan: the plan folded in, with ``weights=`` one of ``rotfn.nvfp4(...)`` (``"pow2"`` serves
+            rotfn's values bit for bit, the default ``"tensor"`` within one float32 rounding per weight),
             ``rotfn.mxfp4()``, ``rotfn.intq(b, group=...)`` (symmetric or not), ``rotfn.fp8("channel")``
             / ``rotfn.fp8("tensor")``, and ``acts=`` None or a format compressed-tensors has.
         dir: output directory (created if missing).
         calibration: the :func:`rotfn.calibrate` result, needed for activation formats with a static
-            per-tensor scale (``nvfp4("pow2")``: ``input_global_scale``; ``fp8("tensor")``: ``input_scale``).
+            per-tensor scale (``nvfp4()`` / ``nvfp4("pow2")``: ``input_global_scale``; ``fp8("tensor")``:
+            ``input_scale``); NVFP4 with a fixed global scale needs none.
         max_shard_size: largest shard in bytes, or text such as ``"5GB"``.
 
     Raises:
