@@ -2,10 +2,11 @@
 
 Run on a CUDA machine: ``python bench/gpu_kernels.py`` (``--quick`` for one shape).
 Prints one table; effective bandwidth = bytes read + written (nominal, the same
-for every implementation of one op) / median time. Targets (issue "Triton
-kernels"): fused block rotate+qdq >= 90% of copy bandwidth and >= 2x faster than
-torch.compile of the reference; quantize >= 85% of the bound for its bytes;
-full-size online Hadamard (n = 4096, 14336) >= 75% of copy.
+for every implementation of one op) / median time. ``xpeer``: the peer kernel's time
+(``bench/peer_mxfp4.py``: block-32 Hadamard + MXFP4, AutoRound / FP-Quant style, measured in
+the same run on the same tensor) over the row's; ``xcomp``: torch.compile of the reference
+over the row's. Targets (issue "Kernels, round two"): block-32 fused kernels >= 1.2x the peer
+and >= 75% of copy; full-size Hadamard >= 70% of copy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import triton
 
 import rotfn
 from rotfn import ops
+
+sys.path.insert(0, __file__.rpartition("/")[0])
+from peer_mxfp4 import peer_rotate_qdq  # noqa: E402
 
 SHAPES = [(4096, 4096), (16384, 4096), (8192, 14336)]
 FORMATS = {
@@ -52,11 +56,12 @@ def main(argv=None) -> int:
     if args.shape:
         shapes = [tuple(int(d) for d in s.split("x")) for s in args.shape]
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    widths = (12, 18, 6, 9, 9, 9, 9, 9, 9, 8, 8)
+    widths = (12, 18, 6, 9, 9, 9, 9, 9, 9, 8, 8, 8)
     def emit(cells):
         print(row(cells, widths), flush=True)
 
-    emit(("shape", "op", "block", "copy TB/s", "eager", "compile", "rotfn", "rotfn ms", "bound ms", "%copy", "xcomp"))
+    emit(("shape", "op", "block", "copy TB/s", "eager", "compile", "rotfn", "rotfn ms", "bound ms", "%copy", "xcomp",
+          "xpeer"))
     compiled = {}
     # one torch.compile per (op, format, shape), all of the same lambda: lift dynamo's per-code recompile
     # limit (8 by default), past which it silently runs the eager function
@@ -67,6 +72,10 @@ def main(argv=None) -> int:
         out = torch.empty_like(x)
         t_copy = bench(lambda: out.copy_(x))
         copy_bw = nbytes / t_copy / 1e9
+        h32 = rotfn.hadamard(32).matrix(torch.float32, "cuda").to(x.dtype)
+        t_peer = bench(lambda: peer_rotate_qdq(x, h32))
+        emit((f"{m}x{n}", "peer mxfp4", 32, f"{copy_bw:.2f}", "-", "-", f"{nbytes / t_peer / 1e9:.2f}", f"{t_peer:.3f}",
+              f"{t_copy:.3f}", f"{100 * t_copy / t_peer:.0f}%", "-", "1.00"))
         def compare(label, block, kernel, reference, key):
             t_k = bench(kernel)
             t_e = bench(reference, reps_ms=50)
@@ -80,7 +89,7 @@ def main(argv=None) -> int:
                     print(f"torch.compile failed for {label}: {type(err).__name__}: {err}"[:300])
             bw = lambda t: f"{nbytes / t / 1e9:.2f}" if t == t else "-"  # noqa: E731
             emit((f"{m}x{n}", label, block, f"{copy_bw:.2f}", bw(t_e), bw(t_c), bw(t_k), f"{t_k:.3f}",
-                  f"{t_copy:.3f}", f"{100 * t_copy / t_k:.0f}%", f"{t_c / t_k:.1f}" if t_c == t_c else "-"))
+                  f"{t_copy:.3f}", f"{100 * t_copy / t_k:.0f}%", f"{t_c / t_k:.1f}" if t_c == t_c else "-", "-"))
 
         full = rotfn.hadamard(n, seed=0)  # full-size online Hadamard (FWHT kernel)
         compare("rot H_n", n, lambda: rotfn.rotate(x, full, backend="triton"),
@@ -107,14 +116,15 @@ def main(argv=None) -> int:
                             print(f"torch.compile failed for {name}: {type(err).__name__}: {err}"[:300])
                 bw = lambda t: f"{nbytes / t / 1e9:.2f}" if t == t else "-"  # noqa: E731
                 emit((f"{m}x{n}", f"rqdq {name}", b, f"{copy_bw:.2f}", bw(t_e), bw(t_c), bw(t_k), f"{t_k:.3f}",
-                      f"{t_copy:.3f}", f"{100 * t_copy / t_k:.0f}%", f"{t_c / t_k:.1f}" if t_c == t_c else "-"))
+                      f"{t_copy:.3f}", f"{100 * t_copy / t_k:.0f}%", f"{t_c / t_k:.1f}" if t_c == t_c else "-",
+                      f"{t_peer / t_k:.2f}"))
         for name, fmt in FORMATS.items():
             q = rotfn.quantize(x, fmt, backend="triton")
             qbytes = x.numel() * 2 + q.nbytes
             t_q = bench(lambda: rotfn.quantize(x, fmt, backend="triton"))
             bound = qbytes * t_copy / nbytes  # ms to move these bytes at the copy's rate
             emit((f"{m}x{n}", f"quant {name}", "-", f"{copy_bw:.2f}", "-", "-", f"{qbytes / t_q / 1e9:.2f}",
-                  f"{t_q:.3f}", f"{bound:.3f}", f"{100 * bound / t_q:.0f}%", "-"))
+                  f"{t_q:.3f}", f"{bound:.3f}", f"{100 * bound / t_q:.0f}%", "-", "-"))
     return 0
 
 
