@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from rotfn import distributed
 from rotfn._progress import progress_bar
 from rotfn.calibration._gptq import gptq
 from rotfn.errors import ArgumentError, FormatError, PlanError, message
@@ -113,6 +114,16 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def _codes_digest(qs: Iterable[QTensor]) -> torch.Tensor:
+    """One digest of the rounded weights (codes and scales), as uint8 bytes: what the ranks compare."""
+    h = hashlib.blake2b(digest_size=16)
+    for q in qs:
+        for t in (q.codes, q.scales, q.global_scale, q.zero_points):
+            if t is not None:
+                h.update(_digest(t).encode())
+    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
+
+
 class _Stop(Exception):
     """Raised at a block's output to end a forward pass early (sequential mode)."""
 
@@ -151,6 +162,17 @@ def calibrate(
     (``lm_head``) come last. Fused experts (3-D weights) get no statistics yet: they are rounded
     to nearest and listed in ``rtn``.
 
+    Under a ``torch.distributed`` process group of ``N`` ranks (initialized by the caller, e.g.
+    under ``torchrun``; rotfn starts none), every rank passes the same arguments and runs its share
+    of the batches (:func:`rotfn.distributed.share`: batches ``r, r + N, ...`` on rank ``r``); the
+    float64 sums of :math:`X^\top X`, the token counts and the maxima ``max |x|`` are reduced over
+    the ranks before GPTQ (per block when sequential), and every rank solves the same GPTQ problems,
+    so every rank returns the same Calibration (checked on a digest of the rounded weights). The
+    bound against one process with all batches: the Hessians are the same float64 sums taken in
+    another order, a relative difference of order ``1e-15``; the rounded codes are equal unless a
+    weight sits on a rounding boundary within that difference (sequential mode passes such a
+    difference on to later blocks). A rank failing in its work makes every rank raise.
+
     The recipe is one expression: ``rotfn.fold(params, plan, weights_by=rotfn.calibrate(model,
     params, plan, batches))``; fold stays the one engine and places the rounded weights.
 
@@ -160,6 +182,7 @@ def calibrate(
         plan: a plan with ``weights=`` a format and quantized keys.
         batches: an iterable of batches (a tensor: the model's positional input; a dict: its
             keyword inputs), e.g. :func:`rotfn.learn.calibration`; moved to the params' device.
+            Under a process group, the same on every rank (each runs its share).
         sequential: block by block (see above).
         activations: ``"float"`` or ``"quantized"`` (see above).
         block_size: as for :func:`rotfn.gptq`.
@@ -169,7 +192,7 @@ def calibrate(
         scale_search: as for :func:`rotfn.gptq`.
         precision: as for :func:`rotfn.gptq`.
         keep_hessians: keep the Hessians in the result (all of them: memory).
-        progress: a tqdm bar over blocks (sequential) or keys on stderr.
+        progress: a tqdm bar over blocks (sequential) or keys on stderr (on rank 0 of a process group).
 
     Returns:
         A :class:`Calibration` for ``rotfn.fold(params, plan, weights_by=...)``.
@@ -179,6 +202,8 @@ def calibrate(
         ArgumentError: bad batches, ``activations`` or GPTQ settings (as :func:`rotfn.gptq`);
             a Hessian not positive definite after damping.
         RotfnError: what :func:`rotfn.call` raises for the model, params and batches.
+        DistributedError: under a process group, another rank failed (this rank raises its own
+            error if it failed itself), stopped, or rounded other weights (ranks given other inputs).
 
     Example:
         >>> import torch, rotfn
@@ -208,7 +233,7 @@ def calibrate(
     # every weight as [out, in], what gptq and the fold's rounding (Plan.transform) see; Conv1D's are [in, out]
     out_in = {k: folded[k].mT if k in plan.transposed else folded[k] for k in plan.quantized}
     device = next(iter(params.values())).device if params else torch.device("cpu")
-    data = [to_device(b, device) for b in check_batches(fn, batches)]
+    data = [to_device(b, device) for b in distributed.share(check_batches(fn, batches))]
     linears = {name for name, _ in describe(model, fn=fn).linears}
     stats = [k for k in plan.quantized if k.removesuffix(".weight") in linears and folded[k].ndim == 2]
     rtn = tuple(k for k in plan.quantized if k not in set(stats))
@@ -220,17 +245,21 @@ def calibrate(
     kept: dict[str, torch.Tensor] = {}
     amax: dict[str, torch.Tensor] = {}
     tokens = 0
-    bar = progress_bar(blocks.items(), desc=fn, disable=not progress, leave=False)
+    bar = progress_bar(blocks.items(), desc=fn, disable=not progress or not distributed.first_writes(), leave=False)
     for block, keys in bar:
-        hessians, tokens = _collect(model, FoldedParams(current, collecting), collecting, data, keys, block, amax)
-        for key in keys:
-            h = hessians.pop(key)
-            q = _as(gptq(out_in[key], h, fmts.get(key, plan.weights), **settings), plan)
-            weights[key] = q
-            rounded = dequantize(q, folded[key].dtype)
-            current[key] = rounded.mT if key in plan.transposed else rounded
-            if keep_hessians:
-                kept[key] = h
+        hessians, tokens = _collect(model, FoldedParams(current, collecting), collecting, data, keys, block, amax,
+                                    {k: out_in[k] for k in keys})
+        with distributed.together(fn):  # every rank solves alike (same Hessians); a failure stops all
+            for key in keys:
+                h = hessians.pop(key)
+                q = _as(gptq(out_in[key], h, fmts.get(key, plan.weights), **settings), plan)
+                weights[key] = q
+                rounded = dequantize(q, folded[key].dtype)
+                current[key] = rounded.mT if key in plan.transposed else rounded
+                if keep_hessians:
+                    kept[key] = h
+    if distributed.is_distributed():
+        distributed.same(fn, "batches", [_codes_digest(weights[k] for k in stats)])
     digests = {k: _digest(out_in[k]) for k in plan.quantized}
     settings.update(sequential=sequential, activations=activations)
     return Calibration(plan, weights, rtn, tokens, settings, kept if keep_hessians else None, amax, digests)
@@ -265,10 +294,13 @@ def _blocks(keys: list[str]) -> dict[str | None, list[str]]:
     return out
 
 
-def _collect(model, params, plan, data, keys, stop_after, amax) -> tuple[dict[str, torch.Tensor], int]:
+def _collect(model, params, plan, data, keys, stop_after, amax, out_in) -> tuple[dict[str, torch.Tensor], int]:
     """``{key: X^T X / N}`` (float64) of the inputs of ``keys``' linears over ``data``; also N.
 
-    Also puts each key's ``max |x|`` over the finite inputs into ``amax``.
+    Also puts each key's ``max |x|`` over the finite inputs into ``amax``. Under a process group
+    the sums, counts and maxima of the ranks' shares of the data are reduced first, so every rank
+    returns the statistics of all batches (``out_in``: each key's ``[out, in]`` weight, whose input
+    size and device a rank whose share never reaches the linear needs).
     """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(keys, 0)
@@ -289,7 +321,7 @@ def _collect(model, params, plan, data, keys, stop_after, amax) -> tuple[dict[st
     sites = {Site(k.removesuffix(".weight")): recorder(k) for k in keys}
     if stop_after is not None:
         sites[Site(stop_after, "output")] = stop
-    with torch.no_grad():
+    with distributed.together("calibrate"), torch.no_grad():
         for batch in data:
             try:
                 if isinstance(batch, Mapping):
@@ -298,9 +330,25 @@ def _collect(model, params, plan, data, keys, stop_after, amax) -> tuple[dict[st
                     call_as("calibrate", model, params, plan, sites, (batch,))
             except _Stop:
                 pass
+    if distributed.is_distributed():
+        _reduce(keys, sums, counts, amax, out_in)
     missing = [k for k in keys if counts[k] == 0]
     if missing:
         raise PlanError(message("calibrate", "batches", "batches that reach every quantized linear",
                                 f"batches that never reach {missing[:3]}", "check the model runs these linears"))
     n = counts[keys[0]]
     return {k: sums[k] / counts[k] for k in keys}, n
+
+
+def _reduce(keys, sums, counts, amax, out_in) -> None:
+    """Sum ``sums`` and ``counts`` and take the max of ``amax`` over the ranks, in place (of rotfn's own dicts)."""
+    device = out_in[keys[0]].device
+    for k in keys:  # one at a time: one extra Hessian in memory, not all of them
+        n = out_in[k].shape[-1]
+        local = sums[k] if k in sums else torch.zeros(n, n, dtype=torch.float64, device=device)
+        (sums[k],) = distributed.all_reduce("calibrate", [local])
+    (total,) = distributed.all_reduce("calibrate", [torch.tensor([counts[k] for k in keys], dtype=torch.int64)])
+    counts.update(zip(keys, total.tolist(), strict=True))
+    tops = torch.stack([amax.get(k, torch.zeros((), device=device)).to(device) for k in keys])
+    (tops,) = distributed.all_reduce("calibrate", [tops], op="max")
+    amax.update({k: top.clone() for k, top in zip(keys, tops, strict=True) if counts[k]})
