@@ -23,13 +23,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from rotfn.errors import DistributedError, message
 
-__all__ = ["world", "is_distributed", "share", "together", "all_reduce", "sum_together", "same", "first_writes"]
+__all__ = ["world", "is_distributed", "share", "together", "all_reduce", "sum_together", "gather", "same",
+           "first_writes"]
 
 
 def _dist():
@@ -234,6 +235,40 @@ def sum_together(fn: str, local: Callable[[], Sequence[torch.Tensor]],
     out = []
     for t, part in zip(like, buf[size:].split(sizes), strict=True):
         out.append(part.reshape(t.shape).to(t.device, t.dtype))
+    return out
+
+
+def gather(fn: str, mine: Mapping[str, object]) -> dict[str, object]:
+    """Every rank's ``mine`` merged into one dict, on every rank: results each rank computed for its own keys.
+
+    The values travel pickled (``torch.distributed.all_gather_object``): keep their tensors on the
+    CPU, since a tensor arrives on the device it left from. The keys of the ranks are disjoint;
+    the merged dict holds rank 0's keys first, then rank 1's, and so on.
+
+    Args:
+        fn: the calling rotfn function (named in errors).
+        mine: this rank's ``{key: value}``.
+
+    Returns:
+        The merged dict; a copy of ``mine`` without a process group.
+
+    Raises:
+        DistributedError: two ranks hold the same key, or a rank stopped.
+
+    Example:
+        >>> gather("calibrate", {"a": 1})
+        {'a': 1}
+    """
+    if not is_distributed():
+        return dict(mine)
+    parts: list = [None] * world()[1]
+    _collective(fn, "results", torch.distributed.all_gather_object, parts, dict(mine))
+    out: dict[str, object] = {}
+    for part in parts:
+        twice = out.keys() & part.keys()
+        if twice:
+            raise DistributedError(message(fn, "results", "one rank per key", f"keys {sorted(twice)[:3]} on two ranks"))
+        out.update(part)
     return out
 
 

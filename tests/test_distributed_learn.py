@@ -132,7 +132,8 @@ def _fails_on_rank_one(step):
 
 
 def _failures():
-    """Learning whose loss fails on rank 1 at its second step; calibration whose batch 1 (rank 1's) is bad."""
+    """Learning whose loss fails on rank 1 at its second step; calibration whose batch 1 (rank 1's) is bad,
+    and calibration of params that differ on rank 1."""
     model, p, plan, batches = _setup()
     out = {}
     try:
@@ -145,6 +146,13 @@ def _failures():
             rotfn.calibrate(model, p, plan, bad, sequential=sequential, progress=False)
         except Exception as e:
             out["calibrate", sequential] = (type(e).__name__, isinstance(e, rotfn.errors.DistributedError), str(e))
+    other = dict(p)
+    if distributed.world()[0] == 1:
+        other["model.layers.0.mlp.up_proj.weight"] = other["model.layers.0.mlp.up_proj.weight"] * 2
+    try:
+        rotfn.calibrate(model, other, plan, batches, progress=False)
+    except Exception as e:
+        out["params"] = str(e)
     return out
 
 
@@ -157,3 +165,5 @@ def test_a_rank_failing_in_its_work_makes_every_rank_raise():
         assert distributed0 and "rank 1 of 2 failed" in text0, (key, r0.value[key])
         assert not distributed1, (key, r1.value[key])
     assert "broken on purpose" in r1.value["learn"][2]
+    for r in (r0, r1):  # params that differ between the ranks: found before any work
+        assert r.value["params"].startswith("calibrate: argument 'params': expected the same values on every rank")

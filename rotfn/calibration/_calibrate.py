@@ -114,14 +114,24 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _codes_digest(qs: Iterable[QTensor]) -> torch.Tensor:
-    """One digest of the rounded weights (codes and scales), as uint8 bytes: what the ranks compare."""
-    h = hashlib.blake2b(digest_size=16)
-    for q in qs:
-        for t in (q.codes, q.scales, q.global_scale, q.zero_points):
-            if t is not None:
-                h.update(_digest(t).encode())
-    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
+def _bytes(text: str) -> torch.Tensor:
+    """The blake2b digest of ``text`` as 16 uint8s (what the ranks compare)."""
+    return torch.frombuffer(bytearray(hashlib.blake2b(text.encode(), digest_size=16).digest()), dtype=torch.uint8)
+
+
+def _owners(keys: list[str], out_in: Mapping[str, torch.Tensor], size: int) -> dict[str, int]:
+    """The rank that solves each key's GPTQ problem: the largest problems first, each to the least loaded rank
+    (the cost of a solve taken as ``out * in^2 + in^3``: the column loop and the Cholesky factor)."""
+    def cost(k):
+        out, inp = out_in[k].shape
+        return (out + inp) * inp**2
+
+    load = [0] * size
+    owners = {}
+    for key in sorted(keys, key=cost, reverse=True):
+        owners[key] = load.index(min(load))
+        load[owners[key]] += cost(key)
+    return owners
 
 
 class _Stop(Exception):
@@ -166,8 +176,10 @@ def calibrate(
     under ``torchrun``; rotfn starts none), every rank passes the same arguments and runs its share
     of the batches (:func:`rotfn.distributed.share`: batches ``r, r + N, ...`` on rank ``r``); the
     float64 sums of :math:`X^\top X`, the token counts and the maxima ``max |x|`` are reduced over
-    the ranks before GPTQ (per block when sequential), and every rank solves the same GPTQ problems,
-    so every rank returns the same Calibration (checked on a digest of the rounded weights). The
+    the ranks before GPTQ (per block when sequential); the GPTQ solves of a block are split over the
+    ranks (the largest first, each to the least loaded rank) and their results sent to every rank,
+    so every rank returns the same Calibration. The params are checked to be equal on every rank
+    (a digest) before any work. The
     bound against one process with all batches: the Hessians are the same float64 sums taken in
     another order, a relative difference of order ``1e-15``; the rounded codes are equal unless a
     weight sits on a rounding boundary within that difference (sequential mode passes such a
@@ -203,7 +215,7 @@ def calibrate(
             a Hessian not positive definite after damping.
         RotfnError: what :func:`rotfn.call` raises for the model, params and batches.
         DistributedError: under a process group, another rank failed (this rank raises its own
-            error if it failed itself), stopped, or rounded other weights (ranks given other inputs).
+            error if it failed itself) or stopped; the ranks were given other params.
 
     Example:
         >>> import torch, rotfn
@@ -245,22 +257,28 @@ def calibrate(
     kept: dict[str, torch.Tensor] = {}
     amax: dict[str, torch.Tensor] = {}
     tokens = 0
+    digests = {k: _digest(out_in[k]) for k in plan.quantized}
+    rank, size = distributed.world()
+    if size > 1:  # before any work: GPTQ on one rank rounds the weights of all
+        distributed.same(fn, "params", [_bytes("".join(digests.values()))])
     bar = progress_bar(blocks.items(), desc=fn, disable=not progress or not distributed.first_writes(), leave=False)
     for block, keys in bar:
         hessians, tokens = _collect(model, FoldedParams(current, collecting), collecting, data, keys, block, amax,
                                     {k: out_in[k] for k in keys})
-        with distributed.together(fn):  # every rank solves alike (same Hessians); a failure stops all
-            for key in keys:
-                h = hessians.pop(key)
-                q = _as(gptq(out_in[key], h, fmts.get(key, plan.weights), **settings), plan)
-                weights[key] = q
-                rounded = dequantize(q, folded[key].dtype)
-                current[key] = rounded.mT if key in plan.transposed else rounded
-                if keep_hessians:
-                    kept[key] = h
-    if distributed.is_distributed():
-        distributed.same(fn, "batches", [_codes_digest(weights[k] for k in stats)])
-    digests = {k: _digest(out_in[k]) for k in plan.quantized}
+        owners = _owners(keys, out_in, size)
+        with distributed.together(fn):
+            mine = {key: _as(gptq(out_in[key], hessians[key], fmts.get(key, plan.weights), **settings), plan)
+                    for key in keys if owners[key] == rank}
+        if size > 1:  # each rank solved its keys: every rank takes the others' results
+            solved = distributed.gather(fn, {k: q.to("cpu") for k, q in mine.items()})
+            mine = {k: solved[k].to(device) for k in keys}
+        for key in keys:
+            weights[key] = mine[key]
+            rounded = dequantize(mine[key], folded[key].dtype)
+            current[key] = rounded.mT if key in plan.transposed else rounded
+            if keep_hessians:
+                kept[key] = hessians[key]
+        del hessians  # before the next block's sums
     settings.update(sequential=sequential, activations=activations)
     return Calibration(plan, weights, rtn, tokens, settings, kept if keep_hessians else None, amax, digests)
 
