@@ -3,6 +3,12 @@
 Each spawned run batches several checks, since starting ranks costs seconds.
 """
 
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 from ranks import run
@@ -167,3 +173,19 @@ def test_a_rank_failing_in_its_work_makes_every_rank_raise():
     assert "broken on purpose" in r1.value["learn"][2]
     for r in (r0, r1):  # params that differ between the ranks: found before any work
         assert r.value["params"].startswith("calibrate: argument 'params': expected the same values on every rank")
+
+
+def test_the_howto_script_runs_under_torchrun(tmp_path):
+    page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "howto" / "distributed.md").read_text()
+    section = page[page.index("## Learn and calibrate from user code"):]
+    script = tmp_path / "learn_and_calibrate.py"
+    script.write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    assert "torchrun --nproc-per-node 2 learn_and_calibrate.py" in section
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("2 ranks: loss") == 1, proc.stdout  # rank 0 prints and writes
+    assert "14 weights by GPTQ" in proc.stdout and "1024 tokens" in proc.stdout
+    params, plan = rotfn.load(tmp_path / "llama-learned-gptq.safetensors")
+    assert params.plan == plan and any("learned R1, R2" in n for n in plan.notes)
