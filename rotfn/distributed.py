@@ -23,13 +23,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from rotfn.errors import DistributedError, message
 
-__all__ = ["world", "is_distributed", "share", "together", "all_reduce", "same", "first_writes"]
+__all__ = ["world", "is_distributed", "share", "together", "all_reduce", "sum_together", "gather", "same",
+           "first_writes"]
 
 
 def _dist():
@@ -107,6 +108,15 @@ def _status(fn: str, failed: bool) -> list[int]:
     return [r for r, f in enumerate(flags.tolist()) if f]
 
 
+def _failed(fn: str, failed: list[int]) -> None:
+    """Raise this rank's DistributedError when other ranks failed."""
+    if failed:
+        raise DistributedError(message(fn, "rank", "every rank to finish its share",
+                                       f"rank {failed[0]} of {world()[1]} failed" if len(failed) == 1
+                                       else f"ranks {failed} of {world()[1]} failed",
+                                       "the failed rank's own error (in its output) says why; fix that and rerun"))
+
+
 @contextlib.contextmanager
 def together(fn: str) -> Iterator[None]:
     """Wrap a local phase (no collectives inside) so that every rank leaves it the same way.
@@ -136,12 +146,7 @@ def together(fn: str) -> Iterator[None]:
     except BaseException:
         _status(fn, True)
         raise
-    failed = _status(fn, False)
-    if failed:
-        raise DistributedError(message(fn, "rank", "every rank to finish its share",
-                                       f"rank {failed[0]} of {world()[1]} failed" if len(failed) == 1
-                                       else f"ranks {failed} of {world()[1]} failed",
-                                       "the failed rank's own error (in its output) says why; fix that and rerun"))
+    _failed(fn, _status(fn, False))
 
 
 def all_reduce(fn: str, tensors: Sequence[torch.Tensor], op: str = "sum") -> list[torch.Tensor]:
@@ -173,6 +178,97 @@ def all_reduce(fn: str, tensors: Sequence[torch.Tensor], op: str = "sum") -> lis
         buf = t.detach().to(_wire(t), copy=True).contiguous()
         _collective(fn, "tensors", torch.distributed.all_reduce, buf, op=reduce_op)
         out.append(buf.to(t.device))
+    return out
+
+
+def sum_together(fn: str, local: Callable[[], Sequence[torch.Tensor]],
+                 like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Run ``local()`` (this rank's work, no collectives inside) and sum what it returns over the ranks, in one collective.
+
+    :func:`together` and :func:`all_reduce` in one all-reduce, for a loop that reduces every step (the
+    gradients of a data-parallel step): the tensors travel flattened into one float64 buffer, with
+    one flag per rank that says whether its ``local()`` raised. A rank that raised contributes zeros,
+    then re-raises its own error; every other rank raises a :class:`~rotfn.errors.DistributedError`
+    naming it. Without a process group this is ``local()``, its tensors returned as they are.
+
+    The sums are of the float64 values, each returned in its own dtype and device: exact for
+    float64 inputs up to the order of the sum (every rank gets the same bits).
+
+    Args:
+        fn: the calling rotfn function (named in errors).
+        local: returns tensors of the shapes, dtypes and devices of ``like``, in that order.
+        like: tensors shaped as ``local()``'s results (their values are not used).
+
+    Returns:
+        ``[sum over ranks]``, one tensor per entry of ``like``.
+
+    Raises:
+        DistributedError: another rank failed in ``local()``, or stopped; ``local()`` returned
+            tensors that do not match ``like``.
+        Exception: this rank's own error from ``local()``.
+
+    Example:
+        >>> sum_together("learn.rotations", lambda: [torch.ones(2, dtype=torch.float64)], [torch.zeros(2)])
+        [tensor([1., 1.], dtype=torch.float64)]
+    """
+    if not is_distributed():
+        return list(local())
+    rank, size = world()
+    sizes = [t.numel() for t in like]
+    wire = _wire(like[0]) if like else torch.device("cpu")
+    buf = torch.zeros(size + sum(sizes), dtype=torch.float64, device=wire)
+    try:
+        values = list(local())
+        if [(tuple(v.shape), v.dtype) for v in values] != [(tuple(t.shape), t.dtype) for t in like]:
+            raise DistributedError(message(fn, "local", "tensors shaped as like", "other shapes or dtypes"))
+        if values:
+            buf[size:] = torch.cat([v.detach().reshape(-1).to(wire, torch.float64) for v in values])
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:
+        buf.zero_()
+        buf[rank] = 1
+        _collective(fn, "tensors", torch.distributed.all_reduce, buf)
+        raise
+    _collective(fn, "tensors", torch.distributed.all_reduce, buf)
+    _failed(fn, [r for r, f in enumerate(buf[:size].tolist()) if f])
+    out = []
+    for t, part in zip(like, buf[size:].split(sizes), strict=True):
+        out.append(part.reshape(t.shape).to(t.device, t.dtype))
+    return out
+
+
+def gather(fn: str, mine: Mapping[str, object]) -> dict[str, object]:
+    """Every rank's ``mine`` merged into one dict, on every rank: results each rank computed for its own keys.
+
+    The values travel pickled (``torch.distributed.all_gather_object``): keep their tensors on the
+    CPU, since a tensor arrives on the device it left from. The keys of the ranks are disjoint;
+    the merged dict holds rank 0's keys first, then rank 1's, and so on.
+
+    Args:
+        fn: the calling rotfn function (named in errors).
+        mine: this rank's ``{key: value}``.
+
+    Returns:
+        The merged dict; a copy of ``mine`` without a process group.
+
+    Raises:
+        DistributedError: two ranks hold the same key, or a rank stopped.
+
+    Example:
+        >>> gather("calibrate", {"a": 1})
+        {'a': 1}
+    """
+    if not is_distributed():
+        return dict(mine)
+    parts: list = [None] * world()[1]
+    _collective(fn, "results", torch.distributed.all_gather_object, parts, dict(mine))
+    out: dict[str, object] = {}
+    for part in parts:
+        twice = out.keys() & part.keys()
+        if twice:
+            raise DistributedError(message(fn, "results", "one rank per key", f"keys {sorted(twice)[:3]} on two ranks"))
+        out.update(part)
     return out
 
 

@@ -14,6 +14,14 @@ def _primitives():
     x = torch.tensor([1.0, -2.0]) * (rank + 1)
     (s,) = distributed.all_reduce("t", [x])
     (m,) = distributed.all_reduce("t", [x], op="max")
+    like = [x.double(), torch.zeros((), dtype=torch.int64)]
+    summed = distributed.sum_together("t", lambda: [x.double() / 3, torch.tensor(rank + 5)], like)
+    merged = distributed.gather("t", {f"k{rank}": torch.full((2,), rank)})
+    try:
+        distributed.gather("t", {"k": rank})
+        twice = None
+    except rotfn.errors.DistributedError as e:
+        twice = str(e)
     distributed.same("t", "eye", [torch.eye(3, dtype=torch.float64)])
     try:
         distributed.same("t", "rank", [torch.tensor([float(rank)])])
@@ -21,7 +29,8 @@ def _primitives():
     except rotfn.errors.DistributedError as e:
         differs = str(e)
     return dict(world=(rank, size), share=distributed.share(range(5)), sum=s, max=m, x=x, differs=differs,
-                first=distributed.first_writes(), on=distributed.is_distributed())
+                first=distributed.first_writes(), on=distributed.is_distributed(), summed=summed,
+                merged=merged, twice=twice)
 
 
 def test_primitives_on_two_ranks():
@@ -33,6 +42,10 @@ def test_primitives_on_two_ranks():
         assert torch.equal(r.value["sum"], torch.tensor([3.0, -6.0]))
         assert torch.equal(r.value["max"], torch.tensor([2.0, -2.0]))
         assert "the same values on every rank" in r.value["differs"]
+        assert torch.equal(r.value["summed"][0], torch.tensor([1.0, -2.0], dtype=torch.float64))
+        assert r.value["summed"][1].dtype == torch.int64 and r.value["summed"][1].item() == 11
+        assert list(r.value["merged"]) == ["k0", "k1"] and torch.equal(r.value["merged"]["k1"], torch.ones(2).long())
+        assert "keys ['k'] on two ranks" in r.value["twice"]
         assert r.value["on"]
     assert torch.equal(r0.value["x"], torch.tensor([1.0, -2.0]))  # the input is not changed
     assert r0.value["first"] and not r1.value["first"]
@@ -77,3 +90,5 @@ def test_without_a_process_group_everything_is_one_rank():
     with distributed.together("t"):
         pass
     distributed.same("t", "x", [x])
+    assert distributed.sum_together("t", lambda: [x], [x])[0] is x
+    assert distributed.gather("t", {"a": x}) == {"a": x}

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from rotfn import distributed
 from rotfn._progress import progress_bar
 from rotfn.calibration._gptq import gptq
 from rotfn.errors import ArgumentError, FormatError, PlanError, message
@@ -113,6 +114,26 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def _bytes(text: str) -> torch.Tensor:
+    """The blake2b digest of ``text`` as 16 uint8s (what the ranks compare)."""
+    return torch.frombuffer(bytearray(hashlib.blake2b(text.encode(), digest_size=16).digest()), dtype=torch.uint8)
+
+
+def _owners(keys: list[str], out_in: Mapping[str, torch.Tensor], size: int) -> dict[str, int]:
+    """The rank that solves each key's GPTQ problem: the largest problems first, each to the least loaded rank
+    (the cost of a solve taken as ``out * in^2 + in^3``: the column loop and the Cholesky factor)."""
+    def cost(k):
+        out, inp = out_in[k].shape
+        return (out + inp) * inp**2
+
+    load = [0] * size
+    owners = {}
+    for key in sorted(keys, key=cost, reverse=True):
+        owners[key] = load.index(min(load))
+        load[owners[key]] += cost(key)
+    return owners
+
+
 class _Stop(Exception):
     """Raised at a block's output to end a forward pass early (sequential mode)."""
 
@@ -151,6 +172,19 @@ def calibrate(
     (``lm_head``) come last. Fused experts (3-D weights) get no statistics yet: they are rounded
     to nearest and listed in ``rtn``.
 
+    Under a ``torch.distributed`` process group of ``N`` ranks (initialized by the caller, e.g.
+    under ``torchrun``; rotfn starts none), every rank passes the same arguments and runs its share
+    of the batches (:func:`rotfn.distributed.share`: batches ``r, r + N, ...`` on rank ``r``); the
+    float64 sums of :math:`X^\top X`, the token counts and the maxima ``max |x|`` are reduced over
+    the ranks before GPTQ (per block when sequential); the GPTQ solves of a block are split over the
+    ranks (the largest first, each to the least loaded rank) and their results sent to every rank,
+    so every rank returns the same Calibration. The params are checked to be equal on every rank
+    (a digest) before any work. The
+    bound against one process with all batches: the Hessians are the same float64 sums taken in
+    another order, a relative difference of order ``1e-15``; the rounded codes are equal unless a
+    weight sits on a rounding boundary within that difference (sequential mode passes such a
+    difference on to later blocks). A rank failing in its work makes every rank raise.
+
     The recipe is one expression: ``rotfn.fold(params, plan, weights_by=rotfn.calibrate(model,
     params, plan, batches))``; fold stays the one engine and places the rounded weights.
 
@@ -160,6 +194,7 @@ def calibrate(
         plan: a plan with ``weights=`` a format and quantized keys.
         batches: an iterable of batches (a tensor: the model's positional input; a dict: its
             keyword inputs), e.g. :func:`rotfn.learn.calibration`; moved to the params' device.
+            Under a process group, the same on every rank (each runs its share).
         sequential: block by block (see above).
         activations: ``"float"`` or ``"quantized"`` (see above).
         block_size: as for :func:`rotfn.gptq`.
@@ -169,7 +204,7 @@ def calibrate(
         scale_search: as for :func:`rotfn.gptq`.
         precision: as for :func:`rotfn.gptq`.
         keep_hessians: keep the Hessians in the result (all of them: memory).
-        progress: a tqdm bar over blocks (sequential) or keys on stderr.
+        progress: a tqdm bar over blocks (sequential) or keys on stderr (on rank 0 of a process group).
 
     Returns:
         A :class:`Calibration` for ``rotfn.fold(params, plan, weights_by=...)``.
@@ -179,6 +214,8 @@ def calibrate(
         ArgumentError: bad batches, ``activations`` or GPTQ settings (as :func:`rotfn.gptq`);
             a Hessian not positive definite after damping.
         RotfnError: what :func:`rotfn.call` raises for the model, params and batches.
+        DistributedError: under a process group, another rank failed (this rank raises its own
+            error if it failed itself) or stopped; the ranks were given other params.
 
     Example:
         >>> import torch, rotfn
@@ -208,7 +245,7 @@ def calibrate(
     # every weight as [out, in], what gptq and the fold's rounding (Plan.transform) see; Conv1D's are [in, out]
     out_in = {k: folded[k].mT if k in plan.transposed else folded[k] for k in plan.quantized}
     device = next(iter(params.values())).device if params else torch.device("cpu")
-    data = [to_device(b, device) for b in check_batches(fn, batches)]
+    data = [to_device(b, device) for b in distributed.share(check_batches(fn, batches))]
     linears = {name for name, _ in describe(model, fn=fn).linears}
     stats = [k for k in plan.quantized if k.removesuffix(".weight") in linears and folded[k].ndim == 2]
     rtn = tuple(k for k in plan.quantized if k not in set(stats))
@@ -220,18 +257,28 @@ def calibrate(
     kept: dict[str, torch.Tensor] = {}
     amax: dict[str, torch.Tensor] = {}
     tokens = 0
-    bar = progress_bar(blocks.items(), desc=fn, disable=not progress, leave=False)
+    digests = {k: _digest(out_in[k]) for k in plan.quantized}
+    rank, size = distributed.world()
+    if size > 1:  # before any work: GPTQ on one rank rounds the weights of all
+        distributed.same(fn, "params", [_bytes("".join(digests.values()))])
+    bar = progress_bar(blocks.items(), desc=fn, disable=not progress or not distributed.first_writes(), leave=False)
     for block, keys in bar:
-        hessians, tokens = _collect(model, FoldedParams(current, collecting), collecting, data, keys, block, amax)
+        hessians, tokens = _collect(model, FoldedParams(current, collecting), collecting, data, keys, block, amax,
+                                    {k: out_in[k] for k in keys})
+        owners = _owners(keys, out_in, size)
+        with distributed.together(fn):
+            mine = {key: _as(gptq(out_in[key], hessians[key], fmts.get(key, plan.weights), **settings), plan)
+                    for key in keys if owners[key] == rank}
+        if size > 1:  # each rank solved its keys: every rank takes the others' results
+            solved = distributed.gather(fn, {k: q.to("cpu") for k, q in mine.items()})
+            mine = {k: solved[k].to(device) for k in keys}
         for key in keys:
-            h = hessians.pop(key)
-            q = _as(gptq(out_in[key], h, fmts.get(key, plan.weights), **settings), plan)
-            weights[key] = q
-            rounded = dequantize(q, folded[key].dtype)
+            weights[key] = mine[key]
+            rounded = dequantize(mine[key], folded[key].dtype)
             current[key] = rounded.mT if key in plan.transposed else rounded
             if keep_hessians:
-                kept[key] = h
-    digests = {k: _digest(out_in[k]) for k in plan.quantized}
+                kept[key] = hessians[key]
+        del hessians  # before the next block's sums
     settings.update(sequential=sequential, activations=activations)
     return Calibration(plan, weights, rtn, tokens, settings, kept if keep_hessians else None, amax, digests)
 
@@ -265,10 +312,13 @@ def _blocks(keys: list[str]) -> dict[str | None, list[str]]:
     return out
 
 
-def _collect(model, params, plan, data, keys, stop_after, amax) -> tuple[dict[str, torch.Tensor], int]:
+def _collect(model, params, plan, data, keys, stop_after, amax, out_in) -> tuple[dict[str, torch.Tensor], int]:
     """``{key: X^T X / N}`` (float64) of the inputs of ``keys``' linears over ``data``; also N.
 
-    Also puts each key's ``max |x|`` over the finite inputs into ``amax``.
+    Also puts each key's ``max |x|`` over the finite inputs into ``amax``. Under a process group
+    the sums, counts and maxima of the ranks' shares of the data are reduced first, so every rank
+    returns the statistics of all batches (``out_in``: each key's ``[out, in]`` weight, whose input
+    size and device a rank whose share never reaches the linear needs).
     """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(keys, 0)
@@ -289,7 +339,7 @@ def _collect(model, params, plan, data, keys, stop_after, amax) -> tuple[dict[st
     sites = {Site(k.removesuffix(".weight")): recorder(k) for k in keys}
     if stop_after is not None:
         sites[Site(stop_after, "output")] = stop
-    with torch.no_grad():
+    with distributed.together("calibrate"), torch.no_grad():
         for batch in data:
             try:
                 if isinstance(batch, Mapping):
@@ -298,9 +348,25 @@ def _collect(model, params, plan, data, keys, stop_after, amax) -> tuple[dict[st
                     call_as("calibrate", model, params, plan, sites, (batch,))
             except _Stop:
                 pass
+    if distributed.is_distributed():
+        _reduce(keys, sums, counts, amax, out_in)
     missing = [k for k in keys if counts[k] == 0]
     if missing:
         raise PlanError(message("calibrate", "batches", "batches that reach every quantized linear",
                                 f"batches that never reach {missing[:3]}", "check the model runs these linears"))
     n = counts[keys[0]]
     return {k: sums[k] / counts[k] for k in keys}, n
+
+
+def _reduce(keys, sums, counts, amax, out_in) -> None:
+    """Sum ``sums`` and ``counts`` and take the max of ``amax`` over the ranks, in place (of rotfn's own dicts)."""
+    device = out_in[keys[0]].device
+    for k in keys:  # one at a time: one extra Hessian in memory, not all of them
+        n = out_in[k].shape[-1]
+        local = sums[k] if k in sums else torch.zeros(n, n, dtype=torch.float64, device=device)
+        (sums[k],) = distributed.all_reduce("calibrate", [local])
+    (total,) = distributed.all_reduce("calibrate", [torch.tensor([counts[k] for k in keys], dtype=torch.int64)])
+    counts.update(zip(keys, total.tolist(), strict=True))
+    tops = torch.stack([amax.get(k, torch.zeros((), device=device)).to(device) for k in keys])
+    (tops,) = distributed.all_reduce("calibrate", [tops], op="max")
+    amax.update({k: top.clone() for k, top in zip(keys, tops, strict=True) if counts[k]})

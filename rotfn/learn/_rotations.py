@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from rotfn import distributed
 from rotfn._progress import progress_bar
 from rotfn.errors import ArgumentError, FoldError, message
 from rotfn.functional import qdq
@@ -29,7 +30,7 @@ class LearnResult:
 
     Attributes:
         plan: the plan with the learned rotations (``from_matrix`` specs); fold, call, save as any plan.
-        losses: the training loss of each step (on that step's batch, before its update).
+        losses: the training loss of each step (the mean over that step's batches, before its update).
         orthogonality: after each step, ``max |R R^T - I|`` (float64) over the learned rotations' blocks.
         slots: one line per learned matrix (role, base rotation, scope).
         loss: which loss was minimized (``"next-token cross-entropy"``, ``"relative squared error"``, ``"custom"``).
@@ -91,6 +92,7 @@ def rotations(
     momentum: float = 0.9,
     shared: bool = False,
     weights: str = "quantized",
+    accumulate: int = 1,
     progress: bool = True,
 ) -> LearnResult:
     """Learn the rotations of a quantized plan: Cayley SGD on the orthogonal group, gradients from torch.func.grad.
@@ -106,6 +108,19 @@ def rotations(
     ``dL/dQ`` with ``torch.func.grad`` and moves every ``Q`` by one Cayley step
     (:func:`rotfn.learn.cayley_step`), which keeps it orthogonal. The float model's function
     never changes: an unquantized plan(Q) computes the same outputs for every orthogonal Q.
+
+    ``accumulate=k`` averages the gradients (and the losses) of ``k`` consecutive batches per step:
+    step ``s`` uses batches ``s*k, ..., s*k + k - 1`` of the cycling list.
+
+    Under a ``torch.distributed`` process group of ``N`` ranks (initialized by the caller, e.g.
+    under ``torchrun``; rotfn starts none), every rank passes the same arguments and learning is
+    data parallel: a step takes ``k * N`` batches, ``s*k*N + j`` for ``j < k*N``, and rank ``r``
+    computes the gradients of those with ``j % N == r``; the gradients and losses are summed over
+    the ranks in one all-reduce per step (float64, :func:`rotfn.distributed.sum_together`), so
+    every rank takes the same step and the result is that of one process with ``accumulate=k*N``
+    up to the order of the float64 sums. At the end the ranks' rotations are checked to be equal
+    (:func:`rotfn.distributed.same`). A rank failing in its work makes every rank raise; the
+    progress bar shows on rank 0 only. Each rank holds all params (no sharding).
 
     Args:
         model: the ``nn.Module`` the plan was built for (its tensors are not used or changed).
@@ -126,19 +141,23 @@ def rotations(
             layer (R2) or per linear (R4, per_linear).
         weights: ``"quantized"`` (the plan's weight format during learning) or ``"float"`` (none;
             the learned plan keeps the format, for :func:`rotfn.calibrate` and GPTQ afterwards).
-        progress: show a tqdm progress bar with the step and the loss.
+        accumulate: batches whose gradients each step averages, per rank (>= 1); a step of ``N``
+            ranks averages ``accumulate * N``.
+        progress: show a tqdm progress bar with the step and the loss (on rank 0 of a process group).
 
     Returns:
         A :class:`LearnResult`: ``.plan`` (the learned plan), ``.losses``, ``.orthogonality``.
 
     Raises:
-        ArgumentError: bad steps, lr, momentum, roles (unknown, or none in the plan, or an online
+        ArgumentError: bad steps, lr, momentum, accumulate, roles (unknown, or none in the plan, or an online
             rotation inside attention), weights, loss or data (empty).
         DTypeError: a batch or params of another type.
         PlanError: plan not a Plan, built for another model, or changing tied keys differently (as for
             :func:`rotfn.fold`).
         FoldError: params already folded.
         SelectionError: params miss or add keys.
+        DistributedError: under a process group, another rank failed (this rank raises its own
+            error if it failed itself), stopped, or ended with other rotations.
 
     Example:
         >>> import torch, rotfn
@@ -169,6 +188,8 @@ def rotations(
     _check_number(fn, "steps", steps, lambda v: isinstance(v, int) and v >= 1, "an int >= 1", "e.g. steps=100")
     _check_number(fn, "lr", lr, lambda v: v > 0, "a finite number > 0", "e.g. lr=0.5")
     _check_number(fn, "momentum", momentum, lambda v: 0 <= v < 1, "a number in [0, 1)", "e.g. momentum=0.9")
+    _check_number(fn, "accumulate", accumulate, lambda v: isinstance(v, int) and v >= 1, "an int >= 1",
+                  "e.g. accumulate=4 (each step averages the gradients of 4 batches)")
     for arg, value in (("shared", shared), ("progress", progress)):
         if not isinstance(value, bool):
             raise ArgumentError(message(fn, arg, "a bool", repr(value)))
@@ -180,8 +201,14 @@ def rotations(
     learning = plan if weights == "quantized" else dataclasses.replace(plan, weights=None, quantized=())
     program = fold_program(fn, learning, params)  # the fold's own program (and tie checks), before any model runs
     device = next(iter(params.values())).device
-    batches = [to_device(b, device) for b in check_batches(fn, data)]
-    objective = Objective(fn, model, params, batches, loss)
+    rank, size = distributed.world()
+    data = check_batches(fn, data)
+    schedule = _schedule(len(data), steps, accumulate, rank, size)
+    mine = sorted({i for step in schedule for i in step})  # only the batches this rank uses travel to the device
+    local = {i: j for j, i in enumerate(mine)}
+    batches = [to_device(data[i], device) for i in mine]
+    with distributed.together(fn):
+        objective = Objective(fn, model, params, batches, loss)
 
     training = slots.training_plan(learning)
     transforms = {plan.rotations[i].transform(): s for i, s in slots.rotations.items()}
@@ -195,18 +222,39 @@ def rotations(
 
     grad = torch.func.grad(step_loss, has_aux=True)
     qs = tuple(torch.eye(s.base.block_size, dtype=torch.float64, device=device) for s in slots.slots)
+
+    def summed(step: int) -> list[torch.Tensor]:
+        """This rank's gradients and loss of ``step``, summed over its batches of the step."""
+        total = None
+        for i in schedule[step]:
+            grads, value = grad(qs, local[i])
+            part = [*grads, value.double()]
+            total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
+        return total
+
     velocity = tuple(torch.zeros_like(q) for q in qs)
     blocks = [s.base.block_matrix(device=device) for s in slots.slots]
+    like = [*qs, torch.zeros((), dtype=torch.float64, device=device)]
     losses, ortho = [], []
-    bar = progress_bar(range(steps), desc=fn, disable=not progress)
+    bar = progress_bar(range(steps), desc=fn, disable=not progress or not distributed.first_writes())
     for step in bar:
-        grads, value = grad(qs, step % len(batches))
-        moved = [cayley_step(q, g, v, lr=lr, momentum=momentum) for q, g, v in zip(qs, grads, velocity, strict=True)]
+        *grads, value = distributed.sum_together(fn, functools.partial(summed, step), like)
+        n = accumulate * size  # batches in the step, over all ranks
+        moved = [cayley_step(q, g / n, v, lr=lr, momentum=momentum)
+                 for q, g, v in zip(qs, grads, velocity, strict=True)]
         qs, velocity = tuple(m[0] for m in moved), tuple(m[1] for m in moved)
-        losses.append(value.item())
+        losses.append(value.item() / n)
         ortho.append(max(orthogonality_error(t @ q) for t, q in zip(blocks, qs, strict=True)))
         bar.set_postfix(loss=f"{losses[-1]:.4g}")
+    distributed.same(fn, "rotations", qs)
     note = (f"learned {', '.join(roles)} ({len(slots.slots)} matrices): {steps} Cayley SGD steps, lr {lr:g}, "
             f"{objective.kind} {losses[0]:.4g} -> {losses[-1]:.4g}")
     learned = slots.learned_plan(plan, dict(zip(slots.slots, qs, strict=True)), note)
     return LearnResult(learned, tuple(losses), tuple(ortho), tuple(s.label() for s in slots.slots), objective.kind)
+
+
+def _schedule(n_batches: int, steps: int, accumulate: int, rank: int, size: int) -> list[list[int]]:
+    """The batch numbers of each step on this rank: step ``s`` takes the ``accumulate * size`` batches
+    ``s * accumulate * size + j`` of the cycling list, and this rank those with ``j % size == rank``."""
+    per_step = accumulate * size
+    return [[(s * per_step + j) % n_batches for j in range(rank, per_step, size)] for s in range(steps)]
