@@ -21,7 +21,8 @@ def _primitives():
     except rotfn.errors.DistributedError as e:
         differs = str(e)
     return dict(world=(rank, size), share=distributed.share(range(5)), sum=s, max=m, x=x, differs=differs,
-                first=distributed.first_writes(), on=distributed.is_distributed())
+                first=distributed.first_writes(), on=distributed.is_distributed(),
+                gathered=distributed.gather("t", "names", {"rank": rank}), assigned=distributed.assign([5, 3, 3, 1, 0]))
 
 
 def test_primitives_on_two_ranks():
@@ -36,6 +37,8 @@ def test_primitives_on_two_ranks():
         assert r.value["on"]
     assert torch.equal(r0.value["x"], torch.tensor([1.0, -2.0]))  # the input is not changed
     assert r0.value["first"] and not r1.value["first"]
+    assert r0.value["gathered"] == r1.value["gathered"] == [{"rank": 0}, {"rank": 1}]
+    assert r0.value["assigned"] == r1.value["assigned"] == [0, 1, 1, 0, 0]  # 6 bytes and 6
 
 
 def _fails_on(bad: int):
@@ -77,3 +80,4 @@ def test_without_a_process_group_everything_is_one_rank():
     with distributed.together("t"):
         pass
     distributed.same("t", "x", [x])
+    assert distributed.gather("t", "x", 3) == [3] and distributed.assign([2, 1]) == [0, 0]
