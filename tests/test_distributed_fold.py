@@ -116,6 +116,7 @@ def test_torchrun_runs_rotfn_fold_on_two_ranks(src, tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
-    summary = [line for line in two.stdout.splitlines() if line.startswith("folded ")]
-    assert len(summary) == 1 and summary == [line.replace("one", "two") for line in alone.stdout.splitlines()
-                                             if line.startswith("folded ")][:1] or summary, two.stdout
+    summary = [line.rsplit(" in ", 1)[0] for line in two.stdout.splitlines() if line.startswith("folded ")]
+    expected = [line.rsplit(" in ", 1)[0].replace(str(tmp_path / "one"), str(tmp_path / "two"))
+                for line in alone.stdout.splitlines() if line.startswith("folded ")]
+    assert len(expected) == 1 and summary == expected, two.stdout  # totals over both ranks, printed once
