@@ -71,7 +71,13 @@ def _on_two_ranks(src: str, out: str):
     left, progress = sorted(os.listdir(broken)), rotfn.io.read_progress(broken)
     distributed.all_reduce("test", [torch.zeros(1)])  # rank 0 looked before the rerun writes
     resumed = rotfn.fold_checkpoint(src, FOLD, broken, max_shard_size=SHARD, progress=False)
-    return dict(stats=stats, failed=failed, left=left, progress=progress, resumed=resumed)
+    try:  # ranks given different plans: refused on every rank before anything is written
+        rotfn.fold_checkpoint(src, lambda m: rotfn.plans.per_linear(m, rotation=lambda n: rotfn.hadamard(n, seed=rank)),
+                              os.path.join(out, "differ"), progress=False)
+        differ = None
+    except Exception as e:
+        differ = _error(e)
+    return dict(stats=stats, failed=failed, left=left, progress=progress, resumed=resumed, differ=differ)
 
 
 def test_two_ranks_write_the_one_process_bytes_fail_together_and_resume(src, tmp_path):
@@ -97,6 +103,9 @@ def test_two_ranks_write_the_one_process_bytes_fail_together_and_resume(src, tmp
     assert not [f for f in left if f.endswith(".tmp")] and {".rotfn-incomplete", ".rotfn-incomplete.rank1"} <= set(left)
     done = [name for name, _, finished in progress.shards if finished]
     assert done and len(done) < single.shards and set(done) == {f for f in left if f.endswith(".safetensors")}
+    for r in (r0, r1):
+        assert "DistributedError" in r.value["differ"][0] and "argument 'src_dir, plan and options'" in r.value["differ"][1]
+    assert not (tmp_path / "two" / "differ").exists()
     # the rerun keeps what both ranks finished and writes the rest
     kept = r0.value["resumed"].shards_skipped + r1.value["resumed"].shards_skipped
     assert kept == len(done) and r1.value["resumed"].tensors > 0

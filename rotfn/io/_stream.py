@@ -25,7 +25,14 @@ marked incomplete:
    its presence says the weights are folded with it) and ``config.json`` last
    (``tie_word_embeddings`` set to false when the plan unties the embeddings).
 
-A rerun of the same job resumes: shards recorded in the marker, with the recorded size and
+Under a ``torch.distributed`` process group (:mod:`rotfn.distributed`) every rank checks and lays out
+the same job (checked to agree), rank 0 does step 1 while the others wait, each rank does step 2 for
+the shards :func:`rotfn.distributed.assign` gives it (recording them in its own
+``.rotfn-incomplete.rank{r}``, :mod:`rotfn.io._progress`), and rank 0 does step 3 once every rank
+finished. Each phase is a :func:`rotfn.distributed.together` block, so a rank that fails stops all
+of them before the next phase writes anything.
+
+A rerun of the same job resumes: shards recorded in the marker (or a rank's record), with the recorded size and
 modification time and the expected header, are kept. Another job (other plan, source, layout,
 precision or export) is refused unless ``overwrite=True`` says to start over, so the work of an
 interrupted fold is never mixed with, nor silently dropped for, a different one.
@@ -86,7 +93,7 @@ EXPORTS = (None, "compressed-tensors")
 
 @dataclasses.dataclass
 class FoldStats:
-    """What one :func:`fold_checkpoint` call did.
+    """What one :func:`fold_checkpoint` call did (under a process group: this rank's share; ``shards`` is the whole's).
 
     Attributes:
         tensors: tensors written by this call.
@@ -705,8 +712,19 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
             progress marker so that :func:`rotfn.io._progress.read_progress`, ``rotfn inspect`` and the refusal of
             another job can say how to resume; None records nothing.
 
+    Under a ``torch.distributed`` process group (the caller's; ``torchrun`` with ``rotfn fold`` starts one), call it
+    on every rank with the same arguments: the ranks split the output shards by size, each folds and writes its
+    own, rank 0 prepares the directory and writes what exists once (index, small files, ``rotfn.json``,
+    ``config.json``) after every rank finished, and the output is byte for byte the one-process output. The export
+    folds a run of consecutive tensors per rank into temporaries in ``dst_dir`` and the ranks then write the
+    one-process shards from them. ``dst_dir`` must be the same directory for every rank (a shared file system
+    across machines). A rank that fails makes every rank raise (its own error; the others DistributedError), and
+    the directory stays marked incomplete; a rerun on any number of ranks resumes it. See
+    ``docs/howto/distributed.md``.
+
     Returns:
-        A :class:`FoldStats` (tensors and bytes read and written, memory peaks, time).
+        A :class:`FoldStats` (tensors and bytes read and written, memory peaks, time); under a process group, of this
+        rank's share (``shards`` is the checkpoint's).
 
     Raises:
         ArgumentError: a path is not a path, ``dst_dir`` is ``src_dir`` or a file, bad ``max_shard_size``,
@@ -717,6 +735,8 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
         PlanError: the plan was built for another model, or changes tied keys differently.
         FoldError: ``src_dir`` is already folded (it has a rotfn.json).
         FormatError: with ``export=``, a format compressed-tensors cannot hold (as :func:`rotfn.export_compressed`).
+        DistributedError: under a process group, another rank failed or stopped, or the ranks were given different
+            sources, plans or options.
 
     Example:
         >>> import os, tempfile, torch, transformers, rotfn
