@@ -55,7 +55,7 @@ import safetensors
 import torch
 
 from rotfn._progress import progress_bar
-from rotfn.distributed import assign, first_writes, same, together, world
+from rotfn.distributed import assign, first_writes, gather, same, together, world
 from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError, message
 from rotfn.io._atomic import write_atomic, write_text_atomic
 from rotfn.io._checkpoint import INDEX, SINGLE, Checkpoint, guard_config, inventory, is_weight_file, skeleton
@@ -98,7 +98,8 @@ class FoldStats:
     Attributes:
         tensors: tensors written by this call.
         shards: output shards in the checkpoint.
-        shards_skipped: shards an earlier, interrupted run had finished (kept, not rewritten).
+        shards_skipped: shards an earlier, interrupted run had finished (kept, not rewritten; under a process group
+            counted by rank 0, which finds them).
         bytes_read: ``{source file: bytes of tensor data read}`` (each tensor once: the sum is the data of the shards).
         reads: ``{source tensor: times its data was read}``.
         opens: ``{source file: times it was opened}`` (memory maps are reopened every :data:`MAP_BUDGET` bytes).
@@ -767,6 +768,9 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     with together(fn):  # the directory made and marked incomplete once, before any rank writes into it
         if first_writes():
             marker = _prepare_dst(fn, dst, marker, overwrite)
+            marker["done"] = read_done(dst, marker["job"])  # what earlier runs finished, whichever rank did it
+            pending = [name for name, group in shards if not _shard_done(dst, name, group, marker)]
+    pending = gather(fn, "shards", pending if first_writes() else None)[0]  # rank 0's view, so every rank deals the same
     stats = FoldStats(shards=len(shards))
     threads = torch.get_num_threads()
     workers = workers or threads
@@ -789,20 +793,20 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
                                     tail=exporter.transform_weights if ranks == 1 else None)
                 job.reader.close()
         else:
-            owners = assign([sum(o.entry.nbytes for o in group) for _, group in shards])
-            bar = _bar(ckpt, [o for (_, group), owner in zip(shards, owners) if owner == rank for o in group], progress)
-            marker["done"] = read_done(dst, marker["job"])  # what earlier runs finished, whichever rank did it
+            groups = dict(shards)  # the shards left to write, dealt out by size (a resume's too)
+            owners = dict(zip(pending, assign([sum(o.entry.nbytes for o in groups[name]) for name in pending])))
+            bar = _bar(ckpt, [o for name, owner in owners.items() if owner == rank for o in groups[name]], progress)
+            marker["done"] = read_done(dst, marker["job"])  # this rank's records keep every earlier one
             with bar, ThreadPoolExecutor(workers, thread_name_prefix="rotfn-fold") as pool:
                 reader = _Reader(ckpt, stats)
                 job = _Fold(reader, outs, stats, bar, pool, window=2 * workers + 1, dtype=dtype,
                             piece_elements=piece_elements)
                 job.prefetch()
-                for (name, group), owner in zip(shards, owners):
-                    if owner != rank or _shard_done(dst, name, group, marker):
-                        stats.shards_skipped += owner == rank
+                for name, group in shards:
+                    if owners.get(name) != rank:
+                        stats.shards_skipped += name not in owners and first_writes()
                         for out in group:
                             job.release(out)
-                        bar.update(sum(o.entry.nbytes for o in group) if owner == rank else 0)
                         continue
                     path = os.path.join(dst, name)
                     write_atomic(path, lambda tmp, group=group: job.write_shard(tmp, group))
