@@ -111,6 +111,32 @@ def test_two_ranks_write_the_one_process_bytes_fail_together_and_resume(src, tmp
     assert kept == len(done) and r1.value["resumed"].tensors > 0
 
 
+def _dies_mid_fold(src: str, out: str):
+    """Rank 1's process ends as it starts its second shard (killed, out of memory)."""
+    write_shard, calls = stream._Fold.write_shard, []
+
+    def dies_second(self, path, group):
+        calls.append(path)
+        if distributed.world()[0] == 1 and len(calls) == 2:
+            os._exit(9)
+        return write_shard(self, path, group)
+
+    stream._Fold.write_shard = dies_second
+    return rotfn.fold_checkpoint(src, FOLD, out, max_shard_size=SHARD, progress=False)
+
+
+def test_a_rank_that_dies_stops_the_fold_and_one_process_resumes_it(src, tmp_path):
+    r0, r1 = run(_dies_mid_fold, src, str(tmp_path / "two"), timeout=300)
+    assert r1.error == (("ProcessDied",), "exit code 9") and r0.raised("DistributedError"), (r0, r1)
+    assert not {"config.json", "model.safetensors.index.json"} & set(os.listdir(tmp_path / "two"))
+    assert (tmp_path / "two" / ".rotfn-incomplete.rank1").exists()  # rank 1 finished its first shard
+    done = rotfn.io.read_progress(tmp_path / "two").tensors_done
+    resumed = rotfn.fold_checkpoint(src, FOLD, tmp_path / "two", max_shard_size=SHARD, progress=False)
+    single = rotfn.fold_checkpoint(src, FOLD, tmp_path / "one", max_shard_size=SHARD, progress=False)
+    assert 0 < resumed.shards_skipped < single.shards and resumed.tensors == single.tensors - done  # both ranks' kept
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")
+
+
 def test_torchrun_runs_rotfn_fold_on_two_ranks(src, tmp_path):
     """``torchrun --nproc-per-node 2 -m rotfn fold``: the bytes of ``rotfn fold``; one summary, from rank 0."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
