@@ -199,8 +199,10 @@ def _run_fold(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _process_group(command: str):
     """The process group of a ``torchrun`` launch (``WORLD_SIZE`` > 1) for ``rotfn fold`` and ``rotfn learn``:
-    NCCL with CUDA (each rank on the GPU of its ``LOCAL_RANK``), else gloo; destroyed at the end, also on error."""
-    if command not in ("fold", "learn") or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    NCCL with CUDA (each rank on the GPU of its ``LOCAL_RANK``), else gloo; destroyed at the end, also on error.
+    A group the caller initialized is used as it is."""
+    if (command not in ("fold", "learn") or int(os.environ.get("WORLD_SIZE", "1")) <= 1
+            or torch.distributed.is_initialized()):
         yield
         return
     if torch.cuda.is_available():

@@ -8,6 +8,10 @@ packs as :func:`rotfn.export_compressed` does. Output shards fill greedily up to
 ``max_shard_size`` (the rule of :func:`rotfn.export_hf`), each written to a hidden temporary
 file and renamed to its ``model-0000i-of-0000n.safetensors`` name once the count is known.
 Memory: one tensor folded in the work dtype, plus the shard being filled.
+
+Under a process group the packed sizes, and so the shards, are known only once every tensor is
+packed: each rank packs a run of the tensors into its own temporaries (:func:`write_parts`), and
+:func:`assemble` cuts the one-process shards from all of them and has each rank write its share.
 """
 
 from __future__ import annotations
