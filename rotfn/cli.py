@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -162,10 +163,16 @@ def _run_fold(args: argparse.Namespace) -> int:
         plan = _builder_plan(args, servable=bool(args.export))
     else:
         plan = _plan_file(args)
+    first = rotfn.distributed.first_writes()  # under torchrun: one progress bar and one summary, rank 0's
     stats = rotfn.fold_checkpoint(args.src_dir, plan, args.dst_dir, max_shard_size=args.max_shard_size,
-                                  overwrite=args.overwrite, progress=not args.quiet, precision=args.precision,
+                                  overwrite=args.overwrite, progress=not args.quiet and first, precision=args.precision,
                                   torch_threads=args.torch_threads or None, keep_freed_blocks=args.keep_freed_blocks,
                                   export=args.export, command=shlex.join(["rotfn", *args.argv]))
+    (total,) = rotfn.distributed.all_reduce("fold", [torch.tensor([stats.tensors, stats.bytes_written,
+                                                                   stats.shards_skipped])])  # each rank's share
+    stats.tensors, stats.bytes_written, stats.shards_skipped = total.tolist()
+    if not first:
+        return EXIT_OK
     src, dst = args.src_dir, args.dst_dir
     if args.export:
         with open(os.path.join(dst, "config.json"), encoding="utf-8") as f:
@@ -187,6 +194,24 @@ def _run_fold(args: argparse.Namespace) -> int:
               "with rotfn.call, or, for an inference engine, fold with --export compressed-tensors where the plan "
               "exports (docs/howto/serving.md)", file=sys.stderr)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _process_group(command: str):
+    """The process group of a ``torchrun`` launch (``WORLD_SIZE`` > 1) for ``rotfn fold`` and ``rotfn learn``:
+    NCCL with CUDA (each rank on the GPU of its ``LOCAL_RANK``), else gloo; destroyed at the end, also on error.
+    A group the caller initialized is used as it is."""
+    if (command not in ("fold", "learn") or int(os.environ.get("WORLD_SIZE", "1")) <= 1
+            or torch.distributed.is_initialized()):
+        yield
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _fold_interrupted(args: argparse.Namespace) -> str:
@@ -730,7 +755,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     prefix = f"rotfn {args.command}:"
     try:
-        return args.func(args)
+        with _process_group(args.command):
+            return args.func(args)
     except SystemExit as stop:  # a usage error found after parsing (parser.error)
         return EXIT_USAGE if stop.code is None else int(stop.code)
     except KeyboardInterrupt:

@@ -29,8 +29,8 @@ import torch
 
 from rotfn.errors import DistributedError, message
 
-__all__ = ["world", "is_distributed", "share", "together", "all_reduce", "sum_together", "gather", "same",
-           "first_writes"]
+__all__ = ["world", "is_distributed", "share", "assign", "together", "all_reduce", "sum_together", "gather", "merge",
+           "same", "first_writes"]
 
 
 def _dist():
@@ -80,6 +80,31 @@ def share(items: Sequence) -> list:
     """
     rank, size = world()
     return list(items)[rank::size]
+
+
+def assign(sizes: Sequence[int]) -> list[int]:
+    """The rank that does each item of ``sizes`` (its cost, e.g. bytes), balancing the ranks' totals.
+
+    The largest item first, each to the rank with the least so far (the lowest rank of equals): every rank
+    computes the same assignment from the same ``sizes``, and no rank's total exceeds another's by more than
+    its largest item.
+
+    Args:
+        sizes: a sequence of non-negative ints every rank passes the same.
+
+    Returns:
+        ``[rank of item 0, rank of item 1, ...]``; all 0 with one rank.
+
+    Example:
+        >>> assign([5, 3, 3])                # on 2 ranks: [0, 1, 1]
+        [0, 0, 0]
+    """
+    size = world()[1]
+    loads, owners = [0] * size, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        owners[i] = min(range(size), key=lambda r: (loads[r], r))
+        loads[owners[i]] += sizes[i]
+    return owners
 
 
 def _wire(t: torch.Tensor) -> torch.device:
@@ -238,10 +263,34 @@ def sum_together(fn: str, local: Callable[[], Sequence[torch.Tensor]],
     return out
 
 
-def gather(fn: str, mine: Mapping[str, object]) -> dict[str, object]:
+def gather(fn: str, what: str, obj) -> list:
+    """Every rank's ``obj``, by rank, on every rank (a picklable value: names, shapes, small tensors).
+
+    Args:
+        fn: the calling rotfn function; what: what ``obj`` is (named in errors).
+        obj: this rank's value; it travels pickled, so keep it small.
+
+    Returns:
+        ``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` without a process group.
+
+    Raises:
+        DistributedError: another rank stopped.
+
+    Example:
+        >>> gather("fold_checkpoint", "shards", {"a": 1})
+        [{'a': 1}]
+    """
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * world()[1]
+    _collective(fn, what, torch.distributed.all_gather_object, out, obj)
+    return out
+
+
+def merge(fn: str, mine: Mapping[str, object]) -> dict[str, object]:
     """Every rank's ``mine`` merged into one dict, on every rank: results each rank computed for its own keys.
 
-    The values travel pickled (``torch.distributed.all_gather_object``): keep their tensors on the
+    The values travel pickled (:func:`gather`): keep their tensors on the
     CPU, since a tensor arrives on the device it left from. The keys of the ranks are disjoint;
     the merged dict holds rank 0's keys first, then rank 1's, and so on.
 
@@ -256,15 +305,11 @@ def gather(fn: str, mine: Mapping[str, object]) -> dict[str, object]:
         DistributedError: two ranks hold the same key, or a rank stopped.
 
     Example:
-        >>> gather("calibrate", {"a": 1})
+        >>> merge("calibrate", {"a": 1})
         {'a': 1}
     """
-    if not is_distributed():
-        return dict(mine)
-    parts: list = [None] * world()[1]
-    _collective(fn, "results", torch.distributed.all_gather_object, parts, dict(mine))
     out: dict[str, object] = {}
-    for part in parts:
+    for part in gather(fn, "results", dict(mine)):
         twice = out.keys() & part.keys()
         if twice:
             raise DistributedError(message(fn, "results", "one rank per key", f"keys {sorted(twice)[:3]} on two ranks"))

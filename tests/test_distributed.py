@@ -16,9 +16,9 @@ def _primitives():
     (m,) = distributed.all_reduce("t", [x], op="max")
     like = [x.double(), torch.zeros((), dtype=torch.int64)]
     summed = distributed.sum_together("t", lambda: [x.double() / 3, torch.tensor(rank + 5)], like)
-    merged = distributed.gather("t", {f"k{rank}": torch.full((2,), rank)})
+    merged = distributed.merge("t", {f"k{rank}": torch.full((2,), rank)})
     try:
-        distributed.gather("t", {"k": rank})
+        distributed.merge("t", {"k": rank})
         twice = None
     except rotfn.errors.DistributedError as e:
         twice = str(e)
@@ -30,7 +30,8 @@ def _primitives():
         differs = str(e)
     return dict(world=(rank, size), share=distributed.share(range(5)), sum=s, max=m, x=x, differs=differs,
                 first=distributed.first_writes(), on=distributed.is_distributed(), summed=summed,
-                merged=merged, twice=twice)
+                merged=merged, twice=twice,
+                gathered=distributed.gather("t", "names", {"rank": rank}), assigned=distributed.assign([5, 3, 3, 1, 0]))
 
 
 def test_primitives_on_two_ranks():
@@ -49,6 +50,8 @@ def test_primitives_on_two_ranks():
         assert r.value["on"]
     assert torch.equal(r0.value["x"], torch.tensor([1.0, -2.0]))  # the input is not changed
     assert r0.value["first"] and not r1.value["first"]
+    assert r0.value["gathered"] == r1.value["gathered"] == [{"rank": 0}, {"rank": 1}]
+    assert r0.value["assigned"] == r1.value["assigned"] == [0, 1, 1, 0, 0]  # 6 bytes and 6
 
 
 def _fails_on(bad: int):
@@ -91,4 +94,5 @@ def test_without_a_process_group_everything_is_one_rank():
         pass
     distributed.same("t", "x", [x])
     assert distributed.sum_together("t", lambda: [x], [x])[0] is x
-    assert distributed.gather("t", {"a": x}) == {"a": x}
+    assert distributed.merge("t", {"a": x}) == {"a": x}
+    assert distributed.gather("t", "x", 3) == [3] and distributed.assign([2, 1]) == [0, 0]

@@ -40,7 +40,7 @@ PAGES = {
     "howto/gpu/index.html": [],
     "howto/checkpoints/index.html": [],
     "howto/learn/index.html": [],
-    "howto/distributed/index.html": ["torchrun"],
+    "howto/distributed/index.html": ["torchrun", "--nproc-per-node", "--rdzv-endpoint", "DistributedError"],
     "howto/recipes/index.html": ["W4A4KV4", "MR-GPTQ"],
     "api/index.html": ['id="rotfn"'],
     "api/specs/index.html": ['id="rotfn.specs.rotation.hadamard"', 'id="rotfn.specs.rotation.Rotation"',

@@ -270,7 +270,7 @@ def calibrate(
             mine = {key: _as(gptq(out_in[key], hessians[key], fmts.get(key, plan.weights), **settings), plan)
                     for key in keys if owners[key] == rank}
         if size > 1:  # each rank solved its keys: every rank takes the others' results
-            solved = distributed.gather(fn, {k: q.to("cpu") for k, q in mine.items()})
+            solved = distributed.merge(fn, {k: q.to("cpu") for k, q in mine.items()})
             mine = {k: solved[k].to(device) for k in keys}
         for key in keys:
             weights[key] = mine[key]

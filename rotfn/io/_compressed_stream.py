@@ -8,6 +8,10 @@ packs as :func:`rotfn.export_compressed` does. Output shards fill greedily up to
 ``max_shard_size`` (the rule of :func:`rotfn.export_hf`), each written to a hidden temporary
 file and renamed to its ``model-0000i-of-0000n.safetensors`` name once the count is known.
 Memory: one tensor folded in the work dtype, plus the shard being filled.
+
+Under a process group the packed sizes, and so the shards, are known only once every tensor is
+packed: each rank packs a run of the tensors into its own temporaries (:func:`write_parts`), and
+:func:`assemble` cuts the one-process shards from all of them and has each rank write its share.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 
+import safetensors
 import safetensors.torch
 import torch
 
+from rotfn.distributed import assign, gather, is_distributed, together, world
 from rotfn.io._atomic import write_atomic
 from rotfn.io._compressed import Export
 from rotfn.io._encode import storable
 from rotfn.io._shard import TensorEntry
 
-__all__ = ["write_compressed", "TEMP_PREFIX"]
+__all__ = ["TEMP_PREFIX", "assemble", "write_parts"]
 
 #: Shards being written are ``.rotfn-export-0000i.tmp`` (hidden, removed by a rerun) until renamed at the end.
 TEMP_PREFIX = ".rotfn-export-"
@@ -41,23 +47,24 @@ def _fold_whole(out, source: torch.Tensor, reads: dict, dtype: torch.dtype, piec
     return x
 
 
-def write_compressed(dst: str, export: Export, outs: Iterable, read: Callable, reads_of: Callable, *, limit: int,
-                     dtype: torch.dtype, piece_elements: int, stats, bar) -> list[tuple[str, list[TensorEntry]]]:
-    """Write the packed checkpoint's shards into ``dst``; returns ``[(file name, entries)]`` in order.
+def write_parts(dst: str, export: Export, outs: Iterable, read: Callable, reads_of: Callable, *, limit: int,
+                dtype: torch.dtype, piece_elements: int, stats, bar, prefix: str = TEMP_PREFIX,
+                tail: dict[str, torch.Tensor] | None = None) -> list[tuple[str, list[TensorEntry]]]:
+    """Fold and pack ``outs`` into temporary shards of ``dst``; returns ``[(temporary path, entries)]`` in order.
 
     Args:
         dst: the output directory (marked incomplete by the caller).
         export: the plan's :class:`Export` (checked before anything is written).
-        outs: the fold's outputs in read order (``rotfn.io._stream._Out``).
+        outs: the fold's outputs to write, in read order (``rotfn.io._stream._Out``).
         read: ``out -> Tensor``, its source tensor (a mapped view).
         reads_of: ``out -> {key: Tensor}``, the tensors its program reads.
         limit: largest shard in bytes.
         dtype: the fold's work dtype; piece_elements: the rotations' piece size.
         stats: the :class:`rotfn.io.FoldStats` to fill; bar: a tqdm bar over source bytes.
+        prefix: the temporaries' names start with it (one per rank under a process group).
+        tail: tensors stored after the outputs (the online transforms' weights).
 
-    Raises:
-        PlanError: fused partitions whose NVFP4 global scales differ (known once all are folded);
-            the temporary shards are removed first.
+    On an error the temporaries written are removed.
     """
     quantized = set(export.plan.quantized)
     temps: list[tuple[str, list[TensorEntry]]] = []
@@ -77,7 +84,7 @@ def write_compressed(dst: str, export: Export, outs: Iterable, read: Callable, r
 
     def flush() -> None:
         nonlocal shard
-        path = os.path.join(dst, f"{TEMP_PREFIX}{len(temps):05d}.tmp")
+        path = os.path.join(dst, f"{prefix}{len(temps):05d}.tmp")
         part = shard
         write_atomic(path, lambda tmp: safetensors.torch.save_file(part, tmp, metadata={"format": "pt"}))
         temps.append((path, [TensorEntry(k, t.dtype, tuple(t.shape)) for k, t in part.items()]))
@@ -102,17 +109,96 @@ def write_compressed(dst: str, export: Export, outs: Iterable, read: Callable, r
             add(tensors)
             stats.tensors += 1
             bar.update(out.entry.nbytes)
-        add(export.transform_weights)
-        export.check_fused()
+        add(tail or {})
         if shard:
             flush()
     except BaseException:
-        for path, _ in temps:
-            if os.path.exists(path):
-                os.remove(path)
+        _remove(temps)
         raise
-    names = ["model.safetensors"] if len(temps) == 1 else [
-        f"model-{i + 1:05d}-of-{len(temps):05d}.safetensors" for i in range(len(temps))]
-    for name, (path, _) in zip(names, temps):
-        os.replace(path, os.path.join(dst, name))
-    return [(name, entries) for name, (_, entries) in zip(names, temps)]
+    return temps
+
+
+def _remove(temps: list[tuple[str, list[TensorEntry]]]) -> None:
+    for path, _ in temps:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _names(count: int) -> list[str]:
+    """The output shards' file names (as :func:`rotfn.export_hf` names them)."""
+    return ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+                                                     for i in range(count)]
+
+
+def assemble(fn: str, dst: str, export: Export, parts: list[tuple[str, list[TensorEntry]]], *, limit: int,
+             stats) -> list[tuple[str, list[TensorEntry]]]:
+    """The export's shards in place from the temporaries of :func:`write_parts`; returns ``[(file name, entries)]``.
+
+    One process: its temporaries (holding every tensor and the online transforms' weights) are the shards,
+    renamed. Under a process group every rank passes the temporaries of its run of outputs (rank order is output
+    order, no online transforms' weights): the ranks learn each other's entries and NVFP4 global scales, cut the
+    tensors in order into shards as one process would (greedily up to ``limit``), and each writes the shards
+    :func:`rotfn.distributed.assign` gives it, copying the tensors from the temporaries (``dst`` is seen by every
+    rank), then removes its temporaries. Every rank returns the same list; ``stats.bytes_written`` counts the bytes
+    of this rank's shards.
+
+    Raises:
+        PlanError: fused partitions whose NVFP4 global scales differ (known once all are folded), on every rank;
+            the temporaries are removed first.
+        DistributedError: another rank failed.
+    """
+    if not is_distributed():
+        try:
+            export.check_fused()
+        except BaseException:
+            _remove(parts)
+            raise
+        names = _names(len(parts))
+        for name, (path, _) in zip(names, parts):
+            os.replace(path, os.path.join(dst, name))
+        return [(name, entries) for name, (_, entries) in zip(names, parts)]
+    ranks = gather(fn, "shards", (parts, export.global_scales))
+    with together(fn):
+        for _, scales in ranks:
+            export.global_scales.update(scales)
+        try:
+            export.check_fused()
+        except BaseException:
+            _remove(parts)
+            raise
+        tail = storable(export.transform_weights)
+        items = [(path, e) for temps, _ in ranks for path, entries in temps for e in entries]
+        items += [(None, TensorEntry(k, t.dtype, tuple(t.shape))) for k, t in tail.items()]
+        groups: list[list[tuple[str | None, TensorEntry]]] = []
+        used = limit
+        for item in items:  # the cut of write_parts' add, over every rank's tensors
+            if not groups or used + item[1].nbytes > limit:
+                groups.append([])
+                used = 0
+            groups[-1].append(item)
+            used += item[1].nbytes
+        names = _names(len(groups))
+        rank = world()[0]
+        stats.bytes_written = 0
+        for name, group, owner in zip(names, groups, assign([sum(e.nbytes for _, e in g) for g in groups])):
+            if owner == rank:
+                tensors = _copied(group, tail)
+                write_atomic(os.path.join(dst, name), lambda tmp, tensors=tensors: safetensors.torch.save_file(
+                    tensors, tmp, metadata={"format": "pt"}))
+                stats.bytes_written += sum(e.nbytes for _, e in group)
+    with together(fn):  # every rank copied what it needed from the others' temporaries
+        _remove(parts)
+    return [(name, [e for _, e in group]) for name, group in zip(names, groups)]
+
+
+def _copied(group: list[tuple[str | None, TensorEntry]], tail: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of one shard, in order: read from the temporaries that hold them, or ``tail``'s."""
+    tensors, files = {}, {}
+    for path, e in group:
+        if path is None:
+            tensors[e.name] = tail[e.name]
+            continue
+        if path not in files:
+            files[path] = safetensors.safe_open(path, framework="pt")
+        tensors[e.name] = files[path].get_tensor(e.name)
+    return tensors

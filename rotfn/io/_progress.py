@@ -15,6 +15,11 @@ so a rerun can tell *what* differs from the interrupted job, and ``rotfn inspect
 what is done, what is pending, the plan and the command that resumes it. The plan is kept as
 its printed summary, not its data: a learned 4096 x 4096 rotation would make the marker,
 rewritten after every shard, hundreds of MB (its digest tells jobs apart).
+
+Under a process group (:mod:`rotfn.distributed`) the first rank writes the marker and records its
+shards there; rank ``r`` records the shards it finished in its own ``.rotfn-incomplete.rank{r}`` (the
+marker with its ``done``), so no two processes rewrite one file. A shard is done when any of these
+files of the job records it (:func:`read_done`), whatever the number of ranks of the run that wrote it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import os
 
 from rotfn.plans import Plan
 
-__all__ = ["MARKER", "PART_NAMES", "FoldProgress", "job_parts", "new_marker", "read_marker", "read_progress"]
+__all__ = ["MARKER", "PART_NAMES", "FoldProgress", "is_marker", "job_parts", "marker_of", "new_marker", "read_done",
+           "read_marker", "read_progress"]
 
 #: The file that marks an output directory as incomplete.
 MARKER = ".rotfn-incomplete"
@@ -73,6 +79,42 @@ def read_marker(path: str) -> dict | None:
     return doc if ok and isinstance(doc.get("done"), dict) and isinstance(doc.get("parts"), dict) else None
 
 
+def marker_of(rank: int) -> str:
+    """The file in which ``rank`` records the shards it finished: the marker for the first rank, else its own.
+
+    Example:
+        >>> marker_of(0), marker_of(3)
+        ('.rotfn-incomplete', '.rotfn-incomplete.rank3')
+    """
+    return MARKER if rank == 0 else f"{MARKER}.rank{rank}"
+
+
+def is_marker(name: str) -> bool:
+    """True for the marker and the ranks' records (:func:`marker_of`).
+
+    Example:
+        >>> is_marker(".rotfn-incomplete.rank1"), is_marker("config.json")
+        (True, False)
+    """
+    return name == MARKER or name.startswith(f"{MARKER}.rank")
+
+
+def read_done(directory: str, job: str) -> dict:
+    """``{shard: record}`` of the shards of job ``job`` finished in ``directory``, from every rank's records.
+
+    Example:
+        >>> import tempfile
+        >>> read_done(tempfile.mkdtemp(), "job")
+        {}
+    """
+    done: dict = {}
+    for name in sorted(os.listdir(directory)):
+        doc = read_marker(os.path.join(directory, name)) if is_marker(name) else None
+        if doc is not None and doc.get("job") == job:
+            done.update(doc["done"])
+    return done
+
+
 @dataclasses.dataclass(frozen=True)
 class FoldProgress:
     """How far an interrupted :func:`rotfn.fold_checkpoint` got (see :func:`read_progress`).
@@ -115,6 +157,7 @@ def read_progress(dir: str | os.PathLike) -> FoldProgress | None:
     doc = read_marker(os.path.join(directory, MARKER))
     if doc is None:
         return None
-    shards = tuple((str(name), int(n), name in doc["done"] and os.path.isfile(os.path.join(directory, name)))
+    done = read_done(directory, doc.get("job"))
+    shards = tuple((str(name), int(n), name in done and os.path.isfile(os.path.join(directory, name)))
                    for name, n in doc.get("shards", []))
     return FoldProgress(directory, str(doc.get("source")), str(doc.get("plan")), shards, int(doc.get("tensors", 0)), doc.get("command"))

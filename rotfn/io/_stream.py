@@ -25,7 +25,14 @@ marked incomplete:
    its presence says the weights are folded with it) and ``config.json`` last
    (``tie_word_embeddings`` set to false when the plan unties the embeddings).
 
-A rerun of the same job resumes: shards recorded in the marker, with the recorded size and
+Under a ``torch.distributed`` process group (:mod:`rotfn.distributed`) every rank checks and lays out
+the same job (checked to agree), rank 0 does step 1 while the others wait, each rank does step 2 for
+the shards :func:`rotfn.distributed.assign` gives it (recording them in its own
+``.rotfn-incomplete.rank{r}``, :mod:`rotfn.io._progress`), and rank 0 does step 3 once every rank
+finished. Each phase is a :func:`rotfn.distributed.together` block, so a rank that fails stops all
+of them before the next phase writes anything.
+
+A rerun of the same job resumes: shards recorded in the marker (or a rank's record), with the recorded size and
 modification time and the expected header, are kept. Another job (other plan, source, layout,
 precision or export) is refused unless ``overwrite=True`` says to start over, so the work of an
 interrupted fold is never mixed with, nor silently dropped for, a different one.
@@ -48,14 +55,15 @@ import safetensors
 import torch
 
 from rotfn._progress import progress_bar
+from rotfn.distributed import assign, first_writes, gather, same, together, world
 from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError, message
 from rotfn.io._atomic import write_atomic, write_text_atomic
 from rotfn.io._checkpoint import INDEX, SINGLE, Checkpoint, guard_config, inventory, is_weight_file, skeleton
 from rotfn.io._compressed import Export
-from rotfn.io._compressed_stream import write_compressed
+from rotfn.io._compressed_stream import TEMP_PREFIX, assemble, write_parts
 from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _hf_layout, _shard_bytes, _shards, read_rotfn_json, write_rotfn_json
 from rotfn.io._malloc import freed_blocks_kept
-from rotfn.io._progress import MARKER, PART_NAMES, job_parts, new_marker, read_marker
+from rotfn.io._progress import MARKER, PART_NAMES, is_marker, job_parts, marker_of, new_marker, read_done, read_marker
 from rotfn.io._shard import ShardWriter, TensorEntry, header_bytes
 from rotfn.plans import Plan, check_plan, describe, fold_program
 from rotfn.transforms import (
@@ -85,12 +93,13 @@ EXPORTS = (None, "compressed-tensors")
 
 @dataclasses.dataclass
 class FoldStats:
-    """What one :func:`fold_checkpoint` call did.
+    """What one :func:`fold_checkpoint` call did (under a process group: this rank's share; ``shards`` is the whole's).
 
     Attributes:
         tensors: tensors written by this call.
         shards: output shards in the checkpoint.
-        shards_skipped: shards an earlier, interrupted run had finished (kept, not rewritten).
+        shards_skipped: shards an earlier, interrupted run had finished (kept, not rewritten; under a process group
+            counted by rank 0, which finds them).
         bytes_read: ``{source file: bytes of tensor data read}`` (each tensor once: the sum is the data of the shards).
         reads: ``{source tensor: times its data was read}``.
         opens: ``{source file: times it was opened}`` (memory maps are reopened every :data:`MAP_BUDGET` bytes).
@@ -331,7 +340,7 @@ def _prepare_dst(fn: str, dst: str, marker: dict, overwrite: bool) -> dict:
                                       got, "pass overwrite=True to replace its checkpoint, or choose another dst_dir"))
     write_text_atomic(marker_path, json.dumps(marker))
     for name in names:  # a restart: nothing of an earlier job or checkpoint may look like part of this one
-        if _ours(name) and os.path.isfile(os.path.join(dst, name)):
+        if (_ours(name) or is_marker(name) and name != MARKER) and os.path.isfile(os.path.join(dst, name)):
             os.remove(os.path.join(dst, name))
     return marker
 
@@ -363,7 +372,7 @@ def _copy_small_files(src: str, dst: str) -> None:
     """Tokenizer, generation config, README...: every regular file but weights, config.json and rotfn's own."""
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
-        if os.path.isfile(path) and not _ours(name) and name != MARKER:
+        if os.path.isfile(path) and not _ours(name) and not is_marker(name):
             write_atomic(os.path.join(dst, name), lambda tmp, path=path: shutil.copyfile(path, tmp))
 
 
@@ -567,7 +576,7 @@ def _finish_export(src: str, dst: str, plan: Plan, shards: list[tuple[str, list[
     config = json.loads(_config_text(src, plan))
     config["quantization_config"] = qconfig
     write_text_atomic(os.path.join(dst, "config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.remove(os.path.join(dst, MARKER))
+    _unmark(dst)
 
 
 def _finish(src: str, dst: str, plan: Plan, shards: list[tuple[str, list[_Out]]]) -> None:
@@ -581,7 +590,64 @@ def _finish(src: str, dst: str, plan: Plan, shards: list[tuple[str, list[_Out]]]
     _copy_small_files(src, dst)
     write_rotfn_json(dst, plan)
     write_text_atomic(os.path.join(dst, "config.json"), _config_text(src, plan, guard=bool(plan.online)))
+    _unmark(dst)
+
+
+def _unmark(dst: str) -> None:
+    """The ranks' records, then the marker, removed: the directory is complete."""
+    for name in os.listdir(dst):
+        if is_marker(name) and name != MARKER:
+            os.remove(os.path.join(dst, name))
     os.remove(os.path.join(dst, MARKER))
+
+
+def _checked(fn: str, src_dir, dst_dir, max_shard_size, workers, precision, piece_elements, torch_threads,
+             keep_freed_blocks, export, command) -> tuple[Checkpoint, str, int, torch.dtype]:
+    """The arguments of :func:`fold_checkpoint` checked: the source, the output directory, the shard limit, the work dtype."""
+    ckpt = inventory(src_dir, fn=fn, arg="src_dir")
+    if not isinstance(dst_dir, (str, os.PathLike)) or os.path.isfile(dst_dir):
+        raise ArgumentError(message(fn, "dst_dir", "a directory path", repr(dst_dir), "name a directory (created if missing)"))
+    dst = os.fspath(dst_dir)
+    if os.path.isdir(dst) and os.path.samefile(dst, ckpt.dir):
+        raise ArgumentError(message(fn, "dst_dir", "a directory other than src_dir", repr(dst),
+                                    "write the folded checkpoint next to the source, e.g. src_dir + '-folded'"))
+    limit = _shard_bytes(fn, max_shard_size)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ArgumentError(message(fn, "workers", "None or a positive int", repr(workers)))
+    dtype = precision_dtype(fn, precision)
+    for arg, value in (("piece_elements", piece_elements), ("torch_threads", torch_threads)):
+        if (value is not None or arg == "piece_elements") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ArgumentError(message(fn, arg, "a positive int" + (" or None" if arg == "torch_threads" else ""),
+                                        repr(value)))
+    if not isinstance(keep_freed_blocks, bool):
+        raise ArgumentError(message(fn, "keep_freed_blocks", "a bool", repr(keep_freed_blocks)))
+    if export not in EXPORTS:
+        raise ArgumentError(message(fn, "export", f"one of {EXPORTS}", repr(export),
+                                    'pass export="compressed-tensors" for a checkpoint vLLM serves'))
+    if command is not None and not isinstance(command, str):
+        raise ArgumentError(message(fn, "command", "None or a str", type(command).__name__))
+    prior = read_rotfn_json(ckpt.dir)
+    if prior is not None:
+        raise FoldError(message(fn, "src_dir", "an unfolded checkpoint", f"one folded with {prior!r} (it has {ROTFN_JSON})",
+                                "fold the original checkpoint; folding again would rotate twice"))
+    return ckpt, dst, limit, dtype
+
+
+def _blocks(sizes: list[int], ranks: int) -> list[int]:
+    """The rank of each item in runs of consecutive items of about the same bytes per rank (rank ``r`` from where
+    the bytes before an item reach ``r / ranks`` of the total)."""
+    total, before, owners = sum(sizes), 0, []
+    for size in sizes:
+        owners.append(min(ranks - 1, before * ranks // total) if total else 0)
+        before += size
+    return owners
+
+
+def _bar(ckpt: Checkpoint, outs: list[_Out], progress: bool):
+    """A progress bar over the source bytes of ``outs`` (this rank's)."""
+    return progress_bar(total=sum(o.entry.nbytes for o in outs), unit="B", unit_scale=True, unit_divisor=1024,
+                        desc=f"fold {os.path.basename(ckpt.dir)}", disable=not progress, smoothing=0.05)
 
 
 def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: str | os.PathLike, *,
@@ -647,8 +713,19 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
             progress marker so that :func:`rotfn.io._progress.read_progress`, ``rotfn inspect`` and the refusal of
             another job can say how to resume; None records nothing.
 
+    Under a ``torch.distributed`` process group (the caller's; ``torchrun`` with ``rotfn fold`` starts one), call it
+    on every rank with the same arguments: the ranks split the output shards by size, each folds and writes its
+    own, rank 0 prepares the directory and writes what exists once (index, small files, ``rotfn.json``,
+    ``config.json``) after every rank finished, and the output is byte for byte the one-process output. The export
+    folds a run of consecutive tensors per rank into temporaries in ``dst_dir`` and the ranks then write the
+    one-process shards from them. ``dst_dir`` must be the same directory for every rank (a shared file system
+    across machines). A rank that fails makes every rank raise (its own error; the others DistributedError), and
+    the directory stays marked incomplete; a rerun on any number of ranks resumes it. See
+    ``docs/howto/distributed.md``.
+
     Returns:
-        A :class:`FoldStats` (tensors and bytes read and written, memory peaks, time).
+        A :class:`FoldStats` (tensors and bytes read and written, memory peaks, time); under a process group, of this
+        rank's share (``shards`` is the checkpoint's).
 
     Raises:
         ArgumentError: a path is not a path, ``dst_dir`` is ``src_dir`` or a file, bad ``max_shard_size``,
@@ -659,6 +736,8 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
         PlanError: the plan was built for another model, or changes tied keys differently.
         FoldError: ``src_dir`` is already folded (it has a rotfn.json).
         FormatError: with ``export=``, a format compressed-tensors cannot hold (as :func:`rotfn.export_compressed`).
+        DistributedError: under a process group, another rank failed or stopped, or the ranks were given different
+            sources, plans or options.
 
     Example:
         >>> import os, tempfile, torch, transformers, rotfn
@@ -673,81 +752,75 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     """
     fn = "fold_checkpoint"
     start = time.perf_counter()
-    ckpt = inventory(src_dir, fn=fn, arg="src_dir")
-    if not isinstance(dst_dir, (str, os.PathLike)) or os.path.isfile(dst_dir):
-        raise ArgumentError(message(fn, "dst_dir", "a directory path", repr(dst_dir), "name a directory (created if missing)"))
-    dst = os.fspath(dst_dir)
-    if os.path.isdir(dst) and os.path.samefile(dst, ckpt.dir):
-        raise ArgumentError(message(fn, "dst_dir", "a directory other than src_dir", repr(dst),
-                                    "write the folded checkpoint next to the source, e.g. src_dir + '-folded'"))
-    limit = _shard_bytes(fn, max_shard_size)
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ArgumentError(message(fn, "workers", "None or a positive int", repr(workers)))
-    dtype = precision_dtype(fn, precision)
-    for arg, value in (("piece_elements", piece_elements), ("torch_threads", torch_threads)):
-        if (value is not None or arg == "piece_elements") and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ArgumentError(message(fn, arg, "a positive int" + (" or None" if arg == "torch_threads" else ""),
-                                        repr(value)))
-    if not isinstance(keep_freed_blocks, bool):
-        raise ArgumentError(message(fn, "keep_freed_blocks", "a bool", repr(keep_freed_blocks)))
-    if export not in EXPORTS:
-        raise ArgumentError(message(fn, "export", f"one of {EXPORTS}", repr(export),
-                                    'pass export="compressed-tensors" for a checkpoint vLLM serves'))
-    if command is not None and not isinstance(command, str):
-        raise ArgumentError(message(fn, "command", "None or a str", type(command).__name__))
-    prior = read_rotfn_json(ckpt.dir)
-    if prior is not None:
-        raise FoldError(message(fn, "src_dir", "an unfolded checkpoint", f"one folded with {prior!r} (it has {ROTFN_JSON})",
-                                "fold the original checkpoint; folding again would rotate twice"))
-    model = skeleton(ckpt.dir)
-    plan = _resolve_plan(fn, plan, model)
-    outs = _outputs(fn, ckpt, model, plan, dtype)
-    exporter = None if export is None else Export(fn, model, plan)  # every check before anything is written
-    shards = _layout(outs, limit)
-    layout = [] if export else [(name, len(group)) for name, group in shards]  # an export does not resume by shard
-    marker = _prepare_dst(fn, dst, new_marker(_job_parts(ckpt, plan, shards, f"{precision} {export}"), plan,
-                                              os.path.abspath(ckpt.dir), layout, len(outs), command), overwrite)
+    rank, ranks = world()
+    with together(fn):  # every check, on every rank, before anything is written
+        ckpt, dst, limit, dtype = _checked(fn, src_dir, dst_dir, max_shard_size, workers, precision, piece_elements,
+                                           torch_threads, keep_freed_blocks, export, command)
+        model = skeleton(ckpt.dir)
+        plan = _resolve_plan(fn, plan, model)
+        outs = _outputs(fn, ckpt, model, plan, dtype)
+        exporter = None if export is None else Export(fn, model, plan)
+        shards = _layout(outs, limit)
+        layout = [] if export else [(name, len(group)) for name, group in shards]  # an export does not resume by shard
+        marker = new_marker(_job_parts(ckpt, plan, shards, f"{precision} {export}"), plan, os.path.abspath(ckpt.dir),
+                            layout, len(outs), command)
+    same(fn, "src_dir, plan and options", [torch.frombuffer(bytearray(marker["job"].encode()), dtype=torch.uint8)])
+    with together(fn):  # the directory made and marked incomplete once, before any rank writes into it
+        if first_writes():
+            marker = _prepare_dst(fn, dst, marker, overwrite)
+            marker["done"] = read_done(dst, marker["job"])  # what earlier runs finished, whichever rank did it
+            pending = [name for name, group in shards if not _shard_done(dst, name, group, marker)]
+    pending = gather(fn, "shards", pending if first_writes() else None)[0]  # rank 0's view, so every rank deals the same
     stats = FoldStats(shards=len(shards))
-    total = sum(o.entry.nbytes for o in outs)
     threads = torch.get_num_threads()
     workers = workers or threads
-    bar = progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                       desc=f"fold {os.path.basename(ckpt.dir)}", disable=not progress, smoothing=0.05)
-    with contextlib.ExitStack() as process:  # the process-wide settings asked for, undone on exit
+    with together(fn), contextlib.ExitStack() as process:  # the process-wide settings asked for, undone on exit
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
             process.callback(torch.set_num_threads, threads)
         if keep_freed_blocks:
             process.enter_context(freed_blocks_kept())
-        if exporter is not None:
-            with bar:
+        if exporter is not None:  # a run of the outputs per rank, packed into temporaries; the shards cut after
+            owners = _blocks([o.entry.nbytes for o in outs], ranks)
+            mine = [o for o, owner in zip(outs, owners) if owner == rank]
+            with _bar(ckpt, mine, progress) as bar:
                 job = _Fold(_Reader(ckpt, stats), outs, stats, bar, None, 1, dtype, piece_elements)
                 job.prefetch()
-                written = write_compressed(dst, exporter, outs, job.read,
-                                           lambda out: {k: job.cache[job.sources[k]] for k in out.fold.reads},
-                                           limit=limit, dtype=dtype, piece_elements=piece_elements, stats=stats,
-                                           bar=bar)
+                parts = write_parts(dst, exporter, mine, job.read,
+                                    lambda out: {k: job.cache[job.sources[k]] for k in out.fold.reads}, limit=limit,
+                                    dtype=dtype, piece_elements=piece_elements, stats=stats, bar=bar,
+                                    prefix=TEMP_PREFIX if ranks == 1 else f"{TEMP_PREFIX}rank{rank}-",
+                                    tail=exporter.transform_weights if ranks == 1 else None)
                 job.reader.close()
-            _finish_export(ckpt.dir, dst, plan, written, exporter.qconfig)
-            stats.shards, stats.seconds = len(written), time.perf_counter() - start
-            return stats
-        with bar, ThreadPoolExecutor(workers, thread_name_prefix="rotfn-fold") as pool:
-            reader = _Reader(ckpt, stats)
-            job = _Fold(reader, outs, stats, bar, pool, window=2 * workers + 1, dtype=dtype, piece_elements=piece_elements)
-            job.prefetch()
-            for name, group in shards:
-                if _shard_done(dst, name, group, marker):
-                    stats.shards_skipped += 1
-                    for out in group:
-                        job.release(out)
-                    bar.update(sum(o.entry.nbytes for o in group))
-                    continue
-                path = os.path.join(dst, name)
-                write_atomic(path, lambda tmp, group=group: job.write_shard(tmp, group))
-                reader.close()
-                marker["done"][name] = {"mtime_ns": os.stat(path).st_mtime_ns}
-                write_text_atomic(os.path.join(dst, MARKER), json.dumps(marker))
-    _finish(ckpt.dir, dst, plan, shards)
+        else:
+            groups = dict(shards)  # the shards left to write, dealt out by size (a resume's too)
+            owners = dict(zip(pending, assign([sum(o.entry.nbytes for o in groups[name]) for name in pending])))
+            bar = _bar(ckpt, [o for name, owner in owners.items() if owner == rank for o in groups[name]], progress)
+            marker["done"] = read_done(dst, marker["job"])  # this rank's records keep every earlier one
+            with bar, ThreadPoolExecutor(workers, thread_name_prefix="rotfn-fold") as pool:
+                reader = _Reader(ckpt, stats)
+                job = _Fold(reader, outs, stats, bar, pool, window=2 * workers + 1, dtype=dtype,
+                            piece_elements=piece_elements)
+                job.prefetch()
+                for name, group in shards:
+                    if owners.get(name) != rank:
+                        stats.shards_skipped += name not in owners and first_writes()
+                        for out in group:
+                            job.release(out)
+                        continue
+                    path = os.path.join(dst, name)
+                    write_atomic(path, lambda tmp, group=group: job.write_shard(tmp, group))
+                    reader.close()
+                    marker["done"][name] = {"mtime_ns": os.stat(path).st_mtime_ns}
+                    write_text_atomic(os.path.join(dst, marker_of(rank)), json.dumps(marker))
+    if exporter is not None:
+        written = assemble(fn, dst, exporter, parts, limit=limit, stats=stats)
+        stats.shards = len(written)
+    with together(fn):  # what exists once, written once every rank finished its shards
+        if first_writes():
+            if exporter is not None:
+                _finish_export(ckpt.dir, dst, plan, written, exporter.qconfig)
+            else:
+                _finish(ckpt.dir, dst, plan, shards)
     stats.seconds = time.perf_counter() - start
     return stats
