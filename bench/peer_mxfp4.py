@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     ours = rotfn.rotate_qdq(x, r, rotfn.mxfp4(), backend="triton")
     t = triton.testing.do_bench(lambda: peer_rotate_qdq(x, h), warmup=25, rep=200, return_mode="median")
     nbytes = 2 * x.numel() * x.element_size()
-    print(f"# {torch.cuda.get_device_name()}  peer {m}x{n}: {nbytes / t / 1e9:.0f} GB/s; values equal to "
+    print(f"# {torch.cuda.get_device_name()}  peer {m}x{n}: {nbytes / t / 1e9:.2f} TB/s; values equal to "
           f"rotfn.rotate_qdq: {float((peer == ours).float().mean()) * 100:.2f}%, relative distance "
           f"{rotfn.metrics.rel_error(peer.float(), ours.float()):.2e}")
     return 0

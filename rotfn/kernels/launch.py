@@ -167,8 +167,7 @@ def _block_matrices(rotation: Rotation, dtype: torch.dtype, device: torch.device
         lo = (t - hi.double()).to(dtype) if two else hi
         return hi.to(device).contiguous(), lo.to(device).contiguous()
 
-    signs = rotation.sign_vector(torch.float32, device)
-    return (*parts(fwd), *parts(fwd.T.contiguous()), scale, two, signs)
+    return (*parts(fwd), *parts(fwd.T.contiguous()), scale, two, _signs(rotation, device))
 
 
 def _warps(rotation: Rotation | None) -> int:
@@ -275,13 +274,20 @@ def _sylvester_table(device: torch.device) -> torch.Tensor:
     return (1 - 2 * parity).to(torch.bfloat16).to(device)
 
 
+@functools.lru_cache(maxsize=64)
+def _signs(rotation: Rotation, device: torch.device) -> torch.Tensor | None:
+    """The rotation's +-1 signs in fp32 on the device, made once: a copy from host memory per call would make the
+    host wait for the device's queue (a pageable host-to-device copy synchronizes the stream)."""
+    return rotation.sign_vector(torch.float32, device)
+
+
 def _fwht_rotate(x2: torch.Tensor, r: Rotation, *, kc: int = _FWHT_KC, warps: int | None = None) -> torch.Tensor:
     """``x2 @ R`` for a Hadamard rotation with large blocks (:mod:`rotfn.kernels.fwht`); ``kc`` (factor rows per
     chunk) and ``warps`` (None: :data:`_FWHT_WARPS`) are launch settings, swept by ``bench/fwht_sweep.py``."""
     m, n = x2.shape
     k, kp, r1, r2, r3 = _fwht_plan(r.block_size, r.factor)
     out = torch.empty_like(x2)
-    signs = r.sign_vector(torch.float32, x2.device)
+    signs = _signs(r, x2.device)
     a = _factor(k, kp, x2.device) if k > 1 else x2.new_empty(1, dtype=torch.float32)
     size = kp * r1 * r2 * r3
     rows = max(1, _FWHT_ELEMENTS // size)  # small blocks: several per program
