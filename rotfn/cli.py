@@ -277,7 +277,7 @@ def _inspect_incomplete(path: str) -> int:
 
 
 def _inspect_dir(path: str) -> int:
-    from rotfn.io import MARKER, ORIGINAL_MODEL_TYPE, inventory, is_guarded, read_rotfn_json
+    from rotfn.io import MARKER, inventory, is_guarded, read_rotfn_json, unguard_config
 
     if os.path.exists(os.path.join(path, MARKER)):
         return _inspect_incomplete(path)
@@ -285,8 +285,7 @@ def _inspect_dir(path: str) -> int:
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     guarded = is_guarded(config)
-    if guarded:
-        config["model_type"] = config.get(ORIGINAL_MODEL_TYPE)
+    config = unguard_config(config)
     keys = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings", "dtype", "torch_dtype")
     print(f"Hugging Face checkpoint {path}")

@@ -172,6 +172,13 @@ def test_per_linear_fold_with_weight_qdq(src, tmp_path, capsys):
     assert plan.method == "per_linear" and plan.weights == rotfn.mxfp4()
     assert plan.rotations[0].rotation == rotfn.orthogonal(64, seed=0, block=32)
     assert "online transforms" in capsys.readouterr().err  # per_linear rotates each input online
+    transformers = pytest.importorskip("transformers")
+    with pytest.raises(AttributeError, match="rotfn-load_hf-only"):  # a model class refuses it too
+        transformers.LlamaForCausalLM.from_pretrained(dst)
+    assert main(["inspect", dst]) == EXIT_OK  # the real model type and dtype, and why transformers refuses it
+    out = capsys.readouterr().out
+    assert "model_type=llama" in out and "dtype=bfloat16" in out and "rotfn-load_hf-only" not in out
+    assert "rotfn only: plain transformers refuses this directory" in out
 
 
 def test_inspect_a_rotfn_file(tmp_path, capsys):
