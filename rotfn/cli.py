@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 import rotfn
+from rotfn._command import EXIT_INTERRUPTED
 from rotfn.errors import RotfnError
 from rotfn.specs.formats import FP8, NVFP4, IntQ
 
@@ -53,7 +54,6 @@ __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "WEIGHT_F
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 #: Format names the ``--weights`` / ``--format`` options take, and the specs they stand for.
 WEIGHT_FORMATS = {

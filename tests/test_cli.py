@@ -395,3 +395,60 @@ def test_learn_on_a_checkpoint_without_tokenizer_files_uses_bytes(no_tokenizer, 
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert "bytes (mod 128) as ids: DIR has no tokenizer" in done.stderr and out.exists()
+
+
+_STALL_TORCH = '''
+import sys
+import time
+
+
+class StallTorch:  # test hook: `import torch` says so on stderr and waits, so a SIGINT lands while rotfn loads
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            print("test hook: importing torch", file=sys.stderr, flush=True)
+            time.sleep(300)
+
+
+sys.meta_path.insert(0, StallTorch())
+'''
+
+#: What pip writes as the ``rotfn`` console script (``[project.scripts]``): it imports the package first.
+_CONSOLE_SCRIPT = '''import re
+import sys
+from rotfn.cli import main
+if __name__ == "__main__":
+    sys.argv[0] = re.sub(r"(-script\\.pyw|\\.exe)?$", "", sys.argv[0])
+    sys.exit(main())
+'''
+
+
+def _interrupted_while_importing(argv, hooks) -> subprocess.CompletedProcess:
+    """Run ``argv`` with a hook that stalls ``import torch``, SIGINT it once the hook says it is there."""
+    import signal
+
+    (hooks / "sitecustomize.py").write_text(_STALL_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), *sys.path])}
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    marker = run.stderr.readline()  # blocks until the hook prints (or the process ends: then the asserts say why)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    return subprocess.CompletedProcess(run.args, run.returncode, out, marker + err)
+
+
+@pytest.mark.parametrize("entry", ["python -m rotfn", "console script"])
+def test_ctrl_c_while_rotfn_imports_is_one_line_and_130(entry, src, tmp_path):
+    script = tmp_path / "bin" / "rotfn"
+    script.parent.mkdir()
+    script.write_text(_CONSOLE_SCRIPT)
+    command = [sys.executable, "-m", "rotfn"] if entry == "python -m rotfn" else [sys.executable, str(script)]
+    done = _interrupted_while_importing([*command, "inspect", src], tmp_path)
+    assert done.stderr.splitlines() == ["test hook: importing torch", "rotfn: interrupted"], done.stderr
+    assert done.returncode == 130 and done.stdout == ""
+
+
+def test_ctrl_c_while_a_program_imports_rotfn_stays_a_keyboard_interrupt(tmp_path):
+    """Only the command turns the interrupt into an exit: a program importing rotfn sees its KeyboardInterrupt."""
+    program = "try:\n    import rotfn\nexcept KeyboardInterrupt:\n    print('caught')\n"
+    done = _interrupted_while_importing([sys.executable, "-c", program], tmp_path)
+    assert done.returncode == 0 and done.stdout == "caught\n", done.stderr
