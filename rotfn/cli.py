@@ -114,8 +114,22 @@ def _builder_plan(args: argparse.Namespace, acts=None, *, servable: bool = False
             weights = _servable(weights, next(model.parameters()).dtype)
         if args.plan == "per_linear":
             return rotfn.plans.per_linear(model, rotation=r1, weights=weights, acts=acts)
+        _check_quarot_family(args, model)
         return rotfn.plans.quarot(model, r1=r1, r2=r2, r3=r3, r4=r4, weights=weights, acts=acts)
     return plan
+
+
+def _check_quarot_family(args: argparse.Namespace, model) -> None:
+    """A FamilyError whose fix is an option when quarot has no adapter for the model (GPT-2's Conv1D linears, ...):
+    per_linear needs none."""
+    from rotfn.errors import FamilyError, message
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    families = rotfn.plans.FAMILIES
+    if not any(model_type in family.model_types for family in families.values()):
+        raise FamilyError(message(args.command, "plan", f"a model of a family quarot has an adapter for ({', '.join(sorted(families))})",
+                                  f"{type(model).__name__} (model_type {model_type!r})",
+                                  "rerun with --plan per_linear (a rotation at each linear's input; it needs no adapter)"))
 
 
 def _servable(fmt, dtype: torch.dtype):
@@ -136,20 +150,50 @@ def _plan_arg(text: str) -> str:
                                      f"got {text!r}")
 
 
-def _plan_file(args: argparse.Namespace):
-    """The plan of the rotfn file ``--plan FILE`` (the plan options may not be given with it)."""
-    from rotfn.errors import CheckpointError, message
+def _plan_file(args: argparse.Namespace) -> Callable:
+    """``model -> Plan`` for ``--plan FILE`` (the plan options may not be given with it): the file's plan, refused in
+    the command line's words when the file holds none or the plan was built for another model than SRC's."""
+    from rotfn.errors import CheckpointError, PlanError, message
+    from rotfn.io import METADATA_KEY
 
     given = [f"--{k.replace('_', '-')}" for k in ("r1", "r2", "r3", "r4", "seed", "block", "weights")
              if getattr(args, k) is not None]
     if given:
         _usage(args.parser, f"{', '.join(given)}: the plan file {args.plan} holds the rotations and formats; drop them")
+    expected = "a plan file (rotfn learn --out FILE, or rotfn.save with a plan)"
+    fix = "pass --plan quarot or --plan per_linear with rotation options, or a file that rotfn learn --out wrote"
+    _, metadata, _ = _header(args, "plan", args.plan, expected, fix, fn="load")  # fn: what rotfn.load names
+    if METADATA_KEY not in metadata:
+        raise CheckpointError(message("fold", "plan", expected, f"{args.plan!r}, a safetensors file without a rotfn "
+                                      "plan (a checkpoint's weights?)", fix))
     _, plan = rotfn.load(args.plan)
     if plan is None:
-        raise CheckpointError(message("fold", "plan", "a rotfn file holding a plan (rotfn learn --out, rotfn.save "
-                                      "with a plan)", f"{args.plan!r}, which holds params only",
-                                      "write the plan with rotfn learn --out FILE"))
-    return plan
+        raise CheckpointError(message("fold", "plan", expected, f"{args.plan!r}, which holds params only", fix))
+
+    def for_src(model):
+        info = rotfn.plans.describe(model)
+        if plan.signature != info.signature:
+            raise PlanError(message("fold", "plan", f"a plan for SRC's model ({info.cls}, signature {info.signature})",
+                                    f"{args.plan!r}, a plan for {plan.model} (signature {plan.signature}), another "
+                                    "model's names or shapes", f"learn one on SRC: rotfn learn {shlex.quote(args.src_dir)} "
+                                    "--out FILE with the options you learned this one with"))
+        return plan
+    return for_src
+
+
+def _header(args: argparse.Namespace, dest: str, path: str, expected: str, fix: str, fn: str | None = None):
+    """:func:`rotfn.io.read_header` of a file named on the command line; a file that is no safetensors file at all
+    (``config.json``, a text file) is said in the command line's words, with ``expected`` and ``fix``."""
+    from rotfn.errors import CheckpointError, message
+    from rotfn.io import read_header
+
+    try:
+        return read_header(path, fn=fn or args.command)
+    except CheckpointError:
+        if path.endswith(".safetensors"):
+            raise  # a damaged safetensors file: read_header says what is wrong with it
+        raise CheckpointError(message(args.command, dest, expected, f"{path!r}, which is not a safetensors file",
+                                      fix)) from None
 
 
 # ----- rotfn fold ---------------------------------------------------------------------------------
@@ -211,12 +255,15 @@ def _dtypes(counts: collections.Counter) -> str:
     return ", ".join(f"{str(d).removeprefix('torch.')} x{n}" for d, n in counts.most_common())
 
 
-def _inspect_file(path: str) -> int:
+def _inspect_file(args: argparse.Namespace, path: str) -> int:
     import safetensors
 
-    from rotfn.io import METADATA_KEY, decode_plan, read_header, rotation_tensor_names
+    from rotfn.io import METADATA_KEY, decode_plan, rotation_tensor_names
 
-    entries, metadata, _ = read_header(path, fn="inspect")
+    directory = os.path.dirname(os.path.abspath(path))
+    fix = (f"pass the checkpoint directory instead: rotfn inspect {shlex.quote(os.path.dirname(path) or '.')}"
+           if os.path.isfile(os.path.join(directory, "config.json")) else "pass a .safetensors file or a directory")
+    entries, metadata, _ = _header(args, "path", path, "a rotfn or safetensors file or a checkpoint directory", fix)
     if METADATA_KEY not in metadata:
         return _inspect_safetensors(path, entries)
     doc = json.loads(metadata[METADATA_KEY])
@@ -313,7 +360,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if os.path.isdir(path):
         return _inspect_dir(path)
     if os.path.isfile(path):
-        return _inspect_file(path)
+        return _inspect_file(args, path)
     raise CheckpointError(message("inspect", "path", "a rotfn or safetensors file or a checkpoint directory",
                                   repr(path), "check the path"))
 

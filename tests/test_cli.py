@@ -59,6 +59,9 @@ def bad_files(src, tmp_path_factory):
     data = (directory / "whole.safetensors").read_bytes()
     (directory / "cut.safetensors").write_bytes(data[:len(data) - 100])
     (directory / "text.txt").write_text("too short")
+    transformers = pytest.importorskip("transformers")  # GPT-2: Conv1D linears, no quarot adapter
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0,
+                                                         eos_token_id=0)).save_pretrained(directory / "gpt2")
     return str(directory), len(data)
 
 
@@ -84,7 +87,23 @@ BAD_COMMAND_LINES = [
     (["fold", "{tmp}/missing", "{tmp}/o"], EXIT_FAILED, "rotfn fold: SRC: expected an existing Hugging Face"),
     (["fold", "{src}", "{src}"], EXIT_FAILED, "rotfn fold: DST: expected a directory other than SRC"),
     (["fold", "{src}", "{tmp}/o", "--max-shard-size", "5XB"], EXIT_USAGE, "rotfn fold: --max-shard-size: expected a size such as 5GB"),
-    (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/plain.safetensors"], EXIT_FAILED, "rotfn fold: --plan: expected"),
+    (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/plain.safetensors"], EXIT_FAILED,
+     "rotfn fold: --plan: expected a plan file (rotfn learn --out FILE, or rotfn.save with a plan), got "
+     "'{bad}/plain.safetensors', a safetensors file without a rotfn plan (a checkpoint's weights?); fix: pass --plan "
+     "quarot or --plan per_linear"),
+    (["fold", "{src}", "{tmp}/o", "--plan", "{src}/config.json"], EXIT_FAILED,
+     "rotfn fold: --plan: expected a plan file (rotfn learn --out FILE, or rotfn.save with a plan), got "
+     "'{src}/config.json', which is not a safetensors file; fix: pass --plan quarot or --plan per_linear"),
+    (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/whole.safetensors"], EXIT_FAILED,
+     "rotfn fold: --plan: expected a plan for SRC's model (LlamaForCausalLM, signature "),
+    (["fold", "{bad}/gpt2", "{tmp}/o"], EXIT_FAILED, "rotfn fold: --plan: expected a model of a family quarot has an "
+     "adapter for (llama, mistral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe), got GPT2LMHeadModel (model_type 'gpt2'); "
+     "fix: rerun with --plan per_linear"),
+    (["learn", "{bad}/gpt2", "--out", "{tmp}/p", "--weights", "int4"], EXIT_FAILED,
+     "rotfn learn: --plan: expected a model of a family quarot has an adapter for"),
+    (["inspect", "{src}/config.json"], EXIT_FAILED, "rotfn inspect: FILE_OR_DIR: expected a rotfn or safetensors file "
+     "or a checkpoint directory, got '{src}/config.json', which is not a safetensors file; fix: pass the checkpoint "
+     "directory instead: rotfn inspect {src}"),
     (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/cut.safetensors"], EXIT_FAILED,
      "rotfn fold: --plan: expected {bad}/cut.safetensors: a complete safetensors file, got the file is truncated or "
      "not a safetensors file (header says {size} bytes, file has {cut})"),
@@ -131,7 +150,7 @@ def test_bad_command_lines_fail_with_one_line_in_the_command_line_s_words(argv, 
 
 
 def test_bad_command_lines_through_the_executable(src, tmp_path, bad_files):
-    rows = [BAD_COMMAND_LINES[i] for i in (4, 13, 17, 21, 28)]
+    rows = [BAD_COMMAND_LINES[i] for i in (4, 13, 19, 21, 22, 26, 33)]
     runs = [subprocess.Popen([sys.executable, "-m", "rotfn", *_filled(argv, src, str(tmp_path), bad_files)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv, _, _ in rows]
     for (argv, code, start), run in zip(rows, runs, strict=True):
