@@ -23,7 +23,8 @@ Exit codes, for scripts:
 * 1: the command failed: a rotfn error (bad checkpoint, plan that does not fit, ...), a file
   system error or a missing optional dependency;
 * 2: usage error: no or unknown command, unknown option, bad or conflicting values;
-* 130: interrupted (Ctrl-C).
+* 130: interrupted (Ctrl-C);
+* 141: stdout closed early (``rotfn inspect DIR | head -1``): quietly, as other Unix tools.
 
 Every failure is one line on stderr, ``rotfn COMMAND: WHAT: ...``, naming the option or
 argument as it is typed on the command line (the library's argument names are translated in
@@ -49,11 +50,12 @@ from rotfn._command import EXIT_INTERRUPTED
 from rotfn.errors import RotfnError
 from rotfn.specs.formats import FP8, NVFP4, IntQ
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "WEIGHT_FORMATS", "build_parser", "main"]
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "WEIGHT_FORMATS", "build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what shells report for a tool whose output pipe closed (| head)
 
 #: Format names the ``--weights`` / ``--format`` options take, and the specs they stand for.
 WEIGHT_FORMATS = {
@@ -75,7 +77,8 @@ _EPILOG = """examples:
   rotfn report llama-3-8b --format mxfp4 --block 32
   rotfn demo --rows 64
 
-exit codes: 0 ok, 1 the command failed, 2 usage error, 130 interrupted (one line on stderr says why)
+exit codes: 0 ok, 1 the command failed, 2 usage error, 130 interrupted (one line on stderr says why),
+141 stdout closed early (| head)
 """
 
 
@@ -756,12 +759,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code: 0 on success (and for ``--help`` and ``--version``), 1 when the command failed (a rotfn
         error, a file system error or a missing optional dependency), 2 on a usage error (no or unknown command,
-        unknown option, bad value), 130 when interrupted (Ctrl-C); every failure is one line on stderr.
+        unknown option, bad value), 130 when interrupted (Ctrl-C), 141 when stdout's reader went away (``rotfn
+        inspect DIR | head -1``: nothing more is written, no message, as other Unix tools); every failure is one
+        line on stderr.
 
     Example:
         >>> main(["no-such-command"])
         2
     """
+    try:
+        code = _command(argv)
+        sys.stdout.flush()  # a pipe closed early shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        return _closed_stdout()
+    return code
+
+
+def _closed_stdout() -> int:
+    """Exit code for a stdout whose reader has gone; stdout now writes to ``os.devnull``, so that the interpreter's
+    last flush of what is still buffered does not fail once more (a message and exit code 120)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (an in-process caller's stdout): nothing is flushed at exit
+        pass
+    return EXIT_BROKEN_PIPE
+
+
+def _command(argv: Sequence[str] | None) -> int:
+    """:func:`main` but for a closed stdout."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
@@ -786,6 +813,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prefix} {_cli_message(args, str(err))}", file=sys.stderr)
     except ModuleNotFoundError as err:
         print(f"{prefix} needs the Python package {err.name!r}; fix: pip install 'rotfn[hf]'", file=sys.stderr)
+    except BrokenPipeError:
+        raise  # stdout closed early: main's to handle, not a failure to report
     except OSError as err:
         print(f"{prefix} {err}", file=sys.stderr)
     return EXIT_FAILED

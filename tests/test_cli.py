@@ -471,3 +471,18 @@ def test_ctrl_c_while_a_program_imports_rotfn_stays_a_keyboard_interrupt(tmp_pat
     program = "try:\n    import rotfn\nexcept KeyboardInterrupt:\n    print('caught')\n"
     done = _interrupted_while_importing([sys.executable, "-c", program], tmp_path)
     assert done.returncode == 0 and done.stdout == "caught\n", done.stderr
+
+
+@pytest.mark.parametrize("argv, code", [(["inspect", "{src}"], 141), (["demo", "--rows", "8"], 141),
+                                        (["--help"], 0)])  # argparse itself ignores a failed write of its help
+def test_a_closed_stdout_ends_the_command_quietly(argv, code, src):
+    """``rotfn inspect DIR | head -1``: once the reader has gone, exit 141 (as for SIGPIPE) without a traceback or a
+    message; here the pipe's read end is closed before the command starts, so every write finds it gone."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "rotfn", *(a.format(src=src) for a in argv)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=300, check=False)
+    finally:
+        os.close(write)
+    assert done.returncode == code and done.stderr == "", done.stderr
