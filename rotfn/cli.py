@@ -219,19 +219,19 @@ def _run_fold(args: argparse.Namespace) -> int:
             qconfig = json.load(f)["quantization_config"]
         transforms = ", ".join(qconfig["transform_config"].get("config_groups", {})) or "none"
         print(f"exported {src} -> {dst} ({args.export}, format {qconfig['format']}, online transforms: "
-              f"{transforms}): {stats.tensors} tensors in {stats.shards} shards, {_size(stats.bytes_written)} in "
+              f"{transforms}): {_count(stats.tensors, 'tensor')} in {_count(stats.shards, 'shard')}, {_size(stats.bytes_written)} in "
               f"{stats.seconds:.1f} s")
         return EXIT_OK
     plan = read_rotfn_json(dst)
-    print(f"folded {src} -> {dst}: {stats.tensors} tensors written in {stats.shards} shards"
+    print(f"folded {src} -> {dst}: {_count(stats.tensors, 'tensor')} written in {_count(stats.shards, 'shard')}"
           + (f" ({stats.shards_skipped} kept from an interrupted run)" if stats.shards_skipped else "")
           + f", {_size(stats.bytes_written)} in {stats.seconds:.1f} s")
     print(plan)
     if plan.online:
-        kinds = collections.Counter(o.role or o.kind for o in plan.online)
-        print(f"note: {len(plan.online)} online transforms ({', '.join(f'{k} x{n}' for k, n in kinds.items())}) are "
-              "not in the weights, so plain transformers refuses the directory: load with rotfn.load_hf(dst) and run "
-              "with rotfn.call, or, for an inference engine, fold with --export compressed-tensors where the plan "
+        kinds = ", ".join(f"{k} x{n}" for k, n in collections.Counter(o.role or o.kind for o in plan.online).items())
+        are = "is" if len(plan.online) == 1 else "are"
+        print(f"note: {_count(len(plan.online), 'online transform')} ({kinds}) {are} not in the weights, so plain "
+              "transformers refuses the directory: load with rotfn.load_hf(dst) and run with rotfn.call, or, for an inference engine, fold with --export compressed-tensors where the plan "
               "exports (docs/howto/serving.md)", file=sys.stderr)
     return EXIT_OK
 
@@ -252,6 +252,11 @@ def _fold_interrupted(args: argparse.Namespace) -> str:
 # ----- rotfn inspect ------------------------------------------------------------------------------
 def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**8 else f"{nbytes / 1e6:.2f} MB" if nbytes >= 10**4 else f"{nbytes} B"
+
+
+def _count(n: int, noun: str) -> str:
+    """``"1 shard"``, ``"3 shards"``."""
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def _dtypes(counts: collections.Counter) -> str:
@@ -294,7 +299,7 @@ def _inspect_safetensors(path: str, entries) -> int:
     from rotfn._table import format_table
 
     dtypes = collections.Counter(e.dtype for e in entries)
-    print(f"safetensors file {path} (not a rotfn file): {len(entries)} tensors, "
+    print(f"safetensors file {path} (not a rotfn file): {_count(len(entries), 'tensor')}, "
           f"{_size(sum(e.nbytes for e in entries))} ({_dtypes(dtypes)})")
     rows = [(e.name, str(e.dtype).removeprefix("torch."), list(e.shape), _size(e.nbytes)) for e in entries]
     print(format_table(["tensor", "dtype", "shape", "bytes"], rows, align="llrr"))
@@ -317,7 +322,7 @@ def _inspect_incomplete(path: str) -> int:
         print(f"tensors: {progress.tensors_done} of {progress.tensors} done; shards: {done} of {len(progress.shards)} "
               "done")
         for name, n, finished in progress.shards:
-            print(f"  {name}: {'done' if finished else 'pending'}, {n} tensor{'s' * (n != 1)}")
+            print(f"  {name}: {'done' if finished else 'pending'}, {_count(n, 'tensor')}")
     else:
         print(f"tensors: {progress.tensors}, an export (it restarts rather than resumes)")
     print(f"plan being folded:\n{progress.plan}")
@@ -348,9 +353,9 @@ def _inspect_dir(path: str) -> int:
         per_file[file].append(entry)
     for file in ckpt.files:
         entries = per_file[file]
-        print(f"  {file}: {len(entries)} tensors, {_size(sum(e.nbytes for e in entries))}")
+        print(f"  {file}: {_count(len(entries), 'tensor')}, {_size(sum(e.nbytes for e in entries))}")
     dtypes = collections.Counter(e.dtype for _, e in ckpt.tensors.values())
-    print(f"tensors: {len(ckpt.tensors)} in {len(ckpt.files)} files, {_size(ckpt.nbytes)} ({_dtypes(dtypes)})")
+    print(f"tensors: {len(ckpt.tensors)} in {_count(len(ckpt.files), 'file')}, {_size(ckpt.nbytes)} ({_dtypes(dtypes)})")
     plan = read_rotfn_json(path)
     print("plan: none (rotfn.json absent: not folded by rotfn)" if plan is None else f"plan (folded, rotfn.json):\n{plan}")
     return EXIT_OK

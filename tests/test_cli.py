@@ -190,13 +190,16 @@ def test_per_linear_fold_with_weight_qdq(src, tmp_path, capsys):
     plan = rotfn.io._hf.read_rotfn_json(dst)
     assert plan.method == "per_linear" and plan.weights == rotfn.mxfp4()
     assert plan.rotations[0].rotation == rotfn.orthogonal(64, seed=0, block=32)
-    assert "online transforms" in capsys.readouterr().err  # per_linear rotates each input online
+    captured = capsys.readouterr()
+    assert "online transforms (per_linear x14) are not in the weights" in captured.err  # each input, online
+    assert " tensors written in 1 shard, " in captured.out  # the default shard size: one shard, said in the singular
     transformers = pytest.importorskip("transformers")
     with pytest.raises(AttributeError, match="rotfn-load_hf-only"):  # a model class refuses it too
         transformers.LlamaForCausalLM.from_pretrained(dst)
     assert main(["inspect", dst]) == EXIT_OK  # the real model type and dtype, and why transformers refuses it
     out = capsys.readouterr().out
     assert "model_type=llama" in out and "dtype=bfloat16" in out and "rotfn-load_hf-only" not in out
+    assert "  model.safetensors: 21 tensors, " in out and "tensors: 21 in 1 file, " in out
     assert "rotfn only: plain transformers refuses this directory" in out
 
 
