@@ -50,7 +50,7 @@ from rotfn._command import EXIT_INTERRUPTED
 from rotfn.errors import RotfnError
 from rotfn.specs.formats import FP8, NVFP4, IntQ
 
-__all__ = ["EXIT_BROKEN_PIPE", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "WEIGHT_FORMATS", "build_parser", "main"]
+__all__ = ["ACT_FORMATS", "EXIT_BROKEN_PIPE", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "WEIGHT_FORMATS", "build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -62,6 +62,9 @@ WEIGHT_FORMATS = {
     "mxfp4": rotfn.mxfp4(), "mxfp8": rotfn.mxfp8(), "nvfp4": rotfn.nvfp4(),
     "int4": rotfn.intq(4, group=32), "int8": rotfn.intq(8), "fp8": rotfn.fp8("channel"),
 }
+#: ... and those of ``--acts``: the same, FP8 one scale per token (the name engines know; per row either way).
+ACT_FORMATS = {**WEIGHT_FORMATS, "fp8": rotfn.fp8("token")}
+_EXPORT_ACTS = ("mxfp4", "int8", "fp8")  # what --export streams: scales the engine computes (no calibration)
 _ROTATIONS = ("hadamard", "orthogonal", "none")
 _BUILDERS = ("quarot", "per_linear")
 _REPORT_TOKENS, _GPTQ_TOKENS = 32, 512  # GPTQ fits a Hessian: it needs more tokens than a linear has inputs
@@ -105,9 +108,12 @@ def _rotation_options(args: argparse.Namespace) -> tuple[str, str, str, str]:
     return r1, r2, r3, r4
 
 
-def _builder_plan(args: argparse.Namespace, acts=None, *, servable: bool = False) -> Callable:
+def _builder_plan(args: argparse.Namespace, *, servable: bool = False) -> Callable:
     """``model -> Plan`` from the plan options (seeds: R1 seed, R2 seed + 1, R3 seed + 2, R4 seed + 3); ``servable``:
     weight formats as a served checkpoint holds them (``--export``)."""
+    acts = None if args.acts is None else ACT_FORMATS[args.acts]
+    if servable and acts is not None:
+        acts = _servable(acts, None)
     seed = args.seed or 0
     r1, r2, r3, r4 = (_rotation_factory(k, seed + i, args.block) for i, k in enumerate(_rotation_options(args)))
 
@@ -135,9 +141,9 @@ def _check_quarot_family(args: argparse.Namespace, model) -> None:
                                   "rerun with --plan per_linear (a rotation at each linear's input; it needs no adapter)"))
 
 
-def _servable(fmt, dtype: torch.dtype):
+def _servable(fmt, dtype: torch.dtype | None):
     """``fmt`` as a served checkpoint holds it bit for bit: NVFP4 with a power-of-two global scale, intq / fp8
-    scales in the model's dtype (see rotfn.export_compressed)."""
+    scales in the model's dtype (see rotfn.export_compressed); ``dtype`` None: an activation format (NVFP4 only)."""
     if isinstance(fmt, NVFP4):
         return rotfn.nvfp4("pow2")
     if isinstance(fmt, (IntQ, FP8)) and dtype in (torch.bfloat16, torch.float16):
@@ -159,7 +165,7 @@ def _plan_file(args: argparse.Namespace) -> Callable:
     from rotfn.errors import CheckpointError, PlanError, message
     from rotfn.io import METADATA_KEY
 
-    given = [f"--{k.replace('_', '-')}" for k in ("r1", "r2", "r3", "r4", "seed", "block", "weights")
+    given = [f"--{k.replace('_', '-')}" for k in ("r1", "r2", "r3", "r4", "seed", "block", "weights", "acts")
              if getattr(args, k) is not None]
     if given:
         _usage(args.parser, f"{', '.join(given)}: the plan file {args.plan} holds the rotations and formats; drop them")
@@ -204,8 +210,12 @@ def _run_fold(args: argparse.Namespace) -> int:
     from rotfn.io import read_rotfn_json
 
     if args.plan in _BUILDERS:
-        if _rotation_options(args) == ("none",) * 4 and args.weights is None:
-            _usage(args.parser, "nothing to fold: give a rotation (--r1 ...) or --weights")
+        if _rotation_options(args) == ("none",) * 4 and args.weights is None and args.acts is None:
+            _usage(args.parser, "nothing to fold: give a rotation (--r1 ...), --weights or --acts")
+        if args.export and args.acts not in (None, *_EXPORT_ACTS):
+            _usage(args.parser, f"--acts {args.acts}: --export {args.export} serves activations whose scales the "
+                                f"engine computes as it runs ({', '.join(_EXPORT_ACTS)}); fold without --export to run it with "
+                                "rotfn.load_hf + rotfn.call")
         plan = _builder_plan(args, servable=bool(args.export))
     else:
         plan = _plan_file(args)
@@ -499,7 +509,7 @@ def _run_learn(args: argparse.Namespace) -> int:
                                 f"one folded with {prior!r}", "run it on the original checkpoint"))
     text = _learn_text(args)
     model = _load_model(args.dir)
-    plan = _builder_plan(args, None if args.acts is None else WEIGHT_FORMATS[args.acts])(model)
+    plan = _builder_plan(args)(model)
     roles = tuple(r for r in rotfn.learn.LEARNABLE_ROLES if any(e.role == r for e in (*plan.rotations, *plan.online)))
     if not roles:
         _usage(args.parser, f"nothing to learn: the plan has no rotation of {', '.join(rotfn.learn.LEARNABLE_ROLES)} "
@@ -595,6 +605,10 @@ def _add_plan_options(parser: argparse.ArgumentParser, plan_files: bool) -> None
     parser.add_argument("--block", type=_positive, default=None, help="block-diagonal rotations with B x B blocks")
     parser.add_argument("--weights", choices=tuple(WEIGHT_FORMATS), default=None,
                         help="fake-quantize the folded weights")
+    parser.add_argument("--acts", choices=tuple(ACT_FORMATS), default=None,
+                        help="fake-quantize linear inputs (online, at run time" + (
+                            ": the folded directory then needs rotfn.load_hf + rotfn.call, or --export "
+                            "compressed-tensors for an engine)" if plan_files else ")"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -623,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "examples:\n"
                       "  rotfn fold llama llama-quarot --plan quarot --r1 hadamard --r2 hadamard\n"
                       "  rotfn fold llama llama-w4 --plan per_linear --r1 hadamard --block 32 --weights mxfp4\n"
+                      "  rotfn fold llama llama-w4a8 --r4 hadamard --weights int4 --acts int8 --export compressed-tensors\n"
                       "  rotfn fold llama llama-quarot --plan quarot --r1 orthogonal --seed 7 --overwrite\n"
                       "  rotfn fold llama llama-learned --plan learned.safetensors      (from rotfn learn --out)\n"
                       "  rotfn fold llama llama-nvfp4 --r1 hadamard --r2 hadamard --r4 hadamard --weights nvfp4 "
@@ -671,7 +686,6 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--text", default=None, metavar="FILE",
                        help="calibration text, paragraphs separated by blank lines (default: rotfn's own, ~11 KB)")
     _add_plan_options(learn, plan_files=False)
-    learn.add_argument("--acts", choices=tuple(WEIGHT_FORMATS), default=None, help="fake-quantize linear inputs")
     learn.add_argument("--steps", type=_positive, default=50, help="Cayley SGD steps (default 50)")
     learn.add_argument("--lr", type=_positive_number, default=0.5, help="step size (default 0.5)")
     learn.add_argument("--seq-len", type=_int_at_least(2, "an int >= 2"), default=128,

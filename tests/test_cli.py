@@ -84,6 +84,11 @@ BAD_COMMAND_LINES = [
      "rotfn fold: --plan: expected quarot, per_linear or a plan file"),
     (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/whole.safetensors", "--seed", "3"], EXIT_USAGE,
      "rotfn fold: --seed: the plan file"),
+    (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/whole.safetensors", "--acts", "int4"], EXIT_USAGE,
+     "rotfn fold: --acts: the plan file"),
+    (["fold", "a", "b", "--acts", "nvfp4", "--export", "compressed-tensors"], EXIT_USAGE,
+     "rotfn fold: --acts nvfp4: --export compressed-tensors serves activations whose scales the engine computes as it "
+     "runs (mxfp4, int8, fp8); fold without --export"),
     (["fold", "{tmp}/missing", "{tmp}/o"], EXIT_FAILED, "rotfn fold: SRC: expected an existing Hugging Face"),
     (["fold", "{src}", "{src}"], EXIT_FAILED, "rotfn fold: DST: expected a directory other than SRC"),
     (["fold", "{src}", "{tmp}/o", "--max-shard-size", "5XB"], EXIT_USAGE, "rotfn fold: --max-shard-size: expected a size such as 5GB"),
@@ -150,7 +155,7 @@ def test_bad_command_lines_fail_with_one_line_in_the_command_line_s_words(argv, 
 
 
 def test_bad_command_lines_through_the_executable(src, tmp_path, bad_files):
-    rows = [BAD_COMMAND_LINES[i] for i in (4, 13, 19, 21, 22, 26, 33)]
+    rows = [BAD_COMMAND_LINES[i] for i in (4, 15, 21, 23, 24, 28, 35)]
     runs = [subprocess.Popen([sys.executable, "-m", "rotfn", *_filled(argv, src, str(tmp_path), bad_files)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv, _, _ in rows]
     for (argv, code, start), run in zip(rows, runs, strict=True):
@@ -201,6 +206,36 @@ def test_per_linear_fold_with_weight_qdq(src, tmp_path, capsys):
     assert "model_type=llama" in out and "dtype=bfloat16" in out and "rotfn-load_hf-only" not in out
     assert "  model.safetensors: 21 tensors, " in out and "tensors: 21 in 1 file, " in out
     assert "rotfn only: plain transformers refuses this directory" in out
+
+
+def test_fold_with_acts_runs_as_the_in_memory_plan(src, tmp_path, capsys):
+    """--acts quantizes linear inputs online: rotfn.load_hf + rotfn.call of the folded directory compute what
+    rotfn.call of the same plan computes in memory, bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    dst = str(tmp_path / "out")
+    assert main(["fold", src, dst, "--plan", "per_linear", "--weights", "mxfp4", "--acts", "mxfp4", "--quiet"]) == EXIT_OK
+    assert "acts=mxfp4(" in capsys.readouterr().out
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype="auto").eval()
+    plan = rotfn.plans.per_linear(model, rotation=lambda n: rotfn.hadamard(n, seed=0), weights=rotfn.mxfp4(),
+                                  acts=rotfn.mxfp4())
+    model2, params2, plan2 = rotfn.load_hf(dst)
+    assert plan2 == plan and plan2.acts == rotfn.mxfp4()
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = rotfn.call(model, rotfn.fold(rotfn.params(model), plan), plan, ids).logits
+        torch.testing.assert_close(rotfn.call(model2, params2, plan2, ids).logits, expected, rtol=0, atol=0)
+
+
+def test_fold_export_with_acts_writes_the_activation_scheme(src, tmp_path, capsys):
+    import json
+
+    dst = tmp_path / "out"
+    assert main(["fold", src, str(dst), "--r4", "hadamard", "--weights", "int4", "--acts", "fp8", "--export",
+                 "compressed-tensors", "--quiet"]) == EXIT_OK
+    groups = json.loads((dst / "config.json").read_text())["quantization_config"]["config_groups"]
+    acts = {(g["input_activations"]["type"], g["input_activations"]["strategy"], g["input_activations"]["dynamic"])
+            for g in groups.values()}
+    assert acts == {("float", "token", True)}, groups
 
 
 def test_inspect_a_rotfn_file(tmp_path, capsys):
