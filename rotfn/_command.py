@@ -20,14 +20,14 @@ __all__ = ["EXIT_INTERRUPTED", "interrupt_exits", "is_command"]
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 _SCRIPT = re.compile(r"rotfn(-script\.pyw?|\.exe)?")  # the console script, as pip writes it on each platform
+_WITH_VALUE = ("-W", "-X", "--check-hash-based-pycs")  # interpreter options whose value is the next argument
 
 
 def is_command(argv: list[str] | None = None, orig_argv: list[str] | None = None) -> bool:
     """True when this process is the ``rotfn`` command: its console script, or ``python -m rotfn``.
 
-    The console script's path is ``sys.argv[0]``; ``python -m rotfn`` shows as ``-m rotfn`` in
-    ``sys.orig_argv``, the interpreter's own arguments (``sys.argv[0]`` is ``"-m"`` while the
-    package loads).
+    The console script's path is ``sys.argv[0]``; ``python -m rotfn`` shows as ``-m rotfn`` among the
+    interpreter's own options in ``sys.orig_argv`` (before a script, ``-c`` or ``-m``, which end them).
 
     Args:
         argv, orig_argv: ``sys.argv`` and ``sys.orig_argv`` (None: the process's own).
@@ -35,19 +35,28 @@ def is_command(argv: list[str] | None = None, orig_argv: list[str] | None = None
     Example:
         >>> is_command(["/venv/bin/rotfn", "fold"], ["/venv/bin/python", "/venv/bin/rotfn", "fold"])
         True
-        >>> is_command(["-m", "fold"], ["python", "-X", "utf8", "-m", "rotfn", "fold"])
+        >>> is_command(["/src/rotfn/__main__.py", "fold"], ["python", "-X", "utf8", "-m", "rotfn", "fold"])
         True
-        >>> is_command(["train.py"], ["python", "train.py"]), is_command(["-c"], ["python", "-c", "import rotfn"])
+        >>> is_command(["train.py", "-m", "rotfn"], ["python", "train.py", "-m", "rotfn"])
+        False
+        >>> is_command(["-c"], ["python", "-c", "import rotfn"]), is_command(["-m"], ["python", "-m", "rotfn.cli"])
         (False, False)
     """
     argv = sys.argv if argv is None else argv
     orig_argv = sys.orig_argv if orig_argv is None else orig_argv
     if argv and _SCRIPT.fullmatch(os.path.basename(argv[0])):
         return True
-    if argv[:1] != ["-m"]:
-        return False
-    first = next((i for i, a in enumerate(orig_argv) if i and a.startswith("-m")), None)  # the interpreter's -m
-    return first is not None and (orig_argv[first] == "-mrotfn" or orig_argv[first:first + 2] == ["-m", "rotfn"])
+    options = iter(orig_argv[1:])
+    for option in options:
+        if option in _WITH_VALUE:
+            next(options, None)
+        elif option == "-m":
+            return next(options, None) == "rotfn"
+        elif option.startswith("-m"):
+            return option == "-mrotfn"
+        elif option == "-" or option.startswith("-c") or not option.startswith("-"):
+            return False  # stdin, -c CODE or a script
+    return False
 
 
 @contextlib.contextmanager

@@ -40,13 +40,14 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
 import torch
 
 import rotfn
-from rotfn._command import EXIT_INTERRUPTED
+from rotfn._command import EXIT_INTERRUPTED, is_command
 from rotfn.errors import RotfnError
 from rotfn.specs.formats import FP8, NVFP4, IntQ
 
@@ -786,11 +787,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["no-such-command"])
         2
     """
+    code = None
     try:
-        code = _command(argv)
+        code = _run_command(argv)
         sys.stdout.flush()  # a pipe closed early shows here, not in the interpreter's last flush
+        if is_command():  # done: a Ctrl-C now would only break the interpreter's exit (a traceback, or death by it)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     except BrokenPipeError:
         return _closed_stdout()
+    except KeyboardInterrupt:  # outside the command's own run: while parsing, or as it returned
+        if code is not None:
+            return code
+        print("rotfn: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return code
 
 
@@ -806,7 +815,7 @@ def _closed_stdout() -> int:
     return EXIT_BROKEN_PIPE
 
 
-def _command(argv: Sequence[str] | None) -> int:
+def _run_command(argv: Sequence[str] | None) -> int:
     """:func:`main` but for a closed stdout."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

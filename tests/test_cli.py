@@ -524,3 +524,28 @@ def test_a_closed_stdout_ends_the_command_quietly(argv, code, src):
     finally:
         os.close(write)
     assert done.returncode == code and done.stderr == "", done.stderr
+
+
+_CTRL_C_AT_EXIT = '''
+import atexit
+import os
+import signal
+import time
+
+
+def ctrl_c():  # test hook: a Ctrl-C once the command has returned, while the interpreter exits
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+
+
+atexit.register(ctrl_c)
+'''
+
+
+def test_ctrl_c_as_the_command_finishes_keeps_its_result(src, tmp_path):
+    """The command is done: a Ctrl-C in the interpreter's exit neither prints a traceback nor changes the exit code."""
+    (tmp_path / "sitecustomize.py").write_text(_CTRL_C_AT_EXIT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run([sys.executable, "-m", "rotfn", "inspect", src], capture_output=True, text=True, timeout=300,
+                          check=False, env=env)
+    assert done.returncode == 0 and done.stderr == "" and "tensors: 21" in done.stdout, done.stderr
