@@ -9,36 +9,41 @@ Example:
     torch.Size([8, 4096])
 """
 
-# the user-facing subpackages (rotfn.testing is imported on first use, by __getattr__ below)
-from rotfn import calibration, dispatch, distributed, errors, io, learn, metrics, model, plans, transforms
+# Ctrl-C while these load (torch: seconds) ends the rotfn command with one line, exit 130 (rotfn._command);
+# a program importing rotfn gets its KeyboardInterrupt as usual
+from rotfn import _command
 
-# the curated names, each from the room that defines it (grouped by topic in __all__)
-from rotfn._report import LayerReport, Report, report
-from rotfn.calibration import calibrate, gptq
-from rotfn.functional import dequantize, qdq, quantize, rotate, rotate_back, rotate_qdq
-from rotfn.io import export_compressed, export_hf, fold_checkpoint, load, load_hf, save
-from rotfn.model import call, params
-from rotfn.plans import FoldedParams, Plan, fold
-from rotfn.specs import (
-    FP8,
-    MX,
-    NVFP4,
-    Format,
-    IntQ,
-    QTensor,
-    Rotation,
-    ScaleRule,
-    format_from_dict,
-    fp8,
-    from_matrix,
-    hadamard,
-    intq,
-    mxfp4,
-    mxfp8,
-    nvfp4,
-    orthogonal,
-)
-from rotfn.transforms import Where, chain, where
+with _command.interrupt_exits():
+    # the user-facing subpackages (rotfn.testing is imported on first use, by __getattr__ below)
+    from rotfn import calibration, dispatch, distributed, errors, io, learn, metrics, model, plans, transforms
+
+    # the curated names, each from the room that defines it (grouped by topic in __all__)
+    from rotfn._report import LayerReport, Report, report
+    from rotfn.calibration import calibrate, gptq
+    from rotfn.functional import dequantize, qdq, quantize, rotate, rotate_back, rotate_qdq
+    from rotfn.io import export_compressed, export_hf, fold_checkpoint, load, load_hf, save
+    from rotfn.model import call, params
+    from rotfn.plans import FoldedParams, Plan, fold
+    from rotfn.specs import (
+        FP8,
+        MX,
+        NVFP4,
+        Format,
+        IntQ,
+        QTensor,
+        Rotation,
+        ScaleRule,
+        format_from_dict,
+        fp8,
+        from_matrix,
+        hadamard,
+        intq,
+        mxfp4,
+        mxfp8,
+        nvfp4,
+        orthogonal,
+    )
+    from rotfn.transforms import Where, chain, where
 
 __version__ = "0.1.0"
 

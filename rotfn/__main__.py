@@ -1,12 +1,9 @@
 """``python -m rotfn COMMAND``: the same as the ``rotfn`` console script (see :mod:`rotfn.cli`)."""
 
-import sys
+from rotfn._command import interrupt_exits
 
-try:
+with interrupt_exits(command=__name__ == "__main__"):  # Ctrl-C while the command loads: one line, exit 130
     from rotfn.cli import main
-except KeyboardInterrupt:  # Ctrl-C while torch imports: one line, as for a command (rotfn.cli.main)
-    print("rotfn: interrupted", file=sys.stderr)
-    raise SystemExit(130) from None
 
 if __name__ == "__main__":
     raise SystemExit(main())

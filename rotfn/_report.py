@@ -128,8 +128,9 @@ def _optional(fn: str, module: str, pip: str):
                                              f"ImportError: {err}", f"pip install {pip}")) from err
 
 
-_COLUMNS = (("W none", "weight_plain"), ("W rot", "weight_rotated"), ("W gain", "weight_gain"),
-            ("x none", "act_plain"), ("x rot", "act_rotated"), ("x gain", "act_gain"))
+_COLUMNS = {"weight": (("W none", "weight_plain"), ("W rot", "weight_rotated"), ("W gain", "weight_gain")),
+            "act": (("x none", "act_plain"), ("x rot", "act_rotated"), ("x gain", "act_gain"))}
+_LABELS = {"weight": "weights", "act": "acts"}
 _GPTQ_COLUMNS = (("y RTN", "out_rtn"), ("y GPTQ", "out_gptq"), ("GPTQ gain", "gptq_gain"))
 
 
@@ -176,9 +177,8 @@ class Report:
         With GPTQ measured it ends with ``"GPTQ over round to nearest: median output gain +2.10 dB (in-sample)"``.
         """
         s = self.summary()
-        gains = f"weights {_cell(s['median_weight_gain'], True)} dB, acts {_cell(s['median_act_gain'], True)} dB"
-        parts = [f"{s['layers']} layers; median gain from rotation: {gains}"]
-        for side, label in (("weight", "weights"), ("act", "acts")):
+        parts = [f"{s['layers']} layers; median gain from rotation: {self._gains(s)}"]
+        for side, label in _LABELS.items():
             hurt = s[f"{side}_hurt"]
             if hurt:
                 shown = ", ".join(hurt[:3]) + (f", ... ({len(hurt)} in all)" if len(hurt) > 3 else "")
@@ -201,10 +201,20 @@ class Report:
             "notes": list(self.notes),
         }
 
+    def _sides(self) -> tuple[str, ...]:
+        """The sides ("weight", "act") some row measured: a plan without an activation format has no act columns."""
+        return tuple(side for side in _COLUMNS if any(getattr(r, f"{side}_plain") is not None for r in self.rows))
+
+    def _gains(self, s: dict) -> str:
+        """``"weights +0.41 dB, acts +1.93 dB"``: the median gain of each side measured."""
+        return ", ".join(f"{_LABELS[side]} {_cell(s[f'median_{side}_gain'], True)} dB" for side in self._sides()) or "-"
+
     def _table(self) -> tuple[list[str], list[list[object]], list[str]]:
         """The table's header, cells and title lines, shared by the text and the HTML views."""
-        columns = list(_COLUMNS)
-        title = [f"SQNR in dB (higher is better): weights {self.weights!r}, acts {self.acts!r}; plan {self.plan}"]
+        columns = [column for side in self._sides() for column in _COLUMNS[side]]
+        formats = ", ".join(f"{_LABELS[side]} {fmt!r}" for side, fmt in (("weight", self.weights), ("act", self.acts))
+                            if fmt is not None)
+        title = [f"SQNR in dB (higher is better): {formats}; plan {self.plan}"]
         if any(r.out_rtn is not None for r in self.rows):
             columns += _GPTQ_COLUMNS
             title.append("y: the output x' W'^T with W' rounded to nearest / by GPTQ fitted on these inputs (in-sample)")
@@ -221,8 +231,8 @@ class Report:
 
     def __repr__(self) -> str:
         s = self.summary()
-        gains = f"weights {_cell(s['median_weight_gain'], True)} dB, acts {_cell(s['median_act_gain'], True)} dB"
-        return f"Report({s['layers']} layers, weights={self.weights!r}, acts={self.acts!r}, median gain: {gains})"
+        return (f"Report({s['layers']} layers, weights={self.weights!r}, acts={self.acts!r}, median gain: "
+                f"{self._gains(s)})")
 
     def _repr_html_(self) -> str:
         """The table as HTML, for Jupyter: one row per layer, the summary and the notes under it."""

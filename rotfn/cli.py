@@ -23,7 +23,8 @@ Exit codes, for scripts:
 * 1: the command failed: a rotfn error (bad checkpoint, plan that does not fit, ...), a file
   system error or a missing optional dependency;
 * 2: usage error: no or unknown command, unknown option, bad or conflicting values;
-* 130: interrupted (Ctrl-C).
+* 130: interrupted (Ctrl-C);
+* 141: stdout closed early (``rotfn inspect DIR | head -1``): quietly, as other Unix tools.
 
 Every failure is one line on stderr, ``rotfn COMMAND: WHAT: ...``, naming the option or
 argument as it is typed on the command line (the library's argument names are translated in
@@ -40,27 +41,32 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
 import torch
 
 import rotfn
+from rotfn._command import EXIT_INTERRUPTED, is_command
 from rotfn.errors import RotfnError
 from rotfn.specs.formats import FP8, NVFP4, IntQ
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "WEIGHT_FORMATS", "build_parser", "main"]
+__all__ = ["ACT_FORMATS", "EXIT_BROKEN_PIPE", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "WEIGHT_FORMATS", "build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what shells report for a tool whose output pipe closed (| head)
 
 #: Format names the ``--weights`` / ``--format`` options take, and the specs they stand for.
 WEIGHT_FORMATS = {
     "mxfp4": rotfn.mxfp4(), "mxfp8": rotfn.mxfp8(), "nvfp4": rotfn.nvfp4(),
     "int4": rotfn.intq(4, group=32), "int8": rotfn.intq(8), "fp8": rotfn.fp8("channel"),
 }
+#: ... and those of ``--acts``: the same, FP8 one scale per token (the name engines know; per row either way).
+ACT_FORMATS = {**WEIGHT_FORMATS, "fp8": rotfn.fp8("token")}
+_EXPORT_ACTS = ("mxfp4", "int8", "fp8")  # what --export streams: scales the engine computes (no calibration)
 _ROTATIONS = ("hadamard", "orthogonal", "none")
 _BUILDERS = ("quarot", "per_linear")
 _REPORT_TOKENS, _GPTQ_TOKENS = 32, 512  # GPTQ fits a Hessian: it needs more tokens than a linear has inputs
@@ -76,7 +82,8 @@ _EPILOG = """examples:
   rotfn report llama-3-8b --format mxfp4 --block 32
   rotfn demo --rows 64
 
-exit codes: 0 ok, 1 the command failed, 2 usage error, 130 interrupted (one line on stderr says why)
+exit codes: 0 ok, 1 the command failed, 2 usage error, 130 interrupted (one line on stderr says why),
+141 stdout closed early (| head)
 """
 
 
@@ -103,9 +110,12 @@ def _rotation_options(args: argparse.Namespace) -> tuple[str, str, str, str]:
     return r1, r2, r3, r4
 
 
-def _builder_plan(args: argparse.Namespace, acts=None, *, servable: bool = False) -> Callable:
+def _builder_plan(args: argparse.Namespace, *, servable: bool = False) -> Callable:
     """``model -> Plan`` from the plan options (seeds: R1 seed, R2 seed + 1, R3 seed + 2, R4 seed + 3); ``servable``:
     weight formats as a served checkpoint holds them (``--export``)."""
+    acts = None if args.acts is None else ACT_FORMATS[args.acts]
+    if servable and acts is not None:
+        acts = _servable(acts, None)
     seed = args.seed or 0
     r1, r2, r3, r4 = (_rotation_factory(k, seed + i, args.block) for i, k in enumerate(_rotation_options(args)))
 
@@ -115,13 +125,27 @@ def _builder_plan(args: argparse.Namespace, acts=None, *, servable: bool = False
             weights = _servable(weights, next(model.parameters()).dtype)
         if args.plan == "per_linear":
             return rotfn.plans.per_linear(model, rotation=r1, weights=weights, acts=acts)
+        _check_quarot_family(args, model)
         return rotfn.plans.quarot(model, r1=r1, r2=r2, r3=r3, r4=r4, weights=weights, acts=acts)
     return plan
 
 
-def _servable(fmt, dtype: torch.dtype):
+def _check_quarot_family(args: argparse.Namespace, model) -> None:
+    """A FamilyError whose fix is an option when quarot has no adapter for the model (GPT-2's Conv1D linears, ...):
+    per_linear needs none."""
+    from rotfn.errors import FamilyError, message
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    families = rotfn.plans.FAMILIES
+    if not any(model_type in family.model_types for family in families.values()):
+        raise FamilyError(message(args.command, "plan", f"a model of a family quarot has an adapter for ({', '.join(sorted(families))})",
+                                  f"{type(model).__name__} (model_type {model_type!r})",
+                                  "rerun with --plan per_linear (a rotation at each linear's input; it needs no adapter)"))
+
+
+def _servable(fmt, dtype: torch.dtype | None):
     """``fmt`` as a served checkpoint holds it bit for bit: NVFP4 with a power-of-two global scale, intq / fp8
-    scales in the model's dtype (see rotfn.export_compressed)."""
+    scales in the model's dtype (see rotfn.export_compressed); ``dtype`` None: an activation format (NVFP4 only)."""
     if isinstance(fmt, NVFP4):
         return rotfn.nvfp4("pow2")
     if isinstance(fmt, (IntQ, FP8)) and dtype in (torch.bfloat16, torch.float16):
@@ -137,20 +161,50 @@ def _plan_arg(text: str) -> str:
                                      f"got {text!r}")
 
 
-def _plan_file(args: argparse.Namespace):
-    """The plan of the rotfn file ``--plan FILE`` (the plan options may not be given with it)."""
-    from rotfn.errors import CheckpointError, message
+def _plan_file(args: argparse.Namespace) -> Callable:
+    """``model -> Plan`` for ``--plan FILE`` (the plan options may not be given with it): the file's plan, refused in
+    the command line's words when the file holds none or the plan was built for another model than SRC's."""
+    from rotfn.errors import CheckpointError, PlanError, message
+    from rotfn.io import METADATA_KEY
 
-    given = [f"--{k.replace('_', '-')}" for k in ("r1", "r2", "r3", "r4", "seed", "block", "weights")
+    given = [f"--{k.replace('_', '-')}" for k in ("r1", "r2", "r3", "r4", "seed", "block", "weights", "acts")
              if getattr(args, k) is not None]
     if given:
         _usage(args.parser, f"{', '.join(given)}: the plan file {args.plan} holds the rotations and formats; drop them")
+    expected = "a plan file (rotfn learn --out FILE, or rotfn.save with a plan)"
+    fix = "pass --plan quarot or --plan per_linear with rotation options, or a file that rotfn learn --out wrote"
+    _, metadata, _ = _header(args, "plan", args.plan, expected, fix, fn="load")  # fn: what rotfn.load names
+    if METADATA_KEY not in metadata:
+        raise CheckpointError(message("fold", "plan", expected, f"{args.plan!r}, a safetensors file without a rotfn "
+                                      "plan (a checkpoint's weights?)", fix))
     _, plan = rotfn.load(args.plan)
     if plan is None:
-        raise CheckpointError(message("fold", "plan", "a rotfn file holding a plan (rotfn learn --out, rotfn.save "
-                                      "with a plan)", f"{args.plan!r}, which holds params only",
-                                      "write the plan with rotfn learn --out FILE"))
-    return plan
+        raise CheckpointError(message("fold", "plan", expected, f"{args.plan!r}, which holds params only", fix))
+
+    def for_src(model):
+        info = rotfn.plans.describe(model)
+        if plan.signature != info.signature:
+            raise PlanError(message("fold", "plan", f"a plan for SRC's model ({info.cls}, signature {info.signature})",
+                                    f"{args.plan!r}, a plan for {plan.model} (signature {plan.signature}), another "
+                                    "model's names or shapes", f"learn one on SRC: rotfn learn {shlex.quote(args.src_dir)} "
+                                    "--out FILE with the options you learned this one with"))
+        return plan
+    return for_src
+
+
+def _header(args: argparse.Namespace, dest: str, path: str, expected: str, fix: str, fn: str | None = None):
+    """:func:`rotfn.io.read_header` of a file named on the command line; a file that is no safetensors file at all
+    (``config.json``, a text file) is said in the command line's words, with ``expected`` and ``fix``."""
+    from rotfn.errors import CheckpointError, message
+    from rotfn.io import read_header
+
+    try:
+        return read_header(path, fn=fn or args.command)
+    except CheckpointError:
+        if path.endswith(".safetensors"):
+            raise  # a damaged safetensors file: read_header says what is wrong with it
+        raise CheckpointError(message(args.command, dest, expected, f"{path!r}, which is not a safetensors file",
+                                      fix)) from None
 
 
 # ----- rotfn fold ---------------------------------------------------------------------------------
@@ -158,8 +212,12 @@ def _run_fold(args: argparse.Namespace) -> int:
     from rotfn.io import read_rotfn_json
 
     if args.plan in _BUILDERS:
-        if _rotation_options(args) == ("none",) * 4 and args.weights is None:
-            _usage(args.parser, "nothing to fold: give a rotation (--r1 ...) or --weights")
+        if _rotation_options(args) == ("none",) * 4 and args.weights is None and args.acts is None:
+            _usage(args.parser, "nothing to fold: give a rotation (--r1 ...), --weights or --acts")
+        if args.export and args.acts not in (None, *_EXPORT_ACTS):
+            _usage(args.parser, f"--acts {args.acts}: --export {args.export} serves activations whose scales the "
+                                f"engine computes as it runs ({', '.join(_EXPORT_ACTS)}); fold without --export to run it with "
+                                "rotfn.load_hf + rotfn.call")
         plan = _builder_plan(args, servable=bool(args.export))
     else:
         plan = _plan_file(args)
@@ -179,19 +237,19 @@ def _run_fold(args: argparse.Namespace) -> int:
             qconfig = json.load(f)["quantization_config"]
         transforms = ", ".join(qconfig["transform_config"].get("config_groups", {})) or "none"
         print(f"exported {src} -> {dst} ({args.export}, format {qconfig['format']}, online transforms: "
-              f"{transforms}): {stats.tensors} tensors in {stats.shards} shards, {_size(stats.bytes_written)} in "
+              f"{transforms}): {_count(stats.tensors, 'tensor')} in {_count(stats.shards, 'shard')}, {_size(stats.bytes_written)} in "
               f"{stats.seconds:.1f} s")
         return EXIT_OK
     plan = read_rotfn_json(dst)
-    print(f"folded {src} -> {dst}: {stats.tensors} tensors written in {stats.shards} shards"
+    print(f"folded {src} -> {dst}: {_count(stats.tensors, 'tensor')} written in {_count(stats.shards, 'shard')}"
           + (f" ({stats.shards_skipped} kept from an interrupted run)" if stats.shards_skipped else "")
           + f", {_size(stats.bytes_written)} in {stats.seconds:.1f} s")
     print(plan)
     if plan.online:
-        kinds = collections.Counter(o.role or o.kind for o in plan.online)
-        print(f"note: {len(plan.online)} online transforms ({', '.join(f'{k} x{n}' for k, n in kinds.items())}) are "
-              "not in the weights, so plain transformers refuses the directory: load with rotfn.load_hf(dst) and run "
-              "with rotfn.call, or, for an inference engine, fold with --export compressed-tensors where the plan "
+        kinds = ", ".join(f"{k} x{n}" for k, n in collections.Counter(o.role or o.kind for o in plan.online).items())
+        are = "is" if len(plan.online) == 1 else "are"
+        print(f"note: {_count(len(plan.online), 'online transform')} ({kinds}) {are} not in the weights, so plain "
+              "transformers refuses the directory: load with rotfn.load_hf(dst) and run with rotfn.call, or, for an inference engine, fold with --export compressed-tensors where the plan "
               "exports (docs/howto/serving.md)", file=sys.stderr)
     return EXIT_OK
 
@@ -232,16 +290,24 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**8 else f"{nbytes / 1e6:.2f} MB" if nbytes >= 10**4 else f"{nbytes} B"
 
 
+def _count(n: int, noun: str) -> str:
+    """``"1 shard"``, ``"3 shards"``."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def _dtypes(counts: collections.Counter) -> str:
     return ", ".join(f"{str(d).removeprefix('torch.')} x{n}" for d, n in counts.most_common())
 
 
-def _inspect_file(path: str) -> int:
+def _inspect_file(args: argparse.Namespace, path: str) -> int:
     import safetensors
 
-    from rotfn.io import METADATA_KEY, decode_plan, read_header, rotation_tensor_names
+    from rotfn.io import METADATA_KEY, decode_plan, rotation_tensor_names
 
-    entries, metadata, _ = read_header(path, fn="inspect")
+    directory = os.path.dirname(os.path.abspath(path))
+    fix = (f"pass the checkpoint directory instead: rotfn inspect {shlex.quote(os.path.dirname(path) or '.')}"
+           if os.path.isfile(os.path.join(directory, "config.json")) else "pass a .safetensors file or a directory")
+    entries, metadata, _ = _header(args, "path", path, "a rotfn or safetensors file or a checkpoint directory", fix)
     if METADATA_KEY not in metadata:
         return _inspect_safetensors(path, entries)
     doc = json.loads(metadata[METADATA_KEY])
@@ -269,7 +335,7 @@ def _inspect_safetensors(path: str, entries) -> int:
     from rotfn._table import format_table
 
     dtypes = collections.Counter(e.dtype for e in entries)
-    print(f"safetensors file {path} (not a rotfn file): {len(entries)} tensors, "
+    print(f"safetensors file {path} (not a rotfn file): {_count(len(entries), 'tensor')}, "
           f"{_size(sum(e.nbytes for e in entries))} ({_dtypes(dtypes)})")
     rows = [(e.name, str(e.dtype).removeprefix("torch."), list(e.shape), _size(e.nbytes)) for e in entries]
     print(format_table(["tensor", "dtype", "shape", "bytes"], rows, align="llrr"))
@@ -292,7 +358,7 @@ def _inspect_incomplete(path: str) -> int:
         print(f"tensors: {progress.tensors_done} of {progress.tensors} done; shards: {done} of {len(progress.shards)} "
               "done")
         for name, n, finished in progress.shards:
-            print(f"  {name}: {'done' if finished else 'pending'}, {n} tensor{'s' * (n != 1)}")
+            print(f"  {name}: {'done' if finished else 'pending'}, {_count(n, 'tensor')}")
     else:
         print(f"tensors: {progress.tensors}, an export (it restarts rather than resumes)")
     print(f"plan being folded:\n{progress.plan}")
@@ -302,7 +368,7 @@ def _inspect_incomplete(path: str) -> int:
 
 
 def _inspect_dir(path: str) -> int:
-    from rotfn.io import MARKER, ORIGINAL_MODEL_TYPE, inventory, is_guarded, read_rotfn_json
+    from rotfn.io import MARKER, inventory, is_guarded, read_rotfn_json, unguard_config
 
     if os.path.exists(os.path.join(path, MARKER)):
         return _inspect_incomplete(path)
@@ -310,8 +376,7 @@ def _inspect_dir(path: str) -> int:
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     guarded = is_guarded(config)
-    if guarded:
-        config["model_type"] = config.get(ORIGINAL_MODEL_TYPE)
+    config = unguard_config(config)
     keys = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings", "dtype", "torch_dtype")
     print(f"Hugging Face checkpoint {path}")
@@ -324,9 +389,9 @@ def _inspect_dir(path: str) -> int:
         per_file[file].append(entry)
     for file in ckpt.files:
         entries = per_file[file]
-        print(f"  {file}: {len(entries)} tensors, {_size(sum(e.nbytes for e in entries))}")
+        print(f"  {file}: {_count(len(entries), 'tensor')}, {_size(sum(e.nbytes for e in entries))}")
     dtypes = collections.Counter(e.dtype for _, e in ckpt.tensors.values())
-    print(f"tensors: {len(ckpt.tensors)} in {len(ckpt.files)} files, {_size(ckpt.nbytes)} ({_dtypes(dtypes)})")
+    print(f"tensors: {len(ckpt.tensors)} in {_count(len(ckpt.files), 'file')}, {_size(ckpt.nbytes)} ({_dtypes(dtypes)})")
     plan = read_rotfn_json(path)
     print("plan: none (rotfn.json absent: not folded by rotfn)" if plan is None else f"plan (folded, rotfn.json):\n{plan}")
     return EXIT_OK
@@ -339,7 +404,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if os.path.isdir(path):
         return _inspect_dir(path)
     if os.path.isfile(path):
-        return _inspect_file(path)
+        return _inspect_file(args, path)
     raise CheckpointError(message("inspect", "path", "a rotfn or safetensors file or a checkpoint directory",
                                   repr(path), "check the path"))
 
@@ -470,7 +535,7 @@ def _run_learn(args: argparse.Namespace) -> int:
                                 f"one folded with {prior!r}", "run it on the original checkpoint"))
     text = _learn_text(args)
     model = _load_model(args.dir)
-    plan = _builder_plan(args, None if args.acts is None else WEIGHT_FORMATS[args.acts])(model)
+    plan = _builder_plan(args)(model)
     roles = tuple(r for r in rotfn.learn.LEARNABLE_ROLES if any(e.role == r for e in (*plan.rotations, *plan.online)))
     if not roles:
         _usage(args.parser, f"nothing to learn: the plan has no rotation of {', '.join(rotfn.learn.LEARNABLE_ROLES)} "
@@ -566,6 +631,10 @@ def _add_plan_options(parser: argparse.ArgumentParser, plan_files: bool) -> None
     parser.add_argument("--block", type=_positive, default=None, help="block-diagonal rotations with B x B blocks")
     parser.add_argument("--weights", choices=tuple(WEIGHT_FORMATS), default=None,
                         help="fake-quantize the folded weights")
+    parser.add_argument("--acts", choices=tuple(ACT_FORMATS), default=None,
+                        help="fake-quantize linear inputs (online, at run time" + (
+                            ": the folded directory then needs rotfn.load_hf + rotfn.call, or --export "
+                            "compressed-tensors for an engine)" if plan_files else ")"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -594,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "examples:\n"
                       "  rotfn fold llama llama-quarot --plan quarot --r1 hadamard --r2 hadamard\n"
                       "  rotfn fold llama llama-w4 --plan per_linear --r1 hadamard --block 32 --weights mxfp4\n"
+                      "  rotfn fold llama llama-w4a8 --r4 hadamard --weights int4 --acts int8 --export compressed-tensors\n"
                       "  rotfn fold llama llama-quarot --plan quarot --r1 orthogonal --seed 7 --overwrite\n"
                       "  rotfn fold llama llama-learned --plan learned.safetensors      (from rotfn learn --out)\n"
                       "  rotfn fold llama llama-nvfp4 --r1 hadamard --r2 hadamard --r4 hadamard --weights nvfp4 "
@@ -642,7 +712,6 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--text", default=None, metavar="FILE",
                        help="calibration text, paragraphs separated by blank lines (default: rotfn's own, ~11 KB)")
     _add_plan_options(learn, plan_files=False)
-    learn.add_argument("--acts", choices=tuple(WEIGHT_FORMATS), default=None, help="fake-quantize linear inputs")
     learn.add_argument("--steps", type=_positive, default=50, help="Cayley SGD steps (default 50)")
     learn.add_argument("--lr", type=_positive_number, default=0.5, help="step size (default 0.5)")
     learn.add_argument("--seq-len", type=_int_at_least(2, "an int >= 2"), default=128,
@@ -735,12 +804,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code: 0 on success (and for ``--help`` and ``--version``), 1 when the command failed (a rotfn
         error, a file system error or a missing optional dependency), 2 on a usage error (no or unknown command,
-        unknown option, bad value), 130 when interrupted (Ctrl-C); every failure is one line on stderr.
+        unknown option, bad value), 130 when interrupted (Ctrl-C), 141 when stdout's reader went away (``rotfn
+        inspect DIR | head -1``: nothing more is written, no message, as other Unix tools); every failure is one
+        line on stderr.
 
     Example:
         >>> main(["no-such-command"])
         2
     """
+    code = None
+    try:
+        code = _run_command(argv)
+        sys.stdout.flush()  # a pipe closed early shows here, not in the interpreter's last flush
+        if is_command():  # done: a Ctrl-C now would only break the interpreter's exit (a traceback, or death by it)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except BrokenPipeError:
+        return _closed_stdout()
+    except KeyboardInterrupt:  # outside the command's own run: while parsing, or as it returned
+        if code is not None:
+            return code
+        print("rotfn: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return code
+
+
+def _closed_stdout() -> int:
+    """Exit code for a stdout whose reader has gone; stdout now writes to ``os.devnull``, so that the interpreter's
+    last flush of what is still buffered does not fail once more (a message and exit code 120)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (an in-process caller's stdout): nothing is flushed at exit
+        pass
+    return EXIT_BROKEN_PIPE
+
+
+def _run_command(argv: Sequence[str] | None) -> int:
+    """:func:`main` but for a closed stdout."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
@@ -766,6 +867,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prefix} {_cli_message(args, str(err))}", file=sys.stderr)
     except ModuleNotFoundError as err:
         print(f"{prefix} needs the Python package {err.name!r}; fix: pip install 'rotfn[hf]'", file=sys.stderr)
+    except BrokenPipeError:
+        raise  # stdout closed early: main's to handle, not a failure to report
     except OSError as err:
         print(f"{prefix} {err}", file=sys.stderr)
     return EXIT_FAILED

@@ -245,7 +245,8 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
         The perplexity, a float >= 1.
 
     Raises:
-        DTypeError: ``logits`` not a floating tensor; ``ids`` not an integer tensor.
+        DTypeError: ``logits`` not a floating tensor (a model or its output: the fix shows how to get the
+            logits); ``ids`` not an integer tensor.
         ShapeError: ``logits`` not 2-D or 3-D; ``ids`` not ``logits.shape[:-1]``; fewer than 2 tokens; ``ids`` on
             another device.
         ArgumentError: NaN or Inf in ``logits``; an id outside ``[0, V)`` other than -100; no target left to score.
@@ -255,6 +256,11 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
         7.0
     """
     fn = "perplexity"
+    if isinstance(logits, torch.nn.Module) or hasattr(logits, "logits"):  # a model, or its output, not the logits
+        what = "a model" if isinstance(logits, torch.nn.Module) else "a model output"
+        raise DTypeError(message(fn, "logits", "a torch.Tensor of logits [B, T, V]", f"{what} ({type(logits).__name__})",
+                                 "pass the logits: perplexity(model(ids).logits, ids), or with a plan "
+                                 "perplexity(rotfn.call(model, params, plan, ids).logits, ids)"))
     _check_floating(fn, "logits", logits)
     if not isinstance(ids, torch.Tensor):
         raise DTypeError(message(fn, "ids", "a torch.Tensor of token ids", type(ids).__name__,

@@ -20,7 +20,7 @@ ROOT = pathlib.Path(rotfn.__file__).parent
 
 #: Rooms by layer, lowest first. A room is a subpackage (``rotfn/io/``) or a top-level module (``rotfn/cli.py``).
 LAYERS = (
-    ("errors", "_table", "_progress"),
+    ("errors", "_table", "_progress", "_command"),
     ("specs", "distributed"),
     ("ops", "metrics"),
     ("kernels", "cpu"),

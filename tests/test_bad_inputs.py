@@ -23,7 +23,8 @@ CASES = [
     # (call, error type, builtin it also is, regex the message must match)
     (lambda: rotfn.hadamard(0), RotationError, ValueError, r"hadamard: argument 'n': expected an int >= 1, got 0"),
     (lambda: rotfn.hadamard(64.0), RotationError, ValueError, r"hadamard: argument 'n': expected an int"),
-    (lambda: rotfn.hadamard(6), OrderError, ValueError, r"hadamard: argument 'n'.*got 6; fix: use rotfn.orthogonal"),
+    (lambda: rotfn.hadamard(6), OrderError, ValueError, r"hadamard: argument 'n'.*got 6; fix: no Hadamard block of 4 or more divides 6: use rotfn.orthogonal\(6, seed=\.\.\.\); the nearest Hadamard orders are 4 and 8"),
+    (lambda: rotfn.hadamard(100), OrderError, ValueError, r"hadamard: argument 'n'.*got 100; fix: use block=20 \(5 blocks of 20 x 20; also block=4\) or rotfn.orthogonal\(n, seed=\.\.\.\); the nearest Hadamard orders are 96 and 104"),
     (lambda: rotfn.hadamard(668 * 64), OrderError, ValueError, r"hadamard: argument 'n'.*got 42752; fix: use block=256"),
     (lambda: rotfn.hadamard(64, block=48), RotationError, ValueError, r"argument 'block': expected a divisor of n=64, got 48; fix: use one of"),
     (lambda: rotfn.hadamard(64, block=0), RotationError, ValueError, r"argument 'block': expected an int >= 1"),

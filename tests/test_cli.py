@@ -59,6 +59,9 @@ def bad_files(src, tmp_path_factory):
     data = (directory / "whole.safetensors").read_bytes()
     (directory / "cut.safetensors").write_bytes(data[:len(data) - 100])
     (directory / "text.txt").write_text("too short")
+    transformers = pytest.importorskip("transformers")  # GPT-2: Conv1D linears, no quarot adapter
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0,
+                                                         eos_token_id=0)).save_pretrained(directory / "gpt2")
     return str(directory), len(data)
 
 
@@ -81,10 +84,31 @@ BAD_COMMAND_LINES = [
      "rotfn fold: --plan: expected quarot, per_linear or a plan file"),
     (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/whole.safetensors", "--seed", "3"], EXIT_USAGE,
      "rotfn fold: --seed: the plan file"),
+    (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/whole.safetensors", "--acts", "int4"], EXIT_USAGE,
+     "rotfn fold: --acts: the plan file"),
+    (["fold", "a", "b", "--acts", "nvfp4", "--export", "compressed-tensors"], EXIT_USAGE,
+     "rotfn fold: --acts nvfp4: --export compressed-tensors serves activations whose scales the engine computes as it "
+     "runs (mxfp4, int8, fp8); fold without --export"),
     (["fold", "{tmp}/missing", "{tmp}/o"], EXIT_FAILED, "rotfn fold: SRC: expected an existing Hugging Face"),
     (["fold", "{src}", "{src}"], EXIT_FAILED, "rotfn fold: DST: expected a directory other than SRC"),
     (["fold", "{src}", "{tmp}/o", "--max-shard-size", "5XB"], EXIT_USAGE, "rotfn fold: --max-shard-size: expected a size such as 5GB"),
-    (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/plain.safetensors"], EXIT_FAILED, "rotfn fold: --plan: expected"),
+    (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/plain.safetensors"], EXIT_FAILED,
+     "rotfn fold: --plan: expected a plan file (rotfn learn --out FILE, or rotfn.save with a plan), got "
+     "'{bad}/plain.safetensors', a safetensors file without a rotfn plan (a checkpoint's weights?); fix: pass --plan "
+     "quarot or --plan per_linear"),
+    (["fold", "{src}", "{tmp}/o", "--plan", "{src}/config.json"], EXIT_FAILED,
+     "rotfn fold: --plan: expected a plan file (rotfn learn --out FILE, or rotfn.save with a plan), got "
+     "'{src}/config.json', which is not a safetensors file; fix: pass --plan quarot or --plan per_linear"),
+    (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/whole.safetensors"], EXIT_FAILED,
+     "rotfn fold: --plan: expected a plan for SRC's model (LlamaForCausalLM, signature "),
+    (["fold", "{bad}/gpt2", "{tmp}/o"], EXIT_FAILED, "rotfn fold: --plan: expected a model of a family quarot has an "
+     "adapter for (llama, mistral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe), got GPT2LMHeadModel (model_type 'gpt2'); "
+     "fix: rerun with --plan per_linear"),
+    (["learn", "{bad}/gpt2", "--out", "{tmp}/p", "--weights", "int4"], EXIT_FAILED,
+     "rotfn learn: --plan: expected a model of a family quarot has an adapter for"),
+    (["inspect", "{src}/config.json"], EXIT_FAILED, "rotfn inspect: FILE_OR_DIR: expected a rotfn or safetensors file "
+     "or a checkpoint directory, got '{src}/config.json', which is not a safetensors file; fix: pass the checkpoint "
+     "directory instead: rotfn inspect {src}"),
     (["fold", "{src}", "{tmp}/o", "--plan", "{bad}/cut.safetensors"], EXIT_FAILED,
      "rotfn fold: --plan: expected {bad}/cut.safetensors: a complete safetensors file, got the file is truncated or "
      "not a safetensors file (header says {size} bytes, file has {cut})"),
@@ -131,7 +155,7 @@ def test_bad_command_lines_fail_with_one_line_in_the_command_line_s_words(argv, 
 
 
 def test_bad_command_lines_through_the_executable(src, tmp_path, bad_files):
-    rows = [BAD_COMMAND_LINES[i] for i in (4, 13, 17, 21, 28)]
+    rows = [BAD_COMMAND_LINES[i] for i in (4, 15, 21, 23, 24, 28, 35)]
     runs = [subprocess.Popen([sys.executable, "-m", "rotfn", *_filled(argv, src, str(tmp_path), bad_files)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv, _, _ in rows]
     for (argv, code, start), run in zip(rows, runs, strict=True):
@@ -171,7 +195,47 @@ def test_per_linear_fold_with_weight_qdq(src, tmp_path, capsys):
     plan = rotfn.io._hf.read_rotfn_json(dst)
     assert plan.method == "per_linear" and plan.weights == rotfn.mxfp4()
     assert plan.rotations[0].rotation == rotfn.orthogonal(64, seed=0, block=32)
-    assert "online transforms" in capsys.readouterr().err  # per_linear rotates each input online
+    captured = capsys.readouterr()
+    assert "online transforms (per_linear x14) are not in the weights" in captured.err  # each input, online
+    assert " tensors written in 1 shard, " in captured.out  # the default shard size: one shard, said in the singular
+    transformers = pytest.importorskip("transformers")
+    with pytest.raises(AttributeError, match="rotfn-load_hf-only"):  # a model class refuses it too
+        transformers.LlamaForCausalLM.from_pretrained(dst)
+    assert main(["inspect", dst]) == EXIT_OK  # the real model type and dtype, and why transformers refuses it
+    out = capsys.readouterr().out
+    assert "model_type=llama" in out and "dtype=bfloat16" in out and "rotfn-load_hf-only" not in out
+    assert "  model.safetensors: 21 tensors, " in out and "tensors: 21 in 1 file, " in out
+    assert "rotfn only: plain transformers refuses this directory" in out
+
+
+def test_fold_with_acts_runs_as_the_in_memory_plan(src, tmp_path, capsys):
+    """--acts quantizes linear inputs online: rotfn.load_hf + rotfn.call of the folded directory compute what
+    rotfn.call of the same plan computes in memory, bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    dst = str(tmp_path / "out")
+    assert main(["fold", src, dst, "--plan", "per_linear", "--weights", "mxfp4", "--acts", "mxfp4", "--quiet"]) == EXIT_OK
+    assert "acts=mxfp4(" in capsys.readouterr().out
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype="auto").eval()
+    plan = rotfn.plans.per_linear(model, rotation=lambda n: rotfn.hadamard(n, seed=0), weights=rotfn.mxfp4(),
+                                  acts=rotfn.mxfp4())
+    model2, params2, plan2 = rotfn.load_hf(dst)
+    assert plan2 == plan and plan2.acts == rotfn.mxfp4()
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = rotfn.call(model, rotfn.fold(rotfn.params(model), plan), plan, ids).logits
+        torch.testing.assert_close(rotfn.call(model2, params2, plan2, ids).logits, expected, rtol=0, atol=0)
+
+
+def test_fold_export_with_acts_writes_the_activation_scheme(src, tmp_path, capsys):
+    import json
+
+    dst = tmp_path / "out"
+    assert main(["fold", src, str(dst), "--r4", "hadamard", "--weights", "int4", "--acts", "fp8", "--export",
+                 "compressed-tensors", "--quiet"]) == EXIT_OK
+    groups = json.loads((dst / "config.json").read_text())["quantization_config"]["config_groups"]
+    acts = {(g["input_activations"]["type"], g["input_activations"]["strategy"], g["input_activations"]["dynamic"])
+            for g in groups.values()}
+    assert acts == {("float", "token", True)}, groups
 
 
 def test_inspect_a_rotfn_file(tmp_path, capsys):
@@ -388,3 +452,100 @@ def test_learn_on_a_checkpoint_without_tokenizer_files_uses_bytes(no_tokenizer, 
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert "bytes (mod 128) as ids: DIR has no tokenizer" in done.stderr and out.exists()
+
+
+_STALL_TORCH = '''
+import sys
+import time
+
+
+class StallTorch:  # test hook: `import torch` says so on stderr and waits, so a SIGINT lands while rotfn loads
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            print("test hook: importing torch", file=sys.stderr, flush=True)
+            time.sleep(300)
+
+
+sys.meta_path.insert(0, StallTorch())
+'''
+
+#: What pip writes as the ``rotfn`` console script (``[project.scripts]``): it imports the package first.
+_CONSOLE_SCRIPT = '''import re
+import sys
+from rotfn.cli import main
+if __name__ == "__main__":
+    sys.argv[0] = re.sub(r"(-script\\.pyw|\\.exe)?$", "", sys.argv[0])
+    sys.exit(main())
+'''
+
+
+def _interrupted_while_importing(argv, hooks) -> subprocess.CompletedProcess:
+    """Run ``argv`` with a hook that stalls ``import torch``, SIGINT it once the hook says it is there."""
+    import signal
+
+    (hooks / "sitecustomize.py").write_text(_STALL_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), *sys.path])}
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    marker = run.stderr.readline()  # blocks until the hook prints (or the process ends: then the asserts say why)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    return subprocess.CompletedProcess(run.args, run.returncode, out, marker + err)
+
+
+@pytest.mark.parametrize("entry", ["python -m rotfn", "console script"])
+def test_ctrl_c_while_rotfn_imports_is_one_line_and_130(entry, src, tmp_path):
+    script = tmp_path / "bin" / "rotfn"
+    script.parent.mkdir()
+    script.write_text(_CONSOLE_SCRIPT)
+    command = [sys.executable, "-m", "rotfn"] if entry == "python -m rotfn" else [sys.executable, str(script)]
+    done = _interrupted_while_importing([*command, "inspect", src], tmp_path)
+    assert done.stderr.splitlines() == ["test hook: importing torch", "rotfn: interrupted"], done.stderr
+    assert done.returncode == 130 and done.stdout == ""
+
+
+def test_ctrl_c_while_a_program_imports_rotfn_stays_a_keyboard_interrupt(tmp_path):
+    """Only the command turns the interrupt into an exit: a program importing rotfn sees its KeyboardInterrupt."""
+    program = "try:\n    import rotfn\nexcept KeyboardInterrupt:\n    print('caught')\n"
+    done = _interrupted_while_importing([sys.executable, "-c", program], tmp_path)
+    assert done.returncode == 0 and done.stdout == "caught\n", done.stderr
+
+
+@pytest.mark.parametrize("argv, code", [(["inspect", "{src}"], 141), (["demo", "--rows", "8"], 141),
+                                        (["--help"], 0)])  # argparse itself ignores a failed write of its help
+def test_a_closed_stdout_ends_the_command_quietly(argv, code, src):
+    """``rotfn inspect DIR | head -1``: once the reader has gone, exit 141 (as for SIGPIPE) without a traceback or a
+    message; here the pipe's read end is closed before the command starts, so every write finds it gone."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "rotfn", *(a.format(src=src) for a in argv)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=300, check=False)
+    finally:
+        os.close(write)
+    assert done.returncode == code and done.stderr == "", done.stderr
+
+
+_CTRL_C_AT_EXIT = '''
+import atexit
+import os
+import signal
+import time
+
+
+def ctrl_c():  # test hook: a Ctrl-C once the command has returned, while the interpreter exits
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+
+
+atexit.register(ctrl_c)
+'''
+
+
+def test_ctrl_c_as_the_command_finishes_keeps_its_result(src, tmp_path):
+    """The command is done: a Ctrl-C in the interpreter's exit neither prints a traceback nor changes the exit code."""
+    (tmp_path / "sitecustomize.py").write_text(_CTRL_C_AT_EXIT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run([sys.executable, "-m", "rotfn", "inspect", src], capture_output=True, text=True, timeout=300,
+                          check=False, env=env)
+    assert done.returncode == 0 and done.stderr == "" and "tensors: 21" in done.stdout, done.stderr

@@ -1,6 +1,7 @@
 """Hadamard constructions: every factor exact, every model width buildable, orthogonality up to 2^15."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -113,15 +114,21 @@ def test_cpu_radix_split_covers_m_in_passes_of_at_most_7_bits(m):
 
 @pytest.mark.parametrize("n", [3, 6, 10, 14, 22, 668 * 8, 100003])
 def test_unbuildable_orders_raise_with_a_suggestion(n):
-    with pytest.raises(OrderError, match=r"hadamard: argument 'n'.*fix: use (block=|rotfn.orthogonal)"):
+    with pytest.raises(OrderError, match=r"hadamard: argument 'n'.*fix: (use block=\d+|no Hadamard block of 4 or more "
+                                         r"divides \d+: use rotfn.orthogonal).*; the nearest Hadamard orders are") as info:
         rotfn.hadamard(n)
+    nearest = [int(m) for m in re.findall(r"\d+", str(info.value).rpartition("orders are ")[2])]
+    assert all(m != n and rotfn.hadamard(m).n == m for m in nearest)
+    assert not any(had.choose_factor(m) for m in range(min(nearest) + 1, max(nearest)) if m != n)
 
 
-def test_unbuildable_order_suggests_a_block_that_works():
-    with pytest.raises(OrderError, match="block=512") as info:
-        rotfn.hadamard(668 * 512)
+@pytest.mark.parametrize("n, blocks", [(668 * 512, (2048, 1024)), (100, (20, 4)), (668 * 64, (256, 128))])
+def test_unbuildable_order_suggests_the_largest_blocks_that_work(n, blocks):
+    with pytest.raises(OrderError, match=rf"use block={blocks[0]} \({n // blocks[0]} blocks of {blocks[0]} x "
+                                         rf"{blocks[0]}; also block={blocks[1]}\)") as info:
+        rotfn.hadamard(n)
     assert isinstance(info.value, ValueError)
-    assert rotfn.hadamard(668 * 512, block=512).block == 512
+    assert all(rotfn.hadamard(n, block=b).block == b for b in blocks)
 
 
 def test_unbuildable_block_names_block():

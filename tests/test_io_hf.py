@@ -170,6 +170,22 @@ def test_bad_max_shard_size_is_an_argument_error(tmp_path, bad):
 
 
 # ----- online transforms: rotfn.json and load_hf ------------------------------------------------------
+def _assert_plain_transformers_refuses(directory, model_class):
+    """Every plain way to load a rotfn-only directory fails with an error quoting what to use: the Auto classes (on
+    the model type) and the model class itself, which only warns about a foreign model type (on the dtype), also when
+    the caller names a dtype."""
+    says = r"rotfn-load_hf-only: load it with rotfn\.load_hf\(dir\)"
+    with pytest.raises(ValueError, match=says):
+        transformers.AutoModelForCausalLM.from_pretrained(directory)
+    with pytest.raises(ValueError, match=says):
+        transformers.AutoConfig.from_pretrained(directory)
+    for kwargs in ({}, {"dtype": torch.float32}, {"dtype": "auto"}):
+        with pytest.raises(AttributeError, match=says):
+            model_class.from_pretrained(directory, **kwargs)
+    with pytest.raises(AttributeError, match=says):
+        model_class.config_class.from_pretrained(directory)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "qwen3_moe"])
 def test_online_transforms_go_to_rotfn_json_and_load_hf_restores_exact_outputs(tmp_path, family):
     cfg, model, plan, folded = _folded_quarot(family, tied=True, online=True)
@@ -186,11 +202,12 @@ def test_online_transforms_go_to_rotfn_json_and_load_hf_restores_exact_outputs(t
     rt.assert_bits_equal(_logits(model2, params2, plan2, ids), expected)
     with torch.no_grad():  # the weights alone run the model without its online transforms...
         assert not torch.allclose(model2(ids).logits, expected, atol=1e-3)
-    with pytest.raises(ValueError, match=r"rotfn-load_hf-only: load it with rotfn\.load_hf\(dir\)"):  # ...so plain
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)  # transformers refuses it, saying what to use
+    _assert_plain_transformers_refuses(tmp_path, type(model))  # ...so plain transformers refuses it, saying what to use
+    assert next(model2.parameters()).dtype == next(model.parameters()).dtype  # load_hf reads the real dtype
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["rotfn_model_type"] == cfg.model_type
-    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "rotfn-load_hf-only"}))
+    earlier = {**rotfn.io.unguard_config(config), "model_type": "rotfn-load_hf-only", "rotfn_model_type": cfg.model_type}
+    (tmp_path / "config.json").write_text(json.dumps(earlier))
     assert rotfn.load_hf(tmp_path)[2] == plan  # a directory written with the earlier guard value still loads
     with pytest.raises(FoldError):
         rotfn.fold(params2, plan2)

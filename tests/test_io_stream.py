@@ -376,8 +376,11 @@ def test_a_fold_with_online_transforms_is_refused_by_plain_transformers(src, tmp
     rotfn.fold_checkpoint(src, PLANS["quarot R1..R4 + mxfp4"], tmp_path / "r4", progress=False)
     with pytest.raises(ValueError, match="rotfn-load_hf-only"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "r4")
+    with pytest.raises(AttributeError, match="rotfn-load_hf-only"):  # a model class skips the model type check
+        transformers.LlamaForCausalLM.from_pretrained(tmp_path / "r4")
     model, params, plan = rotfn.load_hf(tmp_path / "r4")
     assert plan.online and type(model).__name__ == "LlamaForCausalLM"
+    assert next(model.parameters()).dtype == next(_loaded(src)[0].parameters()).dtype
     rotfn.fold_checkpoint(src, _quarot, tmp_path / "r1", progress=False)
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "r1")
 

@@ -3,6 +3,7 @@
 import math
 import pathlib
 import re
+import types
 
 import pytest
 import torch
@@ -45,6 +46,8 @@ BAD = [
     (lambda: cosine([1.0], X), DTypeError, TypeError, r"cosine: argument 'x': expected a torch.Tensor, got list"),
     (lambda: perplexity(torch.zeros(1, 4, 5), torch.zeros(1, 3, dtype=torch.long)), ShapeError, ValueError, r"perplexity: argument 'ids': expected logits' shape without its last dim \[1, 4\], got \[1, 3\]"),
     (lambda: perplexity(torch.zeros(4, 5), torch.zeros(4)), DTypeError, TypeError, r"perplexity: argument 'ids': expected an integer tensor.*got torch.float32; fix: cast with ids.long\(\)"),
+    (lambda: perplexity(torch.nn.Linear(2, 5), torch.zeros(4, dtype=torch.long)), DTypeError, TypeError, r"perplexity: argument 'logits': expected a torch.Tensor of logits \[B, T, V\], got a model \(Linear\); fix: pass the logits: perplexity\(model\(ids\).logits, ids\)"),
+    (lambda: perplexity(types.SimpleNamespace(logits=torch.zeros(4, 5)), torch.zeros(4, dtype=torch.long)), DTypeError, TypeError, r"perplexity: argument 'logits': expected a torch.Tensor of logits.*got a model output \(SimpleNamespace\); fix: pass the logits"),
     (lambda: perplexity(torch.zeros(4, 5), [0, 1, 2, 3]), DTypeError, TypeError, r"perplexity: argument 'ids': expected a torch.Tensor of token ids, got list"),
     (lambda: perplexity(torch.zeros(4, 5, dtype=torch.long), torch.zeros(4, dtype=torch.long)), DTypeError, TypeError, r"perplexity: argument 'logits': expected a floating tensor"),
     (lambda: perplexity(torch.zeros(5), torch.zeros((), dtype=torch.long)), ShapeError, ValueError, r"perplexity: argument 'logits': expected \[B, T, V\] or \[T, V\], got \[5\]"),

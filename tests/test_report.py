@@ -117,6 +117,21 @@ def test_summary_lists_layers_where_rotation_hurts():
     assert r.summary_line().endswith("GPTQ over round to nearest: median output gain +1.75 dB (in-sample)")
 
 
+@pytest.mark.parametrize("side", ["weights", "acts"])
+def test_a_side_the_plan_does_not_quantize_is_left_out_of_the_views(side):
+    """A weights-only plan has no activation columns and no "acts - dB" in its summary (and the other way round)."""
+    m = torch.nn.Sequential(torch.nn.Linear(64, 8)).eval()
+    plan = rotfn.plans.per_linear(m, rotation=rotfn.hadamard(64, seed=0), **{side: rotfn.mxfp4()})
+    r = rotfn.report(m, rotfn.params(m), plan, torch.randn(4, 64))
+    letter, key, other = {"weights": ("W", "weight", "acts"), "acts": ("x", "act", "weights")}[side]
+    title, *lines = str(r).splitlines()
+    header = next(line.split() for line in lines if line.startswith("layer"))
+    assert header == ["layer", "in", letter, "none", letter, "rot", letter, "gain"]
+    assert f"median gain from rotation: {side} {r.summary()[f'median_{key}_gain']:+.2f} dB;" in r.summary_line()
+    assert other not in r.summary_line() and " - dB" not in str(r) + repr(r)
+    assert f"{side} mxfp4" in title and other not in title
+
+
 @pytest.mark.parametrize("rotation", [lambda n: rotfn.hadamard(n, seed=0), None], ids=["hadamard", "none"])
 @pytest.mark.parametrize("fmt", [rotfn.mxfp4(), rotfn.intq(4, group=32), rotfn.nvfp4()], ids=repr)
 def test_gptq_output_sqnr_is_at_least_round_to_nearest_on_every_linear(fmt, rotation):

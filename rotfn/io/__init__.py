@@ -3,10 +3,10 @@
 # internal (not in __all__): what `rotfn inspect` / `rotfn fold` read from files, for rotfn.cli
 # `name as name`: internal (not in __all__), what `rotfn inspect` / `rotfn fold` read, for rotfn.cli
 from rotfn.io._checkpoint import GUARDED_MODEL_TYPE as GUARDED_MODEL_TYPE
-from rotfn.io._checkpoint import ORIGINAL_MODEL_TYPE as ORIGINAL_MODEL_TYPE
 from rotfn.io._checkpoint import inventory as inventory
 from rotfn.io._checkpoint import is_guarded as is_guarded
 from rotfn.io._checkpoint import skeleton
+from rotfn.io._checkpoint import unguard_config as unguard_config
 from rotfn.io._compressed import export_compressed
 from rotfn.io._encode import decode_plan as decode_plan
 from rotfn.io._encode import rotation_tensor_names as rotation_tensor_names

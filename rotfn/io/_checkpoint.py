@@ -16,7 +16,8 @@ import os
 from rotfn.errors import ArgumentError, CheckpointError, message
 from rotfn.io._shard import TensorEntry, read_header
 
-__all__ = ["INDEX", "SINGLE", "Checkpoint", "inventory", "is_weight_file", "skeleton"]
+__all__ = ["INDEX", "SINGLE", "Checkpoint", "guard_config", "inventory", "is_guarded", "is_weight_file", "skeleton",
+           "unguard_config"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -142,7 +143,11 @@ def inventory(directory: str | os.PathLike, *, fn: str = "inventory", arg: str =
 #: The value is what transformers' refusal ("model type ... not recognized") shows the user, so it says what to do.
 GUARDED_MODEL_TYPE = "rotfn-load_hf-only: load it with rotfn.load_hf(dir), serve it via rotfn.export_compressed"
 ORIGINAL_MODEL_TYPE = "rotfn_model_type"
+#: The ``dtype`` / ``torch_dtype`` entries of the guarded config as they were (``{key: value}``).
+ORIGINAL_DTYPES = "rotfn_dtype"
+_DTYPE_KEYS = ("dtype", "torch_dtype")  # transformers >= 4.56 reads dtype, earlier ones torch_dtype
 _GUARDED_BEFORE = ("rotfn-load_hf-only",)  # the value earlier rotfn versions wrote
+_NOTE = "rotfn_note"
 GUARD_NOTE = ("rotfn: these weights need rotfn's online transforms (see rotfn.json): load with rotfn.load_hf(dir) "
               "and run with rotfn.call; for an inference engine export with rotfn.export_compressed or "
               "rotfn fold --export compressed-tensors")
@@ -154,16 +159,51 @@ def is_guarded(config: dict) -> bool:
 
 
 def guard_config(config: dict) -> dict:
-    """``config`` (a ``config.json`` dict) made unloadable by plain transformers: model_type swapped, note added."""
+    """``config`` (a ``config.json`` dict) made unloadable by plain transformers, the real values kept beside.
+
+    Two entries change, both to :data:`GUARDED_MODEL_TYPE`, whose text each refusal quotes:
+
+    * ``model_type``: the Auto classes (``AutoModelForCausalLM``, ``AutoConfig``, pipelines) refuse a type
+      they do not know;
+    * ``dtype`` and ``torch_dtype``: a model class (``LlamaForCausalLM.from_pretrained(dir)``) only warns
+      about a foreign model type, but every transformers config turns its dtype name into
+      ``getattr(torch, name)`` when it is built, which raises ``AttributeError`` (even when the caller passes
+      ``dtype=``, which does not reach the config).
+
+    :func:`unguard_config` undoes both. Passing ``config=`` to ``from_pretrained`` loads the weights anyway:
+    that is the caller's explicit choice.
+
+    Example:
+        >>> guarded = guard_config({"model_type": "llama", "dtype": "bfloat16", "hidden_size": 8})
+        >>> guarded["model_type"] == guarded["dtype"] == guarded["torch_dtype"] == GUARDED_MODEL_TYPE
+        True
+        >>> unguard_config(guarded) == {"model_type": "llama", "dtype": "bfloat16", "hidden_size": 8}
+        True
+    """
     if is_guarded(config):
         return config
-    return {**config, ORIGINAL_MODEL_TYPE: config["model_type"], "model_type": GUARDED_MODEL_TYPE,
-            "rotfn_note": GUARD_NOTE}
+    dtypes = {k: config[k] for k in _DTYPE_KEYS if k in config}
+    return {**config, ORIGINAL_MODEL_TYPE: config["model_type"], ORIGINAL_DTYPES: dtypes, "model_type": GUARDED_MODEL_TYPE,
+            **dict.fromkeys(_DTYPE_KEYS, GUARDED_MODEL_TYPE), _NOTE: GUARD_NOTE}
+
+
+def unguard_config(config: dict) -> dict:
+    """``config`` as it was before :func:`guard_config` (unchanged if not guarded); a config guarded by an earlier
+    rotfn, which kept its dtype, gets its model type back."""
+    if not is_guarded(config):
+        return config
+    restored = {k: v for k, v in config.items() if k not in (ORIGINAL_MODEL_TYPE, ORIGINAL_DTYPES, _NOTE)}
+    restored["model_type"] = config.get(ORIGINAL_MODEL_TYPE)
+    if ORIGINAL_DTYPES in config:
+        for key in _DTYPE_KEYS:
+            restored.pop(key, None)
+        restored.update(config[ORIGINAL_DTYPES])
+    return restored
 
 
 def read_config(directory: str):
     """The transformers config of ``directory``'s ``config.json``, a guarded one (:func:`guard_config`) with its
-    real model_type. Raises what transformers raises for a config it cannot read."""
+    real model_type and dtype. Raises what transformers raises for a config it cannot read."""
     import transformers  # an optional dependency (rotfn[hf])
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -171,8 +211,7 @@ def read_config(directory: str):
         config = json.load(f)
     if not is_guarded(config):
         return transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-    config = {k: v for k, v in config.items() if k != "rotfn_note"}
-    config["model_type"] = config.pop(ORIGINAL_MODEL_TYPE)
+    config = unguard_config(config)
     return CONFIG_MAPPING[config["model_type"]].from_dict(config)
 
 

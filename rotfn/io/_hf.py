@@ -286,10 +286,11 @@ def export_hf(model, params, plan: Plan | None, dir: str | os.PathLike, *,
 
     If the plan keeps online transforms (R3/R4 rotations, activation qdq), the
     weights alone are not the model: ``rotfn.json`` records the plan (see
-    :func:`write_rotfn_json`) and a :class:`~rotfn.errors.CheckpointWarning` says
-    that ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` would run the
-    model without them; :func:`load_hf` gives the model, params and plan for
-    ``rotfn.call``. Without online transforms no rotfn.json is written (a stale one is
+    :func:`write_rotfn_json`), ``config.json`` is guarded so that plain transformers
+    refuses the directory (``AutoModelForCausalLM.from_pretrained(dir)`` and
+    ``LlamaForCausalLM.from_pretrained(dir)`` alike; see ``rotfn.io._checkpoint.guard_config``)
+    instead of running the model without them, and a :class:`~rotfn.errors.CheckpointWarning`
+    says so; :func:`load_hf` gives the model, params and plan for ``rotfn.call``. Without online transforms no rotfn.json is written (a stale one is
     removed) and plain transformers computes what ``rotfn.call`` computes.
 
     Args:
@@ -345,7 +346,7 @@ def export_hf(model, params, plan: Plan | None, dir: str | os.PathLike, *,
         roles = sorted({o.role or o.kind for o in plan.online})
         warnings.warn(
             f"{fn}: {directory}: {len(plan.online)} online transforms ({', '.join(roles)}) are not in the weights; "
-            "plain transformers refuses the directory (config.json model_type " + repr(GUARDED_MODEL_TYPE) + "). Load it with "
+            "plain transformers refuses the directory (config.json model_type and dtype " + repr(GUARDED_MODEL_TYPE) + "). Load it with "
             "rotfn.load_hf(dir) and run it with rotfn.call(model, params, plan, ...)",
             CheckpointWarning, stacklevel=2,
         )

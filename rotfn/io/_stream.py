@@ -666,8 +666,9 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     says ``tie_word_embeddings: false``. The plan is recorded in ``rotfn.json``, so
     :func:`rotfn.load_hf` knows the weights are folded; without online transforms,
     ``transformers.AutoModelForCausalLM.from_pretrained(dst_dir)`` runs the folded model, and with
-    them plain transformers refuses the directory (its ``config.json`` ``model_type`` is
-    ``"rotfn-load_hf-only: load it with rotfn.load_hf(dir), ..."``, the real one kept for rotfn's readers) rather than run it without them.
+    them plain transformers refuses the directory, through an Auto class or a model class (its ``config.json``
+    ``model_type`` and ``dtype`` are ``"rotfn-load_hf-only: load it with rotfn.load_hf(dir), ..."``, the real
+    ones kept for rotfn's readers: ``rotfn.io._checkpoint.guard_config``) rather than run it without them.
     Fused partitions that share an NVFP4 global scale (:attr:`rotfn.plans.Plan.shared_scales`) are
     folded one extra time first, to measure it (each whole, in the work dtype).
 

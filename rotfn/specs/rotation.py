@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
+import math
 
 import torch
 
@@ -249,13 +250,24 @@ def _check_block(fn: str, n: int, block) -> int | None:
     return None if block == n else block
 
 
-def _order_error(fn: str, n: int, arg: str) -> OrderError:
-    blocks = [b for b in (512, 256, 128, 64, 32, 16) if n % b == 0]
-    hint = f"use block={blocks[0]} (a Sylvester block) or rotfn.orthogonal(n, seed=...)" if blocks else (
-        "use rotfn.orthogonal(n, seed=...)"
-    )
+def _order_error(fn: str, n: int, b: int, arg: str) -> OrderError:
+    """No Hadamard of order ``b`` (``n`` itself, or the ``block`` asked for): the fix offers the largest Hadamard
+    blocks that divide ``n`` (Sylvester or with a factor), and for ``n`` the nearest orders that have one."""
+    divisors = {d for i in range(1, math.isqrt(n) + 1) if n % i == 0 for d in (i, n // i)}
+    blocks = sorted((d for d in divisors if 4 <= d < n and d != b and _had.choose_factor(d) is not None),
+                    reverse=True)[:2]
+    if blocks:
+        also = f"; also block={blocks[1]}" if len(blocks) > 1 else ""
+        b0 = blocks[0]
+        hint = f"use block={b0} ({n // b0} blocks of {b0} x {b0}{also}) or rotfn.orthogonal(n, seed=...)"
+    else:
+        hint = f"no Hadamard block of 4 or more divides {n}: use rotfn.orthogonal({n}, seed=...)"
+    if arg == "n":
+        below = next((m for m in range(n - 1, n // 2, -1) if _had.choose_factor(m) is not None), None)
+        above = next(m for m in range(n + 1, 2 * n + 1) if _had.choose_factor(m) is not None)  # 2^k is one
+        hint += f"; the nearest Hadamard orders are {below} and {above}" if below else f"; the nearest is {above}"
     return OrderError(
-        message(fn, arg, "an order K * 2^m with a constructible Hadamard factor K (Paley I/II or the Williamson table)", n, hint)
+        message(fn, arg, "an order K * 2^m with a constructible Hadamard factor K (Paley I/II or the Williamson table)", b, hint)
     )
 
 
@@ -334,7 +346,7 @@ def hadamard(n: int, *, block: int | None = None, seed: int | None = None) -> Ro
     b = block or n
     k = _had.choose_factor(b)
     if k is None:
-        raise _order_error(fn, b, "block" if block else "n")
+        raise _order_error(fn, n, b, "block" if block else "n")
     signs = None
     if seed is not None:
         _check_seed(fn, seed)
