@@ -268,6 +268,7 @@ def _process_group(command: str):
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield
+        torch.distributed.barrier()  # leave together: a rank that tears gloo down while a peer still talks to it aborts
     finally:
         torch.distributed.destroy_process_group()
 
