@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from rotfn.errors import DistributedError, message
+from rotfn.errors import ArgumentError, DistributedError, message
 
 __all__ = ["world", "is_distributed", "share", "assign", "together", "all_reduce", "sum_together", "gather", "merge",
            "same", "first_writes"]
@@ -95,10 +95,16 @@ def assign(sizes: Sequence[int]) -> list[int]:
     Returns:
         ``[rank of item 0, rank of item 1, ...]``; all 0 with one rank.
 
+    Raises:
+        ArgumentError: a size that is not a non-negative int.
+
     Example:
         >>> assign([5, 3, 3])                # on 2 ranks: [0, 1, 1]
         [0, 0, 0]
     """
+    bad = [v for v in sizes if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+    if bad:
+        raise ArgumentError(message("distributed.assign", "sizes", "non-negative ints", repr(bad[0])))
     size = world()[1]
     loads, owners = [0] * size, [0] * len(sizes)
     for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
@@ -189,12 +195,15 @@ def all_reduce(fn: str, tensors: Sequence[torch.Tensor], op: str = "sum") -> lis
         ``[reduced tensor]``, one per input; copies of the inputs without a process group.
 
     Raises:
+        ArgumentError: ``op`` is neither ``"sum"`` nor ``"max"``.
         DistributedError: another rank stopped.
 
     Example:
         >>> all_reduce("calibrate", [torch.ones(2)])
         [tensor([1., 1.])]
     """
+    if op not in ("sum", "max"):
+        raise ArgumentError(message("distributed.all_reduce", "op", "'sum' or 'max'", repr(op)))
     if not is_distributed():
         return [t.clone() for t in tensors]
     reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]

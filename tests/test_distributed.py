@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 from ranks import run
 
@@ -96,3 +97,10 @@ def test_without_a_process_group_everything_is_one_rank():
     assert distributed.sum_together("t", lambda: [x], [x])[0] is x
     assert distributed.merge("t", {"a": x}) == {"a": x}
     assert distributed.gather("t", "x", 3) == [3] and distributed.assign([2, 1]) == [0, 0]
+
+
+@pytest.mark.parametrize("call", [lambda: distributed.all_reduce("t", [torch.ones(1)], op="mean"),
+                                  lambda: distributed.assign([1, -2]), lambda: distributed.assign([1.5])])
+def test_bad_arguments_are_typed_errors(call):
+    with pytest.raises(rotfn.errors.ArgumentError, match=r"^distributed\.(all_reduce|assign): argument '(op|sizes)'"):
+        call()
