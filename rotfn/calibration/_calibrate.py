@@ -119,19 +119,11 @@ def _bytes(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(hashlib.blake2b(text.encode(), digest_size=16).digest()), dtype=torch.uint8)
 
 
-def _owners(keys: list[str], out_in: Mapping[str, torch.Tensor], size: int) -> dict[str, int]:
-    """The rank that solves each key's GPTQ problem: the largest problems first, each to the least loaded rank
-    (the cost of a solve taken as ``out * in^2 + in^3``: the column loop and the Cholesky factor)."""
-    def cost(k):
-        out, inp = out_in[k].shape
-        return (out + inp) * inp**2
-
-    load = [0] * size
-    owners = {}
-    for key in sorted(keys, key=cost, reverse=True):
-        owners[key] = load.index(min(load))
-        load[owners[key]] += cost(key)
-    return owners
+def _owners(keys: list[str], out_in: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """The rank that solves each key's GPTQ problem (:func:`rotfn.distributed.assign` by the cost of a solve,
+    ``out * in^2 + in^3``: the column loop and the Cholesky factor)."""
+    costs = [(out + inp) * inp**2 for out, inp in (out_in[k].shape for k in keys)]
+    return dict(zip(keys, distributed.assign(costs), strict=True))
 
 
 class _Stop(Exception):
@@ -265,7 +257,7 @@ def calibrate(
     for block, keys in bar:
         hessians, tokens = _collect(model, FoldedParams(current, collecting), collecting, data, keys, block, amax,
                                     {k: out_in[k] for k in keys})
-        owners = _owners(keys, out_in, size)
+        owners = _owners(keys, out_in)
         with distributed.together(fn):
             mine = {key: _as(gptq(out_in[key], hessians[key], fmts.get(key, plan.weights), **settings), plan)
                     for key in keys if owners[key] == rank}
