@@ -520,6 +520,13 @@ def _learn_data(args: argparse.Namespace, text: str | None, vocab: int):
     return data, what
 
 
+def _device(text: str):
+    try:
+        return torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu, cuda or cuda:1, got {text!r}") from None
+
+
 def _run_learn(args: argparse.Namespace) -> int:
     from rotfn.errors import ArgumentError, FoldError, message
     from rotfn.io import inventory, read_rotfn_json
@@ -543,11 +550,14 @@ def _run_learn(args: argparse.Namespace) -> int:
                             "(give --r1 hadamard, --r2 ...)")
     data, what = _learn_data(args, text, model.config.vocab_size)
     params = rotfn.params(model)
-    if not args.quiet:
+    first = rotfn.distributed.first_writes()  # under torchrun: rank 0 reports and writes the plan
+    if not args.quiet and first:
         print(f"rotfn learn: {', '.join(roles)} of {plan!r} on {len(data)} batches of {args.batch_size} x "
               f"{args.seq_len} tokens ({what})", file=sys.stderr)
     result = rotfn.learn.rotations(model, params, plan, data, steps=args.steps, lr=args.lr, roles=roles,
-                                   progress=not args.quiet)
+                                   shard=args.shard, device=args.device, progress=not args.quiet)
+    if not first:
+        return EXIT_OK
     before, after = (rotfn.learn.evaluate(model, params, p, data) for p in (plan, result.plan))
     rotfn.save(args.out, {}, result.plan)
     matrices = f"{len(result.slots)} matri{'ces' if len(result.slots) != 1 else 'x'}"
@@ -720,6 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--batch-size", type=_positive, default=4, help="windows per batch (default 4)")
     learn.add_argument("--batches", dest="n_batches", type=_positive, default=4,
                        help="calibration batches, taken in turn (default 4)")
+    learn.add_argument("--device", default="cpu", type=_device,
+                       help="where learning runs (default cpu); cuda: each torchrun rank its LOCAL_RANK's GPU")
+    learn.add_argument("--shard", action="store_true",
+                       help="hold the weights in pieces over the torchrun ranks (1/N each on --device); each module's "
+                            "are gathered and folded when it runs")
     learn.add_argument("--quiet", action="store_true", help="no progress bar")
 
     inspect = _subparser(commands, "inspect", "show what a rotfn file, a safetensors file or a Hugging Face checkpoint "

@@ -30,7 +30,7 @@ import torch
 from rotfn.errors import ArgumentError, DistributedError, message
 
 __all__ = ["world", "is_distributed", "share", "assign", "together", "all_reduce", "sum_together", "gather", "merge",
-           "same", "first_writes"]
+           "concat", "piece", "same", "first_writes"]
 
 
 def _dist():
@@ -324,6 +324,57 @@ def merge(fn: str, mine: Mapping[str, object]) -> dict[str, object]:
             raise DistributedError(message(fn, "results", "one rank per key", f"keys {sorted(twice)[:3]} on two ranks"))
         out.update(part)
     return out
+
+
+def piece(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of ``t``: its flat elements ``[rank * c, (rank + 1) * c)``, ``c = ceil(numel / N)``,
+    zero-padded to ``c`` (a new tensor); :func:`concat` of the pieces, cut to ``numel``, is ``t.reshape(-1)``.
+
+    Args:
+        t: any tensor (the same shape on every rank).
+
+    Returns:
+        A 1-D tensor of ``c`` elements, ``t``'s dtype and device; ``t.reshape(-1)`` copied without a process group.
+
+    Example:
+        >>> piece(torch.arange(5))               # on 2 ranks: rank 0 [0, 1, 2], rank 1 [3, 4, 0]
+        tensor([0, 1, 2, 3, 4])
+    """
+    rank, size = world()
+    flat = t.detach().reshape(-1)
+    c = -(-flat.numel() // size)
+    out = torch.zeros(c, dtype=t.dtype, device=t.device)
+    part = flat[rank * c:(rank + 1) * c]
+    out[:part.numel()] = part
+    return out
+
+
+def concat(fn: str, piece: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``piece`` concatenated by rank, on every rank (one all-gather, any dtype, bit for bit).
+
+    Args:
+        fn: the calling rotfn function (named in errors).
+        piece: this rank's 1-D tensor; the same size and dtype on every rank.
+
+    Returns:
+        A new 1-D tensor of ``N * piece.numel()`` elements on ``piece``'s device; ``piece`` itself without a
+        process group.
+
+    Raises:
+        DistributedError: a rank stopped.
+
+    Example:
+        >>> concat("learn.rotations", torch.ones(2))
+        tensor([1., 1.])
+    """
+    if not is_distributed():
+        return piece
+    wire = _wire(piece)
+    mine = piece.detach().contiguous().view(torch.uint8).to(wire)  # bytes: gloo moves every dtype the same way
+    out = torch.empty(world()[1] * mine.numel(), dtype=torch.uint8, device=wire)
+    gather_single = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+    _collective(fn, "tensors", gather_single, out, mine)
+    return out.view(piece.dtype).to(piece.device)
 
 
 def same(fn: str, arg: str, tensors: Sequence[torch.Tensor]) -> None:

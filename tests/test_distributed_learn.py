@@ -6,6 +6,7 @@ Each spawned run batches several checks, since starting ranks costs seconds.
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -102,6 +103,40 @@ def test_learn_on_two_ranks_equals_one_process_accumulating_their_batches():
         assert ranks[0].value[steps, k]["losses"] == ranks[1].value[steps, k]["losses"]
 
 
+def _learn_sharded(shard):
+    """Learned R1 / R2 (next-token and fidelity losses) and the elements this rank holds (with shard=True)."""
+    model, p, plan, batches = _setup()
+    held, piece = [], distributed.piece
+    distributed.piece = lambda t: held.append(piece(t)) or held[-1]
+    try:
+        out = {}
+        for loss in (None, "fidelity"):
+            res = rotfn.learn.rotations(model, p, plan, batches, steps=2, lr=0.5, loss=loss, progress=False,
+                                        shard=shard, accumulate=1 if shard else 2)
+            out[loss] = dict(matrices=_learned_matrices(res), losses=res.losses)
+    finally:
+        distributed.piece = piece
+    matrices = sum(t.numel() for k, t in p.items() if t.ndim >= 2)
+    return out, sum(t.numel() for t in held) / 2, matrices  # held / 2: two runs
+
+
+def test_shard_on_two_ranks_holds_half_the_weights_and_learns_what_one_process_learns():
+    ranks = run(_learn_sharded, True)
+    assert all(r.error is None for r in ranks), ranks
+    one, _, _ = _learn_sharded(False)
+    for r in ranks:
+        got, held, matrices = r.value
+        assert matrices / 2 <= held < matrices / 2 + 4096  # each rank half of every module's tensors (and biases)
+        for loss, want in one.items():
+            torch.testing.assert_close(torch.tensor(got[loss]["losses"]), torch.tensor(want["losses"]), rtol=1e-6,
+                                       atol=0)
+            for a, b in zip(got[loss]["matrices"], want["matrices"], strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    for loss in one:
+        for a, b in zip(ranks[0].value[0][loss]["matrices"], ranks[1].value[0][loss]["matrices"], strict=True):
+            assert torch.equal(a, b)
+
+
 def test_accumulate_one_is_the_default_and_k_averages_k_batches():
     model, p, plan, (b0, b1) = _setup(n_batches=2)
     kw = dict(lr=0.5, progress=False)
@@ -189,3 +224,26 @@ def test_the_howto_script_runs_under_torchrun(tmp_path):
     assert "14 weights by GPTQ" in proc.stdout and "1024 tokens" in proc.stdout
     params, plan = rotfn.load(tmp_path / "llama-learned-gptq.safetensors")
     assert params.plan == plan and any("learned R1, R2" in n for n in plan.notes)
+
+
+def test_torchrun_runs_rotfn_learn_sharded_on_two_ranks(tmp_path):
+    """``torchrun --nproc-per-node 2 -m rotfn learn --shard``: the rotations of the same run without --shard, one
+    summary and one plan file, from rank 0."""
+    src = tmp_path / "src"
+    cfg = rt.make_config("llama", hidden=64, heads=4, kv_heads=2, layers=2, intermediate=128, vocab=128)
+    rt.tiny_model(cfg, dtype=torch.bfloat16, seed=2).save_pretrained(src)
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    plans = {}
+    for name, more in (("whole", []), ("sharded", ["--shard"])):
+        out = tmp_path / f"{name}.safetensors"
+        done = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "rotfn", "learn", str(src),
+                               "--r2", "hadamard", "--weights", "int4", "--acts", "int4", "--steps", "2",
+                               "--seq-len", "16", "--batch-size", "1", "--batches", "2", "--quiet", "--out", str(out),
+                               *more], capture_output=True, text=True, timeout=600, env=env, check=False)
+        assert done.returncode == 0, done.stderr
+        assert sum(line.startswith("learned R1, R2") for line in done.stdout.splitlines()) == 1, done.stdout
+        plans[name] = rotfn.load(out)[1]
+    for a, b in zip(plans["sharded"].rotations, plans["whole"].rotations, strict=True):
+        torch.testing.assert_close(a.rotation.matrix(torch.float64), b.rotation.matrix(torch.float64), rtol=0,
+                                   atol=1e-10)

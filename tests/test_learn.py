@@ -303,6 +303,60 @@ def test_calibration_bad_tokenizer():
         calibration(byte_tokens, seq_len=8, batch_size=1, n_batches=1, special_tokens=1)
 
 
+# ----- weights held in pieces, folded on use --------------------------------------------------
+def _tiny(family, **kw):
+    cfg = rt.make_config(family, hidden=64, heads=4, kv_heads=2, layers=2, intermediate=128, vocab=256, **kw)
+    return rt.tiny_model(cfg, dtype=torch.float32, seed=1, outliers=8.0)
+
+
+SHARDED = {
+    "llama tied, biases": (dict(family="llama", tied=True, bias=True), rotfn.intq(4, group=16), ("R1", "R2")),
+    "qwen3 nvfp4, R4 learned": (dict(family="qwen3"), rotfn.nvfp4(), ("R1", "R2", "R4")),
+    "qwen3_moe, R4 at the experts": (dict(family="qwen3_moe"), rotfn.intq(4, group=16), ("R1", "R2")),
+    "phi3 fused qkv": (dict(family="phi3"), rotfn.mxfp4(), ("R1", "R2")),
+    "per_linear": (dict(family="llama"), rotfn.intq(4), ("per_linear",)),
+}
+
+
+@pytest.mark.parametrize("name", SHARDED)
+def test_shard_folds_each_module_when_it_runs_and_learns_what_the_whole_fold_learns(name, monkeypatch):
+    """shard=True: each module's weights are folded when it runs (never the whole fold) and again in the
+    backward pass; the losses are the same bits and the rotations equal up to the order of gradient sums (a
+    tied key's gradient arrives from two modules)."""
+    kw, fmt, roles = SHARDED[name]
+    model = _tiny(**kw)
+    if roles == ("per_linear",):
+        plan = rotfn.plans.per_linear(model, rotation=lambda n: rotfn.hadamard(n, seed=1), weights=fmt, acts=fmt)
+    else:
+        plan = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16),
+                                  r4=lambda n: rotfn.hadamard(n, seed=2), weights=fmt, acts=fmt)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (2, 16), generator=gen) for _ in range(2)]
+    learn = functools.partial(rotations, model, rotfn.params(model), plan, batches, steps=2, lr=0.5, roles=roles,
+                              progress=False)
+    whole = learn()
+
+    def no_whole_fold(*args, **kwargs):
+        raise AssertionError("shard=True ran the whole fold")
+
+    monkeypatch.setattr(rotfn.transforms.FoldProgram, "run", no_whole_fold)
+    sharded = learn(shard=True)
+    assert sharded.losses == whole.losses
+    for a, b in zip(sharded.plan.rotations, whole.plan.rotations, strict=True):
+        torch.testing.assert_close(a.rotation.matrix(torch.float64), b.rotation.matrix(torch.float64), rtol=0,
+                                   atol=1e-13)
+
+
+def test_shard_with_a_fidelity_loss_and_another_device(llama, data):
+    """The float references of a fidelity loss run on gathered weights too; device= moves the learning."""
+    model, p = llama
+    plan = quarot_plan(model, rotfn.intq(4))
+    learn = functools.partial(rotations, model, p, plan, data[0][:2], steps=2, lr=0.5, loss="fidelity",
+                              progress=False)
+    whole, sharded = learn(), learn(shard=True, device="cpu")
+    assert sharded.losses == whole.losses
+
+
 # ----- bad inputs --------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, error, arg", [
     ({"roles": ("R7",)}, ArgumentError, "roles"),
@@ -319,6 +373,9 @@ def test_calibration_bad_tokenizer():
     ({"lr": float("inf")}, ArgumentError, "lr"),
     ({"momentum": 1.0}, ArgumentError, "momentum"),
     ({"shared": "yes"}, ArgumentError, "shared"),
+    ({"shard": 1}, ArgumentError, "shard"),
+    ({"device": "nowhere"}, ArgumentError, "device"),
+    ({"device": 3.5}, ArgumentError, "device"),
     ({"weights": "int4"}, ArgumentError, "weights"),
     ({"data": []}, ArgumentError, "data"),
     ({"data": torch.zeros(2, 8, dtype=torch.long)}, ArgumentError, "data"),

@@ -77,14 +77,17 @@ LossArg = LossFn | Fidelity | str | None
 _NAMES = ("next_token", "fidelity")
 
 
-def run(fn: str, model, params, plan: Plan | None, batch: Batch, sites: Mapping[Site, SiteFn] | None = None):
-    """``rotfn.call`` on one batch, with more ``sites`` if given (see :func:`rotfn.model.call_with`); errors name ``fn``.
+def run(fn: str, model, params, plan: Plan | None, batch: Batch, sites: Mapping[Site, SiteFn] | None = None,
+        around=None):
+    """``rotfn.call`` on one batch, with more ``sites`` if given (see :func:`rotfn.model.call_with`) and modules'
+    forwards replaced as ``around`` says (fold on use); errors name ``fn``.
 
     A tensor batch is the positional input, a dict the keyword inputs (but ``labels``).
     """
     if isinstance(batch, torch.Tensor):
-        return call_as(fn, model, params, plan, sites, (batch,))
-    return call_as(fn, model, params, plan, sites, kwargs={k: v for k, v in batch.items() if k != "labels"})
+        return call_as(fn, model, params, plan, sites, (batch,), around=around)
+    return call_as(fn, model, params, plan, sites, kwargs={k: v for k, v in batch.items() if k != "labels"},
+                   around=around)
 
 
 def _output(out) -> torch.Tensor:
@@ -132,10 +135,12 @@ class Objective:
     """The loss of batch ``i`` of a fixed list (see the module docstring for the built-in ones).
 
     Built once per run: for a fidelity loss it runs the float model on every batch (no
-    gradient) and keeps its views as the references.
+    gradient) and keeps its views as the references; ``floats(batch)`` runs it in place of
+    ``run(fn, model, params, None, batch)`` when given.
     """
 
-    def __init__(self, fn: str, model, params, batches: list[Batch], loss: LossArg):
+    def __init__(self, fn: str, model, params, batches: list[Batch], loss: LossArg,
+                 floats: Callable[[Batch], object] | None = None):
         if not (loss is None or loss in _NAMES or isinstance(loss, Fidelity) or callable(loss)):
             raise ArgumentError(message(fn, "loss", f"None, one of {_NAMES}, rotfn.learn.fidelity(...) or a function "
                                         "loss(outputs, batch) -> scalar tensor", repr(loss),
@@ -143,8 +148,10 @@ class Objective:
         self.fn, self.batches, self.loss, self.references = fn, batches, loss, None
         if callable(loss) and not isinstance(loss, Fidelity):
             return
+        if floats is None:
+            floats = lambda batch: run(fn, model, params, None, batch)  # noqa: E731
         with torch.no_grad():
-            first = run(fn, model, params, None, batches[0])
+            first = floats(batches[0])
             causal = _is_causal(first, batches[0])
             if loss == "next_token" and not causal:
                 raise ArgumentError(message(fn, "loss", "'next_token' for a causal LM (logits [B, T, V], batches with "
@@ -154,7 +161,7 @@ class Objective:
                 self.loss = Fidelity()
             if isinstance(self.loss, Fidelity):
                 self.references = [self._view(first, batches[0]).detach()] + [
-                    self._view(run(fn, model, params, None, b), b).detach() for b in batches[1:]]
+                    self._view(floats(b), b).detach() for b in batches[1:]]
 
     def _view(self, outputs, batch: Batch) -> torch.Tensor:
         return _output(outputs) if self.loss.view is None else self.loss.view(outputs, batch)

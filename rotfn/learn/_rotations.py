@@ -16,6 +16,7 @@ from rotfn.functional import qdq
 from rotfn.learn._cayley import cayley_step, orthogonality_error
 from rotfn.learn._data import Batch, check_batches, to_device
 from rotfn.learn._loss import LossArg, Objective, run
+from rotfn.learn._shards import Held, on_use, owners
 from rotfn.learn._slots import LEARNABLE_ROLES, Slots, find_slots, rotate_learned
 from rotfn.model import Site
 from rotfn.plans import FoldedParams, Plan, check_keys, check_plan, describe, fold_program, folded_with, require_plan
@@ -93,6 +94,8 @@ def rotations(
     shared: bool = False,
     weights: str = "quantized",
     accumulate: int = 1,
+    shard: bool = False,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> LearnResult:
     """Learn the rotations of a quantized plan: Cayley SGD on the orthogonal group, gradients from torch.func.grad.
@@ -120,7 +123,18 @@ def rotations(
     every rank takes the same step and the result is that of one process with ``accumulate=k*N``
     up to the order of the float64 sums. At the end the ranks' rotations are checked to be equal
     (:func:`rotfn.distributed.same`). A rank failing in its work makes every rank raise; the
-    progress bar shows on rank 0 only. Each rank holds all params (no sharding).
+    progress bar shows on rank 0 only.
+
+    ``shard=True`` holds the frozen weights in pieces, as FSDP's ``fully_shard`` does: rank ``r``
+    of ``N`` keeps ``1/N`` of the tensors of every module that owns a weight
+    (:func:`rotfn.distributed.piece`) on ``device``; when such a module runs, its tensors are
+    gathered from the ranks (one all-gather each), folded with the step's rotations (the same
+    operations and bits as the whole fold) and dropped after its forward; its backward gathers
+    and folds them again. A device holds ``1/N`` of the weights, one module's tensors and the
+    activations, for one more gather and fold per module and step; the learned rotations are
+    those without sharding up to the order of the float sums. Without a process group ``shard=True``
+    folds on use in the same way (one module's folded weights at a time). The params may stay where they
+    are (e.g. memory-mapped on the CPU, the same on every rank) with ``device`` the learning device.
 
     Args:
         model: the ``nn.Module`` the plan was built for (its tensors are not used or changed).
@@ -143,13 +157,16 @@ def rotations(
             the learned plan keeps the format, for :func:`rotfn.calibrate` and GPTQ afterwards).
         accumulate: batches whose gradients each step averages, per rank (>= 1); a step of ``N``
             ranks averages ``accumulate * N``.
+        shard: hold the frozen weights in pieces over the ranks and fold each module's when it runs.
+        device: where learning runs (None: the params' device); the params are moved (their pieces, with
+            ``shard=True``) there.
         progress: show a tqdm progress bar with the step and the loss (on rank 0 of a process group).
 
     Returns:
         A :class:`LearnResult`: ``.plan`` (the learned plan), ``.losses``, ``.orthogonality``.
 
     Raises:
-        ArgumentError: bad steps, lr, momentum, accumulate, roles (unknown, or none in the plan, or an online
+        ArgumentError: bad steps, lr, momentum, accumulate, shard, device, roles (unknown, or none in the plan, or an online
             rotation inside attention), weights, loss or data (empty).
         DTypeError: a batch or params of another type.
         PlanError: plan not a Plan, built for another model, or changing tied keys differently (as for
@@ -190,7 +207,7 @@ def rotations(
     _check_number(fn, "momentum", momentum, lambda v: 0 <= v < 1, "a number in [0, 1)", "e.g. momentum=0.9")
     _check_number(fn, "accumulate", accumulate, lambda v: isinstance(v, int) and v >= 1, "an int >= 1",
                   "e.g. accumulate=4 (each step averages the gradients of 4 batches)")
-    for arg, value in (("shared", shared), ("progress", progress)):
+    for arg, value in (("shared", shared), ("shard", shard), ("progress", progress)):
         if not isinstance(value, bool):
             raise ArgumentError(message(fn, arg, "a bool", repr(value)))
     if weights not in ("quantized", "float"):
@@ -200,24 +217,27 @@ def rotations(
     # the learning plan differs from plan in the weight format only: slot indices hold for both
     learning = plan if weights == "quantized" else dataclasses.replace(plan, weights=None, quantized=())
     program = fold_program(fn, learning, params)  # the fold's own program (and tie checks), before any model runs
-    device = next(iter(params.values())).device
+    device = _device(fn, device, params)
     rank, size = distributed.world()
     data = check_batches(fn, data)
     schedule = _schedule(len(data), steps, accumulate, rank, size)
     mine = sorted({i for step in schedule for i in step})  # only the batches this rank uses travel to the device
     local = {i: j for j, i in enumerate(mine)}
     batches = [to_device(data[i], device) for i in mine]
-    with distributed.together(fn):
-        objective = Objective(fn, model, params, batches, loss)
-
     training = slots.training_plan(learning)
     transforms = {plan.rotations[i].transform(): s for i, s in slots.rotations.items()}
+    with distributed.together(fn):
+        if shard:
+            forward = _Sharded(fn, model, params, device, program, transforms)
+        else:
+            params = {k: t.to(device) for k, t in params.items()}
+            forward = functools.partial(_whole, fn, model, params, program, transforms)
+        objective = Objective(fn, model, params, batches, loss, floats=forward.floats if shard else None)
 
     def step_loss(qs: tuple[torch.Tensor, ...], i: int):
         by_slot = dict(zip(slots.slots, qs, strict=True))
-        rotate = {t: functools.partial(rotate_learned, q=by_slot[s]) for t, s in transforms.items()}
-        folded = FoldedParams(program.run(params, rotate=rotate, fn=fn), training)
-        value = objective(run(fn, model, folded, training, batches[i], _learned_inputs(plan, slots, by_slot)), i)
+        outputs = forward(training, batches[i], _learned_inputs(plan, slots, by_slot), by_slot)
+        value = objective(outputs, i)
         return value, value.detach()
 
     grad = torch.func.grad(step_loss, has_aux=True)
@@ -251,6 +271,64 @@ def rotations(
             f"{objective.kind} {losses[0]:.4g} -> {losses[-1]:.4g}")
     learned = slots.learned_plan(plan, dict(zip(slots.slots, qs, strict=True)), note)
     return LearnResult(learned, tuple(losses), tuple(ortho), tuple(s.label() for s in slots.slots), objective.kind)
+
+
+def _device(fn: str, device, params) -> torch.device:
+    if device is None:
+        return next(iter(params.values())).device
+    try:
+        return torch.device(device)
+    except (TypeError, RuntimeError):
+        raise ArgumentError(message(fn, "device", "None, a torch.device or a device name", repr(device),
+                                    "e.g. device='cuda' (under torchrun: f'cuda:{LOCAL_RANK}')")) from None
+
+
+def _rotate(transforms: Mapping, by_slot: Mapping) -> dict:
+    """``rotate=`` stand-ins of the fold program: each learned rotation's transform multiplies by its ``Q``."""
+    return {t: functools.partial(rotate_learned, q=by_slot[s]) for t, s in transforms.items() if s in by_slot}
+
+
+def _whole(fn: str, model, params, program, transforms, plan: Plan, batch: Batch, sites, by_slot):
+    """The model's outputs on ``batch`` under the learning plan: every weight folded with the ``Q`` s, then the call."""
+    folded = FoldedParams(program.run(params, rotate=_rotate(transforms, by_slot), fn=fn), plan)
+    return run(fn, model, folded, plan, batch, sites)
+
+
+class _Sharded:
+    """:func:`_whole` with the weights held in pieces (``shard=True``): each module that owns a weight
+    gathers and folds its tensors when it runs (:mod:`rotfn.learn._shards`); the rest is folded up front."""
+
+    def __init__(self, fn: str, model, params, device, program, transforms):
+        self.fn, self.model, self.program, self.transforms = fn, model, program, transforms
+        self.own = owners(model, params)
+        on_use_keys = {k for own in self.own.values() for k in own.values()}
+        self.held = Held(params, device, on_use_keys)
+        self.upfront = [k for k in params if k not in on_use_keys]
+        # the learned rotations each module's fold multiplies by: the Q s its autograd node takes
+        self.uses = {name: [s for s in dict.fromkeys(transforms.get(t) for t in program.rotations(own.values()))
+                            if s is not None] for name, own in self.own.items()}
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self.held.read(self.fn, key)
+
+    def _fold(self, name: str, *qs: torch.Tensor) -> dict[str, torch.Tensor]:
+        rotate = _rotate(self.transforms, dict(zip(self.uses[name], qs, strict=True)))
+        return self.program.values(self._read, self.own[name].values(), rotate=rotate)
+
+    def _gathered(self, name: str) -> dict[str, torch.Tensor]:
+        return {k: self._read(k) for k in self.own[name].values()}
+
+    def __call__(self, plan: Plan, batch: Batch, sites, by_slot):
+        values = {**self.held.stand_ins(),
+                  **self.program.values(self._read, self.upfront, rotate=_rotate(self.transforms, by_slot))}
+        around = {name: on_use(functools.partial(self._fold, name), own, tuple(by_slot[s] for s in self.uses[name]))
+                  for name, own in self.own.items()}
+        return run(self.fn, self.model, FoldedParams(values, plan), plan, batch, sites, around)
+
+    def floats(self, batch: Batch):
+        """The float model's outputs (the fidelity loss's references), its weights gathered on use too."""
+        around = {name: on_use(functools.partial(self._gathered, name), own, ()) for name, own in self.own.items()}
+        return run(self.fn, self.model, self.held.stand_ins(), None, batch, None, around)
 
 
 def _schedule(n_batches: int, steps: int, accumulate: int, rank: int, size: int) -> list[list[int]]:

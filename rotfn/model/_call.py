@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from rotfn.model._intercept import Site, SiteFn, intercepted
+from rotfn.model._intercept import Around, Site, SiteFn, intercepted
 from rotfn.model._online import online
 from rotfn.plans import Plan, check_fold_state, check_keys, check_model, check_plan, describe, require_plan
 from rotfn.transforms import check_params, kept_ties, tie
@@ -53,12 +53,12 @@ def call_with(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan |
 
 
 def call_as(fn: str, model: nn.Module, params, plan: Plan | None, sites: Mapping[Site, SiteFn] | None = None,
-            args: tuple = (), kwargs: Mapping | None = None):
+            args: tuple = (), kwargs: Mapping | None = None, around: Mapping[str, Around] | None = None):
     """:func:`call_with` for rotfn's own entry points: every check and error names ``fn``, the public function
     the user called (``"report"``, ``"calibrate"``, ``"learn.rotations"``, ...).
 
     Checks, then ``functional_call`` on ``intercept(model, online(plan), sites)``; ``args`` and ``kwargs`` are
-    the model's inputs.
+    the model's inputs; ``around`` replaces modules' forwards for the call (see ``intercepted``).
     """
     check_model(fn, model)
     check_params(fn, params)
@@ -70,7 +70,7 @@ def call_as(fn: str, model: nn.Module, params, plan: Plan | None, sites: Mapping
     check_keys(fn, info, params)
     untied = plan.untied if plan is not None else ()
     flat = tie(fn, params, kept_ties(info.tied, untied))
-    with intercepted(fn, model, (online(plan), sites or {})) as m:
+    with intercepted(fn, model, (online(plan), sites or {}), around) as m:
         return torch.func.functional_call(m, flat, args, kwargs or {}, tie_weights=not untied, strict=True)
 
 

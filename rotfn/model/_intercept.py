@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -149,9 +150,28 @@ def _hook(fn: str, module: nn.Module, name: str, points: dict, active: list[bool
         module.register_forward_hook(post, prepend=True)
 
 
+def _live(active: list[bool], forward: Callable, *args, **kwargs):
+    """``forward(*args, **kwargs)`` with the clone's sites on: an ``around`` may run it again after the
+    block (a backward pass that recomputes the module), and it must see what the block saw."""
+    was, active[0] = active[0], True
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        active[0] = was
+
+
+#: ``around(module, forward) -> forward``: a module's forward for one interception, given the clone's own.
+Around = Callable[[nn.Module, Callable], Callable]
+
+
 @contextlib.contextmanager
-def intercepted(fn: str, model: nn.Module, site_maps) -> Iterator[nn.Module]:
-    """:func:`intercept` with the API name ``fn`` for messages (for :func:`rotfn.call` and friends)."""
+def intercepted(fn: str, model: nn.Module, site_maps, around: Mapping[str, Around] | None = None) -> Iterator[nn.Module]:
+    """:func:`intercept` with the API name ``fn`` for messages (for :func:`rotfn.call` and friends).
+
+    ``around``: ``{module name: around}`` replaces those modules' ``forward`` on the clone by
+    ``around(module, forward)`` (hooks and sites still run around it): how :func:`rotfn.learn.rotations`
+    folds a module's weights when it runs (``shard=True``).
+    """
     check_model(fn, model)
     by_module = _gather(fn, site_maps)
     clone = _clone(model)
@@ -174,6 +194,9 @@ def intercepted(fn: str, model: nn.Module, site_maps) -> Iterator[nn.Module]:
                                             f"{name!r}: {sorted(points)}"))
             if kinds:
                 routed[name] = route(fn, module, name, points, active, kinds.pop())
+        for name, wrap in (around or {}).items():
+            module = clone.get_submodule(name)
+            module.forward = wrap(module, functools.partial(_live, active, module.forward))
         yield clone
         skipped = [name for name, r in routed.items() if not r.ran]
         if skipped:

@@ -518,6 +518,65 @@ class FoldProgram:
             out[name] = out[first]
         return out
 
+    def values(self, read: Callable[[str], torch.Tensor], keys, *, precision: torch.dtype = torch.float64,
+               rotate: Mapping[object, RotateFn] | None = None) -> dict[str, torch.Tensor]:
+        """The folded values of ``keys`` only, reading each key they need once through ``read``: a fold on use.
+
+        Each value has the bits :meth:`run` gives it (the same operations in the same work dtype, rounded once);
+        keys that others read (norm scales, a fused group's partners) are read and folded as far as needed.
+
+        Args:
+            read: ``read(name)``: a key's tensor as given.
+            keys: the keys to fold.
+            precision: the work dtype.
+            rotate: rotation stand-ins, as for :meth:`run`.
+
+        Returns:
+            ``{key: Tensor}`` for ``keys``; a key without operations is ``read(key)`` itself.
+
+        Example:
+            >>> import torch, rotfn
+            >>> t = rotfn.chain(rotfn.transforms.fuse_norm("n", "w"), rotfn.transforms.rotate_input(rotfn.hadamard(4), "w"))
+            >>> p = {"n": torch.arange(1.0, 5.0), "w": torch.eye(4)}
+            >>> prog = compile_fold(t, p)
+            >>> torch.equal(prog.values(p.__getitem__, ["w"])["w"], prog.run(p)["w"])
+            True
+        """
+        run = _Run(precision, PIECE_ELEMENTS, rotate or {})
+        given: dict[str, torch.Tensor] = {}
+        memo: dict[tuple[str, int], torch.Tensor] = {}
+
+        def source(key: str) -> torch.Tensor:
+            if key not in given:
+                given[key] = read(key)
+            return given[key]
+
+        def value(key: str, at: int) -> torch.Tensor:
+            if at == 0:
+                return source(key)
+            if (key, at) not in memo:
+                memo[key, at] = _apply(self.keys[key].ops[:at], source(key), value, run, each=False)
+            return memo[key, at]
+
+        out = {}
+        for key in keys:
+            kp = self.keys[key]
+            out[key] = _apply(kp.ops, source(key), value, run, each=False).to(kp.dtype) if kp.ops else source(key)
+        return out
+
+    def rotations(self, keys) -> set:
+        """The rotation transforms (``rotate=`` keys of :meth:`run`) whose operations folding ``keys`` runs,
+        through the keys they read."""
+        seen, todo, found = set(), list(keys), set()
+        while todo:
+            key = todo.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            found |= {op.origin for op in self.keys[key].ops if isinstance(op, Rotate) and op.origin is not None}
+            todo += self.keys[key].reads
+        return found
+
 
 def compile_fold(transform, tensors: Mapping[str, torch.Tensor], *, tied=(), untied=(), fn: str = "fold") -> FoldProgram:
     """Compile a transform (e.g. ``plan.transform()``) for tensors of these names, shapes and dtypes.
