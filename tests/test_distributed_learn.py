@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -117,6 +118,23 @@ def _learn_sharded(shard):
     finally:
         distributed.piece = piece
     matrices = sum(t.numel() for k, t in p.items() if t.ndim >= 2)
+    if shard:  # after the forward (at the loss) no gathered weight is alive
+        gathered, concat = [], distributed.concat
+        def recorded(fn, t):
+            whole = concat(fn, t)
+            gathered.append(weakref.ref(whole))
+            return whole
+
+        distributed.concat = recorded
+
+        def loss(outputs, batch):
+            out["alive"] = (len(gathered), sum(r() is not None for r in gathered))
+            return outputs.logits.float().square().mean()
+
+        try:
+            rotfn.learn.rotations(model, p, plan, batches[:1], steps=1, lr=0.5, loss=loss, progress=False, shard=True)
+        finally:
+            distributed.concat = concat
     return out, sum(t.numel() for t in held) / 2, matrices  # held / 2: two runs
 
 
@@ -126,6 +144,7 @@ def test_shard_on_two_ranks_holds_half_the_weights_and_learns_what_one_process_l
     one, _, _ = _learn_sharded(False)
     for r in ranks:
         got, held, matrices = r.value
+        assert got.pop("alive")[1] == 0 and r.value[0] is got
         assert matrices / 2 <= held < matrices / 2 + 4096  # each rank half of every module's tensors (and biases)
         for loss, want in one.items():
             torch.testing.assert_close(torch.tensor(got[loss]["losses"]), torch.tensor(want["losses"]), rtol=1e-6,

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import functools
+import weakref
 
 import pytest
 import torch
@@ -345,6 +346,29 @@ def test_shard_folds_each_module_when_it_runs_and_learns_what_the_whole_fold_lea
     for a, b in zip(sharded.plan.rotations, whole.plan.rotations, strict=True):
         torch.testing.assert_close(a.rotation.matrix(torch.float64), b.rotation.matrix(torch.float64), rtol=0,
                                    atol=1e-13)
+
+
+def test_shard_keeps_no_gathered_or_folded_weight_past_its_module(llama, data, monkeypatch):
+    """When the loss is computed (the whole forward done, the backward not begun) no weight that a module
+    folded is alive: the autograd graph holds only activations and the rotations (the gathered pieces of two
+    ranks: tests/test_distributed_learn.py)."""
+    model, p = llama
+    plan = quarot_plan(model, rotfn.intq(4))
+    refs, values = [], rotfn.transforms.FoldProgram.values
+
+    def recorded(*args, **kwargs):
+        out = values(*args, **kwargs)
+        refs.extend((k, weakref.ref(t)) for k, t in out.items() if t.ndim >= 2)
+        return out
+
+    def loss(outputs, batch):
+        alive = [k for k, r in refs if r() is not None]
+        assert refs and not alive, f"{len(alive)} of {len(refs)} folded weights alive after the forward: {alive}"
+        return outputs.logits.float().square().mean()
+
+    monkeypatch.setattr(rotfn.transforms.FoldProgram, "values", recorded)
+    rotations(model, p, plan, data[0][:1], steps=1, lr=0.5, loss=loss, shard=True, progress=False)
+    assert len(refs) == 2 * (len(plan.quantized) + 2)  # every linear, the embedding and the head: forward, backward
 
 
 def test_shard_with_a_fidelity_loss_and_another_device(llama, data):

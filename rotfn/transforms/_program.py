@@ -559,9 +559,13 @@ class FoldProgram:
             return memo[key, at]
 
         out = {}
-        for key in keys:
-            kp = self.keys[key]
-            out[key] = _apply(kp.ops, source(key), value, run, each=False).to(kp.dtype) if kp.ops else source(key)
+        try:
+            for key in keys:
+                kp = self.keys[key]
+                out[key] = _apply(kp.ops, source(key), value, run, each=False).to(kp.dtype) if kp.ops else source(key)
+        finally:  # value() refers to itself: the closures are a cycle, which must not keep what was read alive
+            given.clear()
+            memo.clear()
         return out
 
     def rotations(self, keys) -> set:
