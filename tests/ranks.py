@@ -25,12 +25,14 @@ class Result:
         return self.error is not None and name in self.error[0]
 
 
-def _main(target, rank: int, world: int, directory: str, args: tuple) -> None:
+def _main(target, rank: int, world: int, directory: str, args: tuple, backend: str) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
     try:
         out = Result(target(*args), None)
     except Exception as e:
@@ -41,11 +43,12 @@ def _main(target, rank: int, world: int, directory: str, args: tuple) -> None:
     dist.destroy_process_group()
 
 
-def run(target, *args, world: int = 2, timeout: float = 600) -> list[Result]:
-    """``[Result of rank 0, Result of rank 1, ...]`` of ``target(*args)`` on ``world`` gloo ranks."""
+def run(target, *args, world: int = 2, timeout: float = 600, backend: str = "gloo") -> list[Result]:
+    """``[Result of rank 0, Result of rank 1, ...]`` of ``target(*args)`` on ``world`` ranks (gloo, or NCCL with
+    rank ``r`` on GPU ``r``)."""
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as d:
-        procs = [ctx.Process(target=_main, args=(target, r, world, d, args)) for r in range(world)]
+        procs = [ctx.Process(target=_main, args=(target, r, world, d, args, backend)) for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:
