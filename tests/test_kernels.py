@@ -417,11 +417,58 @@ def test_element_functions_equal_the_reference_bit_for_bit():
     rt.assert_bits_equal(rnd.cpu(), torch.round(x * 1024.0) + 0.0, name="rint")
 
 
-def test_group_scales_rounded_to_a_dtype_are_declined_not_approximated():
-    x = torch.randn(4, 64, device=DEVICE)
-    fmt = rotfn.intq(4, group=32, scale_dtype="bfloat16")
-    with pytest.raises(rotfn.errors.BackendUnavailableError, match="rounded to bfloat16 inside the kernel"):
-        rotfn.qdq(x, fmt, backend="triton")
-    with rotfn.dispatch.trace() as ran:
-        rotfn.qdq(x, fmt)
-    assert ran == [("qdq", "torch")]
+@triton.jit
+def _scales_probe(s_ptr, bf16_ptr, fp16_ptr, pow2_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    s = tl.load(s_ptr + offs, mask=mask, other=1.0)
+    tl.store(bf16_ptr + offs, kn.round_scale_down(s, 1), mask=mask)
+    tl.store(fp16_ptr + offs, kn.round_scale_down(s, 2), mask=mask)
+    tl.store(pow2_ptr + offs, kn.pow2_ceil(s), mask=mask)
+
+
+def _positive_scales() -> torch.Tensor:
+    """Positive fp32 values over every exponent (subnormals too), with mantissas at and next to the bf16 / fp16
+    rounding points, the dtypes' limits and their neighbours, +inf and NaN."""
+    bits = torch.arange(1, 255, dtype=torch.int64)[:, None] << 23
+    mantissas = torch.tensor([0, 1, 0x1FFF, 0x2000, 0x2001, 0xFFFF, 0x10000, 0x10001, 0x400000, 0x7FFFFF])
+    normal = (bits + mantissas[None, :]).reshape(-1)
+    sub = torch.tensor([1, 2, 3, 0x3FF, 0x400, 0x401, 0xFFFF, 0x10000, 0x10001, 0x400000, 0x7FFFFF])
+    limits = torch.tensor([65504.0, 65520.0, 2**-14, 2**-24, 3.3895314e38, 3.4028235e38, float("inf"), float("nan")])
+    limits = torch.cat([limits, torch.nextafter(limits[:6], torch.tensor(0.0)),
+                        torch.nextafter(limits[:6], torch.tensor(float("inf")))])
+    return torch.cat([normal.to(torch.int32).view(torch.float32), sub.to(torch.int32).view(torch.float32), limits])
+
+
+def test_scale_functions_equal_the_reference_bit_for_bit():
+    """round_scale_down (bf16, fp16) and pow2_ceil, what the quant kernel derives row / tensor scales and NVFP4's
+    "pow2" global scale with, against rotfn.ops.quant's round_scale and nvfp4_global_from_amax."""
+    from rotfn.ops import quant as ref
+
+    s = _positive_scales().to(DEVICE)
+    bf16, fp16, pow2 = torch.empty_like(s), torch.empty_like(s), torch.empty_like(s)
+    _scales_probe[(triton.cdiv(s.numel(), 1024),)](s, bf16, fp16, pow2, s.numel(), BLOCK=1024)
+    s = s.cpu()
+    rt.assert_bits_equal(bf16.cpu(), ref.round_scale(s, "bfloat16"), name="round_scale_down bfloat16")
+    rt.assert_bits_equal(fp16.cpu(), ref.round_scale(s, "float16"), name="round_scale_down float16")
+    finite = torch.isfinite(s) & (s <= 2.0**127)
+    amax = s[finite] * 2688.0  # nvfp4_global_from_amax divides by 2688 first: undo it exactly where it is exact
+    exact = torch.isfinite(amax) & ((amax / 2688.0) == s[finite])
+    rt.assert_bits_equal(pow2.cpu()[finite][exact], ref.nvfp4_global_from_amax(amax[exact], pow2=True),
+                         name="pow2_ceil")
+
+
+@pytest.mark.parametrize("fmt", [rotfn.intq(4, group=32, scale_dtype="bfloat16"),
+                                 rotfn.intq(4, group=16, symmetric=False, scale_dtype="float16"),
+                                 rotfn.intq(8, scale_dtype="bfloat16"), rotfn.fp8("tensor", scale_dtype="float16")])
+def test_scales_rounded_to_a_dtype_run_on_the_kernels_bit_for_bit(fmt):
+    span = 30 if fmt.scale_dtype == "bfloat16" else 3  # float16 scales saturate at 65504 (zero points overflow)
+    x = torch.randn(4, 64, device=DEVICE) * torch.logspace(-span, span, 4, device=DEVICE)[:, None]
+    with _on_triton("qdq"):
+        y = rotfn.qdq(x, fmt, backend="triton")
+    rt.assert_bits_equal(y.cpu(), rotfn.qdq(x.cpu(), fmt, backend="torch"))
+    with _on_triton("quantize"):
+        q = rotfn.quantize(x, fmt, backend="triton")
+    want = rotfn.quantize(x.cpu(), fmt, backend="torch")
+    rt.assert_bits_equal(q.codes.cpu(), want.codes)
+    rt.assert_bits_equal(q.scales.cpu(), want.scales)

@@ -25,7 +25,17 @@ values equal the torch reference's bit for bit on the same rotated input.
 import triton
 import triton.language as tl
 
-from rotfn.kernels.numbers import e2m1_code, e2m1_round, e4m3_byte, e4m3_value, exp2_exact, fp32_exponent, rint
+from rotfn.kernels.numbers import (
+    e2m1_code,
+    e2m1_round,
+    e4m3_byte,
+    e4m3_value,
+    exp2_exact,
+    fp32_exponent,
+    pow2_ceil,
+    rint,
+    round_scale_down,
+)
 
 # FMT codes: 0 none, 1 MXFP4, 2 MXFP8, 3 NVFP4, 4 intq symmetric, 5 intq asymmetric, 6 FP8.
 # SCOPE codes: scale groups inside the tile, one scale per row, one per tensor.
@@ -106,50 +116,81 @@ def _mx_exponent(amax, RULE: tl.constexpr, EMAX: tl.constexpr, MBITS: tl.constex
 
 
 @triton.jit
-def _quantize_tile(vg, row, kmask, rowscale_ptr, gscale_ptr,
+def _stats_scale(stats_ptr, sidx, kmask, FMT: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr,
+                 SDT: tl.constexpr):
+    """Scales ``s``, zero points ``z`` and the NaN/Inf flags (``[BR, 1]``) of the rows ``sidx`` (or the tensor) from
+    pass 1's statistics ``[max |x|, max x+, max -x-, NaN/Inf seen]`` of the finite values: the reference's
+    :func:`rotfn.ops.quant.intq_params` / :func:`~rotfn.ops.quant.fp8_scale`, in the kernel (no host work between
+    the passes)."""
+    base = stats_ptr + sidx * 4
+    amax = tl.load(base, mask=kmask, other=0).to(tl.float32, bitcast=True)
+    bad = tl.load(base + 3, mask=kmask, other=0) != 0
+    z = amax * 0.0
+    if FMT == 4:
+        s = round_scale_down(tl.where(amax == 0, 1.0, tl.math.div_rn(amax * CLIP, (1 << (BITS - 1)) - 1.0)), SDT)
+    elif FMT == 5:
+        pos = tl.load(base + 1, mask=kmask, other=0).to(tl.float32, bitcast=True)
+        neg = tl.load(base + 2, mask=kmask, other=0).to(tl.float32, bitcast=True)
+        s = tl.math.div_rn(pos + neg, (1 << BITS) - 1.0)
+        s = round_scale_down(tl.where(s == 0, 1.0, s), SDT)
+        z = tl.where(bad, 0.0, rint(tl.math.div_rn(neg, s)))
+    else:  # FP8
+        s = round_scale_down(tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 448.0)), SDT)
+    return tl.where(bad, _nan(), s)[:, None], z[:, None], bad[:, None]
+
+
+@triton.jit
+def _global_scale(stats_ptr, gscale_ptr, GLOBAL: tl.constexpr):
+    """NVFP4's global scale: given (``GLOBAL`` 0), or from pass 1's ``max |x|`` as
+    :func:`rotfn.ops.quant.nvfp4_global_from_amax` (1: ``amax / 2688``, 2: that rounded up to a power of two)."""
+    if GLOBAL == 0:
+        return tl.load(gscale_ptr)
+    s = tl.math.div_rn(tl.load(stats_ptr).to(tl.float32, bitcast=True), 2688.0)
+    if GLOBAL == 2:
+        return tl.where(s > 0, pow2_ceil(tl.where(s > 0, s, 1.0)), 1.0)
+    return tl.where(s > 0, s, 1.0)
+
+
+@triton.jit
+def _quantize_tile(vg, row, kmask, stats_ptr, gscale_ptr,
                    FMT: tl.constexpr, RULE: tl.constexpr, BITS: tl.constexpr, SCOPE: tl.constexpr,
-                   CLIP: tl.constexpr, EMAX: tl.constexpr, MBITS: tl.constexpr, INV_MAX: tl.constexpr):
+                   CLIP: tl.constexpr, EMAX: tl.constexpr, MBITS: tl.constexpr, INV_MAX: tl.constexpr,
+                   SDT: tl.constexpr, GLOBAL: tl.constexpr):
     """Quantize fp32 groups ``vg [BR, NG, G]``.
 
-    Returns ``(y, code, scale, zero, bad)``: dequantized values, int32 codes, the
-    per-group scale as stored (a byte for MX/NVFP4, fp32 for intq), the zero point
-    (asymmetric intq), and the NaN/Inf group mask ``[BR, NG]``.
+    Returns ``(y, code, scale, zero, bad, s_g)``: dequantized values, int32 codes, the
+    per-group scale as stored (a byte for MX/NVFP4, fp32 for intq; ``[BR, 1]`` for row and tensor scopes), the
+    zero point (asymmetric intq), the NaN/Inf group mask ``[BR, NG]`` and NVFP4's global scale.
     """
     bad = tl.max(((vg.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000).to(tl.int32), axis=2) > 0
     amax = tl.max(tl.abs(vg), axis=2)
     z = amax * 0.0
     s_g = 1.0
-    if SCOPE != GROUP:  # row / tensor scales come from pass 1, derived on the host by the reference
-        if SCOPE == ROW:
-            sidx = row
-        else:
-            sidx = row * 0
-        s = tl.load(rowscale_ptr + sidx * 2, mask=kmask, other=1.0)[:, None]
-        z = tl.load(rowscale_ptr + sidx * 2 + 1, mask=kmask, other=0.0)[:, None]
-        bad = s != s
+    if SCOPE != GROUP:  # one scale per row or for the tensor, from pass 1's statistics
+        s, z, bad = _stats_scale(stats_ptr, row if SCOPE == ROW else row * 0, kmask, FMT, BITS, CLIP, SDT)
     if FMT == 1 or FMT == 2:
         s = _mx_exponent(amax, RULE, EMAX, MBITS, INV_MAX)
         scale = tl.where(bad, 255, s + 127)
     elif FMT == 3:
-        s_g = tl.load(gscale_ptr)
+        s_g = _global_scale(stats_ptr, gscale_ptr, GLOBAL)
         s = e4m3_value(tl.minimum(tl.maximum(tl.math.div_rn(tl.math.div_rn(amax, 6.0), s_g), 0.001953125), 448.0))
         scale = tl.where(bad, 0x7F, e4m3_byte(s))
     elif FMT == 4 or FMT == 5:
         if SCOPE == GROUP:
             if FMT == 4:
                 s = tl.math.div_rn(amax * CLIP, (1 << (BITS - 1)) - 1.0)
-                s = tl.where(amax == 0, 1.0, s)
+                s = round_scale_down(tl.where(amax == 0, 1.0, s), SDT)
             else:
                 lo = tl.minimum(tl.min(vg, axis=2), 0.0)
                 s = tl.math.div_rn(tl.maximum(tl.max(vg, axis=2), 0.0) - lo, (1 << BITS) - 1.0)
-                s = tl.where(s == 0, 1.0, s)
+                s = round_scale_down(tl.where(s == 0, 1.0, s), SDT)
                 z = tl.where(bad, 0.0, rint(tl.math.div_rn(-lo, s)))
             s = tl.where(bad, _nan(), s)
         scale = s
     else:  # FP8, one scale per row or tensor
         scale = s
     y, code = code_value(vg, s[:, :, None], z[:, :, None], s_g, bad[:, :, None], FMT, BITS)
-    return y, code, scale, z, bad
+    return y, code, scale, z, bad, s_g
 
 
 @triton.jit
@@ -232,20 +273,24 @@ def stats_kernel(x_ptr, stats_ptr, t_ptr, tlo_ptr, s_ptr, K, CPR, stride_x,
 
 @triton.jit(do_not_specialize=["K"])
 def quant_kernel(
-    x_ptr, y_ptr, codes_ptr, scales_ptr, zeros_ptr, rowscale_ptr, gscale_ptr,
+    x_ptr, y_ptr, codes_ptr, scales_ptr, zeros_ptr, stats_ptr, gscale_ptr, rowscale_ptr, gout_ptr,
     t_ptr, tlo_ptr, tb_ptr, tblo_ptr, s_ptr, K, CPR, stride_x,
     STORE_CODES: tl.constexpr, BR: tl.constexpr, W: tl.constexpr,
     ROT: tl.constexpr, B: tl.constexpr, TWO: tl.constexpr, SIGN_FIRST: tl.constexpr, HAS_SIGNS: tl.constexpr,
     TSCALE: tl.constexpr, BACK: tl.constexpr, BACK_SIGN_FIRST: tl.constexpr, PREC: tl.constexpr,
     FMT: tl.constexpr, RULE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr,
     SCOPE: tl.constexpr, CLIP: tl.constexpr, EMAX: tl.constexpr, MBITS: tl.constexpr, INV_MAX: tl.constexpr,
+    SDT: tl.constexpr, GLOBAL: tl.constexpr,
 ):
+    """Quantize (or qdq) ``[BR, W]`` tiles. Row and tensor scales and NVFP4's measured global scale come from
+    ``stats_ptr`` (pass 1); with ``STORE_CODES`` the kernel also writes the codes, the group scales, each row's (or
+    the tensor's) ``(s, z)`` to ``rowscale_ptr`` and the global scale to ``gout_ptr``."""
     k, row, offs, cols = _chunks(CPR, stride_x, BR, W)
     kmask = k < K
     v, x = _load_rotated(x_ptr, offs, cols, kmask, t_ptr, tlo_ptr, s_ptr,
                          ROT, BR, W, B, TWO, SIGN_FIRST, HAS_SIGNS, TSCALE, PREC)
-    y, code, scale, z, bad = _quantize_tile(tl.reshape(v, [BR, NG, G]), row, kmask, rowscale_ptr, gscale_ptr,
-                                            FMT, RULE, BITS, SCOPE, CLIP, EMAX, MBITS, INV_MAX)
+    y, code, scale, z, bad, s_g = _quantize_tile(tl.reshape(v, [BR, NG, G]), row, kmask, stats_ptr, gscale_ptr,
+                                                 FMT, RULE, BITS, SCOPE, CLIP, EMAX, MBITS, INV_MAX, SDT, GLOBAL)
     if not STORE_CODES:
         y = tl.reshape(y, [BR, W])
         if BACK:  # R.T: the transposed tile, with the signs on the other side
@@ -267,3 +312,14 @@ def quant_kernel(
             tl.store(scales_ptr + out, scale.to(scales_ptr.dtype.element_ty), mask=kmask[:, None])
             if FMT == 5:
                 tl.store(zeros_ptr + out, z.to(tl.uint8), mask=kmask[:, None])
+        else:  # the first chunk of each row (of the tensor) writes its scale and zero point
+            if SCOPE == ROW:
+                first = kmask & (k == row * CPR)
+                sidx = row
+            else:
+                first = k == 0
+                sidx = row * 0
+            tl.store(rowscale_ptr + sidx * 2, tl.reshape(scale, [BR]), mask=first)
+            tl.store(rowscale_ptr + sidx * 2 + 1, tl.reshape(z, [BR]), mask=first)
+        if GLOBAL != 0:
+            tl.store(gout_ptr, s_g, mask=tl.program_id(0) == 0)

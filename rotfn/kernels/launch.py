@@ -3,9 +3,10 @@
 Each launcher flattens ``x`` to ``[M, N]`` (copying only if the last dim is
 strided), picks the tile layout, runs pass 1 (statistics) where a format's scale
 covers a whole row or tensor, runs the fused kernel, and restores the shape.
-Row- and tensor-wide scales are derived from the pass-1 statistics with the
-reference's own formulas (:func:`rotfn.ops.quant.intq_params` and friends), so
-they cannot drift from the spec.
+Row- and tensor-wide scales (and NVFP4's measured global scale) are derived from
+the pass-1 statistics inside the quant kernel, with the reference's formulas
+(:func:`rotfn.ops.quant.intq_params` and friends, bit for bit: the parity tests
+check every format and scale dtype), so no host work runs between the passes.
 """
 
 from __future__ import annotations
@@ -96,8 +97,6 @@ def unsupported(op: str, x: torch.Tensor, *, rotation=None, fmt=None, back=False
         return None
     if getattr(fmt, "rule", None) is not None:
         return f"{fmt!r}: no kernel computes another library's rule (the reference does, on any device)"
-    if getattr(fmt, "scale_dtype", None) is not None and _scope(fmt) == GROUP.value:
-        return f"{fmt!r}: scales rounded to {fmt.scale_dtype} inside the kernel are not implemented"
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype}: kernels take float16, bfloat16 and float32"
     if x.numel() == 0:
@@ -180,26 +179,38 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+@functools.lru_cache(maxsize=16)
+def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element tensor for pointer arguments a launch does not use (never read or written), made once."""
+    return torch.empty(1, dtype=dtype, device=device)
+
+
 def _rotation_args(x2: torch.Tensor, rotation: Rotation | None) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
     """Pointer and constexpr arguments that describe the rotation to every kernel, and the transposed blocks."""
     if rotation is None:
-        dummy = x2.new_empty(1)
-        return dict(t_ptr=dummy, tlo_ptr=dummy, s_ptr=dummy.float(), ROT=False, B=1, TWO=False, SIGN_FIRST=False,
-                    HAS_SIGNS=False, TSCALE=1.0), (dummy, dummy)
+        dummy = _dummy(x2.device, x2.dtype)
+        return dict(t_ptr=dummy, tlo_ptr=dummy, s_ptr=_dummy(x2.device, torch.float32), ROT=False, B=1, TWO=False,
+                    SIGN_FIRST=False, HAS_SIGNS=False, TSCALE=1.0), (dummy, dummy)
     t, tlo, tb, tblo, tscale, two, signs = _block_matrices(rotation, x2.dtype, x2.device)
-    args = dict(t_ptr=t, tlo_ptr=tlo, s_ptr=signs if signs is not None else t.new_empty(1, dtype=torch.float32),
+    args = dict(t_ptr=t, tlo_ptr=tlo, s_ptr=signs if signs is not None else _dummy(x2.device, torch.float32),
                 ROT=True, B=rotation.block_size, TWO=two, SIGN_FIRST=not rotation.transposed, HAS_SIGNS=signs is not None,
                 TSCALE=tscale)
     return args, (tb, tblo)
 
 
+_SCALE_DTYPES = {None: 0, "bfloat16": 1, "float16": 2}
+
+
 def _format_args(fmt: Format | None, scope: int) -> dict:
     """Constexpr arguments that describe the format to the quant kernel."""
     element = 2 if isinstance(fmt, MX) and fmt.element == "e2m1" else 8
+    measured = isinstance(fmt, NVFP4) and fmt.global_scale in NVFP4_GLOBAL_RULES
     return dict(
         FMT=_fmt_code(fmt), RULE=["floor", "even", "rceil"].index(fmt.scale_rule.value) if isinstance(fmt, MX) else 0,
         BITS=fmt.bits, SCOPE=scope, CLIP=fmt.clip if isinstance(fmt, IntQ) else 1.0,
         EMAX=element, MBITS=1 if element == 2 else 3, INV_MAX=1.0 / (6.0 if element == 2 else 448.0),
+        SDT=_SCALE_DTYPES[getattr(fmt, "scale_dtype", None)],
+        GLOBAL=(2 if fmt.global_scale == "pow2" else 1) if measured else 0,
     )
 
 
@@ -209,15 +220,20 @@ def _fixed_global_scale(fmt: NVFP4, device: torch.device) -> torch.Tensor:
     return ref.nvfp4_global_scale(torch.empty(0, device=device), fmt).reshape(1)
 
 
-def _pass1(x2, rotation, fmt):
-    """Row/tensor scales (``[scopes, 2]``: s, z) and the NVFP4 global scale, from one statistics pass."""
-    scope = _scope(fmt)
+def _stats_scope(fmt: Format) -> int | None:
+    """The scope pass 1 measures for ``fmt`` (rows, or the tensor), or None when the format needs no pass 1."""
     if isinstance(fmt, NVFP4):
-        if fmt.global_scale not in NVFP4_GLOBAL_RULES:
-            return None, _fixed_global_scale(fmt, x2.device)
-        scope = TENSOR.value
-    elif scope == GROUP.value:
-        return None, None
+        return TENSOR.value if fmt.global_scale in NVFP4_GLOBAL_RULES else None
+    scope = _scope(fmt)
+    return None if scope == GROUP.value else scope
+
+
+def _pass1(x2, rotation, fmt) -> torch.Tensor | None:
+    """Pass 1: ``[scopes, 4]`` int32 statistics ``[max |x|, max x+, max -x-, NaN/Inf seen]`` (the floats as bits) of
+    each row or of the tensor, from which the quant kernel derives row / tensor scales and NVFP4's global scale."""
+    scope = _stats_scope(fmt)
+    if scope is None:
+        return None
     scopes = x2.shape[0] if scope == ROW.value else 1
     stats = torch.zeros(scopes, 4, dtype=torch.int32, device=x2.device)
     m, n = x2.shape
@@ -226,34 +242,27 @@ def _pass1(x2, rotation, fmt):
     chunks = m * (n // w)
     stats_kernel[(triton.cdiv(chunks, br),)](x2, stats, K=chunks, CPR=n // w, stride_x=x2.stride(0), BR=br, W=w,
                                              PREC=_PREC, SCOPE=scope, num_warps=_warps(rotation), **rot)
-    amax, pos, neg = stats[:, :3].view(torch.float32).unbind(-1)
-    finite = stats[:, 3] == 0
-    if isinstance(fmt, NVFP4):
-        return None, ref.nvfp4_global_from_amax(amax[0], pow2=fmt.global_scale == "pow2").reshape(1)
-    if isinstance(fmt, FP8):
-        s, z = ref.fp8_scale(torch.where(finite, amax, torch.inf), fmt.scale_dtype), None
-    else:
-        s, z = ref.intq_params(fmt, amax, -neg, pos, finite)
-    rowscale = torch.stack([s, torch.zeros_like(s) if z is None else z], dim=-1).contiguous()
-    return rowscale, None
+    return stats
 
 
-def _quant(x2, rotation, fmt, *, back=False, out=None, codes=None, scales=None, zeros=None):
-    """Run pass 1 if the format needs it, then the quant kernel; returns the pass-1 (rowscale, gscale)."""
+def _quant(x2, rotation, fmt, *, back=False, out=None, codes=None, scales=None, zeros=None, rowscale=None,
+           gscale=None) -> None:
+    """Pass 1 if the format needs it, then the quant kernel; ``rowscale`` / ``gscale`` receive the row (tensor)
+    scales and NVFP4's measured global scale when quantizing."""
     m, n = x2.shape
     w, g, br = _layout(n, rotation, fmt)
     chunks = m * (n // w)
-    rowscale, gscale = _pass1(x2, rotation, fmt)
+    stats = _pass1(x2, rotation, fmt)
     rot, (tb, tblo) = _rotation_args(x2, rotation)
-    dummy = x2.new_empty(1, dtype=torch.float32)
+    dummy = _dummy(x2.device, torch.float32)
     pick = lambda t: dummy if t is None else t  # noqa: E731
+    fixed = _fixed_global_scale(fmt, x2.device) if isinstance(fmt, NVFP4) and stats is None else None
     quant_kernel[(triton.cdiv(chunks, br),)](
-        x2, pick(out), pick(codes), pick(scales), pick(zeros), pick(rowscale), pick(gscale),
+        x2, pick(out), pick(codes), pick(scales), pick(zeros), pick(stats), pick(fixed), pick(rowscale), pick(gscale),
         tb_ptr=tb, tblo_ptr=tblo, K=chunks, CPR=n // w, stride_x=x2.stride(0),
         STORE_CODES=codes is not None, BR=br, W=w, BACK=back, BACK_SIGN_FIRST=not rot["SIGN_FIRST"], PREC=_PREC,
         G=g, NG=w // g, num_warps=_warps(rotation), **rot, **_format_args(fmt, _scope(fmt)),
     )
-    return rowscale, gscale
 
 
 @functools.lru_cache(maxsize=32)
@@ -353,7 +362,13 @@ def quantize(x: torch.Tensor, fmt: Format) -> QTensor:
         scales = torch.empty(m, n // fmt.group, dtype=scale_dtype, device=x.device)
         if isinstance(fmt, IntQ) and not fmt.symmetric:
             zeros = torch.empty(m, n // fmt.group, dtype=torch.uint8, device=x.device)
-    rowscale, gscale = _quant(x2, None, fmt, codes=codes, scales=scales, zeros=zeros)
+    stats_scope = _stats_scope(fmt)
+    rowscale = gscale = None
+    if stats_scope is not None and not isinstance(fmt, NVFP4):
+        rowscale = torch.empty(m if stats_scope == ROW.value else 1, 2, dtype=torch.float32, device=x.device)
+    elif stats_scope is not None:
+        gscale = torch.empty(1, dtype=torch.float32, device=x.device)
+    _quant(x2, None, fmt, codes=codes, scales=scales, zeros=zeros, rowscale=rowscale, gscale=gscale)
     codes = codes.reshape(*lead, code_cols)
     global_scale = None
     if isinstance(fmt, MX):
@@ -362,7 +377,7 @@ def quantize(x: torch.Tensor, fmt: Format) -> QTensor:
             codes = codes.view(torch.float8_e4m3fn)
     elif isinstance(fmt, NVFP4):
         scales = scales.view(torch.float8_e4m3fn).reshape(*lead, -1)
-        global_scale = gscale.reshape(())
+        global_scale = (gscale if gscale is not None else _fixed_global_scale(fmt, x.device).clone()).reshape(())
     elif isinstance(fmt, IntQ):
         if scope == ROW.value:
             scales = rowscale[:, 0].reshape(*lead, 1).contiguous()

@@ -97,3 +97,45 @@ def e4m3_byte(y):
     normal = ((e + 7) << 3) | ((a.to(tl.int32, bitcast=True) >> 20) & 7)
     sub = (a * 512.0).to(tl.int32)
     return tl.where(a >= 0.015625, normal, sub) | ((ybits >> 24) & 0x80)
+
+
+@triton.jit
+def exp2_any(e):
+    """``2^e`` in fp32 from bits for int32 ``e`` in [-149, 127] (subnormals too)."""
+    bits = tl.where(e > -127, (e + 127) << 23, 1 << tl.maximum(e + 149, 0))
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def pow2_ceil(s):
+    """``2^ceil(log2 s)`` of a positive finite fp32 ``s`` (``s`` itself when a power of two), as
+    :func:`rotfn.ops.quant.nvfp4_global_from_amax` with ``pow2``; subnormal ``s`` from its mantissa bits."""
+    bits = s.to(tl.int32, bitcast=True)
+    normal = tl.where((bits & 0x7FFFFF) == 0, s, exp2_any(tl.minimum(fp32_exponent(s) + 1, 127)))
+    m = bits & 0x7FFFFF  # a subnormal is m * 2^-149
+    top = fp32_exponent(m.to(tl.float32))  # floor(log2 m), exact: m < 2^23
+    sub = exp2_any(tl.where((m & (m - 1)) == 0, top, top + 1) - 149)
+    return tl.where(bits >= 0x800000, normal, sub)
+
+
+@triton.jit
+def round_scale_down(s, SDT: tl.constexpr):
+    """Positive fp32 scales rounded down to a bfloat16 (``SDT`` 1) or float16 (2) value, at least that dtype's
+    smallest subnormal and at most its largest value, NaN kept (:func:`rotfn.ops.quant.round_scale`); 0: unchanged.
+
+    The largest value of the dtype at most ``s`` is ``s`` with the mantissa bits the dtype lacks cleared (bf16 has
+    fp32's exponents; fp16 normals from ``2^-14``, below that multiples of ``2^-24``).
+    """
+    if SDT == 0:
+        return s
+    bits = s.to(tl.int32, bitcast=True)
+    if SDT == 1:
+        out = tl.maximum(tl.minimum(bits & -65536, 0x7F7F0000), 0x10000).to(tl.float32, bitcast=True)
+    else:
+        normal = tl.minimum((bits & -8192).to(tl.float32, bitcast=True), 65504.0)
+        t = s * 16777216.0  # in 2^-24 steps: exact, and in [1, 1024) where used
+        tbits = t.to(tl.int32, bitcast=True)
+        whole = (tbits & -(1 << (23 - tl.minimum(tl.maximum(fp32_exponent(t), 0), 23)))).to(tl.float32, bitcast=True)
+        out = tl.where(s >= 6.103515625e-05, normal, tl.where(s >= 5.960464477539063e-08, whole * 5.960464477539063e-08,
+                                                              5.960464477539063e-08))
+    return tl.where(s != s, s, out)
