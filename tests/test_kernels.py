@@ -472,3 +472,33 @@ def test_scales_rounded_to_a_dtype_run_on_the_kernels_bit_for_bit(fmt):
     want = rotfn.quantize(x.cpu(), fmt, backend="torch")
     rt.assert_bits_equal(q.codes.cpu(), want.codes)
     rt.assert_bits_equal(q.scales.cpu(), want.scales)
+
+ALLOCATION_CASES = {  # (op, rotation, format): the allocations of one call (the output; pass 1's statistics)
+    "qdq mxfp4": ("qdq", None, rotfn.mxfp4(), 1),
+    "qdq int4 per row": ("qdq", None, rotfn.intq(4), 2),
+    "qdq nvfp4 tensor": ("qdq", None, rotfn.nvfp4(), 2),
+    "qdq fp8 per token": ("qdq", None, rotfn.fp8("token"), 2),
+    "rotate block 32": ("rotate", rotfn.hadamard(32, block=32, seed=0), None, 1),
+    "rotate_qdq block 32 mxfp4": ("rotate_qdq", rotfn.hadamard(4096, block=32, seed=0), rotfn.mxfp4(), 1),
+    "rotate_qdq block 128 fp8 per token": ("rotate_qdq", rotfn.hadamard(4096, block=128, seed=0), rotfn.fp8("token"),
+                                           2),
+    "rotate full 4096": ("rotate", rotfn.hadamard(4096, seed=0), None, 1),
+    "rotate_qdq full 4096 mxfp4": ("rotate_qdq", rotfn.hadamard(4096, seed=0), rotfn.mxfp4(), 1),
+}
+
+
+@pytest.mark.skipif(not CUDA, reason="counts allocations of the CUDA caching allocator")
+@pytest.mark.parametrize("case", ALLOCATION_CASES)
+def test_kernels_allocate_only_their_output_and_statistics(case):
+    op, rotation, fmt, expected = ALLOCATION_CASES[case]
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    call = {"qdq": lambda: rotfn.qdq(x, fmt, backend="triton"),
+            "rotate": lambda: rotfn.rotate(x, rotation, backend="triton"),
+            "rotate_qdq": lambda: rotfn.rotate_qdq(x, rotation, fmt, backend="triton")}[op]
+    call()  # the first call compiles and caches the rotation's device tables
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    with torch.no_grad():
+        y = call()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] - before == expected, case
+    assert y.shape == x.shape

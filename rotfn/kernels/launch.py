@@ -331,12 +331,13 @@ def rotate_qdq(x: torch.Tensor, r: Rotation | None, fmt: Format, back: bool) -> 
     """``qdq(rotate(x, R), fmt)`` (then ``rotate_back`` with ``back``) in one fused pass (two for row/tensor scales).
 
     Large Hadamard blocks (the FWHT kernel) run as rotate, qdq, rotate back: the
-    same roundings as the fused tile path, one pass more each way.
+    same roundings as the fused tile path, one pass more each way. The qdq runs in
+    place on the rotation's output (each program reads its tile before it writes it).
     """
     x2 = _flat(x)
     if _path(r, x.dtype) == "fwht":
-        y = torch.empty_like(x2)
-        _quant(_fwht_rotate(x2, r), None, fmt, out=y)
+        y = _fwht_rotate(x2, r)
+        _quant(y, None, fmt, out=y)
         return (_fwht_rotate(y, r.T) if back else y).reshape(x.shape)
     out = torch.empty_like(x2)
     _quant(x2, r, fmt, back=back, out=out)
