@@ -65,6 +65,27 @@ def test_one_pass_equals_hand_rolled_gptq():
     assert calib.rtn == () and calib.tokens == 3 * 4 * 16
 
 
+def test_a_fused_groups_input_gram_matrix_is_computed_once(monkeypatch):
+    """q/k/v (and gate/up) read one input: its X^T X is computed once per batch and shared, Hessians unchanged."""
+    model, p, plan, batches = _setup()
+    grams, matmul = [], torch.Tensor.__matmul__
+
+    def counted(a, b):
+        if a.dtype == torch.float64 and a.ndim == 2 and b.ndim == 2 and a.shape[0] == b.shape[1]:
+            grams.append(a.shape[0])
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counted)
+    calib = rotfn.calibrate(model, p, plan, batches[:1], progress=False, keep_hessians=True)
+    monkeypatch.undo()
+    # per layer: q/k/v once, o once, gate/up once, down once (7 linears, 4 products)
+    assert len(grams) == 2 * 4 and len(plan.shared_scales) == 2 * 2
+    base = _float_plan(plan)
+    want = _hessians(model, rotfn.fold(p, base), base, batches[:1], plan.quantized)
+    for k, h in calib.hessians.items():
+        assert torch.equal(h, want[k]), k
+
+
 def test_sequential_equals_a_layer_by_layer_loop():
     model, p, plan, batches = _setup(layers=3)
     calib = rotfn.calibrate(model, p, plan, batches, sequential=True, progress=False)

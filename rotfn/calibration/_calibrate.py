@@ -256,7 +256,7 @@ def calibrate(
     bar = progress_bar(blocks.items(), desc=fn, disable=not progress or not distributed.first_writes(), leave=False)
     for block, keys in bar:
         hessians, tokens = _collect(model, FoldedParams(current, collecting), collecting, data, keys, block, amax,
-                                    {k: out_in[k] for k in keys})
+                                    {k: out_in[k] for k in keys}, plan.shared_scales)
         owners = _owners(keys, out_in)
         with distributed.together(fn):
             mine = {key: _as(gptq(out_in[key], hessians[key], fmts.get(key, plan.weights), **settings), plan)
@@ -304,7 +304,7 @@ def _blocks(keys: list[str]) -> dict[str | None, list[str]]:
     return out
 
 
-def _collect(model, params, plan, data, keys, stop_after, amax, out_in) -> tuple[dict[str, torch.Tensor], int]:
+def _collect(model, params, plan, data, keys, stop_after, amax, out_in, shared=()) -> tuple[dict[str, torch.Tensor], int]:
     """``{key: X^T X / N}`` (float64) of the inputs of ``keys``' linears over ``data``; also N.
 
     Also puts each key's ``max |x|`` over the finite inputs into ``amax``. Under a process group
@@ -314,11 +314,23 @@ def _collect(model, params, plan, data, keys, stop_after, amax, out_in) -> tuple
     """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(keys, 0)
+    # a fused group's linears (q/k/v, gate/up) read one input tensor: its X^T X is computed once and kept
+    # until the group's last member took it
+    groups = {k: len(g) for g in shared for k in g if all(m in counts for m in g)}
+    last: dict = {"x": None, "version": -1, "xtx": None, "left": 0}
 
     def recorder(key):
         def record(x):
             rows = x.detach().reshape(-1, x.shape[-1]).double()
-            sums[key] = rows.T @ rows if key not in sums else sums[key].addmm_(rows.T, rows)
+            if key not in groups:
+                sums[key] = rows.T @ rows if key not in sums else sums[key].addmm_(rows.T, rows)
+            else:
+                if not (last["left"] and last["x"] is x and last["version"] == x._version):
+                    last.update(x=x, version=x._version, xtx=rows.T @ rows, left=groups[key])
+                sums[key] = last["xtx"].clone() if key not in sums else sums[key].add_(last["xtx"])
+                last["left"] -= 1
+                if not last["left"]:
+                    last.update(x=None, xtx=None)
             counts[key] += rows.shape[0]
             if rows.numel():
                 top = torch.where(torch.isfinite(rows), rows.abs(), 0).max().float()
