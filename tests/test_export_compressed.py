@@ -602,3 +602,71 @@ def test_streaming_export_of_a_moe_checkpoint_equals_the_in_memory_export(tmp_pa
     with pytest.raises(PlanError, match=r"act on each expert's rows alone"):
         rotfn.fold_checkpoint(src, lambda m: dataclasses.replace(build(m), weights=rotfn.fp8("tensor", scale_dtype=BF16)),
                               tmp_path / "no", export="compressed-tensors", progress=False)
+
+
+STATIC_ACTS = {  # plans whose activations need each linear's static input scale, from a calibration
+    "quarot-nvfp4-nvfp4": lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16, seed=2),
+                                                       r4=rotfn.hadamard(128), r3=None, weights=rotfn.nvfp4(),
+                                                       acts=rotfn.nvfp4()),
+    "per-linear-fp8-tensor": lambda m: rotfn.plans.per_linear(m, rotation=lambda n: rotfn.hadamard(n, block=32),
+                                                              weights=rotfn.fp8("channel", scale_dtype=BF16),
+                                                              acts=rotfn.fp8("tensor", scale_dtype=BF16)),
+}
+
+
+@pytest.mark.parametrize("name", list(STATIC_ACTS))
+def test_streaming_export_takes_the_in_memory_calibration(tmp_path, name):
+    """Static activation scales in the streaming export: fold_checkpoint(..., calibration=) with a calibration made
+    on the in-memory model writes the in-memory export's tensors (input scales included), byte for byte; without it
+    a typed error before any work."""
+    model = _model("llama")
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="60KB")
+    plan = STATIC_ACTS[name](model)
+    p = rotfn.params(model)
+    calib = rotfn.calibrate(model, p, plan, [_ids(model)], progress=False)
+    rotfn.export_compressed(model, rotfn.fold(p, plan), plan, tmp_path / "memory", calibration=calib)
+    with pytest.raises(ArgumentError, match=r"fold_checkpoint: argument 'calibration'.*static input scale"):
+        rotfn.fold_checkpoint(src, STATIC_ACTS[name], tmp_path / "none", export="compressed-tensors", progress=False)
+    assert not (tmp_path / "none").exists()
+    rotfn.fold_checkpoint(src, STATIC_ACTS[name], tmp_path / "stream", export="compressed-tensors",
+                          calibration=calib, max_shard_size="40KB", progress=False)
+    memory, stream = _tensors_in(tmp_path / "memory"), _tensors_in(tmp_path / "stream")
+    part = "input_global_scale" if "nvfp4" in name else "input_scale"
+    assert len([k for k in stream if k.endswith(part)]) == len(plan.quantized)
+    _assert_same_tensors(memory, stream)
+    assert _qconfig(tmp_path / "memory") == _qconfig(tmp_path / "stream")
+
+
+def test_a_calibration_of_another_plan_or_model_is_refused(tmp_path):
+    """The in-memory and the streaming export read a calibration's input scales only if it was made for the plan
+    they export (of this model): another plan, another model, or not a calibration are typed errors, nothing
+    written."""
+    model = _model("llama")
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    build = STATIC_ACTS["quarot-nvfp4-nvfp4"]
+    plan, p = build(model), rotfn.params(model)
+    other_plan = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=7), r2=rotfn.hadamard(16, seed=2),
+                                    r4=rotfn.hadamard(128), r3=None, weights=rotfn.nvfp4(), acts=rotfn.nvfp4())
+    qwen = _model("qwen3")
+    calibs = {
+        "plan": rotfn.calibrate(model, p, other_plan, [_ids(model)], progress=False),
+        "model": rotfn.calibrate(qwen, rotfn.params(qwen), build(qwen), [_ids(qwen)], progress=False),
+    }
+    folded = rotfn.fold(p, plan)
+    cases = [(calibs["plan"], PlanError, r"argument 'calibration'.*a calibration of this plan"),
+             (calibs["model"], PlanError, r"argument 'calibration'.*a calibration of this plan.*Qwen3"),
+             ({"model.layers.0.self_attn.q_proj.weight": 1.0}, ArgumentError,
+              r"argument 'calibration'.*None or a rotfn.calibrate\(...\) result, got dict")]
+    for i, (calib, error, pattern) in enumerate(cases):
+        with pytest.raises(error, match="export_compressed: " + pattern):
+            rotfn.export_compressed(model, folded, plan, tmp_path / f"m{i}", calibration=calib)
+        with pytest.raises(error, match="fold_checkpoint: " + pattern):
+            rotfn.fold_checkpoint(src, build, tmp_path / f"s{i}", export="compressed-tensors", calibration=calib,
+                                  progress=False)
+        assert not (tmp_path / f"m{i}").exists() and not (tmp_path / f"s{i}").exists(), i
+    good = rotfn.calibrate(model, p, plan, [_ids(model)], progress=False)
+    with pytest.raises(ArgumentError, match=r"fold_checkpoint: argument 'calibration'.*None without export="):
+        rotfn.fold_checkpoint(src, build, tmp_path / "fold", calibration=good, progress=False)
+    assert not (tmp_path / "fold").exists()

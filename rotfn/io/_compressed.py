@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -120,7 +121,36 @@ def _check_fused(fn: str, scales: dict[str, torch.Tensor]) -> None:
                 "fixed power-of-two global scale, e.g. weights=rotfn.nvfp4(2.0 ** -8)"))
 
 
-def _act_args(fn: str, fmt: Format, calibration) -> dict:
+def _static(fmt: Format | None) -> bool:
+    """Activations whose engine scale is one static value per linear: NVFP4 with a measured global scale, fp8 per tensor."""
+    return (isinstance(fmt, NVFP4) and fmt.global_scale in NVFP4_GLOBAL_RULES) or (
+        isinstance(fmt, FP8) and fmt.granularity == "tensor")
+
+
+def _input_scales(fn: str, plan: Plan, acts: Format | None, calibration) -> dict[str, torch.Tensor]:
+    """``{quantized key: static input scale}`` from ``calibration`` (a calibration of ``plan``), for static ``acts``;
+    ``{}`` for dynamic or fixed activation scales."""
+    if calibration is not None:
+        if not (isinstance(getattr(calibration, "plan", None), Plan) and callable(getattr(calibration, "input_scale", None))):
+            raise ArgumentError(message(fn, "calibration", "None or a rotfn.calibrate(...) result",
+                                        type(calibration).__name__,
+                                        "pass calibration=rotfn.calibrate(model, params, plan, batches)"))
+        if calibration.plan != plan:
+            raise PlanError(message(fn, "calibration", f"a calibration of this plan ({plan!r})",
+                                    f"a calibration of {calibration.plan!r}",
+                                    "calibrate with the plan you export: rotfn.calibrate(model, params, plan, batches)"))
+    if not _static(acts):
+        return {}
+    if calibration is None:
+        raise ArgumentError(message(fn, "calibration", f"a rotfn.calibrate(...) result: {acts!r} activations need "
+                                    "each linear's static input scale", "None",
+                                    "pass calibration=rotfn.calibrate(model, params, plan, batches), computed where the "
+                                    "model fits (rotfn.export_compressed and fold_checkpoint(..., export=) take it), or "
+                                    "quantize activations dynamically (acts=rotfn.mxfp4('even') or rotfn.fp8('token'))"))
+    return {key: calibration.input_scale(key, acts) for key in plan.quantized}
+
+
+def _act_args(fn: str, fmt: Format) -> dict:
     """compressed-tensors ``QuantizationArgs`` (as a dict) of an activation format."""
     if isinstance(fmt, FP8) and fmt.granularity == "token":
         return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
@@ -129,17 +159,10 @@ def _act_args(fn: str, fmt: Format, calibration) -> dict:
     if isinstance(fmt, MX) and fmt.element == "e2m1":
         return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group",
                 "dynamic": True, "scale_dtype": "torch.uint8"}
-    measured = isinstance(fmt, NVFP4) and fmt.global_scale in NVFP4_GLOBAL_RULES
-    static = measured or (isinstance(fmt, FP8) and fmt.granularity == "tensor")
-    if static and calibration is None:
-        raise ArgumentError(message(fn, "calibration", f"a rotfn.calibrate(...) result: {fmt!r} activations need "
-                                    "each linear's static input scale", "None",
-                                    "pass calibration=rotfn.calibrate(model, params, plan, batches) to rotfn.export_compressed "
-                                    "(the streaming export of fold_checkpoint has none: use dynamic activations there)"))
     if isinstance(fmt, NVFP4):
         return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
                 "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn"}
-    if static:
+    if _static(fmt):
         return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
     raise FormatError(message(fn, "plan", "activations fp8('token'), intq(8) per token, mxfp4(), nvfp4(...) "
                               "or fp8('tensor')", f"acts={fmt!r}", "build the plan with one of those acts="))
@@ -228,13 +251,12 @@ def _check_fused_inputs(fn: str, rotated: list, linears: set[str]) -> None:
                 "give them one rotation, e.g. per_linear(..., rotation=lambda n: rotfn.hadamard(n, block=32))"))
 
 
-def _quantization_config(fn: str, plan: Plan, acts: Format | None, linears: list[str], quantized: set[str],
-                         calibration) -> dict:
+def _quantization_config(fn: str, plan: Plan, acts: Format | None, linears: list[str], quantized: set[str]) -> dict:
     weights, fmt_name = _weight_args(fn, plan.weights, acts)
     group = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None,
              "format": fmt_name}
     if acts is not None:
-        group["input_activations"] = _act_args(fn, acts, calibration)
+        group["input_activations"] = _act_args(fn, acts)
     return {
         "quant_method": "compressed-tensors",
         "format": fmt_name,
@@ -294,10 +316,10 @@ def _check_scale_dtype(fn: str, key: str, fmt: Format, dtype: torch.dtype, what:
             f"build the plan with {what}=rotfn.{dataclasses.replace(fmt, scale_dtype=name)!r}"))
 
 
-def _tensors(name: str, q: QTensor, acts: Format | None, fmt_name: str, calibration,
-             key: str) -> dict[str, torch.Tensor]:
-    """The tensors compressed-tensors stores for linear ``name`` (weight ``q``, from param ``key``); scales in the
-    model's dtype."""
+def _tensors(name: str, q: QTensor, acts: Format | None, fmt_name: str,
+             input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The tensors compressed-tensors stores for linear ``name`` (weight ``q``; ``input_scale``: its static
+    activation scale, None for dynamic or fixed ones); scales in the model's dtype."""
     fmt = q.format
     out: dict[str, torch.Tensor] = {}
     if isinstance(fmt, NVFP4):
@@ -318,11 +340,10 @@ def _tensors(name: str, q: QTensor, acts: Format | None, fmt_name: str, calibrat
         scale = q.scales.reshape(-1, 1) if q.scales.ndim else q.scales.reshape(1)
         out = {"weight": q.codes, "weight_scale": scale.to(q.dtype)}
     if isinstance(acts, NVFP4):
-        s_g = (calibration.input_scale(key, acts) if acts.global_scale in NVFP4_GLOBAL_RULES
-               else torch.tensor(acts.global_scale or 1.0))
+        s_g = input_scale if input_scale is not None else torch.tensor(acts.global_scale or 1.0)
         out["input_global_scale"] = (1.0 / s_g.float()).reshape(1)
     elif isinstance(acts, FP8) and acts.granularity == "tensor":
-        out["input_scale"] = calibration.input_scale(key, acts).reshape(1).to(q.dtype)
+        out["input_scale"] = input_scale.reshape(1).to(q.dtype)
     return {f"{name}.{part}": t.contiguous() for part, t in out.items()}
 
 
@@ -387,6 +408,8 @@ class Export:
     Attributes:
         qconfig: the ``quantization_config`` dict of ``config.json``.
         transform_weights: ``{name: Tensor}`` of the online transforms' weights.
+        input_scales: ``{key: 0-d float32}``, the static activation scale of each quantized key's linear (from the
+            calibration; empty for dynamic or fixed activation scales).
     """
 
     def __init__(self, fn: str, model, plan: Plan, calibration=None):
@@ -399,7 +422,7 @@ class Export:
                                     f"GPT-2 Conv1D weights stored [in, out]: {conv1d[:3]}",
                                     "write a fake-quantized checkpoint instead: rotfn fold SRC DST --plan per_linear "
                                     "--weights FORMAT (without --export), or rotfn.export_hf"))
-        self.fn, self.plan, self.calibration = fn, plan, calibration
+        self.fn, self.plan = fn, plan
         self.acts, rotated = _check_online(fn, plan)
         layout = describe(model, fn=fn)
         experts = [f"{site}.{param}" for site, *params in layout.experts for param in params]
@@ -411,7 +434,8 @@ class Export:
             raise PlanError(message(fn, "plan", "quantized weights of nn.Linear modules or fused experts",
                                     f"also {loose[:3]}", "leave them out of the plan, or use rotfn.export_hf"))
         quantized = {name for key in plan.quantized for name in self.splits[key]}
-        self.qconfig = _quantization_config(fn, plan, self.acts, linears, quantized, calibration)
+        self.qconfig = _quantization_config(fn, plan, self.acts, linears, quantized)
+        self.input_scales = _input_scales(fn, plan, self.acts, calibration)
         self.qconfig["transform_config"], self.transform_weights = (
             _transform_config(fn, rotated, set(linears)) if rotated else ({}, {}))
         self.global_scales: dict[str, torch.Tensor] = {}
@@ -430,8 +454,17 @@ class Export:
         for name, piece in _linear_qtensors(_qtensor(fn, key, t, fmt, q), split).items():
             if piece.global_scale is not None:
                 self.global_scales[name] = piece.global_scale
-            out.update(_tensors(name, piece, acts, self.qconfig["format"], self.calibration, key))
+            out.update(_tensors(name, piece, acts, self.qconfig["format"], self.input_scales.get(key)))
         return out
+
+    def scales_digest(self) -> str:
+        """A digest of :attr:`input_scales` (``""`` when empty): what a calibration adds to a streaming export's job."""
+        if not self.input_scales:
+            return ""
+        h = hashlib.blake2b(digest_size=16)
+        for key, s in sorted(self.input_scales.items()):
+            h.update(key.encode() + s.float().reshape(1).numpy().tobytes())
+        return h.hexdigest()
 
     def check_fused(self) -> None:
         """After every key: fused partitions share their NVFP4 global scale (PlanError otherwise)."""
@@ -468,15 +501,17 @@ def export_compressed(model, params, plan: Plan, dir: str | os.PathLike, *, cali
         dir: output directory (created if missing).
         calibration: the :func:`rotfn.calibrate` result, needed for activation formats with a static
             per-tensor scale (``nvfp4()`` / ``nvfp4("pow2")``: ``input_global_scale``; ``fp8("tensor")``:
-            ``input_scale``); NVFP4 with a fixed global scale needs none.
+            ``input_scale``); NVFP4 with a fixed global scale needs none. It must be a calibration of
+            ``plan`` (only its input scales are read here: GPTQ-rounded weights come through ``params``,
+            ``rotfn.fold(..., weights_by=calibration)``).
         max_shard_size: largest shard in bytes, or text such as ``"5GB"``.
 
     Raises:
         ArgumentError: model not a transformers model, dir a file, bad max_shard_size, a static
-            activation format without ``calibration``.
+            activation format without ``calibration``, a ``calibration`` that is not a calibrate result.
         PlanError: plan None or without weights, online transforms other than at linear inputs (R3,
             KV cache), fused partitions rotated or NVFP4-scaled differently, weights that are not
-            fold's (no codes, or changed since). FormatError: a format compressed-tensors cannot hold.
+            fold's (no codes, or changed since), a calibration of another plan (or model). FormatError: a format compressed-tensors cannot hold.
         DTypeError / SelectionError / FoldError: as :func:`rotfn.export_hf`.
 
     Example:
