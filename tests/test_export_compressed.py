@@ -670,3 +670,67 @@ def test_a_calibration_of_another_plan_or_model_is_refused(tmp_path):
     with pytest.raises(ArgumentError, match=r"fold_checkpoint: argument 'calibration'.*None without export="):
         rotfn.fold_checkpoint(src, build, tmp_path / "fold", calibration=good, progress=False)
     assert not (tmp_path / "fold").exists()
+
+
+def _qwen2_moe(kind: str, fmt, acts=None, where=None):
+    cfg = rt.make_config("qwen2_moe", hidden=64, heads=4, kv_heads=2, layers=2, intermediate=128)
+    model = rt.tiny_model(cfg, dtype=torch.bfloat16, seed=1, outliers=8.0).eval()
+    if kind == "quarot":
+        plan = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16, seed=2), weights=fmt,
+                                  acts=acts, r3=None, r4=None)
+    else:
+        plan = rotfn.plans.per_linear(model, rotation=None, weights=fmt, acts=acts, where=where)
+    return model, plan
+
+
+@pytest.mark.parametrize("kind", ["quarot", "per_linear"])
+@pytest.mark.parametrize("fmt", [rotfn.mxfp4(), rotfn.nvfp4(None), rotfn.fp8("channel", scale_dtype=BF16)], ids=repr)
+def test_qwen2_moe_shared_expert_exports_and_its_gate_stays_float(tmp_path, kind, fmt):
+    """Qwen2-MoE: the shared expert's gate/up/down are ordinary quantized linears; its d -> 1 shared_expert_gate,
+    which vLLM builds as a plain float nn.Linear, is under ignore with a float weight (per_linear quantizes it: the
+    plan's fake-quantized values, so the served model is still rotfn's). transformers loads it with rotfn.call's
+    logits bit for bit, and the streaming export of its checkpoint writes the same bytes."""
+    model, plan = _qwen2_moe(kind, fmt)
+    gates = [f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)]
+    assert (f"{gates[0]}.weight" in plan.quantized) == (kind == "per_linear")
+    folded = rotfn.fold(rotfn.params(model), plan)
+    loaded = _export_and_load(tmp_path / "memory", model, plan, folded)
+    qc = _qconfig(tmp_path / "memory")
+    QuantizationConfig.model_validate(qc)
+    assert set(gates) <= set(qc["ignore"]) and {"model.layers.0.mlp.gate", "lm_head"} <= set(qc["ignore"])
+    stored = _tensors_in(tmp_path / "memory")
+    part = "weight" if isinstance(fmt, rotfn.specs.formats.FP8) else "weight_packed"
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        assert f"model.layers.1.mlp.shared_expert.{proj}.{part}" in stored
+    for gate in gates:
+        assert [k for k in stored if k.startswith(gate + ".")] == [f"{gate}.weight"]
+        rt.assert_bits_equal(stored[f"{gate}.weight"], folded[f"{gate}.weight"])
+    state = loaded.state_dict()
+    for key in plan.quantized:
+        rt.assert_bits_equal(state[key], folded[key], name=key)
+    with torch.no_grad():
+        rt.assert_bits_equal(loaded(_ids(model)).logits, rotfn.call(model, folded, plan, _ids(model)).logits)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="60KB")
+    rotfn.fold_checkpoint(src, lambda m: _qwen2_moe(kind, fmt)[1], tmp_path / "stream", export="compressed-tensors",
+                          max_shard_size="40KB", progress=False)
+    _assert_same_tensors(stored, _tensors_in(tmp_path / "stream"))
+    assert _qconfig(tmp_path / "stream") == qc
+
+
+def test_an_online_transform_at_the_shared_expert_gate_is_refused(tmp_path):
+    """vLLM applies no input transform or activation quantizer to the float shared_expert_gate: a plan with one
+    there is a typed error naming the where= that leaves it out (which then exports)."""
+    model, plan = _qwen2_moe("per_linear", rotfn.fp8("channel", scale_dtype=BF16), acts=rotfn.fp8("token"))
+    folded = rotfn.fold(rotfn.params(model), plan)
+    with pytest.raises(PlanError, match=r"no online transform at 'model.layers.0.mlp.shared_expert_gate'.*fix: leave "
+                                        r"it out of the plan: rotfn.plans.per_linear\(\.\.\., where=lambda site, _: "
+                                        r"not site.endswith\(\('shared_expert_gate', 'lm_head'\)\)\)"):
+        rotfn.export_compressed(model, folded, plan, tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+    fixed = _qwen2_moe("per_linear", rotfn.fp8("channel", scale_dtype=BF16), acts=rotfn.fp8("token"),
+                       where=lambda site, _: not (site.endswith(("shared_expert_gate", "lm_head")) or
+                                                  ".experts." in site))[1]  # activations at fused experts: refused
+    assert not any(o.site.endswith("shared_expert_gate") for o in fixed.online)
+    rotfn.export_compressed(model, rotfn.fold(rotfn.params(model), fixed), fixed, tmp_path / "yes")
+    assert "model.layers.0.mlp.shared_expert_gate" in _qconfig(tmp_path / "yes")["ignore"]

@@ -38,7 +38,9 @@ from a :class:`rotfn.calibration.Calibration`), fp8 per tensor (static, from cal
 Fused 3-D experts (``mlp.experts.gate_up_proj`` ``[E, out, in]``) are written per expert and
 projection under the names transformers saves them as (``mlp.experts.{e}.gate_proj``, ...: its
 own reverse weight conversion decides which rows go where), the routers beside them under
-``ignore``.
+``ignore``. Linears vLLM builds as plain float layers (an MoE family's router or shared-expert gate that
+is an ``nn.Linear``, Qwen2-MoE's ``mlp.shared_expert_gate``) go under ``ignore`` too, with the plan's
+folded (fake-quantized, if the plan quantizes them) values as a float ``weight``.
 
 Online input rotations (QuaRot's R4, ``per_linear`` input rotations) become the config's
 ``transform_config``: one scheme per distinct rotation applying ``input`` on its linears (and
@@ -60,7 +62,7 @@ import os
 
 import torch
 
-from rotfn.errors import ArgumentError, FormatError, PlanError, message
+from rotfn.errors import ArgumentError, FormatError, PlanError, RotfnError, message
 from rotfn.functional import dequantize
 from rotfn.io._atomic import write_text_atomic
 from rotfn.io._encode import storable
@@ -75,7 +77,7 @@ from rotfn.io._hf import (
     _weights,
     _write_weights,
 )
-from rotfn.plans import Plan, codes_of, describe, fused_groups
+from rotfn.plans import Plan, codes_of, describe, family_for, fused_groups
 from rotfn.specs import QTensor
 from rotfn.specs.formats import FP8, MX, NVFP4, NVFP4_GLOBAL_RULES, Format, IntQ
 from rotfn.specs.rotation import Rotation
@@ -127,8 +129,8 @@ def _static(fmt: Format | None) -> bool:
         isinstance(fmt, FP8) and fmt.granularity == "tensor")
 
 
-def _input_scales(fn: str, plan: Plan, acts: Format | None, calibration) -> dict[str, torch.Tensor]:
-    """``{quantized key: static input scale}`` from ``calibration`` (a calibration of ``plan``), for static ``acts``;
+def _input_scales(fn: str, plan: Plan, acts: Format | None, calibration, packs) -> dict[str, torch.Tensor]:
+    """``{key of packs: static input scale}`` from ``calibration`` (a calibration of ``plan``), for static ``acts``;
     ``{}`` for dynamic or fixed activation scales."""
     if calibration is not None:
         if not (isinstance(getattr(calibration, "plan", None), Plan) and callable(getattr(calibration, "input_scale", None))):
@@ -147,7 +149,7 @@ def _input_scales(fn: str, plan: Plan, acts: Format | None, calibration) -> dict
                                     "pass calibration=rotfn.calibrate(model, params, plan, batches), computed where the "
                                     "model fits (rotfn.export_compressed and fold_checkpoint(..., export=) take it), or "
                                     "quantize activations dynamically (acts=rotfn.mxfp4('even') or rotfn.fp8('token'))"))
-    return {key: calibration.input_scale(key, acts) for key in plan.quantized}
+    return {key: calibration.input_scale(key, acts) for key in packs}
 
 
 def _act_args(fn: str, fmt: Format) -> dict:
@@ -168,10 +170,29 @@ def _act_args(fn: str, fmt: Format) -> dict:
                               "or fp8('tensor')", f"acts={fmt!r}", "build the plan with one of those acts="))
 
 
-def _check_online(fn: str, plan: Plan) -> tuple[Format | None, list]:
+def _kept_float(fn: str, layout) -> set[str]:
+    """Linears that vLLM builds as plain float layers, without quantization or input transforms: an MoE family's
+    router and shared-expert gate where they are ``nn.Linear`` (Qwen2-MoE's ``mlp.shared_expert_gate``)."""
+    try:
+        moe = family_for(fn, layout.model_type, layout.cls).moe
+    except RotfnError:  # no family adapter: no MoE table to read
+        return set()
+    if moe is None:
+        return set()
+    leaves = tuple(f".{m}" for m in (moe.router, moe.shared_gate) if m)
+    return {name for name, _ in layout.linears if name.endswith(leaves)}
+
+
+def _check_online(fn: str, plan: Plan, kept_float: set[str]) -> tuple[Format | None, list]:
     """The quantized linears' activation format and the online input rotations; PlanError for what the format lacks."""
     acts, rotated = None, []
     for o in plan.online:
+        if o.site in kept_float and (o.rotation is not None or o.fmt is not None):
+            raise PlanError(message(
+                fn, "plan", f"no online transform at {o.site!r} (vLLM runs it as a plain float linear: no input "
+                "rotation, no activation quantization)", f"an online {'rotation' if o.rotation is not None else 'quantizer'}"
+                f" there ({o.role or o.kind})", "leave it out of the plan: rotfn.plans.per_linear(..., where=lambda "
+                f"site, _: not site.endswith(('{o.site.rpartition('.')[2]}', 'lm_head')))"))
         if o.kind != "linear":
             what = o.role or o.kind
             raise PlanError(message(
@@ -408,6 +429,8 @@ class Export:
     Attributes:
         qconfig: the ``quantization_config`` dict of ``config.json``.
         transform_weights: ``{name: Tensor}`` of the online transforms' weights.
+        packs: the quantized keys written packed; the others (linears vLLM keeps in float, e.g. Qwen2-MoE's
+            ``shared_expert_gate``) hold their folded, fake-quantized values as a float ``weight``, under ``ignore``.
         input_scales: ``{key: 0-d float32}``, the static activation scale of each quantized key's linear (from the
             calibration; empty for dynamic or fixed activation scales).
     """
@@ -423,8 +446,9 @@ class Export:
                                     "write a fake-quantized checkpoint instead: rotfn fold SRC DST --plan per_linear "
                                     "--weights FORMAT (without --export), or rotfn.export_hf"))
         self.fn, self.plan = fn, plan
-        self.acts, rotated = _check_online(fn, plan)
         layout = describe(model, fn=fn)
+        kept_float = _kept_float(fn, layout)
+        self.acts, rotated = _check_online(fn, plan, kept_float)
         experts = [f"{site}.{param}" for site, *params in layout.experts for param in params]
         self.splits = {key: _split_rows(model, key) for key in dict.fromkeys([*experts, *plan.quantized])}
         linears = [name for name, _ in layout.linears] + [name for key in experts for name in self.splits[key]]
@@ -433,9 +457,11 @@ class Export:
         if loose:
             raise PlanError(message(fn, "plan", "quantized weights of nn.Linear modules or fused experts",
                                     f"also {loose[:3]}", "leave them out of the plan, or use rotfn.export_hf"))
-        quantized = {name for key in plan.quantized for name in self.splits[key]}
+        # a linear the engine keeps in float holds the plan's (fake-quantized) values as its plain weight
+        self.packs = tuple(k for k in plan.quantized if k.removesuffix(".weight") not in kept_float)
+        quantized = {name for key in self.packs for name in self.splits[key]}
         self.qconfig = _quantization_config(fn, plan, self.acts, linears, quantized)
-        self.input_scales = _input_scales(fn, plan, self.acts, calibration)
+        self.input_scales = _input_scales(fn, plan, self.acts, calibration, self.packs)
         self.qconfig["transform_config"], self.transform_weights = (
             _transform_config(fn, rotated, set(linears)) if rotated else ({}, {}))
         self.global_scales: dict[str, torch.Tensor] = {}
@@ -534,7 +560,7 @@ def export_compressed(model, params, plan: Plan, dir: str | os.PathLike, *, cali
     export = Export(FN, model, plan, calibration)
     weights, untie = _weights(model, params)
     packed: dict[str, torch.Tensor] = {}
-    for key in plan.quantized:
+    for key in export.packs:
         packed.update(export.packed(key, weights.pop(key)))
     export.check_fused()
     dtype = next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)
