@@ -734,3 +734,39 @@ def test_an_online_transform_at_the_shared_expert_gate_is_refused(tmp_path):
     assert not any(o.site.endswith("shared_expert_gate") for o in fixed.online)
     rotfn.export_compressed(model, rotfn.fold(rotfn.params(model), fixed), fixed, tmp_path / "yes")
     assert "model.layers.0.mlp.shared_expert_gate" in _qconfig(tmp_path / "yes")["ignore"]
+
+
+def test_activations_at_fused_experts_name_the_nearest_plan_that_exports(tmp_path):
+    """Online activation quantizers or rotations at fused experts' inputs are not exported yet: the PlanError names
+    the nearest plan that does (the same builder without what runs online at the experts), and that plan exports with
+    rotfn.call's logits. A hand-made plan that drops the experts' quantizers but keeps their packed weights is refused
+    too (the config's one group would quantize the experts' inputs in vLLM)."""
+    cfg = rt.make_config("qwen3_moe", hidden=64, heads=4, kv_heads=2, layers=2, intermediate=128)
+    model = rt.tiny_model(cfg, dtype=torch.bfloat16, seed=1, outliers=8.0).eval()
+    acts = rotfn.mxfp4("even")
+    quarot = lambda **kw: rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16, seed=2),  # noqa: E731
+                                             weights=rotfn.mxfp4(), r3=None, **kw)
+    per = lambda **kw: rotfn.plans.per_linear(model, weights=rotfn.mxfp4(), **kw)  # noqa: E731
+    with_acts = quarot(acts=acts, r4=None)
+    dropped = dataclasses.replace(with_acts, online=tuple(o for o in with_acts.online if not o.kind.startswith("experts")))
+    nearest = r"fix: the nearest plan that exports: the same {}\(\.\.\.\) with {} \(the experts' weights export packed\)"
+    cases = [
+        (with_acts, r"activation quantizer at the fused experts 'model.layers.0.mlp.experts' \(kind 'experts_in': not "
+                    r"exported yet\); " + nearest.format("quarot", "acts=None")),
+        (quarot(acts=None, r4=rotfn.hadamard), r"R4 rotation at the fused experts .*" + nearest.format("quarot", "r4=None")),
+        (quarot(acts=acts, r4=rotfn.hadamard), nearest.format("quarot", "r4=None, acts=None")),
+        (per(rotation=None, acts=acts), nearest.format("per_linear", "acts=None")),
+        (per(rotation=rotfn.hadamard, acts=None), r"rotation at the fused experts .*" +
+         nearest.format("per_linear", "rotation=None")),
+        (dropped, r"activations at the input of every quantized linear .*got quantized weights whose inputs the plan "
+                  r"leaves in float: \['model.layers.0.mlp.experts.0.gate_proj'"),
+    ]
+    for i, (plan, pattern) in enumerate(cases):
+        with pytest.raises(PlanError, match=r"export_compressed: argument 'plan': .*" + pattern):
+            rotfn.export_compressed(model, rotfn.fold(rotfn.params(model), plan), plan, tmp_path / str(i))
+        assert not (tmp_path / str(i)).exists(), i
+    for fixed in (quarot(acts=None, r4=None), per(rotation=None, acts=None)):  # the plans the fixes name
+        folded = rotfn.fold(rotfn.params(model), fixed)
+        loaded = _export_and_load(tmp_path / fixed.method, model, fixed, folded)
+        with torch.no_grad():
+            rt.assert_bits_equal(loaded(_ids(model)).logits, rotfn.call(model, folded, fixed, _ids(model)).logits)

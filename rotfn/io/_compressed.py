@@ -193,14 +193,20 @@ def _check_online(fn: str, plan: Plan, kept_float: set[str]) -> tuple[Format | N
                 "rotation, no activation quantization)", f"an online {'rotation' if o.rotation is not None else 'quantizer'}"
                 f" there ({o.role or o.kind})", "leave it out of the plan: rotfn.plans.per_linear(..., where=lambda "
                 f"site, _: not site.endswith(('{o.site.rpartition('.')[2]}', 'lm_head')))"))
+        if o.kind.startswith("experts"):
+            what = "rotation" if o.rotation is not None else "activation quantizer"
+            raise PlanError(message(
+                fn, "plan", "a plan whose online side is at linear inputs (activation quantization, input rotations)",
+                f"an online {o.role or o.kind} {what} at the fused experts {o.site!r} (kind {o.kind!r}: not "
+                "exported yet)", _nearest_without_experts(plan) + "; or write the directory for rotfn with "
+                "rotfn.export_hf"))
         if o.kind != "linear":
             what = o.role or o.kind
             raise PlanError(message(
                 fn, "plan", "a plan whose online side is at linear inputs (activation quantization, input rotations)",
                 f"an online {what} {'rotation' if o.rotation is not None else 'quantizer'} at {o.site!r} "
                 f"(kind {o.kind!r}: compressed-tensors has no transform there that vLLM applies)",
-                ("quantize the experts' weights only (acts=None)" if o.kind.startswith("experts") else
-                 "drop it (quarot(..., r3=None, kv=None))") + ", or write the directory for rotfn with rotfn.export_hf"))
+                "drop it (quarot(..., r3=None, kv=None)), or write the directory for rotfn with rotfn.export_hf"))
         if acts is not None and o.fmt != acts:
             raise PlanError(message(fn, "plan", "one activation format for every quantized linear",
                                     f"{acts!r} and {o.fmt!r}", "build the plan with one acts="))
@@ -208,6 +214,33 @@ def _check_online(fn: str, plan: Plan, kept_float: set[str]) -> tuple[Format | N
         if o.rotation is not None:
             rotated.append(o)
     return acts, rotated
+
+
+def _nearest_without_experts(plan: Plan) -> str:
+    """The fix of online entries at fused experts: the nearest plan that exports, the same builder without what
+    runs online there (a rotation: quarot's R4 or per_linear's rotation; an activation format)."""
+    at_experts = [o for o in plan.online if o.kind.startswith("experts")]
+    drop = []
+    if any(o.rotation is not None for o in at_experts):
+        drop.append("r4=None" if plan.method == "quarot" else "rotation=None")
+    if any(o.fmt is not None for o in at_experts):
+        drop.append("acts=None")
+    return (f"the nearest plan that exports: the same {plan.method}(...) with {', '.join(drop)} (the experts' weights "
+            "export packed)")
+
+
+def _check_acts_cover(fn: str, plan: Plan, acts: Format | None, packs: tuple[str, ...], splits: dict) -> None:
+    """With activations, the config's one group quantizes the input of every packed linear: the plan must too."""
+    if acts is None:
+        return
+    covered = {o.site for o in plan.online if o.kind == "linear" and o.fmt is not None}
+    bare = [name for key in packs for name in splits[key] if name not in covered]
+    if bare:
+        raise PlanError(message(
+            fn, "plan", f"{acts!r} activations at the input of every quantized linear (the config's one group "
+            "quantizes them all, so vLLM would)", f"quantized weights whose inputs the plan leaves in float: {bare[:3]}"
+            + (f" ... ({len(bare)} in all)" if len(bare) > 3 else ""),
+            "build the plan with a builder (rotfn.plans.quarot / per_linear), or with acts=None"))
 
 
 # ----- online rotations: the transform config -----------------------------------------------------------
@@ -460,6 +493,7 @@ class Export:
         # a linear the engine keeps in float holds the plan's (fake-quantized) values as its plain weight
         self.packs = tuple(k for k in plan.quantized if k.removesuffix(".weight") not in kept_float)
         quantized = {name for key in self.packs for name in self.splits[key]}
+        _check_acts_cover(fn, plan, self.acts, self.packs, self.splits)
         self.qconfig = _quantization_config(fn, plan, self.acts, linears, quantized)
         self.input_scales = _input_scales(fn, plan, self.acts, calibration, self.packs)
         self.qconfig["transform_config"], self.transform_weights = (
