@@ -217,7 +217,9 @@ def _run_fold(args: argparse.Namespace) -> int:
         if args.export and args.acts not in (None, *_EXPORT_ACTS):
             _usage(args.parser, f"--acts {args.acts}: --export {args.export} serves activations whose scales the "
                                 f"engine computes as it runs ({', '.join(_EXPORT_ACTS)}); fold without --export to run it with "
-                                "rotfn.load_hf + rotfn.call")
+                                "rotfn.load_hf + rotfn.call, or export from Python with the static scales of a calibration "
+                                "(the command line has no calibration file): rotfn.fold_checkpoint(SRC, plan, DST, "
+                                "export='compressed-tensors', calibration=rotfn.calibrate(model, params, plan, batches))")
         plan = _builder_plan(args, servable=bool(args.export))
     else:
         plan = _plan_file(args)

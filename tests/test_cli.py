@@ -88,7 +88,9 @@ BAD_COMMAND_LINES = [
      "rotfn fold: --acts: the plan file"),
     (["fold", "a", "b", "--acts", "nvfp4", "--export", "compressed-tensors"], EXIT_USAGE,
      "rotfn fold: --acts nvfp4: --export compressed-tensors serves activations whose scales the engine computes as it "
-     "runs (mxfp4, int8, fp8); fold without --export"),
+     "runs (mxfp4, int8, fp8); fold without --export to run it with rotfn.load_hf + rotfn.call, or export from Python "
+     "with the static scales of a calibration (the command line has no calibration file): rotfn.fold_checkpoint(SRC, "
+     "plan, DST, export='compressed-tensors', calibration=rotfn.calibrate(model, params, plan, batches))"),
     (["fold", "{tmp}/missing", "{tmp}/o"], EXIT_FAILED, "rotfn fold: SRC: expected an existing Hugging Face"),
     (["fold", "{src}", "{src}"], EXIT_FAILED, "rotfn fold: DST: expected a directory other than SRC"),
     (["fold", "{src}", "{tmp}/o", "--max-shard-size", "5XB"], EXIT_USAGE, "rotfn fold: --max-shard-size: expected a size such as 5GB"),

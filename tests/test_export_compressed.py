@@ -602,3 +602,171 @@ def test_streaming_export_of_a_moe_checkpoint_equals_the_in_memory_export(tmp_pa
     with pytest.raises(PlanError, match=r"act on each expert's rows alone"):
         rotfn.fold_checkpoint(src, lambda m: dataclasses.replace(build(m), weights=rotfn.fp8("tensor", scale_dtype=BF16)),
                               tmp_path / "no", export="compressed-tensors", progress=False)
+
+
+STATIC_ACTS = {  # plans whose activations need each linear's static input scale, from a calibration
+    "quarot-nvfp4-nvfp4": lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16, seed=2),
+                                                       r4=rotfn.hadamard(128), r3=None, weights=rotfn.nvfp4(),
+                                                       acts=rotfn.nvfp4()),
+    "per-linear-fp8-tensor": lambda m: rotfn.plans.per_linear(m, rotation=lambda n: rotfn.hadamard(n, block=32),
+                                                              weights=rotfn.fp8("channel", scale_dtype=BF16),
+                                                              acts=rotfn.fp8("tensor", scale_dtype=BF16)),
+}
+
+
+@pytest.mark.parametrize("name", list(STATIC_ACTS))
+def test_streaming_export_takes_the_in_memory_calibration(tmp_path, name):
+    """Static activation scales in the streaming export: fold_checkpoint(..., calibration=) with a calibration made
+    on the in-memory model writes the in-memory export's tensors (input scales included), byte for byte; without it
+    a typed error before any work."""
+    model = _model("llama")
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="60KB")
+    plan = STATIC_ACTS[name](model)
+    p = rotfn.params(model)
+    calib = rotfn.calibrate(model, p, plan, [_ids(model)], progress=False)
+    rotfn.export_compressed(model, rotfn.fold(p, plan), plan, tmp_path / "memory", calibration=calib)
+    with pytest.raises(ArgumentError, match=r"fold_checkpoint: argument 'calibration'.*static input scale"):
+        rotfn.fold_checkpoint(src, STATIC_ACTS[name], tmp_path / "none", export="compressed-tensors", progress=False)
+    assert not (tmp_path / "none").exists()
+    rotfn.fold_checkpoint(src, STATIC_ACTS[name], tmp_path / "stream", export="compressed-tensors",
+                          calibration=calib, max_shard_size="40KB", progress=False)
+    memory, stream = _tensors_in(tmp_path / "memory"), _tensors_in(tmp_path / "stream")
+    part = "input_global_scale" if "nvfp4" in name else "input_scale"
+    assert len([k for k in stream if k.endswith(part)]) == len(plan.quantized)
+    _assert_same_tensors(memory, stream)
+    assert _qconfig(tmp_path / "memory") == _qconfig(tmp_path / "stream")
+
+
+def test_a_calibration_of_another_plan_or_model_is_refused(tmp_path):
+    """The in-memory and the streaming export read a calibration's input scales only if it was made for the plan
+    they export (of this model): another plan, another model, or not a calibration are typed errors, nothing
+    written."""
+    model = _model("llama")
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    build = STATIC_ACTS["quarot-nvfp4-nvfp4"]
+    plan, p = build(model), rotfn.params(model)
+    other_plan = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=7), r2=rotfn.hadamard(16, seed=2),
+                                    r4=rotfn.hadamard(128), r3=None, weights=rotfn.nvfp4(), acts=rotfn.nvfp4())
+    qwen = _model("qwen3")
+    calibs = {
+        "plan": rotfn.calibrate(model, p, other_plan, [_ids(model)], progress=False),
+        "model": rotfn.calibrate(qwen, rotfn.params(qwen), build(qwen), [_ids(qwen)], progress=False),
+    }
+    folded = rotfn.fold(p, plan)
+    cases = [(calibs["plan"], PlanError, r"argument 'calibration'.*a calibration of this plan"),
+             (calibs["model"], PlanError, r"argument 'calibration'.*a calibration of this plan.*Qwen3"),
+             ({"model.layers.0.self_attn.q_proj.weight": 1.0}, ArgumentError,
+              r"argument 'calibration'.*None or a rotfn.calibrate\(...\) result, got dict")]
+    for i, (calib, error, pattern) in enumerate(cases):
+        with pytest.raises(error, match="export_compressed: " + pattern):
+            rotfn.export_compressed(model, folded, plan, tmp_path / f"m{i}", calibration=calib)
+        with pytest.raises(error, match="fold_checkpoint: " + pattern):
+            rotfn.fold_checkpoint(src, build, tmp_path / f"s{i}", export="compressed-tensors", calibration=calib,
+                                  progress=False)
+        assert not (tmp_path / f"m{i}").exists() and not (tmp_path / f"s{i}").exists(), i
+    good = rotfn.calibrate(model, p, plan, [_ids(model)], progress=False)
+    with pytest.raises(ArgumentError, match=r"fold_checkpoint: argument 'calibration'.*None without export="):
+        rotfn.fold_checkpoint(src, build, tmp_path / "fold", calibration=good, progress=False)
+    assert not (tmp_path / "fold").exists()
+
+
+def _qwen2_moe(kind: str, fmt, acts=None, where=None):
+    cfg = rt.make_config("qwen2_moe", hidden=64, heads=4, kv_heads=2, layers=2, intermediate=128)
+    model = rt.tiny_model(cfg, dtype=torch.bfloat16, seed=1, outliers=8.0).eval()
+    if kind == "quarot":
+        plan = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16, seed=2), weights=fmt,
+                                  acts=acts, r3=None, r4=None)
+    else:
+        plan = rotfn.plans.per_linear(model, rotation=None, weights=fmt, acts=acts, where=where)
+    return model, plan
+
+
+@pytest.mark.parametrize("kind", ["quarot", "per_linear"])
+@pytest.mark.parametrize("fmt", [rotfn.mxfp4(), rotfn.nvfp4(None), rotfn.fp8("channel", scale_dtype=BF16)], ids=repr)
+def test_qwen2_moe_shared_expert_exports_and_its_gate_stays_float(tmp_path, kind, fmt):
+    """Qwen2-MoE: the shared expert's gate/up/down are ordinary quantized linears; its d -> 1 shared_expert_gate,
+    which vLLM builds as a plain float nn.Linear, is under ignore with a float weight (per_linear quantizes it: the
+    plan's fake-quantized values, so the served model is still rotfn's). transformers loads it with rotfn.call's
+    logits bit for bit, and the streaming export of its checkpoint writes the same bytes."""
+    model, plan = _qwen2_moe(kind, fmt)
+    gates = [f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)]
+    assert (f"{gates[0]}.weight" in plan.quantized) == (kind == "per_linear")
+    folded = rotfn.fold(rotfn.params(model), plan)
+    loaded = _export_and_load(tmp_path / "memory", model, plan, folded)
+    qc = _qconfig(tmp_path / "memory")
+    QuantizationConfig.model_validate(qc)
+    assert set(gates) <= set(qc["ignore"]) and {"model.layers.0.mlp.gate", "lm_head"} <= set(qc["ignore"])
+    stored = _tensors_in(tmp_path / "memory")
+    part = "weight" if isinstance(fmt, rotfn.specs.formats.FP8) else "weight_packed"
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        assert f"model.layers.1.mlp.shared_expert.{proj}.{part}" in stored
+    for gate in gates:
+        assert [k for k in stored if k.startswith(gate + ".")] == [f"{gate}.weight"]
+        rt.assert_bits_equal(stored[f"{gate}.weight"], folded[f"{gate}.weight"])
+    state = loaded.state_dict()
+    for key in plan.quantized:
+        rt.assert_bits_equal(state[key], folded[key], name=key)
+    with torch.no_grad():
+        rt.assert_bits_equal(loaded(_ids(model)).logits, rotfn.call(model, folded, plan, _ids(model)).logits)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="60KB")
+    rotfn.fold_checkpoint(src, lambda m: _qwen2_moe(kind, fmt)[1], tmp_path / "stream", export="compressed-tensors",
+                          max_shard_size="40KB", progress=False)
+    _assert_same_tensors(stored, _tensors_in(tmp_path / "stream"))
+    assert _qconfig(tmp_path / "stream") == qc
+
+
+def test_an_online_transform_at_the_shared_expert_gate_is_refused(tmp_path):
+    """vLLM applies no input transform or activation quantizer to the float shared_expert_gate: a plan with one
+    there is a typed error naming the where= that leaves it out (which then exports)."""
+    model, plan = _qwen2_moe("per_linear", rotfn.fp8("channel", scale_dtype=BF16), acts=rotfn.fp8("token"))
+    folded = rotfn.fold(rotfn.params(model), plan)
+    with pytest.raises(PlanError, match=r"no online transform at 'model.layers.0.mlp.shared_expert_gate'.*fix: leave "
+                                        r"it out of the plan: rotfn.plans.per_linear\(\.\.\., where=lambda site, _: "
+                                        r"not site.endswith\(\('shared_expert_gate', 'lm_head'\)\)\)"):
+        rotfn.export_compressed(model, folded, plan, tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+    fixed = _qwen2_moe("per_linear", rotfn.fp8("channel", scale_dtype=BF16), acts=rotfn.fp8("token"),
+                       where=lambda site, _: not (site.endswith(("shared_expert_gate", "lm_head")) or
+                                                  ".experts." in site))[1]  # activations at fused experts: refused
+    assert not any(o.site.endswith("shared_expert_gate") for o in fixed.online)
+    rotfn.export_compressed(model, rotfn.fold(rotfn.params(model), fixed), fixed, tmp_path / "yes")
+    assert "model.layers.0.mlp.shared_expert_gate" in _qconfig(tmp_path / "yes")["ignore"]
+
+
+def test_activations_at_fused_experts_name_the_nearest_plan_that_exports(tmp_path):
+    """Online activation quantizers or rotations at fused experts' inputs are not exported yet: the PlanError names
+    the nearest plan that does (the same builder without what runs online at the experts), and that plan exports with
+    rotfn.call's logits. A hand-made plan that drops the experts' quantizers but keeps their packed weights is refused
+    too (the config's one group would quantize the experts' inputs in vLLM)."""
+    cfg = rt.make_config("qwen3_moe", hidden=64, heads=4, kv_heads=2, layers=2, intermediate=128)
+    model = rt.tiny_model(cfg, dtype=torch.bfloat16, seed=1, outliers=8.0).eval()
+    acts = rotfn.mxfp4("even")
+    quarot = lambda **kw: rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16, seed=2),  # noqa: E731
+                                             weights=rotfn.mxfp4(), r3=None, **kw)
+    per = lambda **kw: rotfn.plans.per_linear(model, weights=rotfn.mxfp4(), **kw)  # noqa: E731
+    with_acts = quarot(acts=acts, r4=None)
+    dropped = dataclasses.replace(with_acts, online=tuple(o for o in with_acts.online if not o.kind.startswith("experts")))
+    nearest = r"fix: the nearest plan that exports: the same {}\(\.\.\.\) with {} \(the experts' weights export packed\)"
+    cases = [
+        (with_acts, r"activation quantizer at the fused experts 'model.layers.0.mlp.experts' \(kind 'experts_in': not "
+                    r"exported yet\); " + nearest.format("quarot", "acts=None")),
+        (quarot(acts=None, r4=rotfn.hadamard), r"R4 rotation at the fused experts .*" + nearest.format("quarot", "r4=None")),
+        (quarot(acts=acts, r4=rotfn.hadamard), nearest.format("quarot", "r4=None, acts=None")),
+        (per(rotation=None, acts=acts), nearest.format("per_linear", "acts=None")),
+        (per(rotation=rotfn.hadamard, acts=None), r"rotation at the fused experts .*" +
+         nearest.format("per_linear", "rotation=None")),
+        (dropped, r"activations at the input of every quantized linear .*got quantized weights whose inputs the plan "
+                  r"leaves in float: \['model.layers.0.mlp.experts.0.gate_proj'"),
+    ]
+    for i, (plan, pattern) in enumerate(cases):
+        with pytest.raises(PlanError, match=r"export_compressed: argument 'plan': .*" + pattern):
+            rotfn.export_compressed(model, rotfn.fold(rotfn.params(model), plan), plan, tmp_path / str(i))
+        assert not (tmp_path / str(i)).exists(), i
+    for fixed in (quarot(acts=None, r4=None), per(rotation=None, acts=None)):  # the plans the fixes name
+        folded = rotfn.fold(rotfn.params(model), fixed)
+        loaded = _export_and_load(tmp_path / fixed.method, model, fixed, folded)
+        with torch.no_grad():
+            rt.assert_bits_equal(loaded(_ids(model)).logits, rotfn.call(model, folded, fixed, _ids(model)).logits)

@@ -10,7 +10,10 @@ Prints, in order:
    group) and a full random-sign Hadamard; the table gives the cosine similarity of each
    embedding to the float one. Then the :func:`rotfn.report` summary of each format.
 2. ``quarot`` (R1..R4) on a tiny random Llama: the folded, rotated model computes the same
-   logits (relative error in float32 and float64).
+   logits (relative error in float32 and float64); then its bf16 copy with R1 + R2 and MXFP4
+   weights written by :func:`rotfn.export_compressed` and reloaded with transformers (through
+   compressed-tensors, from the test extras; without it the line says so): the largest logit
+   difference to ``rotfn.call``.
 3. rotations: for each width n the construction ``n = K * 2^m`` of ``rotfn.hadamard(n)``,
    its orthogonality (float64) and the round-trip error ``rotate_back(rotate(x))`` (float32);
 4. formats: the SQNR of ``qdq(x)`` with no rotation, with a full random-sign Hadamard
@@ -33,6 +36,7 @@ import torch
 import rotfn
 from rotfn._demo.minilm import SENTENCES, ModelUnavailable, fidelity_rows, load_minilm
 from rotfn._demo.quarot import quarot_equivalence
+from rotfn._demo.serving import ServingUnavailable, served_difference
 from rotfn._demo.tables import DISTRIBUTIONS, rotation_rows, sqnr_rows
 from rotfn._table import format_table
 
@@ -68,6 +72,18 @@ def _quarot_part(seed: int) -> None:
     print("   max |logits - logits'| / max |logits|, call(model, fold(params, plan), plan) vs the model: "
           + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     print("   " + str(plan).replace("\n", "\n   "))
+    _serving_part(seed)
+
+
+def _serving_part(seed: int) -> None:
+    """One line: the bf16 Llama's W4 MXFP4 QuaRot (R1, R2) exported for engines, reloaded, against rotfn.call."""
+    try:
+        fmt, written, diff = served_difference(seed=seed)
+    except ServingUnavailable as err:
+        print(f"   served: skipped: {err}")
+        return
+    print(f"   served: R1 + R2, W4 MXFP4, bf16 -> rotfn.export_compressed ({fmt}, {written / 1024:.0f} KiB) -> "
+          f"transformers: max |logits - rotfn.call| = {diff:.3g}")
 
 
 def run(*, seed: int = 0, rows: int = 256) -> int:

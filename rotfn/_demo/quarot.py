@@ -7,7 +7,12 @@ import torch
 import rotfn
 import rotfn.testing as rt
 
-__all__ = ["quarot_equivalence"]
+__all__ = ["tiny_llama_config", "quarot_equivalence"]
+
+
+def tiny_llama_config():
+    """The demo's tiny random Llama: hidden 64, 2 layers, 4 heads over 2 KV heads (GQA), MLP 128, vocab 128."""
+    return rt.make_config("llama", hidden=64, heads=4, kv_heads=2, layers=2, intermediate=128, vocab=128)
 
 
 def quarot_equivalence(*, seed: int = 0) -> tuple[rotfn.Plan, dict]:
@@ -16,7 +21,7 @@ def quarot_equivalence(*, seed: int = 0) -> tuple[rotfn.Plan, dict]:
     Returns:
         ``(plan, {dtype name: relative error})`` for float32 and float64 copies of the model.
     """
-    cfg = rt.make_config("llama", hidden=64, heads=4, kv_heads=2, layers=2, intermediate=128, vocab=128)
+    cfg = tiny_llama_config()
     ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
     errors, plan = {}, None
     for dtype in (torch.float32, torch.float64):

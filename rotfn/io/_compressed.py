@@ -38,7 +38,9 @@ from a :class:`rotfn.calibration.Calibration`), fp8 per tensor (static, from cal
 Fused 3-D experts (``mlp.experts.gate_up_proj`` ``[E, out, in]``) are written per expert and
 projection under the names transformers saves them as (``mlp.experts.{e}.gate_proj``, ...: its
 own reverse weight conversion decides which rows go where), the routers beside them under
-``ignore``.
+``ignore``. Linears vLLM builds as plain float layers (an MoE family's router or shared-expert gate that
+is an ``nn.Linear``, Qwen2-MoE's ``mlp.shared_expert_gate``) go under ``ignore`` too, with the plan's
+folded (fake-quantized, if the plan quantizes them) values as a float ``weight``.
 
 Online input rotations (QuaRot's R4, ``per_linear`` input rotations) become the config's
 ``transform_config``: one scheme per distinct rotation applying ``input`` on its linears (and
@@ -53,13 +55,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import math
 import os
 
 import torch
 
-from rotfn.errors import ArgumentError, FormatError, PlanError, message
+from rotfn.errors import ArgumentError, FormatError, PlanError, RotfnError, message
 from rotfn.functional import dequantize
 from rotfn.io._atomic import write_text_atomic
 from rotfn.io._encode import storable
@@ -74,7 +77,7 @@ from rotfn.io._hf import (
     _weights,
     _write_weights,
 )
-from rotfn.plans import Plan, codes_of, describe, fused_groups
+from rotfn.plans import Plan, codes_of, describe, family_for, fused_groups
 from rotfn.specs import QTensor
 from rotfn.specs.formats import FP8, MX, NVFP4, NVFP4_GLOBAL_RULES, Format, IntQ
 from rotfn.specs.rotation import Rotation
@@ -120,7 +123,36 @@ def _check_fused(fn: str, scales: dict[str, torch.Tensor]) -> None:
                 "fixed power-of-two global scale, e.g. weights=rotfn.nvfp4(2.0 ** -8)"))
 
 
-def _act_args(fn: str, fmt: Format, calibration) -> dict:
+def _static(fmt: Format | None) -> bool:
+    """Activations whose engine scale is one static value per linear: NVFP4 with a measured global scale, fp8 per tensor."""
+    return (isinstance(fmt, NVFP4) and fmt.global_scale in NVFP4_GLOBAL_RULES) or (
+        isinstance(fmt, FP8) and fmt.granularity == "tensor")
+
+
+def _input_scales(fn: str, plan: Plan, acts: Format | None, calibration, packs) -> dict[str, torch.Tensor]:
+    """``{key of packs: static input scale}`` from ``calibration`` (a calibration of ``plan``), for static ``acts``;
+    ``{}`` for dynamic or fixed activation scales."""
+    if calibration is not None:
+        if not (isinstance(getattr(calibration, "plan", None), Plan) and callable(getattr(calibration, "input_scale", None))):
+            raise ArgumentError(message(fn, "calibration", "None or a rotfn.calibrate(...) result",
+                                        type(calibration).__name__,
+                                        "pass calibration=rotfn.calibrate(model, params, plan, batches)"))
+        if calibration.plan != plan:
+            raise PlanError(message(fn, "calibration", f"a calibration of this plan ({plan!r})",
+                                    f"a calibration of {calibration.plan!r}",
+                                    "calibrate with the plan you export: rotfn.calibrate(model, params, plan, batches)"))
+    if not _static(acts):
+        return {}
+    if calibration is None:
+        raise ArgumentError(message(fn, "calibration", f"a rotfn.calibrate(...) result: {acts!r} activations need "
+                                    "each linear's static input scale", "None",
+                                    "pass calibration=rotfn.calibrate(model, params, plan, batches), computed where the "
+                                    "model fits (rotfn.export_compressed and fold_checkpoint(..., export=) take it), or "
+                                    "quantize activations dynamically (acts=rotfn.mxfp4('even') or rotfn.fp8('token'))"))
+    return {key: calibration.input_scale(key, acts) for key in packs}
+
+
+def _act_args(fn: str, fmt: Format) -> dict:
     """compressed-tensors ``QuantizationArgs`` (as a dict) of an activation format."""
     if isinstance(fmt, FP8) and fmt.granularity == "token":
         return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
@@ -129,34 +161,52 @@ def _act_args(fn: str, fmt: Format, calibration) -> dict:
     if isinstance(fmt, MX) and fmt.element == "e2m1":
         return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group",
                 "dynamic": True, "scale_dtype": "torch.uint8"}
-    measured = isinstance(fmt, NVFP4) and fmt.global_scale in NVFP4_GLOBAL_RULES
-    static = measured or (isinstance(fmt, FP8) and fmt.granularity == "tensor")
-    if static and calibration is None:
-        raise ArgumentError(message(fn, "calibration", f"a rotfn.calibrate(...) result: {fmt!r} activations need "
-                                    "each linear's static input scale", "None",
-                                    "pass calibration=rotfn.calibrate(model, params, plan, batches) to rotfn.export_compressed "
-                                    "(the streaming export of fold_checkpoint has none: use dynamic activations there)"))
     if isinstance(fmt, NVFP4):
         return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
                 "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn"}
-    if static:
+    if _static(fmt):
         return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
     raise FormatError(message(fn, "plan", "activations fp8('token'), intq(8) per token, mxfp4(), nvfp4(...) "
                               "or fp8('tensor')", f"acts={fmt!r}", "build the plan with one of those acts="))
 
 
-def _check_online(fn: str, plan: Plan) -> tuple[Format | None, list]:
+def _kept_float(fn: str, layout) -> set[str]:
+    """Linears that vLLM builds as plain float layers, without quantization or input transforms: an MoE family's
+    router and shared-expert gate where they are ``nn.Linear`` (Qwen2-MoE's ``mlp.shared_expert_gate``)."""
+    try:
+        moe = family_for(fn, layout.model_type, layout.cls).moe
+    except RotfnError:  # no family adapter: no MoE table to read
+        return set()
+    if moe is None:
+        return set()
+    leaves = tuple(f".{m}" for m in (moe.router, moe.shared_gate) if m)
+    return {name for name, _ in layout.linears if name.endswith(leaves)}
+
+
+def _check_online(fn: str, plan: Plan, kept_float: set[str]) -> tuple[Format | None, list]:
     """The quantized linears' activation format and the online input rotations; PlanError for what the format lacks."""
     acts, rotated = None, []
     for o in plan.online:
+        if o.site in kept_float and (o.rotation is not None or o.fmt is not None):
+            raise PlanError(message(
+                fn, "plan", f"no online transform at {o.site!r} (vLLM runs it as a plain float linear: no input "
+                "rotation, no activation quantization)", f"an online {'rotation' if o.rotation is not None else 'quantizer'}"
+                f" there ({o.role or o.kind})", "leave it out of the plan: rotfn.plans.per_linear(..., where=lambda "
+                f"site, _: not site.endswith(('{o.site.rpartition('.')[2]}', 'lm_head')))"))
+        if o.kind.startswith("experts"):
+            what = "rotation" if o.rotation is not None else "activation quantizer"
+            raise PlanError(message(
+                fn, "plan", "a plan whose online side is at linear inputs (activation quantization, input rotations)",
+                f"an online {o.role or o.kind} {what} at the fused experts {o.site!r} (kind {o.kind!r}: not "
+                "exported yet)", _nearest_without_experts(plan) + "; or write the directory for rotfn with "
+                "rotfn.export_hf"))
         if o.kind != "linear":
             what = o.role or o.kind
             raise PlanError(message(
                 fn, "plan", "a plan whose online side is at linear inputs (activation quantization, input rotations)",
                 f"an online {what} {'rotation' if o.rotation is not None else 'quantizer'} at {o.site!r} "
                 f"(kind {o.kind!r}: compressed-tensors has no transform there that vLLM applies)",
-                ("quantize the experts' weights only (acts=None)" if o.kind.startswith("experts") else
-                 "drop it (quarot(..., r3=None, kv=None))") + ", or write the directory for rotfn with rotfn.export_hf"))
+                "drop it (quarot(..., r3=None, kv=None)), or write the directory for rotfn with rotfn.export_hf"))
         if acts is not None and o.fmt != acts:
             raise PlanError(message(fn, "plan", "one activation format for every quantized linear",
                                     f"{acts!r} and {o.fmt!r}", "build the plan with one acts="))
@@ -164,6 +214,33 @@ def _check_online(fn: str, plan: Plan) -> tuple[Format | None, list]:
         if o.rotation is not None:
             rotated.append(o)
     return acts, rotated
+
+
+def _nearest_without_experts(plan: Plan) -> str:
+    """The fix of online entries at fused experts: the nearest plan that exports, the same builder without what
+    runs online there (a rotation: quarot's R4 or per_linear's rotation; an activation format)."""
+    at_experts = [o for o in plan.online if o.kind.startswith("experts")]
+    drop = []
+    if any(o.rotation is not None for o in at_experts):
+        drop.append("r4=None" if plan.method == "quarot" else "rotation=None")
+    if any(o.fmt is not None for o in at_experts):
+        drop.append("acts=None")
+    return (f"the nearest plan that exports: the same {plan.method}(...) with {', '.join(drop)} (the experts' weights "
+            "export packed)")
+
+
+def _check_acts_cover(fn: str, plan: Plan, acts: Format | None, packs: tuple[str, ...], splits: dict) -> None:
+    """With activations, the config's one group quantizes the input of every packed linear: the plan must too."""
+    if acts is None:
+        return
+    covered = {o.site for o in plan.online if o.kind == "linear" and o.fmt is not None}
+    bare = [name for key in packs for name in splits[key] if name not in covered]
+    if bare:
+        raise PlanError(message(
+            fn, "plan", f"{acts!r} activations at the input of every quantized linear (the config's one group "
+            "quantizes them all, so vLLM would)", f"quantized weights whose inputs the plan leaves in float: {bare[:3]}"
+            + (f" ... ({len(bare)} in all)" if len(bare) > 3 else ""),
+            "build the plan with a builder (rotfn.plans.quarot / per_linear), or with acts=None"))
 
 
 # ----- online rotations: the transform config -----------------------------------------------------------
@@ -228,13 +305,12 @@ def _check_fused_inputs(fn: str, rotated: list, linears: set[str]) -> None:
                 "give them one rotation, e.g. per_linear(..., rotation=lambda n: rotfn.hadamard(n, block=32))"))
 
 
-def _quantization_config(fn: str, plan: Plan, acts: Format | None, linears: list[str], quantized: set[str],
-                         calibration) -> dict:
+def _quantization_config(fn: str, plan: Plan, acts: Format | None, linears: list[str], quantized: set[str]) -> dict:
     weights, fmt_name = _weight_args(fn, plan.weights, acts)
     group = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None,
              "format": fmt_name}
     if acts is not None:
-        group["input_activations"] = _act_args(fn, acts, calibration)
+        group["input_activations"] = _act_args(fn, acts)
     return {
         "quant_method": "compressed-tensors",
         "format": fmt_name,
@@ -294,10 +370,10 @@ def _check_scale_dtype(fn: str, key: str, fmt: Format, dtype: torch.dtype, what:
             f"build the plan with {what}=rotfn.{dataclasses.replace(fmt, scale_dtype=name)!r}"))
 
 
-def _tensors(name: str, q: QTensor, acts: Format | None, fmt_name: str, calibration,
-             key: str) -> dict[str, torch.Tensor]:
-    """The tensors compressed-tensors stores for linear ``name`` (weight ``q``, from param ``key``); scales in the
-    model's dtype."""
+def _tensors(name: str, q: QTensor, acts: Format | None, fmt_name: str,
+             input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The tensors compressed-tensors stores for linear ``name`` (weight ``q``; ``input_scale``: its static
+    activation scale, None for dynamic or fixed ones); scales in the model's dtype."""
     fmt = q.format
     out: dict[str, torch.Tensor] = {}
     if isinstance(fmt, NVFP4):
@@ -318,11 +394,10 @@ def _tensors(name: str, q: QTensor, acts: Format | None, fmt_name: str, calibrat
         scale = q.scales.reshape(-1, 1) if q.scales.ndim else q.scales.reshape(1)
         out = {"weight": q.codes, "weight_scale": scale.to(q.dtype)}
     if isinstance(acts, NVFP4):
-        s_g = (calibration.input_scale(key, acts) if acts.global_scale in NVFP4_GLOBAL_RULES
-               else torch.tensor(acts.global_scale or 1.0))
+        s_g = input_scale if input_scale is not None else torch.tensor(acts.global_scale or 1.0)
         out["input_global_scale"] = (1.0 / s_g.float()).reshape(1)
     elif isinstance(acts, FP8) and acts.granularity == "tensor":
-        out["input_scale"] = calibration.input_scale(key, acts).reshape(1).to(q.dtype)
+        out["input_scale"] = input_scale.reshape(1).to(q.dtype)
     return {f"{name}.{part}": t.contiguous() for part, t in out.items()}
 
 
@@ -387,6 +462,10 @@ class Export:
     Attributes:
         qconfig: the ``quantization_config`` dict of ``config.json``.
         transform_weights: ``{name: Tensor}`` of the online transforms' weights.
+        packs: the quantized keys written packed; the others (linears vLLM keeps in float, e.g. Qwen2-MoE's
+            ``shared_expert_gate``) hold their folded, fake-quantized values as a float ``weight``, under ``ignore``.
+        input_scales: ``{key: 0-d float32}``, the static activation scale of each quantized key's linear (from the
+            calibration; empty for dynamic or fixed activation scales).
     """
 
     def __init__(self, fn: str, model, plan: Plan, calibration=None):
@@ -399,9 +478,10 @@ class Export:
                                     f"GPT-2 Conv1D weights stored [in, out]: {conv1d[:3]}",
                                     "write a fake-quantized checkpoint instead: rotfn fold SRC DST --plan per_linear "
                                     "--weights FORMAT (without --export), or rotfn.export_hf"))
-        self.fn, self.plan, self.calibration = fn, plan, calibration
-        self.acts, rotated = _check_online(fn, plan)
+        self.fn, self.plan = fn, plan
         layout = describe(model, fn=fn)
+        kept_float = _kept_float(fn, layout)
+        self.acts, rotated = _check_online(fn, plan, kept_float)
         experts = [f"{site}.{param}" for site, *params in layout.experts for param in params]
         self.splits = {key: _split_rows(model, key) for key in dict.fromkeys([*experts, *plan.quantized])}
         linears = [name for name, _ in layout.linears] + [name for key in experts for name in self.splits[key]]
@@ -410,8 +490,12 @@ class Export:
         if loose:
             raise PlanError(message(fn, "plan", "quantized weights of nn.Linear modules or fused experts",
                                     f"also {loose[:3]}", "leave them out of the plan, or use rotfn.export_hf"))
-        quantized = {name for key in plan.quantized for name in self.splits[key]}
-        self.qconfig = _quantization_config(fn, plan, self.acts, linears, quantized, calibration)
+        # a linear the engine keeps in float holds the plan's (fake-quantized) values as its plain weight
+        self.packs = tuple(k for k in plan.quantized if k.removesuffix(".weight") not in kept_float)
+        quantized = {name for key in self.packs for name in self.splits[key]}
+        _check_acts_cover(fn, plan, self.acts, self.packs, self.splits)
+        self.qconfig = _quantization_config(fn, plan, self.acts, linears, quantized)
+        self.input_scales = _input_scales(fn, plan, self.acts, calibration, self.packs)
         self.qconfig["transform_config"], self.transform_weights = (
             _transform_config(fn, rotated, set(linears)) if rotated else ({}, {}))
         self.global_scales: dict[str, torch.Tensor] = {}
@@ -430,8 +514,17 @@ class Export:
         for name, piece in _linear_qtensors(_qtensor(fn, key, t, fmt, q), split).items():
             if piece.global_scale is not None:
                 self.global_scales[name] = piece.global_scale
-            out.update(_tensors(name, piece, acts, self.qconfig["format"], self.calibration, key))
+            out.update(_tensors(name, piece, acts, self.qconfig["format"], self.input_scales.get(key)))
         return out
+
+    def scales_digest(self) -> str:
+        """A digest of :attr:`input_scales` (``""`` when empty): what a calibration adds to a streaming export's job."""
+        if not self.input_scales:
+            return ""
+        h = hashlib.blake2b(digest_size=16)
+        for key, s in sorted(self.input_scales.items()):
+            h.update(key.encode() + s.float().reshape(1).numpy().tobytes())
+        return h.hexdigest()
 
     def check_fused(self) -> None:
         """After every key: fused partitions share their NVFP4 global scale (PlanError otherwise)."""
@@ -468,15 +561,17 @@ def export_compressed(model, params, plan: Plan, dir: str | os.PathLike, *, cali
         dir: output directory (created if missing).
         calibration: the :func:`rotfn.calibrate` result, needed for activation formats with a static
             per-tensor scale (``nvfp4()`` / ``nvfp4("pow2")``: ``input_global_scale``; ``fp8("tensor")``:
-            ``input_scale``); NVFP4 with a fixed global scale needs none.
+            ``input_scale``); NVFP4 with a fixed global scale needs none. It must be a calibration of
+            ``plan`` (only its input scales are read here: GPTQ-rounded weights come through ``params``,
+            ``rotfn.fold(..., weights_by=calibration)``).
         max_shard_size: largest shard in bytes, or text such as ``"5GB"``.
 
     Raises:
         ArgumentError: model not a transformers model, dir a file, bad max_shard_size, a static
-            activation format without ``calibration``.
+            activation format without ``calibration``, a ``calibration`` that is not a calibrate result.
         PlanError: plan None or without weights, online transforms other than at linear inputs (R3,
             KV cache), fused partitions rotated or NVFP4-scaled differently, weights that are not
-            fold's (no codes, or changed since). FormatError: a format compressed-tensors cannot hold.
+            fold's (no codes, or changed since), a calibration of another plan (or model). FormatError: a format compressed-tensors cannot hold.
         DTypeError / SelectionError / FoldError: as :func:`rotfn.export_hf`.
 
     Example:
@@ -499,7 +594,7 @@ def export_compressed(model, params, plan: Plan, dir: str | os.PathLike, *, cali
     export = Export(FN, model, plan, calibration)
     weights, untie = _weights(model, params)
     packed: dict[str, torch.Tensor] = {}
-    for key in plan.quantized:
+    for key in export.packs:
         packed.update(export.packed(key, weights.pop(key)))
     export.check_fused()
     dtype = next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)

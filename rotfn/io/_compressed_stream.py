@@ -66,7 +66,7 @@ def write_parts(dst: str, export: Export, outs: Iterable, read: Callable, reads_
 
     On an error the temporaries written are removed.
     """
-    quantized = set(export.plan.quantized)
+    quantized = set(export.packs)
     temps: list[tuple[str, list[TensorEntry]]] = []
     shard: dict[str, torch.Tensor] = {}
     used = limit

@@ -602,7 +602,7 @@ def _unmark(dst: str) -> None:
 
 
 def _checked(fn: str, src_dir, dst_dir, max_shard_size, workers, precision, piece_elements, torch_threads,
-             keep_freed_blocks, export, command) -> tuple[Checkpoint, str, int, torch.dtype]:
+             keep_freed_blocks, export, calibration, command) -> tuple[Checkpoint, str, int, torch.dtype]:
     """The arguments of :func:`fold_checkpoint` checked: the source, the output directory, the shard limit, the work dtype."""
     ckpt = inventory(src_dir, fn=fn, arg="src_dir")
     if not isinstance(dst_dir, (str, os.PathLike)) or os.path.isfile(dst_dir):
@@ -625,6 +625,11 @@ def _checked(fn: str, src_dir, dst_dir, max_shard_size, workers, precision, piec
     if export not in EXPORTS:
         raise ArgumentError(message(fn, "export", f"one of {EXPORTS}", repr(export),
                                     'pass export="compressed-tensors" for a checkpoint vLLM serves'))
+    if calibration is not None and export is None:  # a folded checkpoint has no static activation scales to write
+        raise ArgumentError(message(fn, "calibration", 'None without export= (only export="compressed-tensors" '
+                                    "writes its activation scales)", "a calibration",
+                                    'pass export="compressed-tensors", or leave calibration out; GPTQ-rounded weights: '
+                                    "rotfn.fold(params, plan, weights_by=calibration) in memory"))
     if command is not None and not isinstance(command, str):
         raise ArgumentError(message(fn, "command", "None or a str", type(command).__name__))
     prior = read_rotfn_json(ckpt.dir)
@@ -654,7 +659,7 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
                     max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
                     workers: int | None = None, precision: str = "float64", piece_elements: int = PIECE_ELEMENTS,
                     torch_threads: int | None = None, keep_freed_blocks: bool = False,
-                    export: str | None = None, command: str | None = None) -> FoldStats:
+                    export: str | None = None, calibration=None, command: str | None = None) -> FoldStats:
     """Fold a plan into a sharded Hugging Face checkpoint on disk, streaming: ``rotfn.fold`` without loading the model.
 
     For every tensor ``W`` of ``src_dir`` the output holds exactly
@@ -707,9 +712,15 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
         export: None (a folded checkpoint for :func:`rotfn.load_hf`), or ``"compressed-tensors"``: the
             checkpoint :func:`rotfn.export_compressed` writes for the same plan (packed weights,
             ``quantization_config``, transforms), its tensors byte for byte those of the in-memory
-            export, for plans whose activation scales are dynamic (static ones need a calibration:
-            use the in-memory export). Each tensor is folded whole (memory: the largest tensor in
-            the work dtype, plus the shard being filled); an interrupted export restarts.
+            export of ``rotfn.fold(params, plan)`` with the same ``calibration``. Each tensor is folded
+            whole (memory: the largest tensor in the work dtype, plus the shard being filled); an
+            interrupted export restarts.
+        calibration: with ``export=``, as for :func:`rotfn.export_compressed`: a :func:`rotfn.calibrate`
+            result of the same plan, computed on the model where it fits, for activation formats with a
+            static per-linear scale (``nvfp4()`` / ``nvfp4("pow2")`` activations, ``fp8("tensor")``);
+            only its input scales are used (the streaming fold rounds weights to nearest: GPTQ-rounded
+            weights need ``rotfn.fold(params, plan, weights_by=calibration)`` and the in-memory export).
+            Part of the job, as the plan is. None (default) for every other plan.
         command: how this fold was started (``rotfn fold`` passes its command line), recorded in the
             progress marker so that :func:`rotfn.io._progress.read_progress`, ``rotfn inspect`` and the refusal of
             another job can say how to resume; None records nothing.
@@ -730,11 +741,13 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
 
     Raises:
         ArgumentError: a path is not a path, ``dst_dir`` is ``src_dir`` or a file, bad ``max_shard_size``,
-            ``workers``, ``precision``, ``piece_elements``, ``torch_threads``, ``keep_freed_blocks`` or ``command``.
+            ``workers``, ``precision``, ``piece_elements``, ``torch_threads``, ``keep_freed_blocks`` or ``command``;
+            with ``export=``, static activation scales without ``calibration``; a ``calibration`` without ``export=``.
         CheckpointError: ``src_dir`` is not a readable checkpoint, its names or shapes differ from its
             config's model, or ``dst_dir`` holds a complete checkpoint or an interrupted fold of another
             job and ``overwrite`` is False.
-        PlanError: the plan was built for another model, or changes tied keys differently.
+        PlanError: the plan was built for another model, or changes tied keys differently; a ``calibration`` of
+            another plan or model.
         FoldError: ``src_dir`` is already folded (it has a rotfn.json).
         FormatError: with ``export=``, a format compressed-tensors cannot hold (as :func:`rotfn.export_compressed`).
         DistributedError: under a process group, another rank failed or stopped, or the ranks were given different
@@ -756,14 +769,15 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     rank, ranks = world()
     with together(fn):  # every check, on every rank, before anything is written
         ckpt, dst, limit, dtype = _checked(fn, src_dir, dst_dir, max_shard_size, workers, precision, piece_elements,
-                                           torch_threads, keep_freed_blocks, export, command)
+                                           torch_threads, keep_freed_blocks, export, calibration, command)
         model = skeleton(ckpt.dir)
         plan = _resolve_plan(fn, plan, model)
         outs = _outputs(fn, ckpt, model, plan, dtype)
-        exporter = None if export is None else Export(fn, model, plan)
+        exporter = None if export is None else Export(fn, model, plan, calibration)
         shards = _layout(outs, limit)
         layout = [] if export else [(name, len(group)) for name, group in shards]  # an export does not resume by shard
-        marker = new_marker(_job_parts(ckpt, plan, shards, f"{precision} {export}"), plan, os.path.abspath(ckpt.dir),
+        options = f"{precision} {export}" + (f" {exporter.scales_digest()}" if exporter and exporter.input_scales else "")
+        marker = new_marker(_job_parts(ckpt, plan, shards, options), plan, os.path.abspath(ckpt.dir),
                             layout, len(outs), command)
     same(fn, "src_dir, plan and options", [torch.frombuffer(bytearray(marker["job"].encode()), dtype=torch.uint8)])
     with together(fn):  # the directory made and marked incomplete once, before any rank writes into it
