@@ -6,7 +6,9 @@
 when the kernels can serve the call; for a float64 Sylvester Hadamard rotation
 on the CPU, :mod:`rotfn.cpu` (numba, when installed), which returns the
 reference's bits or declines, handing the call to the reference; the reference
-otherwise.
+otherwise. A ``rotate_qdq`` the kernels cannot fuse runs under ``"auto"`` as its parts,
+each dispatched as ``rotate`` and ``qdq`` would be, so ``rotate_qdq(x, R, fmt)`` is
+``qdq(rotate(x, R), fmt)`` bit for bit on every device (the reference is that composition).
 
 :func:`trace` records which implementation each op actually ran on (``"torch"``
 for a CPU kernel that declined), so tests can prove a fast path was taken::
@@ -103,8 +105,28 @@ def select(fn: str, op: str, backend: str, x: torch.Tensor, *, dim: int = -1, **
                 message(fn, "backend", "a backend that can run this call", f"'triton' ({why})",
                         "use backend='auto' or backend='torch'")
             )
+    if op == "rotate_qdq" and chosen == "torch" and backend == "auto" and _parts_run_faster(x, **spec):
+        return _along(functools.partial(_rotate_then_qdq, fn), dim, contiguous=False)
     _record(op, chosen)
     return _along(impl, dim, contiguous=chosen == "triton")
+
+
+def _parts_run_faster(x: torch.Tensor, *, rotation, fmt, back) -> bool:
+    """Whether ``"auto"`` runs this call's rotation or qdq, dispatched alone, elsewhere than on the reference
+    (the CPU kernel, or the Triton kernels where they serve the parts but not the fused call)."""
+    cpu = _load_cpu_kernels()
+    kernels = _load_kernels()[0] if x.is_cuda else None
+    parts = (("rotate", {"rotation": rotation}), ("qdq", {"fmt": fmt}))
+    return any(m is not None and m.unsupported(op, x, **spec) is None for m in (cpu, kernels) for op, spec in parts)
+
+
+def _rotate_then_qdq(fn: str, x: torch.Tensor, r, fmt, back: bool) -> torch.Tensor:
+    """``rotate_qdq`` as its parts, each dispatched on its own under ``"auto"``: where the kernels cannot fuse a
+    call, ``rotate_qdq`` still runs the rotation (and qdq) where ``rotate`` (and ``qdq``) would, so it is
+    ``qdq(rotate(x, R), fmt)`` bit for bit on every device."""
+    y = select(fn, "rotate", "auto", x, rotation=r)(x, r)
+    y = select(fn, "qdq", "auto", y, fmt=fmt)(y, fmt)
+    return select(fn, "rotate", "auto", y, rotation=r.T)(y, r.T) if back else y
 
 
 def _along(impl: Callable, dim: int, *, contiguous: bool) -> Callable:

@@ -331,6 +331,8 @@ def rotate_qdq(
         raise DTypeError(message("rotate_qdq", "back", "a bool", repr(back)))
     _check_backend("rotate_qdq", backend)
     impl = dispatch.select("rotate_qdq", "rotate_qdq", backend, x, dim=dim, rotation=R, fmt=fmt, back=back)
+    if not torch.is_grad_enabled():  # nothing to record: skip apply's per-call argument binding, as qdq does
+        return impl(x, R, fmt, back)
     return _RotateQDQ.apply(x, impl, R, fmt, back, backend, dim)
 
 

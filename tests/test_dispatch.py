@@ -69,3 +69,22 @@ def test_trace_records_the_reference_when_the_cpu_kernel_declines(declines, monk
         assert torch.equal(got, rotfn.rotate(x, R, backend="torch"))
     else:
         assert ran == [("rotate", "numba")] and got is served
+
+
+@pytest.mark.parametrize("back", [False, True])
+def test_rotate_qdq_the_kernels_cannot_fuse_runs_its_parts_where_they_would_run(back, monkeypatch):
+    """Under "auto", a rotate_qdq whose rotation alone a faster implementation serves (here a CPU kernel) runs as
+    rotate then qdq, each dispatched on its own: the composition bit for bit, wherever the parts run."""
+    x = X.double()
+    served = lambda x, r: torch.where(x > 0, x, 2 * x) @ r.matrix()  # noqa: E731 (a stand-in "kernel", not x @ R)
+    fake = types.SimpleNamespace(unsupported=lambda op, x, **spec: None if op == "rotate" else "no", rotate=served)
+    monkeypatch.setattr(rotfn.dispatch, "_load_cpu_kernels", lambda: fake)
+    with rotfn.dispatch.trace() as ran:
+        got = rotfn.rotate_qdq(x, R, FMT, back=back)
+    y = rotfn.qdq(served(x, R), FMT)
+    expected = served(y, R.T) if back else y
+    assert torch.equal(got, expected)
+    assert ran == [("rotate", "numba"), ("qdq", "torch")] + [("rotate", "numba")] * back
+    with rotfn.dispatch.trace() as ran:
+        rotfn.rotate_qdq(x, R, FMT, back=back, backend="torch")
+    assert ran == [("rotate_qdq", "torch")]

@@ -267,3 +267,21 @@ def test_errors_from_the_bridge_name_the_function_the_user_called():
     for fn, run in calls.items():
         with pytest.raises(PlanError, match=rf"^{fn}: argument 'model': expected attention implementation 'sdpa' or 'eager'"):
             run()
+
+
+def test_describe_lists_every_tensor_under_each_name_and_each_module_once():
+    """A module held under two names: its tensors under both (a tie), the module itself once, by its first name."""
+    shared = torch.nn.Linear(4, 4)
+
+    class Net(torch.nn.Sequential):
+        def get_output_embeddings(self):
+            return shared
+
+    net = Net(torch.nn.Linear(4, 4), shared, torch.nn.ReLU(), shared, torch.nn.Linear(4, 2))
+    net.register_buffer("scale", torch.ones(4))
+    info = rotfn.plans.describe(net)
+    assert list(info.shapes) == ["scale", "0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias",
+                                 "4.weight", "4.bias"]
+    assert info.tied == (("1.weight", "3.weight"), ("1.bias", "3.bias"))
+    assert info.linears == (("0", 4), ("1", 4), ("4", 4)) and info.output_embedding == "1"
+    assert info.signature == rotfn.plans.signature(info.shapes.items())

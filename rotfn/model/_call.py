@@ -85,6 +85,11 @@ def call(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan | None
     ``call(model, p, None)``, e.g. ``(x @ R) @ (W @ R).T == x @ W.T``. The model is not
     changed (no hook, attribute or config value), so two threads may call one model at once.
 
+    A rotation with a format runs as one :func:`rotfn.rotate_qdq` (one fused kernel on GPU), and
+    a tensor several linears read (q/k/v the normed hidden state, gate/up too) is rotated and
+    quantized once per rotation and format, not once per linear: the same bits as rotate then
+    qdq at every linear (see :func:`rotfn.model.online`).
+
     Args:
         model: the ``nn.Module`` the plan was built for (its tensors are not used).
         params: ``{name: Tensor}`` for every parameter and buffer (see :func:`rotfn.params`);

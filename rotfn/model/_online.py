@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 
 import torch
 
-from rotfn.functional import qdq, rotate
+from rotfn.functional import qdq, rotate, rotate_qdq
 from rotfn.model._intercept import Site
 from rotfn.plans import Plan, require_plan
 from rotfn.specs import Format, Rotation
@@ -22,17 +23,60 @@ _POINTS = {"linear": ("input",), "qk": ("query", "key"), "key": ("key",), "value
 def activation(x: torch.Tensor, *, rotation: Rotation | None, fmt: Format | None) -> torch.Tensor:
     """The online transform ``x -> qdq(x @ R, fmt)`` (either part may be None: skipped).
 
+    With both parts it is one :func:`rotfn.rotate_qdq` call (one fused kernel on GPU), which is
+    ``qdq(rotate(x, R), fmt)`` bit for bit on every device (see :mod:`rotfn.dispatch`).
+
     Example:
         >>> import torch, rotfn
-        >>> x = torch.randn(2, 8)
-        >>> torch.equal(activation(x, rotation=rotfn.hadamard(8), fmt=None), rotfn.rotate(x, rotfn.hadamard(8)))
+        >>> x, R = torch.randn(2, 32), rotfn.hadamard(32, seed=0)
+        >>> torch.equal(activation(x, rotation=R, fmt=None), rotfn.rotate(x, R))
+        True
+        >>> torch.equal(activation(x, rotation=R, fmt=rotfn.mxfp4()), rotfn.qdq(rotfn.rotate(x, R), rotfn.mxfp4()))
         True
     """
+    if rotation is not None and fmt is not None:
+        return rotate_qdq(x, rotation, fmt)
     if rotation is not None:
-        x = rotate(x, rotation)
-    if fmt is not None:
-        x = qdq(x, fmt)
-    return x
+        return rotate(x, rotation)
+    return x if fmt is None else qdq(x, fmt)
+
+
+class _OncePerInput:
+    """:func:`activation` of one (rotation, format), computed once per input tensor for the sites that share it.
+
+    Linears that read one tensor (q/k/v the normed hidden state, gate/up too) get the same
+    result: the last input is remembered (weakly: the result is dropped when the input is freed)
+    with its version counter, the result's, and the grad mode, and a call with that same tensor,
+    unchanged, under the same grad mode, returns the remembered result. Inference tensors carry
+    no version counter, so they are computed every time.
+    """
+
+    __slots__ = ("rotation", "fmt", "_last", "__weakref__")
+
+    def __init__(self, rotation: Rotation | None, fmt: Format | None):
+        self.rotation, self.fmt = rotation, fmt
+        self._last = None  # (weakref to x, x._version, grad mode, result, result._version)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        last, inference = self._last, x.is_inference()
+        if (last is not None and not inference and last[0]() is x and last[1] == x._version
+                and last[2] == torch.is_grad_enabled() and last[4] == last[3]._version):
+            return last[3]
+        y = activation(x, rotation=self.rotation, fmt=self.fmt)
+        if not inference and not y.is_inference():
+            forget = functools.partial(_forget, weakref.ref(self))  # no reference cycle: the memo dies with its dict
+            self._last = (weakref.ref(x, forget), x._version, torch.is_grad_enabled(), y, y._version)
+        return y
+
+    def __repr__(self) -> str:
+        return f"online activation(rotation={self.rotation!r}, fmt={self.fmt!r})"
+
+
+def _forget(memo: weakref.ref, x: weakref.ref) -> None:
+    """Drop the remembered result of a freed input (a weakref callback)."""
+    m = memo()
+    if m is not None and m._last is not None and m._last[0] is x:
+        m._last = None
 
 
 def in_order(x: torch.Tensor, *, fns: tuple[Callable[[torch.Tensor], torch.Tensor], ...]) -> torch.Tensor:
@@ -47,10 +91,16 @@ def online(plan: Plan | None) -> dict[Site, Callable[[torch.Tensor], torch.Tenso
 
     A ``"linear"`` entry acts at the module's input, ``"qk"`` at its queries and keys (one
     function for both), ``"key"`` / ``"value"`` at the keys / values entering attention,
-    ``"experts_in"`` / ``"experts_down"`` at those experts points. The functions are
-    ``functools.partial`` of :func:`activation`, so they print their rotation and format;
-    where several entries act at one site (R3 then the KV format on keys) the site gets
-    ``partial(in_order, fns=(...))`` of them in plan order.
+    ``"experts_in"`` / ``"experts_down"`` at those experts points. Each function computes
+    :func:`activation` of its entry's rotation and format (and prints them); where several entries
+    act at one site (R3 then the KV format on keys) the site gets ``partial(in_order, fns=(...))``
+    of them in plan order.
+
+    Entries with equal rotation and format share one function, which computes its result once
+    per input tensor: q/k/v (and gate/up) read the same tensor, so it is rotated and quantized
+    once for the three, with the same bits as three times. It remembers the last input it saw
+    (while that tensor lives, unchanged in place, under the same grad mode), so build the dict
+    per call, as :func:`rotfn.call` does; nothing outlives the dict.
 
     Args:
         plan: a :class:`rotfn.plans.Plan`, or None (no sites).
@@ -71,9 +121,12 @@ def online(plan: Plan | None) -> dict[Site, Callable[[torch.Tensor], torch.Tenso
     if plan is None:
         return {}
     require_plan("online", plan, optional=True)
+    shared: dict[tuple, _OncePerInput] = {}
     fns: dict[Site, list] = {}
     for o in plan.online:
-        f = functools.partial(activation, rotation=o.rotation, fmt=o.fmt)
+        f = shared.get((o.rotation, o.fmt))
+        if f is None:
+            f = shared[o.rotation, o.fmt] = _OncePerInput(o.rotation, o.fmt)
         for point in _POINTS[o.kind]:
             fns.setdefault(Site(o.site, point), []).append(f)
     return {site: fs[0] if len(fs) == 1 else functools.partial(in_order, fns=tuple(fs)) for site, fs in fns.items()}

@@ -10,6 +10,7 @@ into it or talks to transformers' registries is in :mod:`rotfn.model`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -39,11 +40,17 @@ def named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         ['weight', 'bias']
     """
     for prefix, module in model.named_modules(remove_duplicate=False):
-        head = f"{prefix}." if prefix else ""
-        for name, t in module.named_parameters(recurse=False, remove_duplicate=False):
-            yield head + name, t
-        for name, t in module.named_buffers(recurse=False, remove_duplicate=False):
-            yield head + name, t
+        yield from _own_tensors(prefix, module)
+
+
+def _own_tensors(prefix: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A module's own parameters then buffers (what ``named_parameters`` / ``named_buffers`` with
+    ``recurse=False`` list), named under ``prefix``: read from its dicts, without those generators' bookkeeping."""
+    head = f"{prefix}." if prefix else ""
+    for tensors in (module._parameters, module._buffers):
+        for name, t in tensors.items():
+            if t is not None:
+                yield head + name, t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +79,12 @@ class ModelInfo:
     linears: tuple[tuple[str, int], ...]
     experts: tuple[tuple[str, str, str], ...]
     output_embedding: str | None
-    signature: str
     transposed: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def signature(self) -> str:
+        """:func:`rotfn.plans.signature` of ``shapes`` (computed when first asked: a plan check needs it)."""
+        return signature(self.shapes.items())
 
 
 def _fused_experts(module: nn.Module) -> tuple[str, str] | None:
@@ -117,29 +128,32 @@ def describe(model: nn.Module, *, fn: str = "describe") -> ModelInfo:
     check_model(fn, model)
     shapes: dict[str, tuple[int, ...]] = {}
     by_tensor: dict[int, list[str]] = {}
-    for name, t in named_tensors(model):
-        shapes[name] = tuple(t.shape)
-        by_tensor.setdefault(id(t), []).append(name)
-    tied = tuple(tuple(names) for names in by_tensor.values() if len(names) > 1)
     linears, experts, transposed = [], [], []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            linears.append((name, module.in_features))
-        elif (n := _conv1d_in_features(module)) is not None:
-            linears.append((name, n))
-            transposed.append(f"{name}.weight" if name else "weight")
-        elif (pair := _fused_experts(module)) is not None:
-            experts.append((name, *pair))
-    out_emb = None
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
-    if head is not None:
-        out_emb = next((n for n, m in model.named_modules() if m is head), None)
+    out_emb, seen = None, set()
+    for prefix, module in model.named_modules(remove_duplicate=False):  # one walk; modules by their first name
+        for name, t in _own_tensors(prefix, module):
+            shapes[name] = tuple(t.shape)
+            by_tensor.setdefault(id(t), []).append(name)
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if module is head and out_emb is None:
+            out_emb = prefix
+        if isinstance(module, nn.Linear):
+            linears.append((prefix, module.in_features))
+        elif (n := _conv1d_in_features(module)) is not None:
+            linears.append((prefix, n))
+            transposed.append(f"{prefix}.weight" if prefix else "weight")
+        elif (pair := _fused_experts(module)) is not None:
+            experts.append((prefix, *pair))
+    tied = tuple(tuple(names) for names in by_tensor.values() if len(names) > 1)
     config = getattr(model, "config", None)
     return ModelInfo(
         cls=type(model).__name__, config=config, model_type=getattr(config, "model_type", None), shapes=shapes,
         tied=tied, linears=tuple(linears), experts=tuple(experts), output_embedding=out_emb,
-        signature=signature(shapes.items()), transposed=tuple(transposed),
+        transposed=tuple(transposed),
     )
 
 
