@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from rotfn.errors import ArgumentError, DistributedError, message
+from rotfn.errors import ArgumentError, DistributedError, DTypeError, ShapeError, message
 
 __all__ = ["world", "is_distributed", "share", "assign", "together", "all_reduce", "sum_together", "gather", "merge",
            "concat", "piece", "same", "first_writes"]
@@ -336,10 +336,15 @@ def piece(t: torch.Tensor) -> torch.Tensor:
     Returns:
         A 1-D tensor of ``c`` elements, ``t``'s dtype and device; ``t.reshape(-1)`` copied without a process group.
 
+    Raises:
+        DTypeError: ``t`` is not a tensor.
+
     Example:
         >>> piece(torch.arange(5))               # on 2 ranks: rank 0 [0, 1, 2], rank 1 [3, 4, 0]
         tensor([0, 1, 2, 3, 4])
     """
+    if not isinstance(t, torch.Tensor):
+        raise DTypeError(message("distributed.piece", "t", "a torch.Tensor", type(t).__name__))
     rank, size = world()
     flat = t.detach().reshape(-1)
     c = -(-flat.numel() // size)
@@ -361,12 +366,19 @@ def concat(fn: str, piece: torch.Tensor) -> torch.Tensor:
         process group.
 
     Raises:
+        DTypeError: ``piece`` is not a tensor.
+        ShapeError: ``piece`` is not 1-D.
         DistributedError: a rank stopped.
 
     Example:
         >>> concat("learn.rotations", torch.ones(2))
         tensor([1., 1.])
     """
+    if not isinstance(piece, torch.Tensor):
+        raise DTypeError(message("distributed.concat", "piece", "a torch.Tensor", type(piece).__name__))
+    if piece.ndim != 1:
+        raise ShapeError(message("distributed.concat", "piece", "a 1-D tensor", f"shape {tuple(piece.shape)}",
+                                 "pass rotfn.distributed.piece(t)"))
     if not is_distributed():
         return piece
     wire = _wire(piece)

@@ -104,3 +104,20 @@ def test_without_a_process_group_everything_is_one_rank():
 def test_bad_arguments_are_typed_errors(call):
     with pytest.raises(rotfn.errors.ArgumentError, match=r"^distributed\.(all_reduce|assign): argument '(op|sizes)'"):
         call()
+
+
+@pytest.mark.parametrize("call, error, where", [
+    (lambda: distributed.piece([1, 2]), rotfn.errors.DTypeError, "piece: argument 't'"),
+    (lambda: distributed.concat("t", 3), rotfn.errors.DTypeError, "concat: argument 'piece'"),
+    (lambda: distributed.concat("t", torch.ones(2, 2)), rotfn.errors.ShapeError, "concat: argument 'piece'"),
+])
+def test_piece_and_concat_refuse_what_they_cannot_cut(call, error, where):
+    with pytest.raises(error, match=rf"^distributed\.{where}: expected"):
+        call()
+
+
+def test_piece_of_one_process_is_the_flat_copy():
+    t = torch.arange(6.0).reshape(2, 3)
+    p = distributed.piece(t)
+    assert torch.equal(p, t.reshape(-1)) and p.data_ptr() != t.data_ptr()
+    assert distributed.concat("t", p) is p

@@ -570,7 +570,15 @@ class FoldProgram:
 
     def rotations(self, keys) -> set:
         """The rotation transforms (``rotate=`` keys of :meth:`run`) whose operations folding ``keys`` runs,
-        through the keys they read."""
+        through the keys they read.
+
+        Example:
+            >>> import torch, rotfn
+            >>> t = rotfn.transforms.rotate_input(rotfn.hadamard(4), "w")
+            >>> prog = compile_fold(t, {"w": torch.eye(4), "b": torch.ones(4)})
+            >>> prog.rotations(["w"]) == {t}, prog.rotations(["b"])
+            (True, set())
+        """
         seen, todo, found = set(), list(keys), set()
         while todo:
             key = todo.pop()
