@@ -1,4 +1,4 @@
-"""The ``rotfn`` command: ``fold``, ``learn``, ``inspect``, ``report``, ``demo`` (also ``python -m rotfn``).
+"""The ``rotfn`` command: ``fold``, ``learn``, ``calibrate``, ``inspect``, ``report``, ``demo`` (also ``python -m rotfn``).
 
 Subcommands:
 
@@ -9,6 +9,10 @@ Subcommands:
   command runs again, and a different one is refused unless ``--overwrite`` says to start over;
 * ``rotfn learn DIR --out FILE``: learn the rotations of a quantized plan on calibration text
   (:func:`rotfn.learn.rotations`) and write the learned plan for ``rotfn fold --plan FILE``;
+* ``rotfn calibrate DIR --out FILE``: round a plan's weights by GPTQ on calibration text
+  (:func:`rotfn.calibrate`) and write the result (:func:`rotfn.calibration.save`) for
+  ``rotfn fold SRC DST --calibration FILE``, which folds its plan with those weights (and, with
+  ``--export``, its static activation scales);
 * ``rotfn inspect PATH``: what a rotfn file (:func:`rotfn.save`), a plain safetensors file, an HF
   directory or an interrupted fold's directory holds: plan, rotations, formats, tensors, bytes,
   dtypes, what is done and how to resume;
@@ -67,6 +71,7 @@ WEIGHT_FORMATS = {
 #: ... and those of ``--acts``: the same, FP8 one scale per token (the name engines know; per row either way).
 ACT_FORMATS = {**WEIGHT_FORMATS, "fp8": rotfn.fp8("token")}
 _EXPORT_ACTS = ("mxfp4", "int8", "fp8")  # what --export streams: scales the engine computes (no calibration)
+_STATIC_ACTS = ("nvfp4",)  # ... and with --calibration FILE: a static global scale per linear, from the file
 _ROTATIONS = ("hadamard", "orthogonal", "none")
 _BUILDERS = ("quarot", "per_linear")
 _REPORT_TOKENS, _GPTQ_TOKENS = 32, 512  # GPTQ fits a Hessian: it needs more tokens than a linear has inputs
@@ -164,7 +169,7 @@ def _plan_arg(text: str) -> str:
 def _plan_file(args: argparse.Namespace) -> Callable:
     """``model -> Plan`` for ``--plan FILE`` (the plan options may not be given with it): the file's plan, refused in
     the command line's words when the file holds none or the plan was built for another model than SRC's."""
-    from rotfn.errors import CheckpointError, PlanError, message
+    from rotfn.errors import CheckpointError, message
     from rotfn.io import METADATA_KEY
 
     given = [f"--{k.replace('_', '-')}" for k in ("r1", "r2", "r3", "r4", "seed", "block", "weights", "acts")
@@ -180,16 +185,38 @@ def _plan_file(args: argparse.Namespace) -> Callable:
     _, plan = rotfn.load(args.plan)
     if plan is None:
         raise CheckpointError(message("fold", "plan", expected, f"{args.plan!r}, which holds params only", fix))
+    return _for_src(args, plan, "plan", args.plan, "learn one on SRC: rotfn learn {src} --out FILE with the options "
+                    "you learned this one with")
+
+
+def _for_src(args: argparse.Namespace, plan, arg: str, path: str, fix: str) -> Callable:
+    """``model -> plan`` for a plan read from a file, refused in the command line's words (``arg``: the option that
+    named the file) when it was built for another model than SRC's; ``fix`` may name SRC as ``{src}``."""
+    from rotfn.errors import PlanError, message
 
     def for_src(model):
         info = rotfn.plans.describe(model)
         if plan.signature != info.signature:
-            raise PlanError(message("fold", "plan", f"a plan for SRC's model ({info.cls}, signature {info.signature})",
-                                    f"{args.plan!r}, a plan for {plan.model} (signature {plan.signature}), another "
-                                    "model's names or shapes", f"learn one on SRC: rotfn learn {shlex.quote(args.src_dir)} "
-                                    "--out FILE with the options you learned this one with"))
+            raise PlanError(message("fold", arg, f"a plan for SRC's model ({info.cls}, signature {info.signature})",
+                                    f"{path!r}, a plan for {plan.model} (signature {plan.signature}), another "
+                                    "model's names or shapes", fix.format(src=shlex.quote(args.src_dir))))
         return plan
     return for_src
+
+
+def _calibration_plan(args: argparse.Namespace):
+    """``(calibration, model -> Plan)`` for ``--calibration FILE`` (the plan options may not be given with it)."""
+    given = [f"--{k.replace('_', '-')}" for k in ("plan", "r1", "r2", "r3", "r4", "seed", "block", "weights", "acts")
+             if getattr(args, k) is not None]
+    if given:
+        _usage(args.parser, f"{', '.join(given)}: the calibration file {args.calibration} holds the plan it was made "
+                            "for; drop them")
+    expected = "a calibration file (rotfn calibrate --out FILE, or rotfn.calibration.save)"
+    _header(args, "calibration", args.calibration, expected,
+            "pass the file that rotfn calibrate --out wrote", fn="calibration.load")
+    calibration = rotfn.calibration.load(args.calibration)
+    return calibration, _for_src(args, calibration.plan, "calibration", args.calibration,
+                                 "calibrate SRC: rotfn calibrate {src} --out FILE with the plan options")
 
 
 def _header(args: argparse.Namespace, dest: str, path: str, expected: str, fix: str, fn: str | None = None):
@@ -211,15 +238,18 @@ def _header(args: argparse.Namespace, dest: str, path: str, expected: str, fix: 
 def _run_fold(args: argparse.Namespace) -> int:
     from rotfn.io import read_rotfn_json
 
-    if args.plan in _BUILDERS:
+    calibration = None
+    if args.calibration is not None:
+        calibration, plan = _calibration_plan(args)
+    elif (args.plan or "quarot") in _BUILDERS:
+        args.plan = args.plan or "quarot"
         if _rotation_options(args) == ("none",) * 4 and args.weights is None and args.acts is None:
             _usage(args.parser, "nothing to fold: give a rotation (--r1 ...), --weights or --acts")
         if args.export and args.acts not in (None, *_EXPORT_ACTS):
             _usage(args.parser, f"--acts {args.acts}: --export {args.export} serves activations whose scales the "
-                                f"engine computes as it runs ({', '.join(_EXPORT_ACTS)}); fold without --export to run it with "
-                                "rotfn.load_hf + rotfn.call, or export from Python with the static scales of a calibration "
-                                "(the command line has no calibration file): rotfn.fold_checkpoint(SRC, plan, DST, "
-                                "export='compressed-tensors', calibration=rotfn.calibrate(model, params, plan, batches))")
+                                f"engine computes as it runs ({', '.join(_EXPORT_ACTS)}); static scales come from a "
+                                f"calibration: rotfn calibrate SRC --out FILE --export {args.export} with these options, "
+                                f"then rotfn fold SRC DST --calibration FILE --export {args.export}")
         plan = _builder_plan(args, servable=bool(args.export))
     else:
         plan = _plan_file(args)
@@ -227,7 +257,7 @@ def _run_fold(args: argparse.Namespace) -> int:
     stats = rotfn.fold_checkpoint(args.src_dir, plan, args.dst_dir, max_shard_size=args.max_shard_size,
                                   overwrite=args.overwrite, progress=not args.quiet and first, precision=args.precision,
                                   torch_threads=args.torch_threads or None, keep_freed_blocks=args.keep_freed_blocks,
-                                  export=args.export, command=shlex.join(["rotfn", *args.argv]))
+                                  export=args.export, calibration=calibration, command=shlex.join(["rotfn", *args.argv]))
     (total,) = rotfn.distributed.all_reduce("fold", [torch.tensor([stats.tensors, stats.bytes_written,
                                                                    stats.shards_skipped])])  # each rank's share
     stats.tensors, stats.bytes_written, stats.shards_skipped = total.tolist()
@@ -258,10 +288,10 @@ def _run_fold(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _process_group(command: str):
-    """The process group of a ``torchrun`` launch (``WORLD_SIZE`` > 1) for ``rotfn fold`` and ``rotfn learn``:
+    """The process group of a ``torchrun`` launch (``WORLD_SIZE`` > 1) for ``rotfn fold``, ``learn``, ``calibrate``:
     NCCL with CUDA (each rank on the GPU of its ``LOCAL_RANK``), else gloo; destroyed at the end, also on error.
     A group the caller initialized is used as it is."""
-    if (command not in ("fold", "learn") or int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    if (command not in ("fold", "learn", "calibrate") or int(os.environ.get("WORLD_SIZE", "1")) <= 1
             or torch.distributed.is_initialized()):
         yield
         return
@@ -317,6 +347,13 @@ def _inspect_file(args: argparse.Namespace, path: str) -> int:
     params = doc.get("params", [])
     kinds = collections.Counter(p.get("kind") for p in params)
     print(f"rotfn file {path} (format {doc.get('format')} v{doc.get('version')}, folded: {doc.get('folded')})")
+    section = doc.get("calibration")
+    if isinstance(section, dict):  # rotfn calibrate's file: its weights are QTensors under weights.<key>
+        rounded = sum(p.get("kind") == "qtensor" for p in params)
+        rtn = len(section.get("rtn") or ())
+        print(f"calibration: {rounded - rtn} weights rounded by GPTQ, {rtn} to nearest, {section.get('tokens')} "
+              f"tokens, settings {section.get('settings')} (fold it: rotfn fold SRC DST --calibration "
+              f"{shlex.quote(path)})")
     print(f"params: {len(params)} ({', '.join(f'{k} x{n}' for k, n in kinds.items())}); stored tensors: {len(entries)}, "
           f"{_size(sum(e.nbytes for e in entries))} ({_dtypes(collections.Counter(e.dtype for e in entries))})")
     formats = collections.Counter(rotfn.format_from_dict(p["format"]) for p in params if p.get("kind") == "qtensor")
@@ -436,9 +473,9 @@ def _tokenizer(directory: str):
         return None
 
 
-def _load_model(directory: str) -> torch.nn.Module:
-    """The directory's causal LM in float32, eval mode, local files only (transformers' loading bar off: stderr is
-    for rotfn's own progress and its one-line messages)."""
+def _load_model(directory: str, dtype: torch.dtype | str = torch.float32) -> torch.nn.Module:
+    """The directory's causal LM in float32 (or ``dtype``; ``"auto"``: as stored), eval mode, local files only
+    (transformers' loading bar off: stderr is for rotfn's own progress and its one-line messages)."""
     import transformers
     from transformers.utils import logging
 
@@ -446,7 +483,7 @@ def _load_model(directory: str) -> torch.nn.Module:
     logging.disable_progress_bar()
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
-                                                                 dtype=torch.float32).eval()
+                                                                 dtype=dtype).eval()
     finally:
         if bar:
             logging.enable_progress_bar()
@@ -569,6 +606,48 @@ def _run_learn(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ----- rotfn calibrate ----------------------------------------------------------------------------
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from rotfn.errors import ArgumentError, FoldError, message
+    from rotfn.io import inventory, read_rotfn_json
+
+    if args.weights is None:
+        _usage(args.parser, "nothing to round: give --weights (GPTQ rounds the plan's quantized weights)")
+    if args.export and args.acts not in (None, *_EXPORT_ACTS, *_STATIC_ACTS):
+        _usage(args.parser, f"--acts {args.acts}: --export {args.export} serves activations quantized with scales "
+                            f"the engine computes ({', '.join(_EXPORT_ACTS)}) or static ones from this calibration "
+                            f"({', '.join(_STATIC_ACTS)})")
+    if os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise ArgumentError(message("calibrate", "out", "a file path in an existing directory", repr(args.out),
+                                    "create the directory first, or name a file"))  # before minutes of work
+    inventory(args.dir, fn="calibrate", arg="dir")
+    prior = read_rotfn_json(args.dir)
+    if prior is not None:
+        raise FoldError(message("calibrate", "dir", "an unfolded checkpoint (calibrate folds the plan itself)",
+                                f"one folded with {prior!r}", "run it on the original checkpoint"))
+    text = _learn_text(args)
+    # the checkpoint's own dtype: the weights rounded are then those rotfn fold folds from SRC, bit for bit
+    model = _load_model(args.dir, dtype="auto").to(args.device)
+    plan = _builder_plan(args, servable=bool(args.export))(model)
+    data, what = _learn_data(args, text, model.config.vocab_size)
+    first = rotfn.distributed.first_writes()  # under torchrun: every rank a share of the batches, rank 0 writes
+    if not args.quiet and first:
+        print(f"rotfn calibrate: {plan!r} on {len(data)} batches of {args.batch_size} x {args.seq_len} tokens ({what})",
+              file=sys.stderr)
+    calibration = rotfn.calibrate(model, rotfn.params(model), plan, data, sequential=args.sequential,
+                                  activations=args.activations, damp=args.damp, act_order=args.act_order,
+                                  progress=not args.quiet)
+    if not first:
+        return EXIT_OK
+    rotfn.calibration.save(args.out, calibration)
+    export = f" --export {args.export}" if args.export else ""
+    print(f"calibrated {len(calibration.weights) - len(calibration.rtn)} weights by GPTQ"
+          + (f" ({len(calibration.rtn)} to nearest: no input statistics reach them)" if calibration.rtn else "")
+          + f" on {calibration.tokens} tokens; wrote {args.out} (fold it: rotfn fold {shlex.quote(args.dir)} DST "
+          f"--calibration {shlex.quote(args.out)}{export})")
+    return EXIT_OK
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     try:
         from rotfn import _demo  # the application, out of the library's import path
@@ -629,7 +708,7 @@ def _subparser(commands, name: str, help_text: str, epilog: str, func, interrupt
 def _add_plan_options(parser: argparse.ArgumentParser, plan_files: bool) -> None:
     """The options that build a plan (rotfn fold, rotfn learn); ``plan_files``: --plan also takes a plan file."""
     if plan_files:
-        parser.add_argument("--plan", type=_plan_arg, default="quarot", metavar="{quarot,per_linear,FILE}",
+        parser.add_argument("--plan", type=_plan_arg, default=None, metavar="{quarot,per_linear,FILE}",
                             help="plan builder (default quarot), or a plan file written by rotfn learn --out "
                                  "(or rotfn.save with a plan): then the rotation and format options come from it")
     else:
@@ -648,6 +727,22 @@ def _add_plan_options(parser: argparse.ArgumentParser, plan_files: bool) -> None
                         help="fake-quantize linear inputs (online, at run time" + (
                             ": the folded directory then needs rotfn.load_hf + rotfn.call, or --export "
                             "compressed-tensors for an engine)" if plan_files else ")"))
+
+
+def _add_text_options(parser: argparse.ArgumentParser, written: str) -> None:
+    """What rotfn learn and rotfn calibrate share: DIR, --out FILE (``written`` goes there), --text, the plan
+    options, and the windows the text is cut into."""
+    parser.add_argument("dir", metavar="DIR", help="an unfolded checkpoint directory")
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help=f"where to write {written} (a rotfn file, see rotfn inspect FILE)")
+    parser.add_argument("--text", default=None, metavar="FILE",
+                        help="calibration text, paragraphs separated by blank lines (default: rotfn's own, ~11 KB)")
+    _add_plan_options(parser, plan_files=False)
+    parser.add_argument("--seq-len", type=_int_at_least(2, "an int >= 2"), default=128,
+                        help="tokens per window (default 128)")
+    parser.add_argument("--batch-size", type=_positive, default=4, help="windows per batch (default 4)")
+    parser.add_argument("--batches", dest="n_batches", type=_positive, default=4,
+                        help="calibration batches, taken in turn (default 4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -706,7 +801,39 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--export", choices=("compressed-tensors",), default=None,
                       help="write a checkpoint vLLM serves (packed weights, quantization_config, online transforms); "
                            "--weights nvfp4 exports as nvfp4('pow2'), int/fp8 scales in the model's dtype")
+    fold.add_argument("--calibration", default=None, metavar="FILE",
+                      help="a file rotfn calibrate --out wrote: its plan is folded (no plan options then), the "
+                           "weights it rounded by GPTQ are written with its codes, and --export takes its static "
+                           "activation scales (--acts nvfp4)")
     fold.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    calibrate = _subparser(commands, "calibrate", "round a plan's weights by GPTQ against calibration text (and "
+                           "measure static activation scales) and write them for rotfn fold --calibration FILE",
+                           "examples:\n"
+                           "  rotfn calibrate llama --r1 hadamard --r2 hadamard --weights int4 --out cal.safetensors\n"
+                           "  rotfn fold llama llama-gptq --calibration cal.safetensors\n"
+                           "  rotfn calibrate llama --r1 hadamard --r2 hadamard --r4 hadamard --weights nvfp4 --acts "
+                           "nvfp4 --export compressed-tensors --sequential --device cuda --out nv.safetensors\n"
+                           "  rotfn fold llama llama-nvfp4 --calibration nv.safetensors --export compressed-tensors\n\n"
+                           "The model is loaded in its checkpoint's dtype (the weights rotfn fold reads); each quantized "
+                           "linear's input Hessian is collected\nas the plan sees it, then GPTQ rounds its weight "
+                           "(rotfn.calibrate). Text without --text: rotfn's own calibration prose.\n"
+                           "Under torchrun the ranks split the batches and the solves; rank 0 writes FILE.\n"
+                           f"Formats: {formats}.", _run_calibrate)
+    _add_text_options(calibrate, "the calibration")
+    calibrate.add_argument("--export", choices=("compressed-tensors",), default=None,
+                           help="calibrate the plan rotfn fold --export builds from these options (servable formats)")
+    calibrate.add_argument("--sequential", action="store_true",
+                           help="block by block: each layer's Hessians from the model with the earlier layers rounded "
+                                "(GPTQ's way; one layer's Hessians held at a time)")
+    calibrate.add_argument("--activations", choices=rotfn.calibration.ACTIVATIONS, default="float",
+                           help="collect the inputs with the plan's activation formats applied or not (default float)")
+    calibrate.add_argument("--damp", type=_positive_number, default=0.01,
+                           help="GPTQ damping, a fraction of the Hessian's mean diagonal (default 0.01)")
+    calibrate.add_argument("--act-order", action="store_true", help="GPTQ columns in order of decreasing Hessian diagonal")
+    calibrate.add_argument("--device", default="cpu", type=_device,
+                           help="where the model runs (default cpu); cuda: each torchrun rank its LOCAL_RANK's GPU")
+    calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
 
     learn = _subparser(commands, "learn", "learn the rotations of a quantized plan on calibration text (SpinQuant "
                        "style) and write the plan for rotfn fold --plan FILE",
@@ -719,19 +846,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(R1, R2, R4, per_linear) is learned;\nthe loss is next-token cross-entropy of the quantized "
                        "model. Text without --text: rotfn's own calibration prose.\n"
                        f"Formats: {formats}.", _run_learn)
-    learn.add_argument("dir", metavar="DIR", help="an unfolded checkpoint directory")
-    learn.add_argument("--out", required=True, metavar="FILE",
-                       help="where to write the learned plan (a rotfn file, see rotfn inspect FILE)")
-    learn.add_argument("--text", default=None, metavar="FILE",
-                       help="calibration text, paragraphs separated by blank lines (default: rotfn's own, ~11 KB)")
-    _add_plan_options(learn, plan_files=False)
+    _add_text_options(learn, "the learned plan")
     learn.add_argument("--steps", type=_positive, default=50, help="Cayley SGD steps (default 50)")
     learn.add_argument("--lr", type=_positive_number, default=0.5, help="step size (default 0.5)")
-    learn.add_argument("--seq-len", type=_int_at_least(2, "an int >= 2"), default=128,
-                       help="tokens per window (default 128)")
-    learn.add_argument("--batch-size", type=_positive, default=4, help="windows per batch (default 4)")
-    learn.add_argument("--batches", dest="n_batches", type=_positive, default=4,
-                       help="calibration batches, taken in turn (default 4)")
     learn.add_argument("--device", default="cpu", type=_device,
                        help="where learning runs (default cpu); cuda: each torchrun rank its LOCAL_RANK's GPU")
     learn.add_argument("--shard", action="store_true",
@@ -784,6 +901,8 @@ _FED_BY = {
     ("fold", "fold_checkpoint", "path"): "src_dir",  # a shard of SRC (the message names the file)
     ("report", "report", "path"): "dir", ("learn", "learn", "path"): "dir",  # a shard of DIR
     ("learn", "save", "path"): "out",  # --out FILE, written by rotfn.save
+    ("fold", "calibration.load", "path"): "calibration",  # --calibration FILE
+    ("calibrate", "calibration.save", "path"): "out", ("calibrate", "calibrate", "path"): "dir",
 }
 _ARGUMENT = re.compile(r"^([\w.]+): argument '([^']+)': ")
 

@@ -145,6 +145,87 @@ def test_the_result_saves_and_loads(tmp_path):
     assert plan2 == plan and all(torch.equal(loaded[k], folded[k]) for k in folded)
 
 
+def _same_calibration(a, b):
+    """Every field of two calibrations equal, every tensor bit for bit (QTensors: each part)."""
+    assert (a.plan, a.rtn, a.tokens, dict(a.settings), dict(a.digests)) == (b.plan, b.rtn, b.tokens, dict(b.settings),
+                                                                            dict(b.digests))
+    assert set(a.weights) == set(b.weights) and set(a.input_amax) == set(b.input_amax)
+    for k, q in a.weights.items():
+        r = b.weights[k]
+        assert (q.format, q.shape, q.dtype) == (r.format, r.shape, r.dtype), k
+        for part in ("codes", "scales", "global_scale", "zero_points"):
+            x, y = getattr(q, part), getattr(r, part)
+            assert (x is None and y is None) or torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), (k, part)
+    assert all(torch.equal(a.input_amax[k], b.input_amax[k]) for k in a.input_amax)
+    assert (a.hessians is None) == (b.hessians is None)
+    if a.hessians is not None:
+        assert set(a.hessians) == set(b.hessians) and all(torch.equal(a.hessians[k], b.hessians[k]) for k in a.hessians)
+
+
+@pytest.mark.parametrize("case", ["quarot intq4 + hessians", "moe nvfp4 (experts to nearest)", "nvfp4 fused groups"])
+def test_a_calibration_file_holds_every_field_and_folds_the_same_bits(tmp_path, case):
+    """rotfn.calibration.save / load: the calibration comes back equal in every field and tensor, and fold with it
+    gives the weights fold gives with the original, bit for bit."""
+    if case.startswith("moe"):
+        cfg = rt.make_config("qwen2_moe", hidden=64, heads=4, kv_heads=2, layers=1, intermediate=64)
+        model = rt.tiny_model(cfg, dtype=torch.bfloat16, seed=2)
+        plan = rotfn.plans.per_linear(model, rotation=lambda n: rotfn.hadamard(n, block=32), weights=rotfn.nvfp4())
+        p, batches = rotfn.params(model), [torch.randint(0, cfg.vocab_size, (2, 8))]
+    else:
+        model, p, plan, batches = _setup(layers=1, acts=rotfn.nvfp4() if case.startswith("nvfp4") else None)
+        if case.startswith("nvfp4"):
+            plan = dataclasses.replace(plan, weights=rotfn.nvfp4())
+            assert plan.shared_scales
+    calib = rotfn.calibrate(model, p, plan, batches, keep_hessians="hessians" in case, progress=False)
+    path = tmp_path / "c.safetensors"
+    rotfn.calibration.save(path, calib)
+    again = rotfn.calibration.load(path)
+    _same_calibration(calib, again)
+    assert bool(calib.rtn) == case.startswith("moe") and repr(again) == repr(calib)
+    want, got = rotfn.fold(p, plan, weights_by=calib), rotfn.fold(p, plan, weights_by=again)
+    for k in plan.quantized:
+        assert torch.equal(got[k], want[k]), k
+        assert torch.equal(rotfn.plans.codes_of(got[k]).codes, rotfn.plans.codes_of(want[k]).codes), k
+
+
+def test_a_calibration_file_is_not_a_params_file(tmp_path):
+    """Each reader refuses the other's file, naming the reader to use; a damaged section and a non-calibration are
+    typed errors."""
+    import json
+
+    import safetensors
+    import safetensors.torch
+
+    from rotfn.errors import CheckpointError
+
+    model, p, plan, batches = _setup(layers=1)
+    calib = rotfn.calibrate(model, p, plan, batches, progress=False)
+    cal, params = tmp_path / "c.safetensors", tmp_path / "p.safetensors"
+    rotfn.calibration.save(cal, calib)
+    rotfn.save(params, rotfn.params(model), plan)
+    with pytest.raises(CheckpointError, match=r"^load: argument 'path': .*a params file .*got a file with a "
+                                              r"'calibration' section; fix: read it with rotfn.calibration.load"):
+        rotfn.load(cal)
+    with pytest.raises(CheckpointError, match=r"^calibration.load: argument 'path': .*a calibration file .*; fix: "
+                                              r"read it with rotfn.load"):
+        rotfn.calibration.load(params)
+    with safetensors.safe_open(cal, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    doc = json.loads(meta["rotfn"])
+    for i, (field, value, pattern) in enumerate([("version", 9, "calibration section version 1, got 9"),
+                                                 ("rtn", ["nope"], "a calibration section with rtn"),
+                                                 ("digests", {}, "a calibration section with rtn")]):
+        broken = {**doc, "calibration": {**doc["calibration"], field: value}}
+        path = tmp_path / f"b{i}.safetensors"
+        safetensors.torch.save_file(tensors, path, metadata={**meta, "rotfn": json.dumps(broken)})
+        with pytest.raises(CheckpointError, match=r"^calibration.load: argument 'path': .*" + pattern):
+            rotfn.calibration.load(path)
+    with pytest.raises(ArgumentError, match=r"^calibration.save: argument 'calibration': expected a rotfn.calibrate"):
+        rotfn.calibration.save(tmp_path / "x.safetensors", {"w": torch.zeros(2)})
+    with pytest.raises(ArgumentError, match=r"^calibration.save: argument 'path': expected a path in an existing"):
+        rotfn.calibration.save(tmp_path / "no" / "x.safetensors", calib)
+
+
 def test_bad_input():
     model, p, plan, batches = _setup(layers=1)
     calib = rotfn.calibrate(model, p, plan, batches, progress=False)
@@ -154,7 +235,7 @@ def test_bad_input():
     changed = {k: (v * 1.5 if k in plan.quantized else v) for k, v in p.items()}
     with pytest.raises(PlanError, match=r"expected a calibration of these params"):
         rotfn.fold(changed, plan, weights_by=calib)
-    with pytest.raises(ArgumentError, match=r"fold: argument 'weights_by': expected None or a rotfn.calibration.Calibration"):
+    with pytest.raises(ArgumentError, match=r"fold: argument 'weights_by': expected None or a rotfn.calibrate\(\.\.\.\) result"):
         rotfn.fold(p, plan, weights_by={"a": 1})
     unquantized = rotfn.plans.quarot(model, r1=rotfn.hadamard(64, seed=1))
     with pytest.raises(PlanError, match=r"calibrate: argument 'plan': expected a plan that quantizes weights"):
@@ -188,3 +269,15 @@ def test_input_amax_and_static_input_scales():
         calib.input_scale("1.weight", rotfn.nvfp4())
     with pytest.raises(rotfn.errors.FormatError, match="nvfp4"):
         calib.input_scale("0.weight", rotfn.mxfp4())
+
+
+def test_a_model_that_is_one_linear_is_rounded_by_gptq():
+    """The root module's weight ("weight", no module prefix) gets its Hessian too, as any linear's."""
+    m = torch.nn.Linear(32, 4)
+    plan = rotfn.plans.per_linear(m, rotation=None, weights=FMT)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
+    calib = rotfn.calibrate(m, rotfn.params(m), plan, [x], progress=False)
+    assert calib.rtn == () and calib.tokens == 64
+    h = x.double().T @ x.double() / 64
+    want = rotfn.gptq(m.weight.detach(), h, FMT)
+    assert torch.equal(calib.weights["weight"].codes, want.codes)

@@ -24,7 +24,7 @@ def src(tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["fold", "--help"], ["inspect", "--help"], ["report", "--help"],
-                                  ["demo", "--help"], ["learn", "--help"]])
+                                  ["demo", "--help"], ["learn", "--help"], ["calibrate", "--help"]])
 def test_help_exits_0_with_examples(argv, capsys):
     assert main(argv) == EXIT_OK
     out = capsys.readouterr().out
@@ -59,6 +59,10 @@ def bad_files(src, tmp_path_factory):
     data = (directory / "whole.safetensors").read_bytes()
     (directory / "cut.safetensors").write_bytes(data[:len(data) - 100])
     (directory / "text.txt").write_text("too short")
+    small = torch.nn.Sequential(torch.nn.Linear(32, 4))
+    linear_plan = rotfn.plans.per_linear(small, rotation=None, weights=rotfn.intq(4, group=16))
+    rotfn.calibration.save(directory / "calibration.safetensors", rotfn.calibrate(
+        small, rotfn.params(small), linear_plan, [torch.randn(64, 32)], progress=False))
     transformers = pytest.importorskip("transformers")  # GPT-2: Conv1D linears, no quarot adapter
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0,
                                                          eos_token_id=0)).save_pretrained(directory / "gpt2")
@@ -88,9 +92,8 @@ BAD_COMMAND_LINES = [
      "rotfn fold: --acts: the plan file"),
     (["fold", "a", "b", "--acts", "nvfp4", "--export", "compressed-tensors"], EXIT_USAGE,
      "rotfn fold: --acts nvfp4: --export compressed-tensors serves activations whose scales the engine computes as it "
-     "runs (mxfp4, int8, fp8); fold without --export to run it with rotfn.load_hf + rotfn.call, or export from Python "
-     "with the static scales of a calibration (the command line has no calibration file): rotfn.fold_checkpoint(SRC, "
-     "plan, DST, export='compressed-tensors', calibration=rotfn.calibrate(model, params, plan, batches))"),
+     "runs (mxfp4, int8, fp8); static scales come from a calibration: rotfn calibrate SRC --out FILE --export "
+     "compressed-tensors with these options, then rotfn fold SRC DST --calibration FILE --export compressed-tensors"),
     (["fold", "{tmp}/missing", "{tmp}/o"], EXIT_FAILED, "rotfn fold: SRC: expected an existing Hugging Face"),
     (["fold", "{src}", "{src}"], EXIT_FAILED, "rotfn fold: DST: expected a directory other than SRC"),
     (["fold", "{src}", "{tmp}/o", "--max-shard-size", "5XB"], EXIT_USAGE, "rotfn fold: --max-shard-size: expected a size such as 5GB"),
@@ -137,6 +140,31 @@ BAD_COMMAND_LINES = [
      "{bad}/cut-ckpt/model-00002-of-00004.safetensors: a complete safetensors file, got the file is truncated"),
     (["learn", "{src}", "--out", "{tmp}/no/such/dir/p", "--weights", "int4"], EXIT_FAILED,
      "rotfn learn: --out: expected a file path in an existing directory"),
+    (["calibrate", "{src}"], EXIT_USAGE, "rotfn calibrate: the following arguments are required: --out"),
+    (["calibrate", "{src}", "--out", "c"], EXIT_USAGE, "rotfn calibrate: nothing to round: give --weights"),
+    (["calibrate", "{src}", "--out", "c", "--weights", "int4", "--acts", "int4", "--export", "compressed-tensors"],
+     EXIT_USAGE, "rotfn calibrate: --acts int4: --export compressed-tensors serves activations quantized with scales "
+     "the engine computes (mxfp4, int8, fp8) or static ones from this calibration (nvfp4)"),
+    (["calibrate", "{src}", "--out", "c", "--weights", "int4", "--damp", "0"], EXIT_USAGE,
+     "rotfn calibrate: --damp: expected a number > 0, got '0'"),
+    (["calibrate", "{src}", "--out", "{tmp}/no/such/dir/c", "--weights", "int4"], EXIT_FAILED,
+     "rotfn calibrate: --out: expected a file path in an existing directory"),
+    (["calibrate", "{tmp}", "--out", "c", "--weights", "int4"], EXIT_FAILED,
+     "rotfn calibrate: DIR: expected a Hugging Face"),
+    (["fold", "{src}", "{tmp}/o", "--calibration", "{bad}/calibration.safetensors", "--r1", "hadamard"], EXIT_USAGE,
+     "rotfn fold: --r1: the calibration file {bad}/calibration.safetensors holds the plan it was made for; drop them"),
+    (["fold", "{src}", "{tmp}/o", "--calibration", "{bad}/calibration.safetensors"], EXIT_FAILED,
+     "rotfn fold: --calibration: expected a plan for SRC's model (LlamaForCausalLM, signature "),
+    (["fold", "{src}", "{tmp}/o", "--calibration", "{src}/config.json"], EXIT_FAILED,
+     "rotfn fold: --calibration: expected a calibration file (rotfn calibrate --out FILE, or "
+     "rotfn.calibration.save), got '{src}/config.json', which is not a safetensors file"),
+    (["fold", "{src}", "{tmp}/o", "--calibration", "{bad}/whole.safetensors"], EXIT_FAILED,
+     "rotfn fold: --calibration: expected {bad}/whole.safetensors: a calibration file (written by "
+     "rotfn.calibration.save or rotfn calibrate), got a params file without a calibration section; fix: read it "
+     "with rotfn.load"),
+    (["fold", "{src}", "{tmp}/o", "--calibration", "{bad}/cut.safetensors"], EXIT_FAILED,
+     "rotfn fold: --calibration: expected {bad}/cut.safetensors: a complete safetensors file, got the file is "
+     "truncated"),
 ]
 
 
@@ -444,6 +472,49 @@ def test_learn_then_fold_its_plan(src, tmp_path):
                           capture_output=True, text=True, timeout=300, check=False)
     assert fold.returncode == 0, fold.stderr
     assert rotfn.io.read_rotfn_json(dst) == plan
+
+
+def _stored(directory) -> dict:
+    import safetensors.torch
+
+    return {k: t for name in sorted(os.listdir(directory)) if name.endswith(".safetensors")
+            for k, t in safetensors.torch.load_file(os.path.join(directory, name)).items()}
+
+
+def test_calibrate_then_fold_and_export_with_its_gptq_weights(src, tmp_path):
+    """rotfn calibrate writes the GPTQ calibration of the plan --export builds (NVFP4 weights and activations, static
+    input scales); rotfn fold --calibration writes exactly what the Python recipe writes with that calibration:
+    the in-memory export of fold(params, plan, weights_by=calibration), and, without --export, its folded weights."""
+    import transformers
+
+    cal = str(tmp_path / "cal.safetensors")
+    plan_options = ["--r1", "hadamard", "--r2", "hadamard", "--r4", "hadamard", "--weights", "nvfp4", "--acts", "nvfp4"]
+    run = subprocess.run([sys.executable, "-m", "rotfn", "calibrate", src, *plan_options, "--export",
+                          "compressed-tensors", "--sequential", "--seq-len", "16", "--batch-size", "2", "--batches",
+                          "2", "--out", cal], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == (f"calibrated 14 weights by GPTQ on 64 tokens; wrote {cal} (fold it: rotfn fold {src} DST "
+                          f"--calibration {cal} --export compressed-tensors)\n")
+    calibration = rotfn.calibration.load(cal)
+    plan = calibration.plan
+    assert plan.weights == rotfn.nvfp4("pow2") and calibration.settings["sequential"]
+    exported, folded = str(tmp_path / "exported"), str(tmp_path / "folded")
+    for dst, extra in ((exported, ["--export", "compressed-tensors"]), (folded, [])):
+        run = subprocess.run([sys.executable, "-m", "rotfn", "fold", src, dst, "--calibration", cal, "--quiet", *extra],
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert run.returncode == 0, run.stderr
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype="auto").eval()
+    params = rotfn.params(model)
+    want = rotfn.fold(params, plan, weights_by=calibration)
+    rotfn.export_compressed(model, want, plan, tmp_path / "memory", calibration=calibration)
+    memory, streamed = _stored(tmp_path / "memory"), _stored(exported)
+    assert sorted(memory) == sorted(streamed) and any(k.endswith("input_global_scale") for k in streamed)
+    for key, t in memory.items():
+        assert torch.equal(t.view(torch.uint8), streamed[key].view(torch.uint8)), key
+    stored, rtn = _stored(folded), rotfn.fold(params, plan)
+    for key in plan.quantized:
+        assert torch.equal(stored[key], want[key]) and not torch.equal(stored[key], rtn[key]), key
+    assert main(["inspect", cal]) == EXIT_OK
 
 
 def test_learn_on_a_checkpoint_without_tokenizer_files_uses_bytes(no_tokenizer, tmp_path):

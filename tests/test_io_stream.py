@@ -421,3 +421,83 @@ def test_a_moe_checkpoint_folds_expert_by_expert_with_the_bits_of_the_fused_fold
         got = rotfn.call(loaded, params, recorded, ids).logits
         want = rotfn.call(model, rotfn.fold(rotfn.params(model), plan), plan, ids).logits
     assert torch.equal(got, want)
+
+
+def _gptq(model, plan, **kw):
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    return rotfn.calibrate(model, rotfn.params(model), plan, [ids], progress=False, **kw)
+
+
+def test_gptq_weights_stream_with_the_bits_of_the_in_memory_fold(src, tmp_path):
+    """fold_checkpoint(..., calibration=) writes the weights a calibration rounded by GPTQ (each such tensor folded
+    whole, the rest in pieces), bit for bit rotfn.fold(params, plan, weights_by=calibration); they are not the
+    weights rounded to nearest. The calibration is part of the job: another one on the incomplete directory is
+    refused; a calibration of other weights (another checkpoint of the model) is a PlanError."""
+    model, params, _ = _loaded(src)
+
+    def build(m):
+        return rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=0), r2=rotfn.hadamard(16, seed=1),
+                                  r4=rotfn.hadamard(128, seed=2), weights=rotfn.nvfp4())
+
+    plan = build(model)
+    calib = rotfn.calibration.load(_saved(tmp_path, _gptq(model, plan, sequential=True)))
+    stats = rotfn.fold_checkpoint(src, build, tmp_path / "out", max_shard_size="60KB", progress=False,
+                                  piece_elements=64 * 20, calibration=calib)
+    want, rtn = rotfn.fold(params, plan, weights_by=calib), rotfn.fold(params, plan)
+    _, _, stored = _loaded(tmp_path / "out")
+    assert stats.shards > 1 and set(stored) == set(model.state_dict())
+    for key, t in stored.items():
+        assert torch.equal(t, want[key]), key
+    assert sum(not torch.equal(want[k], rtn[k]) for k in plan.quantized) == len(plan.quantized)
+
+    other = _gptq(model, plan, damp=0.5)
+    real = stream.ShardWriter.close
+
+    def fail(self):
+        self.abort()
+        raise OSError(28, "No space left on device")
+
+    stream.ShardWriter.close = fail
+    try:
+        with pytest.raises(OSError):
+            rotfn.fold_checkpoint(src, build, tmp_path / "part", max_shard_size="60KB", progress=False,
+                                  calibration=calib)
+    finally:
+        stream.ShardWriter.close = real
+    with pytest.raises(CheckpointError, match="another"):
+        rotfn.fold_checkpoint(src, build, tmp_path / "part", max_shard_size="60KB", progress=False, calibration=other)
+    with pytest.raises(PlanError, match=r"fold_checkpoint: argument 'calibration'.*a calibration of this plan"):
+        rotfn.fold_checkpoint(src, _quarot, tmp_path / "no", progress=False, calibration=calib)
+    other_src = _checkpoint(tmp_path / "other-src", seed=1)  # same model, other weights
+    with pytest.raises(PlanError, match=r"a calibration of these params"):
+        rotfn.fold_checkpoint(other_src, build, tmp_path / "other", progress=False, calibration=calib)
+
+
+def _saved(tmp_path, calibration):
+    path = tmp_path / "calibration.safetensors"
+    rotfn.calibration.save(path, calibration)
+    return path
+
+
+def test_gptq_weights_of_a_moe_stream_and_its_experts_fold_per_expert(tmp_path):
+    """Qwen3-MoE with a calibration: the attention and shared linears take its GPTQ codes, the fused experts (rounded
+    to nearest by calibrate) still fold expert by expert; the export_hf of the in-memory fold, byte for byte."""
+    cfg = make_config("qwen3_moe", hidden=64, heads=4, kv_heads=2, layers=2, intermediate=128)
+    model = tiny_model(cfg, dtype=torch.bfloat16, seed=1, outliers=8.0)
+    model.save_pretrained(tmp_path / "src", max_shard_size="60KB")
+
+    def build(m):
+        return rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16, seed=2), r3=None,
+                                  r4=lambda n: rotfn.hadamard(n, seed=3), weights=rotfn.intq(4, group=32))
+
+    plan = build(model)
+    calib = _gptq(model, plan)
+    assert calib.rtn and len(calib.rtn) < len(plan.quantized)
+    with pytest.warns(rotfn.errors.CheckpointWarning):
+        rotfn.export_hf(model, rotfn.fold(rotfn.params(model), plan, weights_by=calib), plan, tmp_path / "memory")
+    rotfn.fold_checkpoint(tmp_path / "src", build, tmp_path / "stream", max_shard_size="40KB", progress=False,
+                          calibration=calib)
+    memory, streamed = _files(tmp_path / "memory"), _files(tmp_path / "stream")
+    assert sorted(memory) == sorted(streamed) and any(".experts.3.gate_proj.weight" in k for k in streamed)
+    for key, t in memory.items():
+        assert torch.equal(t.view(torch.uint8), streamed[key].view(torch.uint8)), key

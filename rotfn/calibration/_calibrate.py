@@ -239,9 +239,9 @@ def calibrate(
     device = next(iter(params.values())).device if params else torch.device("cpu")
     data = [to_device(b, device) for b in distributed.share(check_batches(fn, batches))]
     linears = {name for name, _ in describe(model, fn=fn).linears}
-    stats = [k for k in plan.quantized if k.removesuffix(".weight") in linears and folded[k].ndim == 2]
+    stats = [k for k in plan.quantized if k.rpartition(".")[0] in linears and folded[k].ndim == 2]  # "weight": the root
     rtn = tuple(k for k in plan.quantized if k not in set(stats))
-    blocks = _blocks(stats) if sequential else {None: stats}
+    blocks = (_blocks(stats) if sequential else {None: stats}) if stats else {}  # nothing to collect: all to nearest
 
     current = dict(folded)
     fmts = _rounding_formats(plan, folded)
@@ -340,7 +340,7 @@ def _collect(model, params, plan, data, keys, stop_after, amax, out_in, shared=(
     def stop(_):
         raise _Stop
 
-    sites = {Site(k.removesuffix(".weight")): recorder(k) for k in keys}
+    sites = {Site(k.rpartition(".")[0]): recorder(k) for k in keys}
     if stop_after is not None:
         sites[Site(stop_after, "output")] = stop
     with distributed.together("calibrate"), torch.no_grad():

@@ -12,6 +12,8 @@ from rotfn.io._encode import decode_plan as decode_plan
 from rotfn.io._encode import rotation_tensor_names as rotation_tensor_names
 from rotfn.io._file import METADATA_KEY as METADATA_KEY
 from rotfn.io._file import load, save
+from rotfn.io._file import read_file as read_file  # internal: rotfn.calibration's file is a rotfn file
+from rotfn.io._file import write_file as write_file
 from rotfn.io._hf import _shard_bytes as _shard_bytes  # internal: rotfn.cli checks --max-shard-size
 from rotfn.io._hf import export_hf, load_hf
 from rotfn.io._hf import read_rotfn_json as read_rotfn_json

@@ -37,7 +37,7 @@ from rotfn.plans import FoldedParams, Plan, folded_with, require_plan
 from rotfn.specs import QTensor
 from rotfn.specs.formats import format_from_dict
 
-__all__ = ["FILE_FORMAT", "FILE_VERSION", "METADATA_KEY", "load", "save"]
+__all__ = ["FILE_FORMAT", "FILE_VERSION", "METADATA_KEY", "SECTIONS", "load", "read_file", "save", "write_file"]
 
 FILE_FORMAT = "rotfn"
 FILE_VERSION = 1
@@ -155,7 +155,12 @@ def save(path: str | os.PathLike, params: Mapping, plan: Plan | None = None) -> 
     References:
         safetensors format: https://github.com/huggingface/safetensors
     """
-    fn = "save"
+    write_file("save", path, params, plan)
+
+
+def write_file(fn: str, path, params: Mapping, plan: Plan | None, section: tuple[str, dict] | None = None) -> None:
+    """:func:`save` for ``fn``, with an optional ``(key, document)`` added to the metadata document (a calibration's
+    own fields, :mod:`rotfn.calibration._file`); a file with a section is refused by :func:`load`."""
     path = _check_path(fn, path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -170,110 +175,112 @@ def save(path: str | os.PathLike, params: Mapping, plan: Plan | None = None) -> 
     tensors = {k: t if t.dtype in _NATIVE else t.reshape(-1).view(torch.uint8) for k, t in stored.items()}
     doc = {"format": FILE_FORMAT, "version": FILE_VERSION, "folded": folded_with(params) is not None,
            **plan_doc, "tensors": layout, "params": entries}
+    if section is not None:
+        doc[section[0]] = section[1]
     metadata = {"format": "pt", METADATA_KEY: json.dumps(doc, separators=(",", ":"))}
     write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
 
 # ----- load ------------------------------------------------------------------------------
-def _bad(path: str, expected: str, got, fix: str = _RESAVE) -> CheckpointError:
-    return Source("load", "path", path).error(expected, got, fix)
+def _bad(at: Source, expected: str, got, fix: str = _RESAVE) -> CheckpointError:
+    return at.error(expected, got, fix)
 
 
-def _document(path: str, metadata: dict) -> dict:
+def _document(at: Source, metadata: dict) -> dict:
     """The checked ``"rotfn"`` metadata document of a file."""
     if METADATA_KEY not in metadata:
-        raise _bad(path, "a rotfn checkpoint (metadata key 'rotfn')", "a safetensors file without it",
+        raise _bad(at, "a rotfn checkpoint (metadata key 'rotfn')", "a safetensors file without it",
                    "read plain files with safetensors.torch.load_file")
     try:
         doc = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as err:
-        raise _bad(path, "JSON metadata", f"unreadable JSON ({err})") from None
+        raise _bad(at, "JSON metadata", f"unreadable JSON ({err})") from None
     if not isinstance(doc, dict) or doc.get("format") != FILE_FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise _bad(path, f"metadata format {FILE_FORMAT!r}", repr(got), "read it with the tool that wrote it")
+        raise _bad(at, f"metadata format {FILE_FORMAT!r}", repr(got), "read it with the tool that wrote it")
     if doc.get("version") != FILE_VERSION:
-        raise _bad(path, f"metadata version {FILE_VERSION}", repr(doc.get("version")),
+        raise _bad(at, f"metadata version {FILE_VERSION}", repr(doc.get("version")),
                    "load it with the rotfn version that wrote it")
     return doc
 
 
-def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read(at: Source) -> tuple[dict, dict[str, torch.Tensor]]:
     """The metadata document and every tensor of a rotfn file, as stored (tensors read only once the document is)."""
     try:
-        with safetensors.safe_open(path, framework="pt") as f:
-            doc = _document(path, f.metadata() or {})
+        with safetensors.safe_open(at.source, framework="pt") as f:
+            doc = _document(at, f.metadata() or {})
             return doc, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a Mapping
     except safetensors.SafetensorError as err:
-        read_header(path, fn="load")  # says what is wrong where it can (truncated: the sizes promised and there)
-        raise _bad(path, "a complete safetensors file", f"a damaged or truncated one ({err})") from None
+        read_header(at.source, fn=at.fn)  # says what is wrong where it can (truncated: the sizes promised and there)
+        raise _bad(at, "a complete safetensors file", f"a damaged or truncated one ({err})") from None
 
 
-def _restore_tensors(path: str, layout, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _restore_tensors(at: Source, layout, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Check every stored tensor against the metadata's dtype and shape; view raw bytes back."""
     if not isinstance(layout, dict):
-        raise _bad(path, "a 'tensors' table", type(layout).__name__)
+        raise _bad(at, "a 'tensors' table", type(layout).__name__)
     missing, extra = sorted(set(layout) - set(stored)), sorted(set(stored) - set(layout))
     if missing or extra:
-        raise _bad(path, "exactly the tensors its metadata lists", f"missing {missing[:5]}, unlisted {extra[:5]}")
+        raise _bad(at, "exactly the tensors its metadata lists", f"missing {missing[:5]}, unlisted {extra[:5]}")
     out = {}
     for key, info in layout.items():
         shape = info.get("shape") if isinstance(info, dict) else None
         if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-            raise _bad(path, f"a shape list for tensor {key!r}", repr(shape))
+            raise _bad(at, f"a shape list for tensor {key!r}", repr(shape))
         dtype = dtype_from_name(info.get("dtype"))
         if dtype is None:
-            raise _bad(path, f"a torch dtype name for tensor {key!r}", repr(info.get("dtype")))
+            raise _bad(at, f"a torch dtype name for tensor {key!r}", repr(info.get("dtype")))
         numel = torch.Size(shape).numel()
         native = dtype in _NATIVE
         want_dtype, want_shape = (dtype, tuple(shape)) if native else (torch.uint8, (numel * dtype.itemsize,))
         t = stored[key]
         if t.dtype != want_dtype or tuple(t.shape) != want_shape:
-            raise _bad(path, f"tensor {key!r} as {dtype_name(want_dtype)} {list(want_shape)}",
+            raise _bad(at, f"tensor {key!r} as {dtype_name(want_dtype)} {list(want_shape)}",
                        f"{dtype_name(t.dtype)} {list(t.shape)}")
         out[key] = t if native else t.view(dtype).reshape(shape)
     return out
 
 
-def _part(path: str, tensors: dict, key, what: str) -> torch.Tensor:
+def _part(at: Source, tensors: dict, key, what: str) -> torch.Tensor:
     if not isinstance(key, str) or key not in tensors:
-        raise _bad(path, f"a stored tensor for {what}", repr(key))
+        raise _bad(at, f"a stored tensor for {what}", repr(key))
     return tensors[key]
 
 
-def _decode_qtensor(path: str, entry: dict, tensors: dict) -> QTensor:
+def _decode_qtensor(at: Source, entry: dict, tensors: dict) -> QTensor:
     name, parts, shape = entry["name"], entry.get("parts"), entry.get("shape")
     if not isinstance(parts, dict) or not {"codes", "scales"} <= set(parts) <= set(_QPARTS):
-        raise _bad(path, f"QTensor {name!r} with parts codes, scales (and global_scale, zero_points)", repr(parts))
+        raise _bad(at, f"QTensor {name!r} with parts codes, scales (and global_scale, zero_points)", repr(parts))
     if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-        raise _bad(path, f"a shape list for QTensor {name!r}", repr(shape))
+        raise _bad(at, f"a shape list for QTensor {name!r}", repr(shape))
     try:
         fmt = format_from_dict(entry.get("format"))
     except SpecError as err:
-        raise _bad(path, f"a format spec for QTensor {name!r}", str(err)) from None
+        raise _bad(at, f"a format spec for QTensor {name!r}", str(err)) from None
     dtype = dtype_from_name(entry.get("dtype"))
     if dtype is None:
-        raise _bad(path, f"a torch dtype name for QTensor {name!r}", repr(entry.get("dtype")))
-    got = {part: _part(path, tensors, key, f"{name}.{part}") for part, key in parts.items()}
+        raise _bad(at, f"a torch dtype name for QTensor {name!r}", repr(entry.get("dtype")))
+    got = {part: _part(at, tensors, key, f"{name}.{part}") for part, key in parts.items()}
     return QTensor(shape=torch.Size(shape), dtype=dtype, format=fmt, **got)
 
 
-def _decode_params(path: str, entries, tensors: dict) -> dict:
+def _decode_params(at: Source, entries, tensors: dict) -> dict:
     if not isinstance(entries, list):
-        raise _bad(path, "a 'params' list", type(entries).__name__)
+        raise _bad(at, "a 'params' list", type(entries).__name__)
     out: dict = {}
     for entry in entries:
         name = entry.get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str) or name in out:
-            raise _bad(path, "params entries with unique string names", repr(entry)[:80])
+            raise _bad(at, "params entries with unique string names", repr(entry)[:80])
         kind = entry.get("kind")
         if kind == "tensor":
-            out[name] = _part(path, tensors, entry.get("tensor"), name)
+            out[name] = _part(at, tensors, entry.get("tensor"), name)
         elif kind == "alias" and entry.get("of") in out:
             out[name] = out[entry["of"]]
         elif kind == "qtensor":
-            out[name] = _decode_qtensor(path, entry, tensors)
+            out[name] = _decode_qtensor(at, entry, tensors)
         else:
-            raise _bad(path, f"entry {name!r} of kind 'tensor', 'qtensor' or 'alias' (of an earlier name)", repr(kind))
+            raise _bad(at, f"entry {name!r} of kind 'tensor', 'qtensor' or 'alias' (of an earlier name)", repr(kind))
     return out
 
 
@@ -311,12 +318,27 @@ def load(path: str | os.PathLike) -> tuple[dict, Plan | None]:
         >>> torch.equal(rotfn.dequantize(params["w"]), rotfn.dequantize(q)), plan
         (True, None)
     """
-    path = _check_path("load", path)
-    doc, stored = _read(path)
-    tensors = _restore_tensors(path, doc.get("tensors"), stored)
-    params = _decode_params(path, doc.get("params"), tensors)
-    plan = None if doc.get("plan") is None else decode_plan(doc, tensors, fn="load", arg="path", source=path)
+    params, plan, doc = read_file("load", path)
+    for key, reader in SECTIONS.items():
+        if key in doc:
+            raise _bad(Source("load", "path", os.fspath(path)), "a params file (written by rotfn.save)", f"a file with a {key!r} section",
+                       f"read it with {reader}")
+    return params, plan
+
+
+#: Sections of other rotfn files built on this one, and the function that reads each.
+SECTIONS = {"calibration": "rotfn.calibration.load"}
+
+
+def read_file(fn: str, path) -> tuple[dict, Plan | None, dict]:
+    """:func:`load` for ``fn``: ``(params, plan, metadata document)``, the document holding any section."""
+    path = _check_path(fn, path)
+    at = Source(fn, "path", path)
+    doc, stored = _read(at)
+    tensors = _restore_tensors(at, doc.get("tensors"), stored)
+    params = _decode_params(at, doc.get("params"), tensors)
+    plan = None if doc.get("plan") is None else decode_plan(doc, tensors, fn=fn, arg="path", source=path)
     folded = doc.get("folded")
     if not isinstance(folded, bool) or (folded and plan is None):
-        raise _bad(path, "'folded': a bool, true only with a plan", repr(folded))
-    return (FoldedParams(params, plan) if folded else params), plan
+        raise _bad(at, "'folded': a bool, true only with a plan", repr(folded))
+    return (FoldedParams(params, plan) if folded else params), plan, doc

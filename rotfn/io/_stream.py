@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -65,7 +66,7 @@ from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _hf_layout, _shard_bytes, _s
 from rotfn.io._malloc import freed_blocks_kept
 from rotfn.io._progress import MARKER, PART_NAMES, is_marker, job_parts, marker_of, new_marker, read_done, read_marker
 from rotfn.io._shard import ShardWriter, TensorEntry, header_bytes
-from rotfn.plans import Plan, check_plan, describe, fold_program
+from rotfn.plans import Plan, calibrated_rounding, check_plan, describe, fold_program
 from rotfn.transforms import (
     PIECE_ELEMENTS,
     KeyProgram,
@@ -227,8 +228,9 @@ def _part_program(fn: str, name: str, kp: KeyProgram, rows: slice, shape: tuple[
     return key_program(name, shape, kp.dtype, ops)
 
 
-def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan, precision: torch.dtype) -> list[_Out]:
+def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan, precision: torch.dtype, calibration=None) -> list[_Out]:
     """The output tensors in read order, each with its source; checks names and shapes against the model.
+    Weights a ``calibration`` rounded against statistics (GPTQ) take its codes (each such key folded whole).
 
     Fused partitions sharing an NVFP4 global scale, and fused experts held per expert with a measured one, are
     folded up to their rounding once here, to measure it (:func:`rotfn.transforms.pin_shared_scales`). Fused
@@ -268,7 +270,9 @@ def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan, precision: torch.dtyp
             t[e, rows] = reader.read(name)
         return t
 
-    program = pin_shared_scales(fold_program(fn, plan, tensors), whole, precision=precision, alone=tuple(by_param))
+    rounding = calibrated_rounding(fn, "calibration", calibration, plan)
+    program = pin_shared_scales(fold_program(fn, plan, tensors, *rounding), whole, precision=precision,
+                                alone=tuple(by_param))
     reader.close()
     late = [k for k, kp in program.keys.items() if not kp.reads_given]
     if late:
@@ -297,6 +301,22 @@ def _layout(outs: list[_Out], limit: int) -> list[tuple[str, list[_Out]]]:
     if len(groups) == 1:
         return [(SINGLE, groups[0])]
     return [(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def _rounded_digest(calibration) -> str:
+    """``" gptq:<digest>"`` of the codes a calibration rounded against statistics (``""`` without one): part of the
+    job, so that a rerun with another calibration restarts rather than resumes."""
+    if calibration is None:
+        return ""
+    h = hashlib.blake2b(digest_size=16)
+    rtn = set(calibration.rtn)
+    for key in sorted(k for k in calibration.weights if k not in rtn):
+        q = calibration.weights[key]
+        h.update(key.encode())
+        for part in (q.codes, q.scales, q.global_scale, q.zero_points):
+            if part is not None:
+                h.update(part.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f" gptq:{h.hexdigest()}"
 
 
 def _job_parts(ckpt: Checkpoint, plan: Plan, shards: list[tuple[str, list[_Out]]], options: str) -> dict[str, str]:
@@ -625,11 +645,6 @@ def _checked(fn: str, src_dir, dst_dir, max_shard_size, workers, precision, piec
     if export not in EXPORTS:
         raise ArgumentError(message(fn, "export", f"one of {EXPORTS}", repr(export),
                                     'pass export="compressed-tensors" for a checkpoint vLLM serves'))
-    if calibration is not None and export is None:  # a folded checkpoint has no static activation scales to write
-        raise ArgumentError(message(fn, "calibration", 'None without export= (only export="compressed-tensors" '
-                                    "writes its activation scales)", "a calibration",
-                                    'pass export="compressed-tensors", or leave calibration out; GPTQ-rounded weights: '
-                                    "rotfn.fold(params, plan, weights_by=calibration) in memory"))
     if command is not None and not isinstance(command, str):
         raise ArgumentError(message(fn, "command", "None or a str", type(command).__name__))
     prior = read_rotfn_json(ckpt.dir)
@@ -715,12 +730,15 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
             export of ``rotfn.fold(params, plan)`` with the same ``calibration``. Each tensor is folded
             whole (memory: the largest tensor in the work dtype, plus the shard being filled); an
             interrupted export restarts.
-        calibration: with ``export=``, as for :func:`rotfn.export_compressed`: a :func:`rotfn.calibrate`
-            result of the same plan, computed on the model where it fits, for activation formats with a
-            static per-linear scale (``nvfp4()`` / ``nvfp4("pow2")`` activations, ``fp8("tensor")``);
-            only its input scales are used (the streaming fold rounds weights to nearest: GPTQ-rounded
-            weights need ``rotfn.fold(params, plan, weights_by=calibration)`` and the in-memory export).
-            Part of the job, as the plan is. None (default) for every other plan.
+        calibration: a :func:`rotfn.calibrate` result of the same plan and checkpoint, computed where the
+            model fits, or read back with :func:`rotfn.calibration.load` (``rotfn calibrate`` writes one). The
+            weights it rounded against statistics (GPTQ) are written with its codes, bit for bit
+            ``rotfn.fold(params, plan, weights_by=calibration)`` (each such tensor folded whole; the weights it
+            rounded to nearest, fused experts, are folded as without it); PlanError if a folded weight is not the
+            one it rounded (another checkpoint; also a ``precision`` whose fold differs in a bit). With ``export=``, its input scales
+            also give the activation formats with a static per-linear scale (``nvfp4()`` / ``nvfp4("pow2")``
+            activations, ``fp8("tensor")``), as for :func:`rotfn.export_compressed`. Part of the job (its
+            codes' digest), as the plan is. None (default): weights rounded to nearest.
         command: how this fold was started (``rotfn fold`` passes its command line), recorded in the
             progress marker so that :func:`rotfn.io._progress.read_progress`, ``rotfn inspect`` and the refusal of
             another job can say how to resume; None records nothing.
@@ -742,7 +760,7 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
     Raises:
         ArgumentError: a path is not a path, ``dst_dir`` is ``src_dir`` or a file, bad ``max_shard_size``,
             ``workers``, ``precision``, ``piece_elements``, ``torch_threads``, ``keep_freed_blocks`` or ``command``;
-            with ``export=``, static activation scales without ``calibration``; a ``calibration`` without ``export=``.
+            with ``export=``, static activation scales without ``calibration``; a ``calibration`` that is not one.
         CheckpointError: ``src_dir`` is not a readable checkpoint, its names or shapes differ from its
             config's model, or ``dst_dir`` holds a complete checkpoint or an interrupted fold of another
             job and ``overwrite`` is False.
@@ -772,11 +790,12 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
                                            torch_threads, keep_freed_blocks, export, calibration, command)
         model = skeleton(ckpt.dir)
         plan = _resolve_plan(fn, plan, model)
-        outs = _outputs(fn, ckpt, model, plan, dtype)
+        outs = _outputs(fn, ckpt, model, plan, dtype, calibration)
         exporter = None if export is None else Export(fn, model, plan, calibration)
         shards = _layout(outs, limit)
         layout = [] if export else [(name, len(group)) for name, group in shards]  # an export does not resume by shard
         options = f"{precision} {export}" + (f" {exporter.scales_digest()}" if exporter and exporter.input_scales else "")
+        options += _rounded_digest(calibration)
         marker = new_marker(_job_parts(ckpt, plan, shards, options), plan, os.path.abspath(ckpt.dir),
                             layout, len(outs), command)
     same(fn, "src_dir, plan and options", [torch.frombuffer(bytearray(marker["job"].encode()), dtype=torch.uint8)])

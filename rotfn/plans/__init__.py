@@ -26,6 +26,7 @@ from rotfn.plans._families import FAMILIES, Family, MoE, family_for
 from rotfn.plans._families import FUSED as FUSED  # internal: the export checks fused partitions
 from rotfn.plans._families import fused_groups as fused_groups
 from rotfn.plans._fold import FoldedParams, codes_of, fold, folded_with
+from rotfn.plans._fold import calibrated_rounding as calibrated_rounding
 from rotfn.plans._fold import check_fold_state as check_fold_state
 from rotfn.plans._fold import fold_program as fold_program
 from rotfn.plans._plan import ONLINE_KINDS, NormFusion, Online, Plan, WeightRotation, signature

@@ -13,7 +13,7 @@ from rotfn.plans._plan import Plan, signature
 from rotfn.specs import QTensor
 from rotfn.transforms import FoldProgram, check_params, compile_fold, precision_dtype
 
-__all__ = ["fold", "FoldedParams", "folded_with", "check_fold_state", "fold_program", "codes_of"]
+__all__ = ["fold", "FoldedParams", "folded_with", "check_fold_state", "fold_program", "codes_of", "calibrated_rounding"]
 
 _MARK = "_rotfn_folded_with"  # attribute fold sets on every tensor it creates
 _CODES = "_rotfn_codes"  # and, on each weight it rounds, the QTensor its values decode from
@@ -114,14 +114,15 @@ def check_fold_state(fn: str, params: Mapping, plan: Plan | None) -> None:
                                 "fold the original params with the plan you call with"))
 
 
-def fold_program(fn: str, plan: Plan, tensors: Mapping[str, torch.Tensor], rounding=None) -> FoldProgram:
-    """The plan's weight side compiled for ``tensors`` (names, shapes, dtypes), with the plan's ties.
+def fold_program(fn: str, plan: Plan, tensors: Mapping[str, torch.Tensor], rounding=None, rounded=None) -> FoldProgram:
+    """The plan's weight side compiled for ``tensors`` (names, shapes, dtypes), with the plan's ties;
+    ``rounding`` / ``rounded`` as for :meth:`Plan.transform`.
 
     The one place a plan becomes a fold program, for :func:`fold`, :func:`rotfn.fold_checkpoint` and
     :func:`rotfn.learn.rotations`: tied keys the plan keeps tied must change identically (else PlanError
     naming ``fn``) and come out as one tensor; untied ones are folded on their own.
     """
-    return compile_fold(plan.transform(rounding), tensors, tied=plan.tied, untied=plan.untied, fn=fn)
+    return compile_fold(plan.transform(rounding, rounded=rounded), tensors, tied=plan.tied, untied=plan.untied, fn=fn)
 
 
 def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "float64", weights_by=None) -> FoldedParams:
@@ -183,7 +184,7 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
     sig = signature((k, tuple(t.shape)) for k, t in params.items())
     check_signature(fn, plan, sig, f"a plan for params with signature {sig}",
                     "build the plan from the model these params come from, with params = rotfn.params(model)")
-    program = fold_program(fn, plan, params, _rounding(fn, weights_by, plan))
+    program = fold_program(fn, plan, params, *calibrated_rounding(fn, "weights_by", weights_by, plan))
     codes: dict = {}
     out = program.run(params, precision=dtype, fn=fn, codes=codes)
     for k in plan.touched():
@@ -202,14 +203,16 @@ def fold(params: Mapping[str, torch.Tensor], plan: Plan, *, precision: str = "fl
     return FoldedParams(out, plan)
 
 
-def _rounding(fn: str, weights_by, plan: Plan):
-    """``weights_by.round`` after checking it was calibrated for ``plan`` (None passes through)."""
-    if weights_by is None:
-        return None
-    if not callable(getattr(weights_by, "round", None)) or not isinstance(getattr(weights_by, "plan", None), Plan):
-        raise ArgumentError(message(fn, "weights_by", "None or a rotfn.calibration.Calibration", type(weights_by).__name__,
-                                    "weights_by=rotfn.calibrate(model, params, plan, batches)"))
-    if weights_by.plan != plan:
-        raise PlanError(message(fn, "weights_by", f"a calibration of this plan ({plan!r})",
-                                f"a calibration of {weights_by.plan!r}", "calibrate with the plan you fold with"))
-    return weights_by.round
+def calibrated_rounding(fn: str, arg: str, calibration, plan: Plan) -> tuple:
+    """``(rounding, rounded)`` for :func:`fold_program` from a calibration of ``plan`` (None: ``(None, None)``):
+    its ``round``, for the keys it rounded against statistics (those it rounded to nearest, ``rtn``, keep the
+    fold's own rounding to nearest, the same values, so that a streaming fold may fold them per expert)."""
+    if calibration is None:
+        return None, None
+    if not callable(getattr(calibration, "round", None)) or not isinstance(getattr(calibration, "plan", None), Plan):
+        raise ArgumentError(message(fn, arg, "None or a rotfn.calibrate(...) result", type(calibration).__name__,
+                                    f"{arg}=rotfn.calibrate(model, params, plan, batches)"))
+    if calibration.plan != plan:
+        raise PlanError(message(fn, arg, f"a calibration of this plan ({plan!r})",
+                                f"a calibration of {calibration.plan!r}", "calibrate with the plan you fold with"))
+    return calibration.round, tuple(k for k in calibration.weights if k not in set(calibration.rtn))

@@ -219,12 +219,13 @@ class Plan:
         return dataclasses.replace(self, online=online, weights=None, quantized=(), acts=None, kv=None,
                                    shared_scales=())
 
-    def transform(self, rounding=None) -> Chain:
+    def transform(self, rounding=None, *, rounded=None) -> Chain:
         """The weight side as one :func:`rotfn.chain`: norm fusions, then rotations, then weight qdq.
 
         Norm scales are fused before rotating (``W diag(g) R``); input- and
         output-side rotations of one weight commute; qdq comes last, or ``rounding(key, W)``
-        in its place (see :func:`rotfn.transforms.qdq_weights`).
+        in its place (see :func:`rotfn.transforms.qdq_weights`) for the keys in ``rounded``
+        (None: every quantized key); the others keep ``qdq``.
         """
         fused = [k for n in self.norms for k in n.into if k in self.transposed]
         if fused:  # a norm's scale multiplies the in dim, the last of an [out, in] weight only
@@ -234,11 +235,13 @@ class Plan:
         transposed = set(self.transposed)
         parts = [n.transform() for n in self.norms]
         parts += [w.transform(transposed=w.key in transposed) for w in self.rotations]
+        by = set(self.quantized if rounding is None or rounded is None else rounded)
         for flag in (False, True):
-            keys = [k for k in self.quantized if (k in transposed) == flag]
-            if keys:
-                parts.append(qdq_weights(self.weights, Where.names(keys), rounding=rounding, transposed=flag,
-                                         shared=self.shared_scales))
+            for own in (True, False):  # the keys ``rounding`` rounds, then those rounded to nearest
+                keys = [k for k in self.quantized if (k in transposed) == flag and (k in by) == own]
+                if keys:
+                    parts.append(qdq_weights(self.weights, Where.names(keys), rounding=rounding if own else None,
+                                             transposed=flag, shared=self.shared_scales))
         return chain(*parts)
 
     # ----- printing -------------------------------------------------------------

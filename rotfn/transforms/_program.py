@@ -216,7 +216,9 @@ class QDQ:
 
     @property
     def reads(self) -> tuple[tuple[str, int], ...]:
-        return tuple(zip(self.shares, self.at, strict=True)) if self.global_scale is None else ()
+        """The group's other keys, read for a global scale measured here (none with a rounding of its own)."""
+        measured = self.global_scale is None and self.rounding is None
+        return tuple(zip(self.shares, self.at, strict=True)) if measured else ()
 
     def mixes(self, ndim: int) -> set[int]:
         """The ``in`` dim, or every dim for a format with one scale for the whole tensor or a rounding of its own."""
