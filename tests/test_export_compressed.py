@@ -604,6 +604,28 @@ def test_streaming_export_of_a_moe_checkpoint_equals_the_in_memory_export(tmp_pa
                               tmp_path / "no", export="compressed-tensors", progress=False)
 
 
+@pytest.mark.parametrize("fmt", [rotfn.nvfp4(None), rotfn.intq(4, group=32, scale_dtype=BF16)], ids=repr)
+def test_gptq_experts_export_streaming_and_in_memory_alike_and_transformers_computes_rotfns_logits(tmp_path, fmt):
+    """Qwen3-MoE with GPTQ on every linear and, one problem per expert, on the fused experts: the in-memory export
+    of fold(weights_by=) loads into transformers with rotfn.call's logits bit for bit, and the streaming export of
+    the checkpoint (experts held per expert) writes its tensors byte for byte."""
+    model, plan, _ = _moe(fmt)
+    p = rotfn.params(model)
+    calib = rotfn.calibrate(model, p, plan, [_ids(model)], progress=False)
+    assert calib.rtn == () and any(k.endswith("experts.gate_up_proj") for k in calib.weights)
+    folded = rotfn.fold(p, plan, weights_by=calib)
+    loaded = _export_and_load(tmp_path / "memory", model, plan, folded)
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids(model)).logits, rotfn.call(model, folded, plan, _ids(model)).logits)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="60KB")
+    build = lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16, seed=2),  # noqa: E731
+                                         weights=fmt, r3=None, r4=None)
+    rotfn.fold_checkpoint(src, build, tmp_path / "stream", export="compressed-tensors", calibration=calib,
+                          max_shard_size="40KB", progress=False)
+    _assert_same_tensors(_tensors_in(tmp_path / "memory"), _tensors_in(tmp_path / "stream"))
+
+
 STATIC_ACTS = {  # plans whose activations need each linear's static input scale, from a calibration
     "quarot-nvfp4-nvfp4": lambda m: rotfn.plans.quarot(m, r1=rotfn.hadamard(64, seed=1), r2=rotfn.hadamard(16, seed=2),
                                                        r4=rotfn.hadamard(128), r3=None, weights=rotfn.nvfp4(),

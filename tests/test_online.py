@@ -153,3 +153,22 @@ def test_an_input_changed_in_place_or_under_another_grad_mode_is_computed_again(
         y = torch.randn(3, 64)
         assert q(y) is not k(y)  # inference tensors have no version counter: never remembered
     assert "intq" in repr(q)
+
+
+def test_r3_and_the_kv_format_on_keys_are_one_rotate_qdq():
+    """Keys after RoPE get R3 then the KV cache format: one rotate_qdq per layer (the queries keep their R3 alone,
+    the values their format), the logits those of rotate-then-qdq bit for bit."""
+    model, p, ids = _llama()
+    plan = _quarot(model, rotfn.intq(4), kv=rotfn.intq(4, group=16))
+    folded = rotfn.fold(p, plan)
+    key = online(plan)[Site("model.layers.0.self_attn", "key")]
+    assert (key.rotation, key.fmt) == (rotfn.hadamard(16), rotfn.intq(4, group=16))
+    with torch.no_grad():
+        got = None
+
+        def capture():
+            nonlocal got
+            got = rotfn.call(model, folded, plan, ids).logits
+
+        assert _ops(capture) == {"qdq": 4 * LAYERS, "rotate_qdq": 2 * LAYERS, "rotate": LAYERS}
+        rt.assert_bits_equal(got, _reference(model, folded, plan, ids).logits, name="logits")

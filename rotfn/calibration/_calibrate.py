@@ -22,7 +22,7 @@ from rotfn.ops.quant import fp8_scale, nvfp4_global_from_amax, nvfp4_shared_glob
 from rotfn.plans import FoldedParams, Plan, check_model, describe, fold, require_plan
 from rotfn.specs import QTensor
 from rotfn.specs.formats import FP8, NVFP4, Format, nvfp4
-from rotfn.transforms import shares_global_scale
+from rotfn.transforms import shares_global_scale, tensor_wide
 
 __all__ = ["calibrate", "Calibration", "ACTIVATIONS"]
 
@@ -49,6 +49,8 @@ class Calibration:
             ``key`` received during collection (as the plan sees them, see :func:`calibrate`), for
             the static activation scales of :meth:`input_scale`.
         digests: ``{key: digest}`` of each folded weight that was rounded (checked by :meth:`round`).
+        unrouted: ``{key: (expert, ...)}``: the experts of fused experts' weights that no calibration token
+            reached, each rounded to nearest (the other experts by GPTQ).
     """
 
     plan: Plan
@@ -59,6 +61,7 @@ class Calibration:
     hessians: Mapping[str, torch.Tensor] | None = None
     input_amax: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     digests: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    unrouted: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def round(self, key: str, w: torch.Tensor) -> QTensor:
         """The rounded weight ``key`` (``w``: the same weight as folded now), for :func:`rotfn.fold`.
@@ -105,8 +108,10 @@ class Calibration:
 
     def __repr__(self) -> str:
         gptq_keys = len(self.weights) - len(self.rtn)
+        unrouted = sum(len(e) for e in self.unrouted.values())
         return (f"Calibration({self.plan.weights!r}: {gptq_keys} weights by GPTQ, {len(self.rtn)} to nearest, "
-                f"{self.tokens} tokens, sequential={self.settings['sequential']})")
+                + (f"{unrouted} unrouted experts to nearest, " if unrouted else "")
+                + f"{self.tokens} tokens, sequential={self.settings['sequential']})")
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -121,8 +126,9 @@ def _bytes(text: str) -> torch.Tensor:
 
 def _owners(keys: list[str], out_in: Mapping[str, torch.Tensor]) -> dict[str, int]:
     """The rank that solves each key's GPTQ problem (:func:`rotfn.distributed.assign` by the cost of a solve,
-    ``out * in^2 + in^3``: the column loop and the Cholesky factor)."""
-    costs = [(out + inp) * inp**2 for out, inp in (out_in[k].shape for k in keys)]
+    ``out * in^2 + in^3`` per expert: the column loop and the Cholesky factor)."""
+    costs = [out_in[k].shape[:-2].numel() * (out + inp) * inp**2 for k in keys
+             for out, inp in [out_in[k].shape[-2:]]]
     return dict(zip(keys, distributed.assign(costs), strict=True))
 
 
@@ -161,7 +167,11 @@ def calibrate(
     rounded, as GPTQ and QuaRot do, and the forward stops after block ``i``; one block's
     Hessians are held at a time, and the model runs once per block. Otherwise one pass collects
     every Hessian at once (faster; memory for all of them). Linears outside numbered blocks
-    (``lm_head``) come last. Fused experts (3-D weights) get no statistics yet: they are rounded
+    (``lm_head``) come last. Fused experts (3-D weights ``[E, out, in]``) get one Hessian per expert,
+    over the tokens the router sends it (as the plan sees them, inside the experts' loop), and GPTQ
+    rounds each expert's weight against its own; an expert no token reaches is rounded to nearest
+    (listed in ``unrouted``: give more data, or the router never picks it). Experts whose format has
+    one scale over the whole tensor other than NVFP4's global scale (``fp8("tensor")``) are rounded
     to nearest and listed in ``rtn``.
 
     Under a ``torch.distributed`` process group of ``N`` ranks (initialized by the caller, e.g.
@@ -238,13 +248,23 @@ def calibrate(
     out_in = {k: folded[k].mT if k in plan.transposed else folded[k] for k in plan.quantized}
     device = next(iter(params.values())).device if params else torch.device("cpu")
     data = [to_device(b, device) for b in distributed.share(check_batches(fn, batches))]
-    linears = {name for name, _ in describe(model, fn=fn).linears}
-    stats = [k for k in plan.quantized if k.rpartition(".")[0] in linears and folded[k].ndim == 2]  # "weight": the root
+    info = describe(model, fn=fn)
+    linears = {name for name, _ in info.linears}
+    points = {f"{m}.{p}": (m, point) for m, p_in, p_down in info.experts
+              for p, point in ((p_in, "expert_in"), (p_down, "expert_down"))}
+    # fused experts: GPTQ per expert where each expert's rows round on their own (per-group, per-row formats, or
+    # NVFP4 with the global scale of the whole tensor fixed first)
+    per_expert = isinstance(plan.weights, NVFP4) or not tensor_wide(plan.weights)
+    stats = [k for k in plan.quantized if (k.rpartition(".")[0] in linears and folded[k].ndim == 2)  # "weight": root
+             or (k in points and folded[k].ndim == 3 and per_expert)]
     rtn = tuple(k for k in plan.quantized if k not in set(stats))
     blocks = (_blocks(stats) if sequential else {None: stats}) if stats else {}  # nothing to collect: all to nearest
 
     current = dict(folded)
     fmts = _rounding_formats(plan, folded)
+    if shares_global_scale(plan.weights):  # an expert's rows take the global scale of all experts, as fold's
+        fmts.update({k: nvfp4(nvfp4_shared_global_scale([out_in[k]], plan.weights).item())
+                     for k in stats if out_in[k].ndim == 3})
     weights: dict[str, QTensor] = {k: _as(quantize(out_in[k], fmts.get(k, plan.weights)), plan) for k in rtn}
     kept: dict[str, torch.Tensor] = {}
     amax: dict[str, torch.Tensor] = {}
@@ -254,13 +274,17 @@ def calibrate(
     if size > 1:  # before any work: GPTQ on one rank rounds the weights of all
         distributed.same(fn, "params", [_bytes("".join(digests.values()))])
     bar = progress_bar(blocks.items(), desc=fn, disable=not progress or not distributed.first_writes(), leave=False)
+    unrouted: dict[str, tuple[int, ...]] = {}
     for block, keys in bar:
+        routed: dict[str, list[int]] = {}
         hessians, tokens = _collect(model, FoldedParams(current, collecting), collecting, data, keys, block, amax,
-                                    {k: out_in[k] for k in keys}, plan.shared_scales)
+                                    {k: out_in[k] for k in keys}, plan.shared_scales, points, routed)
+        unrouted.update({k: tuple(e for e, n in enumerate(counts) if not n) for k, counts in routed.items()
+                         if not all(counts)})
         owners = _owners(keys, out_in)
         with distributed.together(fn):
-            mine = {key: _as(gptq(out_in[key], hessians[key], fmts.get(key, plan.weights), **settings), plan)
-                    for key in keys if owners[key] == rank}
+            mine = {key: _as(_round(out_in[key], hessians[key], fmts.get(key, plan.weights), routed.get(key), settings),
+                             plan) for key in keys if owners[key] == rank}
         if size > 1:  # each rank solved its keys: every rank takes the others' results
             solved = distributed.merge(fn, {k: q.to("cpu") for k, q in mine.items()})
             mine = {k: solved[k].to(device) for k in keys}
@@ -272,7 +296,28 @@ def calibrate(
                 kept[key] = hessians[key]
         del hessians  # before the next block's sums
     settings.update(sequential=sequential, activations=activations)
-    return Calibration(plan, weights, rtn, tokens, settings, kept if keep_hessians else None, amax, digests)
+    return Calibration(plan, weights, rtn, tokens, settings, kept if keep_hessians else None, amax, digests, unrouted)
+
+
+def _round(w: torch.Tensor, h: torch.Tensor, fmt: Format, routed: list[int] | None, settings) -> QTensor:
+    """GPTQ of ``w`` against ``h``; fused experts' ``[E, out, in]`` one expert at a time (``routed``: each
+    expert's token count; an expert without tokens is rounded to nearest), stacked as one QTensor."""
+    if routed is None:
+        return gptq(w, h, fmt, **settings)
+    parts = [gptq(w[e], h[e], fmt, **settings) if n else quantize(w[e], fmt) for e, n in enumerate(routed)]
+    return _stack(parts)
+
+
+def _stack(parts: list[QTensor]) -> QTensor:
+    """QTensors of equal shape and format as one with a new leading dim (codes, scales and zero points stacked;
+    the global scale, one for all, of the first)."""
+    first = parts[0]
+
+    def joined(name: str):
+        return None if getattr(first, name) is None else torch.stack([getattr(q, name) for q in parts])
+
+    return dataclasses.replace(first, codes=joined("codes"), scales=joined("scales"), zero_points=joined("zero_points"),
+                               shape=torch.Size([len(parts), *first.shape]))
 
 
 def _rounding_formats(plan: Plan, folded: Mapping[str, torch.Tensor]) -> dict[str, Format]:
@@ -304,10 +349,13 @@ def _blocks(keys: list[str]) -> dict[str | None, list[str]]:
     return out
 
 
-def _collect(model, params, plan, data, keys, stop_after, amax, out_in, shared=()) -> tuple[dict[str, torch.Tensor], int]:
+def _collect(model, params, plan, data, keys, stop_after, amax, out_in, shared=(), points=None,
+             routed=None) -> tuple[dict[str, torch.Tensor], int]:
     """``{key: X^T X / N}`` (float64) of the inputs of ``keys``' linears over ``data``; also N.
 
-    Also puts each key's ``max |x|`` over the finite inputs into ``amax``. Under a process group
+    Fused experts' keys (in ``points``: ``{key: (module, point)}``) get ``[E, in, in]``, one Hessian per
+    expert over its own tokens, and ``routed[key]`` each expert's token count (an expert without
+    tokens: zeros). Also puts each key's ``max |x|`` over the finite inputs into ``amax``. Under a process group
     the sums, counts and maxima of the ranks' shares of the data are reduced first, so every rank
     returns the statistics of all batches (``out_in``: each key's ``[out, in]`` weight, whose input
     size and device a rank whose share never reaches the linear needs).
@@ -337,10 +385,28 @@ def _collect(model, params, plan, data, keys, stop_after, amax, out_in, shared=(
                 amax[key] = top if key not in amax else torch.maximum(amax[key], top)
         return record
 
+    def expert_recorder(key):
+        experts, _, n = out_in[key].shape
+
+        def record(x, e):
+            rows = x.detach().reshape(-1, x.shape[-1]).double()
+            if key not in sums:
+                sums[key] = torch.zeros(experts, n, n, dtype=torch.float64, device=rows.device)
+                routed[key] = [0] * experts
+            sums[key][e].addmm_(rows.T, rows)
+            routed[key][e] += rows.shape[0]
+            counts[key] += rows.shape[0]
+            if rows.numel():
+                top = torch.where(torch.isfinite(rows), rows.abs(), 0).max().float()
+                amax[key] = top if key not in amax else torch.maximum(amax[key], top)
+        return record
+
     def stop(_):
         raise _Stop
 
-    sites = {Site(k.rpartition(".")[0]): recorder(k) for k in keys}
+    points = points or {}
+    sites = {Site(*points[k]) if k in points else Site(k.rpartition(".")[0]): (
+        expert_recorder(k) if k in points else recorder(k)) for k in keys}
     if stop_after is not None:
         sites[Site(stop_after, "output")] = stop
     with distributed.together("calibrate"), torch.no_grad():
@@ -352,25 +418,44 @@ def _collect(model, params, plan, data, keys, stop_after, amax, out_in, shared=(
                     call_as("calibrate", model, params, plan, sites, (batch,))
             except _Stop:
                 pass
+    for k in keys:  # an expert key no token reached (on this rank) still has its per-expert counts
+        if k in points and k not in routed:
+            routed[k] = [0] * out_in[k].shape[0]
     if distributed.is_distributed():
-        _reduce(keys, sums, counts, amax, out_in)
+        _reduce(keys, sums, counts, amax, out_in, routed)
     missing = [k for k in keys if counts[k] == 0]
     if missing:
         raise PlanError(message("calibrate", "batches", "batches that reach every quantized linear",
                                 f"batches that never reach {missing[:3]}", "check the model runs these linears"))
-    n = counts[keys[0]]
-    return {k: sums[k] / counts[k] for k in keys}, n
+    n = next((counts[k] for k in keys if k not in points), counts[keys[0]])
+    out = {}
+    for k in keys:
+        if k in points:  # each expert's sum over its own tokens (none: zeros, rounded to nearest)
+            per = torch.tensor(routed[k], dtype=torch.float64, device=sums[k].device).clamp(min=1)
+            out[k] = sums[k] / per[:, None, None]
+        else:
+            out[k] = sums[k] / counts[k]
+    return out, n
 
 
-def _reduce(keys, sums, counts, amax, out_in) -> None:
-    """Sum ``sums`` and ``counts`` and take the max of ``amax`` over the ranks, in place (of rotfn's own dicts)."""
+def _reduce(keys, sums, counts, amax, out_in, routed) -> None:
+    """Sum ``sums``, ``counts`` and the experts' ``routed`` counts and take the max of ``amax`` over the ranks, in
+    place (of rotfn's own dicts)."""
     device = out_in[keys[0]].device
     for k in keys:  # one at a time: one extra Hessian in memory, not all of them
         n = out_in[k].shape[-1]
-        local = sums[k] if k in sums else torch.zeros(n, n, dtype=torch.float64, device=device)
+        shape = (out_in[k].shape[0], n, n) if k in routed else (n, n)
+        local = sums[k] if k in sums else torch.zeros(shape, dtype=torch.float64, device=device)
         (sums[k],) = distributed.all_reduce("calibrate", [local])
-    (total,) = distributed.all_reduce("calibrate", [torch.tensor([counts[k] for k in keys], dtype=torch.int64)])
-    counts.update(zip(keys, total.tolist(), strict=True))
+    experts = [k for k in keys if k in routed]
+    flat = [counts[k] for k in keys] + [c for k in experts for c in routed[k]]
+    (total,) = distributed.all_reduce("calibrate", [torch.tensor(flat, dtype=torch.int64)])
+    total = total.tolist()
+    counts.update(zip(keys, total[:len(keys)], strict=True))
+    at = len(keys)
+    for k in experts:
+        routed[k] = total[at:at + len(routed[k])]
+        at += len(routed[k])
     tops = torch.stack([amax.get(k, torch.zeros((), device=device)).to(device) for k in keys])
     (tops,) = distributed.all_reduce("calibrate", [tops], op="max")
     amax.update({k: top.clone() for k, top in zip(keys, tops, strict=True) if counts[k]})

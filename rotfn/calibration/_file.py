@@ -5,7 +5,8 @@ calibration's tensors under prefixes, ``weights.<key>`` (QTensors: the rounded w
 ``input_amax.<key>`` (0-d float32) and, when kept, ``hessians.<key>``; its plan is the
 calibration's plan; the metadata document gets a ``"calibration"`` section::
 
-    {"version": 1, "rtn": [key, ...], "tokens": int, "settings": {...}, "digests": {key: hex}, "hessians": bool}
+    {"version": 1, "rtn": [key, ...], "unrouted": {key: [expert, ...]}, "tokens": int, "settings": {...},
+     "digests": {key: hex}, "hessians": bool}
 
 :func:`rotfn.load` refuses such a file (and :func:`load` a plain params file), naming the other.
 """
@@ -65,6 +66,7 @@ def save(path: str | os.PathLike, calibration: Calibration) -> None:
         for key, value in (getattr(calibration, part) or {}).items():
             tensors[f"{part}.{key}"] = value.to("cpu")
     section = {"version": VERSION, "rtn": list(calibration.rtn), "tokens": calibration.tokens,
+               "unrouted": {k: list(e) for k, e in calibration.unrouted.items()},
                "settings": dict(calibration.settings), "digests": dict(calibration.digests),
                "hessians": calibration.hessians is not None}
     write_file(fn, path, tensors, calibration.plan, (SECTION, section))
@@ -110,11 +112,15 @@ def load(path: str | os.PathLike) -> Calibration:
             raise bad("tensors named weights.<key> (QTensors), input_amax.<key>, hessians.<key>", repr(name))
         parts[part][key] = value
     rtn, digests, settings = section.get("rtn"), section.get("digests"), section.get("settings")
+    unrouted = section.get("unrouted")
     shapes_ok = (isinstance(rtn, list) and set(rtn) <= set(parts["weights"]) and isinstance(digests, dict)
+                 and isinstance(unrouted, dict) and set(unrouted) <= set(parts["weights"])
+                 and all(isinstance(e, list) and all(isinstance(i, int) for i in e) for e in unrouted.values())
                  and set(digests) == set(parts["weights"]) and isinstance(settings, dict)
                  and isinstance(section.get("tokens"), int) and isinstance(section.get("hessians"), bool))
     if not shapes_ok:
-        raise bad("a calibration section with rtn (rounded keys), digests (one per weight), settings, tokens, "
-                  "hessians", repr({k: type(v).__name__ for k, v in section.items()}))
+        raise bad("a calibration section with rtn (rounded keys), unrouted (experts per key), digests (one per "
+                  "weight), settings, tokens, hessians", repr({k: type(v).__name__ for k, v in section.items()}))
     return Calibration(plan, parts["weights"], tuple(rtn), section["tokens"], settings,
-                       parts["hessians"] if section["hessians"] else None, parts["input_amax"], digests)
+                       parts["hessians"] if section["hessians"] else None, parts["input_amax"], digests,
+                       {k: tuple(e) for k, e in unrouted.items()})

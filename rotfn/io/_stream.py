@@ -67,12 +67,16 @@ from rotfn.io._malloc import freed_blocks_kept
 from rotfn.io._progress import MARKER, PART_NAMES, is_marker, job_parts, marker_of, new_marker, read_done, read_marker
 from rotfn.io._shard import ShardWriter, TensorEntry, header_bytes
 from rotfn.plans import Plan, calibrated_rounding, check_plan, describe, fold_program
+from rotfn.specs import QTensor
 from rotfn.transforms import (
     PIECE_ELEMENTS,
+    QDQ,
     KeyProgram,
     Rotate,
+    Rounded,
     Stage,
     key_program,
+    pin_roundings,
     pin_shared_scales,
     precision_dtype,
 )
@@ -213,19 +217,31 @@ def _expert_parts(model, state: dict[str, tuple[int, ...]], ckpt: Checkpoint) ->
     return parts
 
 
-def _part_program(fn: str, name: str, kp: KeyProgram, rows: slice, shape: tuple[int, ...]) -> KeyProgram:
-    """The fused experts' program ``kp`` for one expert's rows ``rows`` (a 2-D checkpoint tensor of ``shape``):
-    the same operations, one dim less; PlanError for one that mixes the expert or row axis (it needs the whole)."""
+def _part_program(fn: str, name: str, kp: KeyProgram, expert: int, rows: slice, shape: tuple[int, ...]) -> KeyProgram:
+    """The fused experts' program ``kp`` for expert ``expert``'s rows ``rows`` (a 2-D checkpoint tensor of
+    ``shape``): the same operations, one dim less, a rounding already made (:class:`Rounded`) cut to the part's
+    rows; PlanError for one that mixes the expert or row axis (it needs the whole)."""
+    ops = tuple(QDQ(op.fmt, Rounded(_rows_of(op.rounding.q, expert, rows)), op.key)
+                if isinstance(op, QDQ) and isinstance(op.rounding, Rounded) else op for op in kp.ops)
     whole_rows = rows.stop - rows.start == kp.shape[1]
     allowed = {1, 2} if whole_rows else {2}
-    bad = [op for op in kp.ops if not op.mixes(3) <= allowed]
+    bad = [op for op in ops if not (isinstance(op, QDQ) and isinstance(op.rounding, Rounded)) and not op.mixes(3) <= allowed]
     if bad:
         raise PlanError(message(fn, "plan", f"operations on {kp.key} that act on each expert's rows alone (the "
                                 "checkpoint holds one tensor per expert)", f"{type(bad[0]).__name__} mixing "
                                 f"dims {sorted(bad[0].mixes(3))} (e.g. a scale measured over all experts)",
                                 "fold this model in memory with rotfn.fold, or use a format with per-group scales"))
-    ops = tuple(dataclasses.replace(op, dim=op.dim - 1) if isinstance(op, Rotate) else op for op in kp.ops)
+    ops = tuple(dataclasses.replace(op, dim=op.dim - 1) if isinstance(op, Rotate) else op for op in ops)
     return key_program(name, shape, kp.dtype, ops)
+
+
+def _rows_of(q: QTensor, expert: int, rows: slice) -> QTensor:
+    """Rows ``rows`` of expert ``expert`` of a fused experts' ``[E, out, in]`` QTensor, as a 2-D QTensor."""
+    def cut(t):
+        return t if t is None or t.ndim == 0 else t[expert, rows]
+
+    return dataclasses.replace(q, codes=cut(q.codes), scales=cut(q.scales), zero_points=cut(q.zero_points),
+                               shape=torch.Size([rows.stop - rows.start, q.shape[-1]]))
 
 
 def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan, precision: torch.dtype, calibration=None) -> list[_Out]:
@@ -273,6 +289,8 @@ def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan, precision: torch.dtyp
     rounding = calibrated_rounding(fn, "calibration", calibration, plan)
     program = pin_shared_scales(fold_program(fn, plan, tensors, *rounding), whole, precision=precision,
                                 alone=tuple(by_param))
+    # experts held per expert that a calibration rounded: checked and cut once, each folded whole here first
+    program = pin_roundings(program, whole, tuple(k for k in by_param if k in (rounding[1] or ())), precision=precision)
     reader.close()
     late = [k for k, kp in program.keys.items() if not kp.reads_given]
     if late:
@@ -283,9 +301,9 @@ def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan, precision: torch.dtyp
     outs: list[_Out] = []
     for name, (_, entry) in ckpt.tensors.items():
         if name in parts:
-            key, _, rows = parts[name]
-            outs.append(_Out(name, name, entry, _part_program(fn, name, program.keys[key], rows, tuple(entry.shape)),
-                             key))
+            key, expert, rows = parts[name]
+            outs.append(_Out(name, name, entry, _part_program(fn, name, program.keys[key], expert, rows,
+                                                              tuple(entry.shape)), key))
             continue
         outs.append(_Out(name, name, entry, program.keys[name]))
         outs += [_Out(other, name, dataclasses.replace(entry, name=other), program.keys[other])
@@ -733,8 +751,9 @@ def fold_checkpoint(src_dir: str | os.PathLike, plan: Plan | Callable, dst_dir: 
         calibration: a :func:`rotfn.calibrate` result of the same plan and checkpoint, computed where the
             model fits, or read back with :func:`rotfn.calibration.load` (``rotfn calibrate`` writes one). The
             weights it rounded against statistics (GPTQ) are written with its codes, bit for bit
-            ``rotfn.fold(params, plan, weights_by=calibration)`` (each such tensor folded whole; the weights it
-            rounded to nearest, fused experts, are folded as without it); PlanError if a folded weight is not the
+            ``rotfn.fold(params, plan, weights_by=calibration)`` (each such tensor folded whole; fused experts the
+            checkpoint holds per expert are folded whole once to check the calibration, then written per expert
+            with their rows of its codes); PlanError if a folded weight is not the
             one it rounded (another checkpoint; also a ``precision`` whose fold differs in a bit). With ``export=``, its input scales
             also give the activation formats with a static per-linear scale (``nvfp4()`` / ``nvfp4("pow2")``
             activations, ``fp8("tensor")``), as for :func:`rotfn.export_compressed`. Part of the job (its

@@ -39,12 +39,17 @@ POINTS = {
     "value": "an attention module's values, [batch, kv_heads, tokens, head_dim]",
     "experts_in": "the tokens entering fused experts' gate_up (or up) projection, [tokens, hidden]",
     "experts_down": "one expert's down projection input, [its tokens, intermediate], once per expert",
+    "expert_in": "one expert's gate_up (or up) input, [its tokens, hidden] (after experts_in's functions), once per "
+                 "expert: f(x, expert) with the expert's index",
+    "expert_down": "one expert's down input, [its tokens, intermediate] (after experts_down's functions): "
+                   "f(x, expert)",
 }
 _ROUTED_KIND = {"query": "attention", "key": "attention", "value": "attention",
-                "experts_in": "experts", "experts_down": "experts"}
+                "experts_in": "experts", "experts_down": "experts", "expert_in": "experts", "expert_down": "experts"}
 
-#: A site function: the tensor at the site in, a replacement (or None: keep it) out.
-SiteFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+#: A site function: the tensor at the site in, a replacement (or None: keep it) out (at the ``expert_*`` points
+#: also the expert's index: ``f(x, expert)``).
+SiteFn = Callable[..., "torch.Tensor | None"]
 
 #: The dicts and sets every ``nn.Module`` owns (parameters, buffers, submodules, hooks): copied per clone.
 _MODULE_STATE = frozenset(k for k, v in vars(nn.Module()).items() if isinstance(v, (dict, set)))

@@ -92,9 +92,10 @@ def online(plan: Plan | None) -> dict[Site, Callable[[torch.Tensor], torch.Tenso
     A ``"linear"`` entry acts at the module's input, ``"qk"`` at its queries and keys (one
     function for both), ``"key"`` / ``"value"`` at the keys / values entering attention,
     ``"experts_in"`` / ``"experts_down"`` at those experts points. Each function computes
-    :func:`activation` of its entry's rotation and format (and prints them); where several entries
-    act at one site (R3 then the KV format on keys) the site gets ``partial(in_order, fns=(...))``
-    of them in plan order.
+    :func:`activation` of its entry's rotation and format (and prints them); a rotation-only entry
+    followed at its site by a format-only one (R3, then the KV format on keys) is one function of
+    both (one :func:`rotfn.rotate_qdq`, the same bits); other entries acting at one site get
+    ``partial(in_order, fns=(...))`` of them in plan order.
 
     Entries with equal rotation and format share one function, which computes its result once
     per input tensor: q/k/v (and gate/up) read the same tensor, so it is rotated and quantized
@@ -122,11 +123,20 @@ def online(plan: Plan | None) -> dict[Site, Callable[[torch.Tensor], torch.Tenso
         return {}
     require_plan("online", plan, optional=True)
     shared: dict[tuple, _OncePerInput] = {}
+
+    def once(rotation: Rotation | None, fmt: Format | None) -> _OncePerInput:
+        f = shared.get((rotation, fmt))
+        if f is None:
+            f = shared[rotation, fmt] = _OncePerInput(rotation, fmt)
+        return f
+
     fns: dict[Site, list] = {}
     for o in plan.online:
-        f = shared.get((o.rotation, o.fmt))
-        if f is None:
-            f = shared[o.rotation, o.fmt] = _OncePerInput(o.rotation, o.fmt)
         for point in _POINTS[o.kind]:
-            fns.setdefault(Site(o.site, point), []).append(f)
+            fs = fns.setdefault(Site(o.site, point), [])
+            last = fs[-1] if fs else None
+            if last is not None and last.fmt is None and o.rotation is None and o.fmt is not None:
+                fs[-1] = once(last.rotation, o.fmt)  # a rotation then a format (R3, the KV format): one rotate_qdq
+            else:
+                fs.append(once(o.rotation, o.fmt))
     return {site: fs[0] if len(fs) == 1 else functools.partial(in_order, fns=tuple(fs)) for site, fs in fns.items()}

@@ -83,9 +83,10 @@ class Routed:
     active: list[bool]
     ran: bool = False
 
-    def apply(self, point: str, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, point: str, x: torch.Tensor, *expert: int) -> torch.Tensor:
+        """``x`` through the point's functions in turn (``f(x)``, or ``f(x, e)`` at an expert's point)."""
         for fn in self.fns.get(point, ()):
-            y = fn(x)
+            y = fn(x, *expert)
             x = x if y is None else y
         return x
 
@@ -126,7 +127,8 @@ def _experts(module, hidden_states, top_k_index, top_k_weights):
 
     For expert ``e`` and its tokens ``x``: ``h = gate(x' @ W_gu[e].T)``, ``y = h' @ W_down[e].T``
     weighted by the router, where ``x' = f_in(x)`` (all tokens at once) and ``h' = f_down(h)``
-    (each expert's tokens). The down input exists only inside this loop (transformers offers no
+    (each expert's tokens); the ``expert_in`` / ``expert_down`` functions then see (and may replace) expert
+    ``e``'s rows, with ``e``. The down input exists only inside this loop (transformers offers no
     interception point there), so the loop is rotfn's; the gate is the module's own
     ``_apply_gate``, as transformers' batched and grouped experts functions call it. Outside an
     interception this is the experts class's own forward.
@@ -148,9 +150,9 @@ def _experts(module, hidden_states, top_k_index, top_k_weights):
         if e >= w_in.shape[0]:  # sentinel ids of dropped tokens
             continue
         tok, pos = torch.where(top_k_index == e)
-        h = F.linear(x_in[tok], w_in[e], None if b_in is None else b_in[e])
+        h = F.linear(routed.apply("expert_in", x_in[tok], e), w_in[e], None if b_in is None else b_in[e])
         h = module._apply_gate(h) if has_gate else module.act_fn(h)
-        h = routed.apply("experts_down", h)
+        h = routed.apply("expert_down", routed.apply("experts_down", h), e)
         y = F.linear(h, module.down_proj[e], module.down_proj_bias[e] if has_bias else None)
         out.index_put_((tok,), (y * top_k_weights[tok, pos, None]).to(out.dtype), accumulate=True)
     return out

@@ -54,10 +54,13 @@ from rotfn.transforms._program import (
     piece_cuts,
     precision_dtype,
 )
+from rotfn.transforms._program import Rounded as Rounded  # internal: rotfn.fold_checkpoint
 from rotfn.transforms._program import kept_ties as kept_ties  # internal (not in __all__): rotfn.fold and rotfn.call
 from rotfn.transforms._program import key_program as key_program  # internal: rotfn.fold_checkpoint
+from rotfn.transforms._program import pin_roundings as pin_roundings
 from rotfn.transforms._program import pin_shared_scales as pin_shared_scales  # internal: rotfn.fold_checkpoint
 from rotfn.transforms._program import shares_global_scale as shares_global_scale  # internal: rotfn.calibrate
+from rotfn.transforms._program import tensor_wide as tensor_wide
 from rotfn.transforms._program import tie as tie
 from rotfn.transforms._where import Where, where
 

@@ -635,6 +635,41 @@ def compile_fold(transform, tensors: Mapping[str, torch.Tensor], *, tied=(), unt
     return FoldProgram(keys, groups)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Rounded:
+    """A rounding already made: ``rounding(W)`` of a whole key, returned as it is (:func:`pin_roundings`)."""
+
+    q: QTensor
+
+    def __call__(self, w: torch.Tensor) -> QTensor:
+        return self.q
+
+
+def pin_roundings(program: FoldProgram, read: Callable[[str], torch.Tensor], keys: tuple[str, ...], *,
+                  precision: torch.dtype = torch.float64) -> FoldProgram:
+    """``program`` with the rounding of each of ``keys`` made once, on the key folded whole up to it, and pinned
+    (:class:`Rounded`): a source that holds the key in parts (fused experts held per expert) can then fold each
+    part with its rows of the QTensor, after the rounding (a calibration's) checked the whole.
+
+    Args:
+        program: a compiled fold program.
+        read: ``read(name)``: a key's tensor as given, whole.
+        keys: keys whose last op is a QDQ with a rounding (others are left as they are).
+        precision: the work dtype of the run that follows.
+    """
+    run = _Run(precision, PIECE_ELEMENTS, {})
+    out = dict(program.keys)
+    for k in keys:
+        kp = program.keys[k]
+        op = kp.ops[-1] if kp.ops else None
+        if not (isinstance(op, QDQ) and op.rounding is not None) or op.transposed:
+            continue
+        x = _apply(kp.ops[:-1], read(k), lambda name, _: read(name), run, each=False)
+        out[k] = key_program(k, kp.shape, kp.dtype, (*kp.ops[:-1], dataclasses.replace(op, rounding=Rounded(op.rounding(x)))))
+        del x
+    return FoldProgram(out, program.tied)
+
+
 def pin_shared_scales(program: FoldProgram, read: Callable[[str], torch.Tensor], *,
                       precision: torch.dtype = torch.float64, alone: tuple[str, ...] = ()) -> FoldProgram:
     """``program`` with every fused group's NVFP4 global scale measured and pinned (:meth:`QDQ.pinned`).
