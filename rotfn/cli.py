@@ -257,7 +257,7 @@ def _run_fold(args: argparse.Namespace) -> int:
     stats = rotfn.fold_checkpoint(args.src_dir, plan, args.dst_dir, max_shard_size=args.max_shard_size,
                                   overwrite=args.overwrite, progress=not args.quiet and first, precision=args.precision,
                                   torch_threads=args.torch_threads or None, keep_freed_blocks=args.keep_freed_blocks,
-                                  export=args.export, calibration=calibration, command=shlex.join(["rotfn", *args.argv]))
+                                  export=args.export, calibration=calibration, command=_command_line(args))
     (total,) = rotfn.distributed.all_reduce("fold", [torch.tensor([stats.tensors, stats.bytes_written,
                                                                    stats.shards_skipped])])  # each rank's share
     stats.tensors, stats.bytes_written, stats.shards_skipped = total.tolist()
@@ -284,6 +284,18 @@ def _run_fold(args: argparse.Namespace) -> int:
               "transformers refuses the directory: load with rotfn.load_hf(dst) and run with rotfn.call, or, for an inference engine, fold with --export compressed-tensors where the plan "
               "exports (docs/howto/serving.md)", file=sys.stderr)
     return EXIT_OK
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that started this one, as the user would type it again to resume: ``rotfn ...``, or under
+    ``torchrun`` (``WORLD_SIZE`` > 1) ``torchrun [--nnodes N] --nproc-per-node M -m rotfn ...`` (rendezvous
+    options are the user's own)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return shlex.join(["rotfn", *args.argv])
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    nodes = ["--nnodes", str(world // local)] if world > local else []
+    return shlex.join(["torchrun", *nodes, "--nproc-per-node", str(local), "-m", "rotfn", *args.argv])
 
 
 @contextlib.contextmanager

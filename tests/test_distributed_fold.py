@@ -194,3 +194,20 @@ def test_torchrun_runs_rotfn_fold_on_two_ranks(src, tmp_path):
     expected = [line.rsplit(" in ", 1)[0].replace(str(tmp_path / "one"), str(tmp_path / "two"))
                 for line in alone.stdout.splitlines() if line.startswith("folded ")]
     assert len(expected) == 1 and summary == expected, two.stdout  # totals over both ranks, printed once
+
+
+def test_the_recorded_resume_command_is_the_torchrun_line_under_torchrun(monkeypatch):
+    """What an interrupted fold's marker (and rotfn inspect) says to rerun: the command as it was launched."""
+    from rotfn.cli import _command_line, build_parser
+
+    args = build_parser().parse_args(["fold", "src dir", "dst"])
+    args.argv = ["fold", "src dir", "dst"]
+    for env in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(env, raising=False)
+    assert _command_line(args) == "rotfn fold 'src dir' dst"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _command_line(args) == "torchrun --nproc-per-node 2 -m rotfn fold 'src dir' dst"
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert _command_line(args) == "torchrun --nnodes 2 --nproc-per-node 8 -m rotfn fold 'src dir' dst"
