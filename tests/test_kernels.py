@@ -478,7 +478,7 @@ ALLOCATION_CASES = {  # (op, rotation, format): the allocations of one call (the
     "qdq int4 per row": ("qdq", None, rotfn.intq(4), 2),
     "qdq nvfp4 tensor": ("qdq", None, rotfn.nvfp4(), 2),
     "qdq fp8 per token": ("qdq", None, rotfn.fp8("token"), 2),
-    "rotate block 32": ("rotate", rotfn.hadamard(32, block=32, seed=0), None, 1),
+    "rotate block 32": ("rotate", rotfn.hadamard(4096, block=32, seed=0), None, 1),
     "rotate_qdq block 32 mxfp4": ("rotate_qdq", rotfn.hadamard(4096, block=32, seed=0), rotfn.mxfp4(), 1),
     "rotate_qdq block 128 fp8 per token": ("rotate_qdq", rotfn.hadamard(4096, block=128, seed=0), rotfn.fp8("token"),
                                            2),

@@ -297,7 +297,7 @@ def _fwht_rotate(x2: torch.Tensor, r: Rotation, *, kc: int = _FWHT_KC, warps: in
     k, kp, r1, r2, r3 = _fwht_plan(r.block_size, r.factor)
     out = torch.empty_like(x2)
     signs = _signs(r, x2.device)
-    a = _factor(k, kp, x2.device) if k > 1 else x2.new_empty(1, dtype=torch.float32)
+    a = _factor(k, kp, x2.device) if k > 1 else _dummy(x2.device, torch.float32)
     size = kp * r1 * r2 * r3
     rows = max(1, _FWHT_ELEMENTS // size)  # small blocks: several per program
     blocks = m * (n // r.block_size)
