@@ -170,7 +170,9 @@ def calibrate(
     (``lm_head``) come last. Fused experts (3-D weights ``[E, out, in]``) get one Hessian per expert,
     over the tokens the router sends it (as the plan sees them, inside the experts' loop), and GPTQ
     rounds each expert's weight against its own; an expert no token reaches is rounded to nearest
-    (listed in ``unrouted``: give more data, or the router never picks it). Experts whose format has
+    (listed in ``unrouted``: give more data, or the router never picks it). A fused experts' weight
+    holds ``E`` Hessians (``E x in x in`` float64), so MoE models want ``sequential=True``: one
+    layer's at a time. Experts whose format has
     one scale over the whole tensor other than NVFP4's global scale (``fp8("tensor")``) are rounded
     to nearest and listed in ``rtn``.
 
