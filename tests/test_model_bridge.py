@@ -115,6 +115,28 @@ def test_call_and_intercept_leave_no_hooks_configs_or_registry_changes_even_on_e
         rt.assert_bits_equal(m(ids).logits, model(ids).logits)  # after the block the clone is the model again
 
 
+def test_the_per_call_clone_leaves_the_garbage_collector_as_it_found_it():
+    """The clone pauses Python's cyclic collector while it allocates (a full collection per few calls of a large
+    model cost more than the clone): on or off before a call, the same after it, also when the call fails."""
+    import gc
+
+    model, cfg = _llama()
+    p = rotfn.params(model)
+    ids = torch.randint(0, cfg.vocab_size, (1, 5))
+    assert gc.isenabled()
+    rotfn.call(model, p, None, ids)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        rotfn.call(model, p, None, ids)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(rotfn.errors.SelectionError):
+        rotfn.call(model, {k: v for k, v in list(p.items())[1:]}, None, ids)
+    assert gc.isenabled()
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_registered_attention_outside_an_interception_is_the_standard_one(attn):
     model, cfg = _llama(attn)

@@ -18,6 +18,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import gc
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -98,8 +99,27 @@ def _gather(fn: str, site_maps) -> dict[str, dict[str, tuple[SiteFn, ...]]]:
     return out
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (as it was after it): the clone allocates ~15
+    containers per module, enough to start a full collection of the process's objects every few calls of a
+    large model, which cost more than the clone itself (numbers in docs/performance.md)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _clone(model: nn.Module) -> nn.Module:
     """A shallow clone of the module tree: new module objects with their own state dicts, shared tensors."""
+    with _collector_paused():
+        return _clone_tree(model)
+
+
+def _clone_tree(model: nn.Module) -> nn.Module:
     memo: dict[int, nn.Module] = {}
     held: list[tuple[dict, str, nn.Module]] = []  # modules held as plain attributes: (clone's dict, name, module)
 
