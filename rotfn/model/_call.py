@@ -71,7 +71,8 @@ def call_as(fn: str, model: nn.Module, params, plan: Plan | None, sites: Mapping
     untied = plan.untied if plan is not None else ()
     flat = tie(fn, params, kept_ties(info.tied, untied))
     with intercepted(fn, model, (online(plan), sites or {}), around) as m:
-        return torch.func.functional_call(m, flat, args, kwargs or {}, tie_weights=not untied, strict=True)
+        # every tied name is in flat, the kept ties holding one tensor (tie above): torch need not find them again
+        return torch.func.functional_call(m, flat, args, kwargs or {}, tie_weights=False, strict=True)
 
 
 def call(model: nn.Module, params: Mapping[str, torch.Tensor], plan: Plan | None, *args, **kwargs):
