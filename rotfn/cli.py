@@ -641,6 +641,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     # the checkpoint's own dtype: the weights rounded are then those rotfn fold folds from SRC, bit for bit
     model = _load_model(args.dir, dtype="auto").to(args.device)
     plan = _builder_plan(args, servable=bool(args.export))(model)
+    if args.export:  # a plan the export refuses, before minutes of calibration
+        rotfn.io.check_exportable("calibrate", model, plan)
     data, what = _learn_data(args, text, model.config.vocab_size)
     first = rotfn.distributed.first_writes()  # under torchrun: every rank a share of the batches, rank 0 writes
     if not args.quiet and first:
@@ -934,6 +936,8 @@ def _cli_message(args: argparse.Namespace, text: str) -> str:
     match = _ARGUMENT.match(text)
     if match:
         dest = _FED_BY.get((args.command, match.group(1), match.group(2)), match.group(2))
+        if dest == "plan" and getattr(args, "calibration", None):  # rotfn fold --calibration FILE: the file's plan
+            dest = "calibration"
         if dest in options:
             text = f"{options[dest]}: {text[match.end():]}"
     for dest, option in options.items():

@@ -59,6 +59,13 @@ def bad_files(src, tmp_path_factory):
     data = (directory / "whole.safetensors").read_bytes()
     (directory / "cut.safetensors").write_bytes(data[:len(data) - 100])
     (directory / "text.txt").write_text("too short")
+    moe = tiny_model(make_config("qwen3_moe", hidden=64, heads=4, kv_heads=2, layers=1, intermediate=64),
+                     dtype=torch.bfloat16)
+    moe.save_pretrained(directory / "moe")
+    moe_plan = rotfn.plans.quarot(moe, r1=rotfn.hadamard(64, seed=0), weights=rotfn.nvfp4("pow2"),
+                                  acts=rotfn.nvfp4("pow2"))  # activations at the fused experts: no export
+    rotfn.calibration.save(directory / "moe-acts.safetensors", rotfn.calibrate(
+        moe, rotfn.params(moe), moe_plan, [torch.randint(0, 64, (1, 8))], progress=False))
     small = torch.nn.Sequential(torch.nn.Linear(32, 4))
     linear_plan = rotfn.plans.per_linear(small, rotation=None, weights=rotfn.intq(4, group=16))
     rotfn.calibration.save(directory / "calibration.safetensors", rotfn.calibrate(
@@ -165,6 +172,10 @@ BAD_COMMAND_LINES = [
     (["fold", "{src}", "{tmp}/o", "--calibration", "{bad}/cut.safetensors"], EXIT_FAILED,
      "rotfn fold: --calibration: expected {bad}/cut.safetensors: a complete safetensors file, got the file is "
      "truncated"),
+    (["calibrate", "{bad}/moe", "--weights", "nvfp4", "--acts", "nvfp4", "--export", "compressed-tensors", "--out",
+      "{tmp}/c"], EXIT_FAILED, "rotfn calibrate: --plan: expected a plan whose online side is at linear inputs"),
+    (["fold", "{bad}/moe", "{tmp}/o", "--calibration", "{bad}/moe-acts.safetensors", "--export", "compressed-tensors"],
+     EXIT_FAILED, "rotfn fold: --calibration: expected a plan whose online side is at linear inputs"),
 ]
 
 

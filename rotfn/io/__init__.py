@@ -7,6 +7,7 @@ from rotfn.io._checkpoint import inventory as inventory
 from rotfn.io._checkpoint import is_guarded as is_guarded
 from rotfn.io._checkpoint import skeleton
 from rotfn.io._checkpoint import unguard_config as unguard_config
+from rotfn.io._compressed import check_exportable as check_exportable  # internal: rotfn calibrate --export
 from rotfn.io._compressed import export_compressed
 from rotfn.io._encode import decode_plan as decode_plan
 from rotfn.io._encode import rotation_tensor_names as rotation_tensor_names

@@ -468,7 +468,7 @@ class Export:
             calibration; empty for dynamic or fixed activation scales).
     """
 
-    def __init__(self, fn: str, model, plan: Plan, calibration=None):
+    def __init__(self, fn: str, model, plan: Plan, calibration=None, *, scales: bool = True):
         if plan is None or plan.weights is None or not plan.quantized:
             raise PlanError(message(fn, "plan", "a plan that quantizes weights", repr(plan),
                                     "build it with weights=, e.g. rotfn.plans.quarot(model, ..., weights=rotfn.mxfp4())"))
@@ -495,7 +495,7 @@ class Export:
         quantized = {name for key in self.packs for name in self.splits[key]}
         _check_acts_cover(fn, plan, self.acts, self.packs, self.splits)
         self.qconfig = _quantization_config(fn, plan, self.acts, linears, quantized)
-        self.input_scales = _input_scales(fn, plan, self.acts, calibration, self.packs)
+        self.input_scales = _input_scales(fn, plan, self.acts, calibration, self.packs) if scales else {}
         self.qconfig["transform_config"], self.transform_weights = (
             _transform_config(fn, rotated, set(linears)) if rotated else ({}, {}))
         self.global_scales: dict[str, torch.Tensor] = {}
@@ -529,6 +529,12 @@ class Export:
     def check_fused(self) -> None:
         """After every key: fused partitions share their NVFP4 global scale (PlanError otherwise)."""
         _check_fused(self.fn, self.global_scales)
+
+
+def check_exportable(fn: str, model, plan: Plan) -> None:
+    """Every check :func:`export_compressed` makes of ``plan`` for ``model`` before writing, except the calibration's
+    (``rotfn calibrate --export``: a plan whose static scales the calibration being made will give)."""
+    Export(fn, model, plan, scales=False)
 
 
 def export_compressed(model, params, plan: Plan, dir: str | os.PathLike, *, calibration=None,
