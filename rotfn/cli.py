@@ -655,8 +655,11 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         return EXIT_OK
     rotfn.calibration.save(args.out, calibration)
     export = f" --export {args.export}" if args.export else ""
+    unrouted = sum(len(e) for e in calibration.unrouted.values())
     print(f"calibrated {len(calibration.weights) - len(calibration.rtn)} weights by GPTQ"
           + (f" ({len(calibration.rtn)} to nearest: no input statistics reach them)" if calibration.rtn else "")
+          + (f" ({unrouted} experts no calibration token reached: to nearest; more --batches may reach them)"
+             if unrouted else "")
           + f" on {calibration.tokens} tokens; wrote {args.out} (fold it: rotfn fold {shlex.quote(args.dir)} DST "
           f"--calibration {shlex.quote(args.out)}{export})")
     return EXIT_OK

@@ -528,6 +528,18 @@ def test_calibrate_then_fold_and_export_with_its_gptq_weights(src, tmp_path):
     assert main(["inspect", cal]) == EXIT_OK
 
 
+def test_calibrate_says_which_experts_no_token_reached(bad_files, tmp_path, capsys):
+    """A MoE calibrated on two tokens: most experts see none; the summary says how many went to nearest, the file
+    lists them."""
+    out = str(tmp_path / "u.safetensors")
+    argv = ["calibrate", os.path.join(bad_files[0], "moe"), "--r1", "hadamard", "--weights", "int4", "--seq-len", "2",
+            "--batch-size", "1", "--batches", "1", "--out", out, "--quiet"]
+    assert main(argv) == EXIT_OK
+    unrouted = rotfn.calibration.load(out).unrouted
+    count = sum(len(e) for e in unrouted.values())
+    assert count and f"({count} experts no calibration token reached: to nearest" in capsys.readouterr().out
+
+
 def test_learn_on_a_checkpoint_without_tokenizer_files_uses_bytes(no_tokenizer, tmp_path):
     """transformers 5's empty tokenizer encodes nothing: learn takes the text's bytes as ids (as for no tokenizer)."""
     out = tmp_path / "learned.safetensors"
