@@ -135,7 +135,8 @@ def test_fused_experts_are_rounded_by_gptq_expert_by_expert(family, fmt):
     model = rt.tiny_model(cfg, dtype=torch.float32, seed=1)
     plan = rotfn.plans.per_linear(model, rotation=None, weights=fmt)
     p = rotfn.params(model)
-    batches = [torch.randint(0, cfg.vocab_size, (1, 2), generator=torch.Generator().manual_seed(5))]  # experts left out
+    # two tokens, 2 of 4 experts each: some experts left out (this seed), the rest GPTQ'd on one or two tokens
+    batches = [torch.randint(0, cfg.vocab_size, (1, 2), generator=torch.Generator().manual_seed(5))]
     calib = rotfn.calibrate(model, p, plan, batches, progress=False)
     experts = [k for k in plan.quantized if p[k].ndim == 3]
     assert experts and calib.rtn == ()
@@ -215,7 +216,8 @@ def test_a_calibration_file_holds_every_field_and_folds_the_same_bits(tmp_path, 
         cfg = rt.make_config("qwen2_moe", hidden=64, heads=4, kv_heads=2, layers=1, intermediate=64)
         model = rt.tiny_model(cfg, dtype=torch.bfloat16, seed=2)
         plan = rotfn.plans.per_linear(model, rotation=lambda n: rotfn.hadamard(n, block=32), weights=rotfn.nvfp4())
-        p, batches = rotfn.params(model), [torch.randint(0, cfg.vocab_size, (1, 2))]  # some experts get no token
+        # one token: 2 of the 4 experts see it, the other two none
+        p, batches = rotfn.params(model), [torch.randint(0, cfg.vocab_size, (1, 1), generator=torch.Generator().manual_seed(0))]
     else:
         model, p, plan, batches = _setup(layers=1, acts=rotfn.nvfp4() if case.startswith("nvfp4") else None)
         if case.startswith("nvfp4"):
