@@ -381,11 +381,15 @@ def _collect(model, params, plan, data, keys, stop_after, amax, out_in, shared=(
                 last["left"] -= 1
                 if not last["left"]:
                     last.update(x=None, xtx=None)
-            counts[key] += rows.shape[0]
-            if rows.numel():
-                top = torch.where(torch.isfinite(rows), rows.abs(), 0).max().float()
-                amax[key] = top if key not in amax else torch.maximum(amax[key], top)
+            seen(key, rows)
         return record
+
+    def seen(key, rows):
+        """Count ``rows`` for ``key`` and take their finite ``max |x|`` into ``amax``."""
+        counts[key] += rows.shape[0]
+        if rows.numel():
+            top = torch.where(torch.isfinite(rows), rows.abs(), 0).max().float()
+            amax[key] = top if key not in amax else torch.maximum(amax[key], top)
 
     def expert_recorder(key):
         experts, _, n = out_in[key].shape
@@ -397,10 +401,7 @@ def _collect(model, params, plan, data, keys, stop_after, amax, out_in, shared=(
                 routed[key] = [0] * experts
             sums[key][e].addmm_(rows.T, rows)
             routed[key][e] += rows.shape[0]
-            counts[key] += rows.shape[0]
-            if rows.numel():
-                top = torch.where(torch.isfinite(rows), rows.abs(), 0).max().float()
-                amax[key] = top if key not in amax else torch.maximum(amax[key], top)
+            seen(key, rows)
         return record
 
     def stop(_):

@@ -60,7 +60,7 @@ from rotfn.distributed import assign, first_writes, gather, same, together, worl
 from rotfn.errors import ArgumentError, CheckpointError, FoldError, PlanError, message
 from rotfn.io._atomic import write_atomic, write_text_atomic
 from rotfn.io._checkpoint import INDEX, SINGLE, Checkpoint, guard_config, inventory, is_weight_file, skeleton
-from rotfn.io._compressed import Export
+from rotfn.io._compressed import Export, _linear_qtensors
 from rotfn.io._compressed_stream import TEMP_PREFIX, assemble, write_parts
 from rotfn.io._hf import ROTFN_JSON, ROTFN_TENSORS, _hf_layout, _shard_bytes, _shards, read_rotfn_json, write_rotfn_json
 from rotfn.io._malloc import freed_blocks_kept
@@ -236,12 +236,10 @@ def _part_program(fn: str, name: str, kp: KeyProgram, expert: int, rows: slice, 
 
 
 def _rows_of(q: QTensor, expert: int, rows: slice) -> QTensor:
-    """Rows ``rows`` of expert ``expert`` of a fused experts' ``[E, out, in]`` QTensor, as a 2-D QTensor."""
-    def cut(t):
-        return t if t is None or t.ndim == 0 else t[expert, rows]
-
-    return dataclasses.replace(q, codes=cut(q.codes), scales=cut(q.scales), zero_points=cut(q.zero_points),
-                               shape=torch.Size([rows.stop - rows.start, q.shape[-1]]))
+    """Rows ``rows`` of expert ``expert`` of a fused experts' ``[E, out, in]`` QTensor, as a 2-D QTensor (the export's
+    cut of a fused param into its checkpoint linears)."""
+    first = expert * q.shape[1]
+    return _linear_qtensors(q, {"": torch.arange(first + rows.start, first + rows.stop)})[""]
 
 
 def _outputs(fn: str, ckpt: Checkpoint, model, plan: Plan, precision: torch.dtype, calibration=None) -> list[_Out]:
